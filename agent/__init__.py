@@ -1,0 +1,1 @@
+"""Tessera device agent: token-held key, EST enrollment, mTLS MQTT session, renewal."""

@@ -1,0 +1,1 @@
+"""Local demo for `./dev.sh demo`."""

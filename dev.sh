@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Tessera developer entry point: `./dev.sh demo` runs the local demo, `./dev.sh test` runs the test suite.
+# Both first install what is missing (apt packages, a venv on the system Python, the project in editable mode);
+# a second run finds everything in place and goes straight to the work.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+STAMP="$VENV/.tessera-stamp"
+
+APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl ca-certificates softhsm2 opensc mosquitto
+              mosquitto-clients libengine-pkcs11-openssl curl procps)
+
+log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "dev.sh: installing system packages needs root (run as root or with sudo)" >&2
+    exit 1
+  fi
+}
+
+install_apt() {
+  local missing=() pkg
+  for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+  done
+  # pkcs11-provider exists from Debian 13 on; install it where the distribution has it.
+  local want_provider=0
+  if ! dpkg-query -W -f='${Status}' pkcs11-provider 2>/dev/null | grep -q "ok installed" \
+     && [ ! -e "$ROOT/.dev-state/no-pkcs11-provider" ]; then
+    want_provider=1
+  fi
+  if [ ${#missing[@]} -eq 0 ] && [ $want_provider -eq 0 ]; then
+    return
+  fi
+  need_root
+  export DEBIAN_FRONTEND=noninteractive
+  log "apt: updating package lists"
+  apt-get update -qq
+  if [ $want_provider -eq 1 ]; then
+    if apt-cache show pkcs11-provider >/dev/null 2>&1; then
+      missing+=(pkcs11-provider)
+    else
+      mkdir -p "$ROOT/.dev-state" && touch "$ROOT/.dev-state/no-pkcs11-provider"  # Debian 12: engine route only
+    fi
+  fi
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "apt: installing ${missing[*]}"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # Tests and the demo start their own brokers; the packaged service must not hold port 1883.
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
+    systemctl disable --now mosquitto >/dev/null 2>&1 || true
+  fi
+}
+
+install_venv() {
+  # The venv must sit on the distribution's Python: its ssl module links the system libssl, which the
+  # token-key TLS route (libp11 engine / pkcs11-provider through ctypes) needs.
+  local want
+  want=$( (cat pyproject.toml; /usr/bin/python3 -V) | sha256sum | cut -d' ' -f1)
+  if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+    return
+  fi
+  if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import ssl' 2>/dev/null; then
+    log "venv: creating $VENV on /usr/bin/python3"
+    rm -rf "$VENV"
+    /usr/bin/python3 -m venv "$VENV"
+  fi
+  log "pip: installing tessera (editable) and test tools"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+  echo "$want" > "$STAMP"
+}
+
+setup() {
+  install_apt
+  install_venv
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  test)
+    setup
+    exec "$VENV/bin/python" -m pytest "$@" ;;
+  demo)
+    setup
+    exec "$VENV/bin/python" -m demo "$@" ;;
+  bench)
+    setup
+    exec "$VENV/bin/python" -m bench "$@" ;;
+  *)
+    echo "usage: ./dev.sh demo | test [pytest args] | bench [names] | setup" >&2
+    exit 2 ;;
+esac

@@ -1,0 +1,1 @@
+"""Tessera hub: fleet CA hierarchy, device registry, EST enrollment service, broker control, fleet CLI."""
