@@ -1,0 +1,476 @@
+"""The hub's device registry: devices, certificates, bootstrap tokens and an append-only audit log in SQLite.
+
+One SQLite file (WAL mode, foreign keys on, busy_timeout set), used through sqlite-utils. Every connection is
+per thread (``threading.local``): a ``Registry`` may be shared by threads, each gets its own connection; other
+processes open their own ``Registry`` on the same file. Every write runs in a ``BEGIN IMMEDIATE`` transaction,
+so the token check and the token use in ``enroll`` are one atomic step across threads and processes.
+
+Time is always passed in (``now``, a timezone-aware datetime); nothing here reads the clock. Timestamps are
+stored as ISO-8601 UTC text of one fixed format (so text order is time order); certificate serials as
+lowercase hex text (159-bit serials do not fit an INTEGER); tokens only as their SHA-256 hex.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import itertools
+import json
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from sqlite_utils import Database
+
+from hub.policy import PolicyError, check_device_id
+
+SCHEMA_VERSION = 1
+DEVICE_STATUSES = ("active", "suspended", "revoked")
+#: Who the audit log names for enroll / reenroll (the enrollment service acting for an unauthenticated claimant).
+EST_ACTOR = "est"
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS devices (
+        id TEXT PRIMARY KEY, fleet TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('active', 'suspended', 'revoked')),
+        labels TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(labels)),
+        groups TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(groups)),
+        created TEXT NOT NULL, last_seen TEXT, online INTEGER NOT NULL DEFAULT 0 CHECK (online IN (0, 1)))""",
+    """CREATE TABLE IF NOT EXISTS certificates (
+        serial TEXT PRIMARY KEY, device_id TEXT NOT NULL REFERENCES devices(id), subject TEXT NOT NULL,
+        not_before TEXT NOT NULL, not_after TEXT NOT NULL, fingerprint_sha256 TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('active', 'superseded', 'revoked')),
+        revoked_at TEXT, revocation_reason TEXT, issued_at TEXT NOT NULL, pem TEXT NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS certificates_device ON certificates(device_id)""",
+    # Invariant: a device has at most one active certificate.
+    """CREATE UNIQUE INDEX IF NOT EXISTS certificates_one_active ON certificates(device_id)
+        WHERE status = 'active'""",
+    """CREATE TABLE IF NOT EXISTS tokens (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL REFERENCES devices(id),
+        token_hash TEXT NOT NULL UNIQUE, created TEXT NOT NULL, expires TEXT NOT NULL,
+        used_at TEXT, used_from TEXT)""",
+    """CREATE INDEX IF NOT EXISTS tokens_device ON tokens(device_id)""",
+    # No foreign key on device_id: denied attempts for unknown devices are logged too.
+    """CREATE TABLE IF NOT EXISTS audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+        device_id TEXT, outcome TEXT NOT NULL CHECK (outcome IN ('ok', 'denied', 'error')),
+        detail TEXT NOT NULL DEFAULT '', source TEXT)""",
+    """CREATE INDEX IF NOT EXISTS audit_device ON audit(device_id, id)""",
+    """CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'audit log is append-only: rows cannot be updated'); END""",
+    """CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'audit log is append-only: rows cannot be deleted'); END""",
+)
+
+#: One factory-batch row: (device_id, labels, groups).
+_Row = tuple[str, Mapping[str, str] | None, Sequence[str] | None]
+_DEVICE_SELECT = """SELECT d.*, (SELECT c.not_after FROM certificates c
+    WHERE c.device_id = d.id AND c.status = 'active' ORDER BY c.issued_at DESC LIMIT 1) AS cert_not_after
+    FROM devices d"""
+
+
+class RegistryError(Exception):
+    """A registry operation refused; `code` is a short machine-readable reason."""
+
+    code = "registry_error"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class InvalidDeviceId(RegistryError, PolicyError):
+    code = "invalid_device_id"
+
+
+class DeviceExists(RegistryError):
+    code = "device_exists"
+
+
+class UnknownDevice(RegistryError):
+    code = "unknown_device"
+
+
+class DeviceNotActive(RegistryError):
+    code = "device_not_active"  # 'device_suspended' or 'device_revoked'
+
+
+class TokenRejected(RegistryError):
+    code = "unknown_token"  # 'unknown_token', 'token_used', 'token_expired' or 'token_device_mismatch'
+
+
+class CertRejected(RegistryError):
+    """code: 'unknown_cert', 'cert_revoked', 'cert_superseded', 'cert_expired' or 'cert_device_mismatch'."""
+    code = "unknown_cert"
+
+
+def _ts(now: datetime) -> str:
+    """`now` as the one stored timestamp format (refuses naive datetimes: they would be silently local time)."""
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("timestamps must be timezone-aware (UTC)")
+    return now.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def serial_hex(serial: int) -> str:
+    return format(serial, "x")
+
+
+def _check_id(device_id: str) -> str:
+    try:
+        return check_device_id(device_id)
+    except PolicyError as exc:
+        raise InvalidDeviceId(str(exc)) from None
+
+
+def _chunks(items: Iterable[_Row], size: int) -> Iterator[list[_Row]]:
+    it = iter(items)
+    while part := list(itertools.islice(it, size)):
+        yield part
+
+
+def _device(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "labels": json.loads(row["labels"]), "groups": json.loads(row["groups"]),
+            "online": bool(row["online"])}
+
+
+def _json_meta(labels: Mapping[str, str] | None, groups: Sequence[str] | None) -> tuple[str, str]:
+    if isinstance(groups, str):
+        raise ValueError("groups must be a list of names, not a string")
+    return json.dumps(dict(labels or {}), sort_keys=True), json.dumps(list(groups or []))
+
+
+class Registry:
+    """The device registry in one SQLite file. Thread-safe (a connection per thread); see the module docstring."""
+
+    def __init__(self, path: Path | str, busy_timeout_ms: int = 10_000) -> None:
+        self.path = Path(path)
+        self.busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._closed = False
+        db = self._db()
+        db.enable_wal()
+        with self._write(db):
+            for statement in _SCHEMA:
+                db.execute(statement)
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        version = self._one(db, "SELECT value FROM meta WHERE key = 'schema_version'")
+        if version is None or int(version["value"]) != SCHEMA_VERSION:
+            raise RegistryError(f"{self.path}: schema version {version and version['value']}, this code needs "
+                                f"{SCHEMA_VERSION}", code="schema_version")
+
+    # --- connections and transactions ----------------------------------------------------------------------------
+
+    def _db(self) -> Database:
+        """This thread's connection (sqlite3 objects and sqlite-utils Databases are not shared between threads)."""
+        if self._closed:
+            raise RegistryError("registry is closed", code="closed")
+        db: Database | None = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None)
+            db = Database(conn, execute_plugins=False)
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            db.execute("PRAGMA foreign_keys = ON")
+            self._local.db = db
+        return db
+
+    @contextlib.contextmanager
+    def _write(self, db: Database | None = None) -> Iterator[Database]:
+        """One write transaction, BEGIN IMMEDIATE (takes the write lock up front: no read-then-upgrade races)."""
+        db = db or self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.rollback()
+            raise
+
+    @staticmethod
+    def _one(db: Database, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        return next(db.query(sql, list(params)), None)
+
+    def close(self) -> None:
+        """Close this thread's connection; the registry refuses further use. Other threads' connections close when
+        their thread ends (sqlite3 forbids closing them from here)."""
+        db = getattr(self._local, "db", None)
+        self._closed = True
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # --- audit ----------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _audit_row(db: Database, action: str, outcome: str, now: datetime, actor: str, device_id: str | None,
+                   detail: str = "", source: str | None = None) -> None:
+        db.table("audit").insert({"at": _ts(now), "actor": actor, "action": action, "device_id": device_id,
+                                  "outcome": outcome, "detail": detail, "source": source})
+
+    def audit(self, action: str, outcome: str, now: datetime, actor: str = "hub", device_id: str | None = None,
+              detail: str = "", source: str | None = None) -> None:
+        """Append one audit row in its own committed transaction."""
+        with self._write() as db:
+            self._audit_row(db, action, outcome, now, actor, device_id, detail, source)
+
+    def audit_log(self, limit: int = 100, device_id: str | None = None) -> list[dict[str, Any]]:
+        """Audit rows, newest first."""
+        where, params = ("WHERE device_id = ?", [device_id]) if device_id is not None else ("", [])
+        return list(self._db().query(f"SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?", [*params, limit]))
+
+    # --- devices --------------------------------------------------------------------------------------------------
+
+    def add_device(self, device_id: str, fleet: str, now: datetime, labels: Mapping[str, str] | None = None,
+                   groups: Sequence[str] | None = None, actor: str = "cli") -> dict[str, Any]:
+        """Register an active device (no certificate yet). Raises InvalidDeviceId, DeviceExists."""
+        _check_id(device_id)
+        labels_json, groups_json = _json_meta(labels, groups)
+        with self._write() as db:
+            if self._one(db, "SELECT 1 FROM devices WHERE id = ?", [device_id]):
+                raise DeviceExists(f"device {device_id!r} already exists")
+            db.table("devices").insert({"id": device_id, "fleet": fleet, "status": "active", "labels": labels_json,
+                                        "groups": groups_json, "created": _ts(now), "last_seen": None, "online": 0})
+            self._audit_row(db, "device.add", "ok", now, actor, device_id, f"fleet={fleet}")
+        return self.require_device(device_id)
+
+    def get_device(self, device_id: str) -> dict[str, Any] | None:
+        """The device row (labels dict, groups list, online bool, cert_not_after of its active cert), or None."""
+        row = self._one(self._db(), f"{_DEVICE_SELECT} WHERE d.id = ?", [device_id])
+        return _device(row) if row else None
+
+    def require_device(self, device_id: str) -> dict[str, Any]:
+        device = self.get_device(device_id)
+        if device is None:
+            raise UnknownDevice(f"no device {device_id!r}")
+        return device
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        """All devices by id, each with `cert_not_after` of its newest active certificate (one query)."""
+        return [_device(row) for row in self._db().query(f"{_DEVICE_SELECT} ORDER BY d.id")]
+
+    def set_status(self, device_id: str, status: str, now: datetime, actor: str,
+                   reason: str = "") -> dict[str, Any]:
+        """Suspend / resume / revoke. Revoked is terminal (DeviceNotActive 'device_revoked' on any change after).
+        Revoking also revokes the device's unexpired active and superseded certificates.
+        Returns {'device': device dict, 'revoked_serials': [hex, ...]}; setting the current status is a no-op."""
+        if status not in DEVICE_STATUSES:
+            raise ValueError(f"status must be one of {DEVICE_STATUSES}, not {status!r}")
+        at = _ts(now)
+        revoked: list[str] = []
+        with self._write() as db:
+            row = self._one(db, "SELECT status FROM devices WHERE id = ?", [device_id])
+            if row is None:
+                raise UnknownDevice(f"no device {device_id!r}")
+            old = row["status"]
+            if old != status:
+                if old == "revoked":
+                    raise DeviceNotActive(f"device {device_id!r} is revoked; revocation is final", "device_revoked")
+                db.execute("UPDATE devices SET status = ? WHERE id = ?", [status, device_id])
+                if status == "revoked":
+                    revoked = [r["serial"] for r in db.query(
+                        "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
+                        "WHERE device_id = ? AND status IN ('active', 'superseded') AND not_after > ? "
+                        "RETURNING serial", [at, reason or "device revoked", device_id, at])]
+                detail = f"{old} -> {status}" + (f"; reason: {reason}" if reason else "")
+                if revoked:
+                    detail += f"; revoked certificates: {', '.join(sorted(revoked))}"
+                self._audit_row(db, f"device.{status}", "ok", now, actor, device_id, detail)
+        return {"device": self.require_device(device_id), "revoked_serials": sorted(revoked)}
+
+    def mark_presence(self, device_id: str, online: bool, now: datetime) -> None:
+        cur = self._db().execute("UPDATE devices SET online = ?, last_seen = ? WHERE id = ?",
+                                 [int(online), _ts(now), device_id])
+        if cur.rowcount == 0:
+            raise UnknownDevice(f"no device {device_id!r}")
+
+    # --- tokens ---------------------------------------------------------------------------------------------------
+
+    def create_token(self, device_id: str, now: datetime, ttl: timedelta, actor: str = "cli") -> str:
+        """A new single-use enrollment token (returned once, stored only as its SHA-256). Invalidates the device's
+        unused older tokens (used_from='superseded'). Raises UnknownDevice, DeviceNotActive."""
+        if ttl <= timedelta(0):
+            raise ValueError("token ttl must be positive")
+        with self._write() as db:
+            self._require_active(db, device_id)
+            db.execute("UPDATE tokens SET used_at = ?, used_from = 'superseded' "
+                       "WHERE device_id = ? AND used_at IS NULL", [_ts(now), device_id])
+            token = secrets.token_urlsafe(24)
+            db.table("tokens").insert({"device_id": device_id, "token_hash": token_hash(token), "created": _ts(now),
+                                       "expires": _ts(now + ttl)})
+            self._audit_row(db, "token.create", "ok", now, actor, device_id, f"expires {_ts(now + ttl)}")
+        return token
+
+    def create_devices_with_tokens(self, rows: Iterable[_Row], fleet: str, now: datetime, ttl: timedelta,
+                                   actor: str = "cli", progress: Callable[[int], None] | None = None,
+                                   chunk: int = 500) -> list[tuple[str, str]]:
+        """Factory batch: add every (device_id, labels, groups) and a token for each, all in ONE transaction.
+
+        Returns [(device_id, token), ...] only after the commit (no token is ever shown for a batch that rolled
+        back). `progress(done)` is called after every `chunk` devices. An invalid id, an existing one or a duplicate
+        in the batch raises InvalidDeviceId / DeviceExists, and nothing at all is written."""
+        if ttl <= timedelta(0):
+            raise ValueError("token ttl must be positive")
+        created, expires = _ts(now), _ts(now + ttl)
+        out: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        with self._write() as db:
+            for part in _chunks(rows, chunk):
+                ids = [_check_id(device_id) for device_id, _, _ in part]
+                if len(seen.union(ids)) != len(seen) + len(ids):
+                    dup = next(i for n, i in enumerate(ids) if i in seen or i in ids[:n])
+                    raise DeviceExists(f"device {dup!r} appears twice in the batch")
+                seen.update(ids)
+                taken = self._one(db, f"SELECT id FROM devices WHERE id IN ({','.join('?' * len(ids))}) LIMIT 1", ids)
+                if taken:
+                    raise DeviceExists(f"device {taken['id']!r} already exists")
+                devices, tokens, audits = [], [], []
+                for device_id, labels, groups in part:
+                    token = secrets.token_urlsafe(24)
+                    out.append((device_id, token))
+                    devices.append((device_id, fleet, *_json_meta(labels, groups), created))
+                    tokens.append((device_id, token_hash(token), created, expires))
+                    audits += [(created, actor, "device.add", device_id, f"fleet={fleet}; batch"),
+                               (created, actor, "token.create", device_id, f"expires {expires}; batch")]
+                db.conn.executemany("INSERT INTO devices (id, fleet, status, labels, groups, created, online) "
+                                    "VALUES (?, ?, 'active', ?, ?, ?, 0)", devices)
+                db.conn.executemany("INSERT INTO tokens (device_id, token_hash, created, expires) "
+                                    "VALUES (?, ?, ?, ?)", tokens)
+                db.conn.executemany("INSERT INTO audit (at, actor, action, device_id, outcome, detail) "
+                                    "VALUES (?, ?, ?, ?, 'ok', ?)", audits)
+                if progress:
+                    progress(len(out))
+        return out
+
+    # --- enrollment -----------------------------------------------------------------------------------------------
+
+    def _require_active(self, db: Database, device_id: str) -> None:
+        row = self._one(db, "SELECT status FROM devices WHERE id = ?", [device_id])
+        if row is None:
+            raise UnknownDevice(f"no device {device_id!r}")
+        if row["status"] != "active":
+            raise DeviceNotActive(f"device {device_id!r} is {row['status']}", f"device_{row['status']}")
+
+    def _insert_cert(self, db: Database, device_id: str, cert: x509.Certificate, now: datetime) -> str:
+        serial = serial_hex(cert.serial_number)
+        db.table("certificates").insert({
+            "serial": serial, "device_id": device_id, "subject": cert.subject.rfc4514_string(),
+            "not_before": _ts(cert.not_valid_before_utc), "not_after": _ts(cert.not_valid_after_utc),
+            "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex(), "status": "active",
+            "revoked_at": None, "revocation_reason": None, "issued_at": _ts(now),
+            "pem": cert.public_bytes(serialization.Encoding.PEM).decode()})
+        return serial
+
+    def _issuing(self, action: str, device_id: str, now: datetime, source: str | None,
+                 body: Callable[[Database], x509.Certificate]) -> x509.Certificate:
+        """Run `body` in one BEGIN IMMEDIATE transaction. A RegistryError rolls back and is audited 'denied' in
+        its own committed transaction; any other exception (issue() failing) rolls back and is audited 'error'."""
+        try:
+            with self._write() as db:
+                return body(db)
+        except RegistryError as exc:
+            self.audit(action, "denied", now, EST_ACTOR, device_id, f"{exc.code}: {exc}", source)
+            raise
+        except Exception as exc:
+            self.audit(action, "error", now, EST_ACTOR, device_id, f"{type(exc).__name__}: {exc}", source)
+            raise
+
+    def enroll(self, device_id: str, token: str, now: datetime, issue: Callable[[], x509.Certificate],
+               source: str | None = None) -> x509.Certificate:
+        """Use a bootstrap token and record the certificate `issue()` builds, atomically.
+
+        The CSR is checked by the caller before this; so if issue() raises, that is an internal error: everything
+        rolls back, the token stays unused, an 'error' audit row is written and the exception propagates. issue()
+        runs while the write lock is held: keep it short and never call the registry from it. Raises
+        TokenRejected, UnknownDevice, DeviceNotActive (each also audited 'denied')."""
+        now_s = _ts(now)
+        presented = token_hash(token)
+
+        def body(db: Database) -> x509.Certificate:
+            row = self._one(db, "SELECT * FROM tokens WHERE token_hash = ?", [presented])
+            if row is None or not hmac.compare_digest(row["token_hash"], presented):
+                raise TokenRejected("unknown enrollment token", "unknown_token")
+            if row["device_id"] != device_id:
+                raise TokenRejected(f"token is not for device {device_id!r}", "token_device_mismatch")
+            if row["used_at"] is not None:
+                how = "superseded by a newer token" if row["used_from"] == "superseded" else "already used"
+                raise TokenRejected(f"token {how} ({row['used_at']})", "token_used")
+            if row["expires"] <= now_s:
+                raise TokenRejected(f"token expired at {row['expires']}", "token_expired")
+            self._require_active(db, device_id)
+            db.execute("UPDATE tokens SET used_at = ?, used_from = ? WHERE id = ? AND used_at IS NULL",
+                       [now_s, source, row["id"]])
+            cert = issue()
+            db.execute("UPDATE certificates SET status = 'superseded' WHERE device_id = ? AND status = 'active'",
+                       [device_id])
+            serial = self._insert_cert(db, device_id, cert, now)
+            self._audit_row(db, "enroll", "ok", now, EST_ACTOR, device_id, f"serial {serial}", source)
+            return cert
+
+        return self._issuing("enroll", device_id, now, source, body)
+
+    def _check_cert(self, db: Database, serial: str, device_id: str, now: datetime) -> dict[str, Any]:
+        try:
+            serial = serial_hex(int(serial, 16))
+        except (TypeError, ValueError):
+            raise CertRejected(f"not a certificate serial: {serial!r}", "unknown_cert") from None
+        row = self._one(db, "SELECT * FROM certificates WHERE serial = ?", [serial])
+        if row is None:
+            raise CertRejected(f"unknown certificate {serial}", "unknown_cert")
+        if row["device_id"] != device_id:
+            raise CertRejected(f"certificate {serial} is not device {device_id!r}'s", "cert_device_mismatch")
+        if row["status"] == "revoked":
+            raise CertRejected(f"certificate {serial} was revoked at {row['revoked_at']}", "cert_revoked")
+        if row["status"] == "superseded":
+            raise CertRejected(f"certificate {serial} was superseded by a newer one", "cert_superseded")
+        now_s = _ts(now)
+        if row["not_after"] <= now_s or row["not_before"] > now_s:
+            raise CertRejected(f"certificate {serial} is outside its validity "
+                               f"({row['not_before']} .. {row['not_after']})", "cert_expired")
+        self._require_active(db, device_id)
+        return row
+
+    def check_client_cert(self, serial_hex: str, device_id: str, now: datetime) -> dict[str, Any]:
+        """The certificate row if `serial_hex` is device_id's active, valid certificate and the device is active.
+        Read-only (nothing audited). Raises CertRejected (cert checks come first), UnknownDevice, DeviceNotActive."""
+        return self._check_cert(self._db(), serial_hex, device_id, now)
+
+    def reenroll(self, device_id: str, presented_serial_hex: str, now: datetime,
+                 issue: Callable[[], x509.Certificate], source: str | None = None) -> x509.Certificate:
+        """Renew: record the new certificate as active; the presented one becomes 'superseded', NOT revoked (it
+        stays usable on MQTT until it expires, so the device can switch over), but can never reenroll again.
+        issue() failing is handled as in enroll(). Raises CertRejected, UnknownDevice, DeviceNotActive (audited)."""
+
+        def body(db: Database) -> x509.Certificate:
+            old = self._check_cert(db, presented_serial_hex, device_id, now)
+            cert = issue()
+            db.execute("UPDATE certificates SET status = 'superseded' WHERE serial = ?", [old["serial"]])
+            serial = self._insert_cert(db, device_id, cert, now)
+            self._audit_row(db, "reenroll", "ok", now, EST_ACTOR, device_id,
+                            f"serial {serial} supersedes {old['serial']}", source)
+            return cert
+
+        return self._issuing("reenroll", device_id, now, source, body)
+
+    def revoked_certificates(self) -> list[dict[str, Any]]:
+        """Every revoked certificate, for the CRL: [{'serial': hex, 'revoked_at': iso, 'reason': str}]."""
+        return list(self._db().query("SELECT serial, revoked_at, revocation_reason AS reason FROM certificates "
+                                     "WHERE status = 'revoked' ORDER BY revoked_at, serial"))
+
+    def certificates_of(self, device_id: str) -> list[dict[str, Any]]:
+        """A device's certificates, newest first (without the PEM)."""
+        return list(self._db().query(
+            "SELECT serial, subject, not_before, not_after, fingerprint_sha256, status, revoked_at, "
+            "revocation_reason, issued_at FROM certificates WHERE device_id = ? ORDER BY issued_at DESC",
+            [device_id]))
