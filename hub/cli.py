@@ -1,24 +1,349 @@
-"""`tessera-hub`: the fleet manager's command line (typer)."""
+"""`tessera-hub`: the fleet manager's command line (typer + rich)."""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import ConfigError, HubConfig, hub_dir, load_config
+from .policy import PolicyError, check_device_id
 
 app = typer.Typer(
     name="tessera-hub",
     help="Tessera hub: runs your fleet's certificate authorities, device registry, EST enrollment service and "
-         "MQTT broker, and manages devices (enroll tokens, suspend, revoke).",
+         "MQTT broker, and manages devices (enrollment tokens, suspend, revoke).",
     no_args_is_help=True,
     add_completion=False,
 )
+device_app = typer.Typer(help="Add, list, inspect, suspend, resume and revoke devices.", no_args_is_help=True)
+token_app = typer.Typer(help="Enrollment tokens for factory batches.", no_args_is_help=True)
+
+
+@app.callback()
+def _main() -> None:
+    # Everything the hub writes (registry, keys, CRLs, token CSVs) is private to its user.
+    os.umask(0o077)
+
+
+app.add_typer(device_app, name="device")
+app.add_typer(token_app, name="token")
+
+out = Console()
+err = Console(stderr=True)
+
+DirOpt = typer.Option(None, "--dir", help="Hub directory [default: $TESSERA_HUB_DIR, else ./tessera-hub].",
+                      show_default=False)
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _config(directory: Optional[Path]) -> HubConfig:
+    try:
+        return load_config(hub_dir(directory))
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def _registry(cfg: HubConfig):
+    from .registry import Registry
+
+    return Registry(cfg.registry_path)
+
+
+def _device_id(device_id: str) -> str:
+    try:
+        return check_device_id(device_id)
+    except PolicyError as exc:
+        fail(str(exc))
+
+
+def _errors():
+    """Exception types the CLI turns into one clean error line."""
+    from hsm.errors import HsmError
+
+    from .ca import CaError
+    from .crl import CrlError
+    from .registry import RegistryError
+
+    return (RegistryError, CaError, CrlError, HsmError, PolicyError, ConfigError, OSError)
+
+
+# --- fleet -------------------------------------------------------------------------------------------------------
+
+@app.command()
+def init(
+    fleet: str = typer.Option(..., "--fleet", help="Fleet name (goes into every certificate as O=)."),
+    directory: Optional[Path] = DirOpt,
+    validity_days: int = typer.Option(30, help="Device certificate lifetime in days."),
+    key_type: str = typer.Option("ec-p256", help="CA key type: ec-p256, ec-p384 or rsa-3072."),
+    ca_key: str = typer.Option("", "--ca-key", help="Keep the CA keys in a PKCS#11 token: a pkcs11: URI naming "
+                                                     "the token, e.g. 'pkcs11:token=fleet-ca'. Default: files."),
+    ca_pin_source: str = typer.Option("", help="PIN source for --ca-key: file:/path (0600) or env:NAME."),
+    ca_module: str = typer.Option("", help="PKCS#11 module for --ca-key [default: SoftHSM2]."),
+    hostname: list[str] = typer.Option([], "--hostname", help="Extra DNS name or IP for the hub's server "
+                                                              "certificate (repeatable)."),
+    est_port: int = typer.Option(8443, help="EST HTTPS port."),
+    mqtt_port: int = typer.Option(8883, help="MQTT mTLS port."),
+) -> None:
+    """Create a fleet: root, device and service CAs, the hub's TLS certificate, an empty registry."""
+    from .setup import create_fleet
+
+    root = hub_dir(directory)
+    try:
+        cfg = create_fleet(root, fleet, now(), validity_days=validity_days, key_type=key_type, ca_key=ca_key,
+                           ca_pin_source=ca_pin_source, ca_module=ca_module, hostnames=hostname,
+                           est_port=est_port, mqtt_port=mqtt_port)
+    except _errors() as exc:
+        fail(str(exc))
+    out.print(f"fleet [bold]{cfg.fleet}[/] created in {cfg.root}")
+    out.print(f"  trust anchor for devices: {cfg.ca_dir / 'root.pem'}")
+    out.print(f"  CA keys: {'PKCS#11 token ' + cfg.ca_token_label if cfg.ca_store == 'pkcs11' else 'files (0600)'}")
 
 
 @app.command()
-def version() -> None:
-    """Print the Tessera version."""
-    from importlib.metadata import version as _v
+def serve(
+    directory: Optional[Path] = DirOpt,
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
+    est_port: Optional[int] = typer.Option(None, help="EST HTTPS port [default: from fleet.toml]."),
+    mqtt_port: Optional[int] = typer.Option(None, help="MQTT mTLS port [default: from fleet.toml]."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    """Run the hub: EST enrollment service and CRL publishing, until SIGTERM or Ctrl-C."""
+    from .serve import run
 
-    typer.echo(_v("tessera"))
+    cfg = _config(directory)
+    try:
+        run(cfg, host=host, est_port=est_port or cfg.est_port, mqtt_port=mqtt_port or cfg.mqtt_port,
+            verbose=verbose, announce=lambda msg: out.print(msg, highlight=False))
+    except _errors() as exc:
+        fail(str(exc))
+
+
+@app.command()
+def crl(directory: Optional[Path] = DirOpt) -> None:
+    """Re-issue the device CRL now from the registry and show what it holds."""
+    from .ca import load_ca
+    from .revocation import publish_crl
+
+    cfg = _config(directory)
+    try:
+        ca = load_ca(cfg.ca_dir, cfg.ca_token)
+        path = publish_crl(ca, _registry(cfg), cfg.crl_dir, now())
+    except _errors() as exc:
+        fail(str(exc))
+    from cryptography import x509
+
+    c = x509.load_der_x509_crl(path.read_bytes())
+    out.print(f"CRL {path}: {len(c)} revoked, issued {c.last_update_utc:%Y-%m-%d %H:%M}Z, "
+              f"next update {c.next_update_utc:%Y-%m-%d %H:%M}Z")
+
+
+@app.command()
+def audit(
+    directory: Optional[Path] = DirOpt,
+    device: str = typer.Option("", help="Only this device."),
+    limit: int = typer.Option(50, help="How many entries (newest first)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show the audit log: every enroll, renew, revoke and denial."""
+    cfg = _config(directory)
+    rows = _registry(cfg).audit_log(limit=limit, device_id=device or None)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("at", "actor", "action", "device", "outcome", "detail", "source")
+    for r in rows:
+        style = "red" if r["outcome"] != "ok" else ""
+        table.add_row(r["at"][:19], r["actor"], r["action"], r["device_id"] or "", r["outcome"], r["detail"] or "",
+                      r["source"] or "", style=style)
+    out.print(table)
+
+
+# --- devices -------------------------------------------------------------------------------------------------------
+
+def _parse_labels(labels: list[str]) -> dict[str, str]:
+    result = {}
+    for item in labels:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"label {item!r} is not key=value")
+        result[key] = value
+    return result
+
+
+@device_app.command("add")
+def device_add(
+    device_id: str = typer.Argument(..., help="Device id: a-z, 0-9 and '-', up to 63 characters."),
+    directory: Optional[Path] = DirOpt,
+    label: list[str] = typer.Option([], "--label", help="key=value label (repeatable)."),
+    group: list[str] = typer.Option([], "--group", help="Group membership (repeatable)."),
+) -> None:
+    """Register a device and print its one-time enrollment token (alone, on stdout)."""
+    cfg = _config(directory)
+    _device_id(device_id)
+    reg = _registry(cfg)
+    try:
+        reg.add_device(device_id, cfg.fleet, now(), labels=_parse_labels(label), groups=list(group))
+        token = reg.create_token(device_id, now(), cfg.policy.token_ttl)
+    except _errors() as exc:
+        fail(str(exc))
+    sys.stdout.write(token + "\n")
+
+
+@device_app.command("token")
+def device_token(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt) -> None:
+    """Issue a fresh one-time enrollment token for an existing device (the previous unused one stops working)."""
+    cfg = _config(directory)
+    _device_id(device_id)
+    try:
+        token = _registry(cfg).create_token(device_id, now(), cfg.policy.token_ttl)
+    except _errors() as exc:
+        fail(str(exc))
+    sys.stdout.write(token + "\n")
+
+
+def _device_rows(cfg: HubConfig) -> list[dict]:
+    rows = []
+    for d in _registry(cfg).list_devices():
+        rows.append({"id": d["id"], "status": d["status"], "online": bool(d["online"]),
+                     "last_seen": d["last_seen"], "cert_expires": d.get("cert_not_after"),
+                     "groups": d["groups"], "labels": d["labels"]})
+    return rows
+
+
+@device_app.command("list")
+def device_list(directory: Optional[Path] = DirOpt,
+                as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List devices: status, online, last seen, certificate expiry."""
+    cfg = _config(directory)
+    rows = _device_rows(cfg)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("device", "status", "online", "last seen", "cert expires", "groups")
+    colors = {"active": "green", "suspended": "yellow", "revoked": "red"}
+    for r in rows:
+        table.add_row(r["id"], f"[{colors[r['status']]}]{r['status']}[/]", "yes" if r["online"] else "no",
+                      (r["last_seen"] or "-")[:19], (r["cert_expires"] or "-")[:19], ", ".join(r["groups"]))
+    out.print(table)
+    out.print(f"{len(rows)} device(s)")
+
+
+@device_app.command("show")
+def device_show(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
+                as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Everything about one device: status, certificates, recent audit entries."""
+    cfg = _config(directory)
+    _device_id(device_id)
+    reg = _registry(cfg)
+    try:
+        dev = reg.require_device(device_id)
+    except _errors() as exc:
+        fail(str(exc))
+    certs = reg.certificates_of(device_id)
+    events = reg.audit_log(limit=10, device_id=device_id)
+    if as_json:
+        out.print_json(json.dumps({"device": dev, "certificates": certs, "audit": events}))
+        return
+    t = Table(show_header=False, box=None)
+    for key in ("id", "fleet", "status", "online", "last_seen", "created", "groups", "labels"):
+        t.add_row(f"[bold]{key}[/]", str(dev.get(key)))
+    out.print(t)
+    ct = Table("serial", "status", "not before", "not after", "sha256")
+    for c in certs:
+        ct.add_row(c["serial"][:16] + "…", c["status"], c["not_before"][:19], c["not_after"][:19],
+                   c["fingerprint_sha256"][:16] + "…")
+    out.print(ct)
+
+
+def _change_status(directory: Optional[Path], device_id: str, status: str, reason: str) -> None:
+    from .control import apply_status_change
+
+    cfg = _config(directory)
+    _device_id(device_id)
+    try:
+        result = apply_status_change(cfg, device_id, status, reason, now())
+    except _errors() as exc:
+        fail(str(exc))
+    out.print(result)
+
+
+@device_app.command("suspend")
+def device_suspend(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
+                   reason: str = typer.Option("suspended by operator", help="Why (kept in the audit log).")) -> None:
+    """Suspend a device: it can neither enroll nor connect until resumed."""
+    _change_status(directory, device_id, "suspended", reason)
+
+
+@device_app.command("resume")
+def device_resume(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt) -> None:
+    """Undo a suspension."""
+    _change_status(directory, device_id, "active", "resumed by operator")
+
+
+@device_app.command("revoke")
+def device_revoke(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
+                  reason: str = typer.Option(..., "--reason", help="keyCompromise, cessationOfOperation, "
+                                                                   "superseded, affiliationChanged or free text.")) -> None:
+    """Revoke a device for good: its certificates go on the CRL and it can never enroll again."""
+    _change_status(directory, device_id, "revoked", reason)
+
+
+# --- factory tokens ----------------------------------------------------------------------------------------------
+
+@token_app.command("create")
+def token_create(
+    count: int = typer.Option(..., "--count", min=1, max=1_000_000, help="How many devices."),
+    prefix: str = typer.Option(..., "--prefix", help="Device id prefix; ids are <prefix>-00001, ..."),
+    out_file: Path = typer.Option(..., "--out", help="CSV file to write (device_id,token), created 0600."),
+    directory: Optional[Path] = DirOpt,
+    group: list[str] = typer.Option([], "--group", help="Group for every device of the batch (repeatable)."),
+    start: int = typer.Option(1, help="First number."),
+) -> None:
+    """Register a factory batch of devices with one-time tokens, written to a 0600 CSV."""
+    from rich.progress import Progress
+
+    cfg = _config(directory)
+    width = max(5, len(str(start + count - 1)))
+    ids = [f"{prefix}-{n:0{width}d}" for n in range(start, start + count)]
+    for device_id in (ids[0], ids[-1]):
+        _device_id(device_id)
+    if out_file.exists():
+        fail(f"{out_file} exists; refusing to overwrite a token file")
+    reg = _registry(cfg)
+    tmp = out_file.with_name(out_file.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh, Progress(console=err) as progress:
+            task = progress.add_task("creating devices and tokens", total=count)
+            writer = csv.writer(fh)
+            writer.writerow(["device_id", "token"])
+            rows = ((i, {}, list(group)) for i in ids)
+            for device_id, token in reg.create_devices_with_tokens(
+                    rows, cfg.fleet, now(), cfg.policy.token_ttl, actor="cli",
+                    progress=lambda n: progress.update(task, completed=n)):
+                writer.writerow([device_id, token])
+        os.replace(tmp, out_file)
+    except _errors() as exc:
+        tmp.unlink(missing_ok=True)
+        fail(str(exc))
+    out.print(f"{count} devices registered; tokens in {out_file} (mode 0600)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,150 @@
+"""The hub directory: where everything lives (fleet.toml, registry, CA, CRL, TLS, broker) and fleet.toml itself."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from hsm.token import TokenConfig
+
+from .policy import Policy
+
+DEFAULT_DIR = "tessera-hub"
+
+
+class ConfigError(Exception):
+    """The hub directory or fleet.toml is missing or wrong (message says what to do)."""
+
+
+def hub_dir(path: str | os.PathLike | None) -> Path:
+    """--dir, else $TESSERA_HUB_DIR, else ./tessera-hub."""
+    return Path(path or os.environ.get("TESSERA_HUB_DIR") or DEFAULT_DIR).absolute()
+
+
+@dataclass
+class HubConfig:
+    """fleet.toml, plus the paths derived from the hub directory."""
+
+    root: Path
+    fleet: str
+    validity_days: int = 30
+    token_ttl_days: int = 7
+    key_type: str = "ec-p256"
+    est_host: str = "127.0.0.1"
+    est_port: int = 8443
+    mqtt_port: int = 8883
+    public_host: str = "localhost"
+    rate_per_source: float = 100.0
+    rate_burst: int = 200
+    failures_per_minute: int = 30
+    server_names: list[str] = field(default_factory=lambda: ["localhost", "127.0.0.1"])
+    ca_store: str = "file"
+    ca_module: str = ""
+    ca_token_label: str = ""
+    ca_pin_source: str = ""
+    ca_softhsm_conf: str = ""
+
+    # --- derived paths ---
+    @property
+    def toml_path(self) -> Path:
+        return self.root / "fleet.toml"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.root / "registry.sqlite3"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def crl_dir(self) -> Path:
+        return self.root / "crl"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.root / "broker"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.root / "admin.sock"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def crl_url(self) -> str:
+        return f"https://{self.public_host}:{self.est_port}/crl/device.crl"
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(fleet=self.fleet, validity=timedelta(days=self.validity_days),
+                      token_ttl=timedelta(days=self.token_ttl_days))
+
+    @property
+    def ca_token(self) -> TokenConfig | None:
+        if self.ca_store != "pkcs11":
+            return None
+        return TokenConfig(label=self.ca_token_label, pin_source=self.ca_pin_source, module=self.ca_module,
+                           softhsm_conf=self.ca_softhsm_conf)
+
+    # --- persistence ---
+    def to_toml(self) -> str:
+        def q(value: str) -> str:
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        names = ", ".join(q(n) for n in self.server_names)
+        return "\n".join([
+            "# Tessera fleet configuration (written by `tessera-hub init`).",
+            "[fleet]", f"name = {q(self.fleet)}", "",
+            "[issuance]", f"validity_days = {self.validity_days}", f"token_ttl_days = {self.token_ttl_days}",
+            f"key_type = {q(self.key_type)}", "",
+            "[est]", f"host = {q(self.est_host)}", f"port = {self.est_port}",
+            f"public_host = {q(self.public_host)}", f"server_names = [{names}]",
+            f"rate_per_source = {self.rate_per_source}", f"rate_burst = {self.rate_burst}",
+            f"failures_per_minute = {self.failures_per_minute}", "",
+            "[mqtt]", f"port = {self.mqtt_port}", "",
+            "[ca]", "# store = \"file\" (keys in ca/, mode 0600) or \"pkcs11\" (keys in a token; PIN from pin_source)",
+            f"store = {q(self.ca_store)}", f"module = {q(self.ca_module)}", f"token_label = {q(self.ca_token_label)}",
+            f"pin_source = {q(self.ca_pin_source)}", f"softhsm_conf = {q(self.ca_softhsm_conf)}", "",
+        ])
+
+    def save(self) -> None:
+        tmp = self.toml_path.with_suffix(".tmp")
+        tmp.write_text(self.to_toml())
+        os.replace(tmp, self.toml_path)
+
+
+def load_config(root: Path) -> HubConfig:
+    """Read fleet.toml from a hub directory; ConfigError if this is not a fleet directory."""
+    path = root / "fleet.toml"
+    if not path.is_file():
+        raise ConfigError(f"{root} is not a Tessera fleet directory (no fleet.toml); "
+                          "run `tessera-hub init` or pass --dir / set TESSERA_HUB_DIR")
+    try:
+        data = tomllib.loads(path.read_text())
+        fleet, iss, est, mqtt, ca = (data.get(k, {}) for k in ("fleet", "issuance", "est", "mqtt", "ca"))
+        return HubConfig(
+            root=root, fleet=fleet["name"],
+            validity_days=int(iss.get("validity_days", 30)), token_ttl_days=int(iss.get("token_ttl_days", 7)),
+            key_type=iss.get("key_type", "ec-p256"),
+            est_host=est.get("host", "127.0.0.1"), est_port=int(est.get("port", 8443)),
+            public_host=est.get("public_host", "localhost"),
+            server_names=list(est.get("server_names", ["localhost", "127.0.0.1"])),
+            rate_per_source=float(est.get("rate_per_source", 100.0)), rate_burst=int(est.get("rate_burst", 200)),
+            failures_per_minute=int(est.get("failures_per_minute", 30)),
+            mqtt_port=int(mqtt.get("port", 8883)),
+            ca_store=ca.get("store", "file"), ca_module=ca.get("module", ""),
+            ca_token_label=ca.get("token_label", ""), ca_pin_source=ca.get("pin_source", ""),
+            ca_softhsm_conf=ca.get("softhsm_conf", ""),
+        )
+    except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{path} is not valid: {exc}") from None

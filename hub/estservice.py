@@ -1,0 +1,175 @@
+"""The hub's EST service logic: one request in, one response out, no sockets (the HTTP server is hub.estserver).
+
+It ties the EST message layer (est/), the issuance policy, the CA and the registry together and decides every
+answer: 200 with a certs-only PKCS#7, or a precise 4xx with an audit entry and nothing issued.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from cryptography import x509
+
+import est
+from est.errors import EstError, Forbidden, PayloadTooLarge, Unauthorized
+
+from .ca import FleetCA
+from .policy import Policy, PolicyError, check_device_id
+from .ratelimit import RateLimiter
+from .registry import CertRejected, DeviceNotActive, Registry, RegistryError, TokenRejected
+
+log = logging.getLogger("tessera.hub.est")
+
+CT_CRL = "application/pkix-crl"
+CRL_PATH = "/crl/device.crl"
+
+
+@dataclass
+class EstRequest:
+    method: str
+    path: str
+    headers: dict[str, str]          # lower-case names
+    body: bytes
+    source: str                      # client IP
+    peer_cert_der: bytes | None = None
+
+
+@dataclass
+class EstResponse:
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> EstResponse:
+    return EstResponse(status, f"{code}: {message}\n".encode(), headers=headers or {})
+
+
+class EstService:
+    """Answers EST requests for one fleet. Thread-safe (the registry gives each thread its own connection)."""
+
+    def __init__(self, ca: FleetCA, registry: Registry, policy: Policy, crl_dir: Path, crl_url: str,
+                 limiter: RateLimiter, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 monotonic: Callable[[], float] = time.monotonic):
+        self.ca, self.registry, self.policy = ca, registry, policy
+        self.crl_dir, self.crl_url, self.limiter = crl_dir, crl_url, limiter
+        self.clock, self.monotonic = clock, monotonic
+        self.key_policy = est.KeyPolicy(ec_curves=frozenset(policy.ec_curves), min_rsa_bits=policy.rsa_min_bits)
+        self._cacerts = est.certs_only_response([ca.root, ca.device_ca, ca.service_ca])
+        self._csrattrs = est.csrattrs_response()
+
+    # --- dispatch --------------------------------------------------------------------------------------------
+    def handle(self, req: EstRequest) -> EstResponse:
+        path = req.path.split("?", 1)[0]
+        routes = {
+            ("GET", est.PATH_CACERTS): self._cacerts_response,
+            ("GET", est.PATH_CSRATTRS): self._csrattrs_response,
+            ("POST", est.PATH_SIMPLEENROLL): self._simpleenroll,
+            ("POST", est.PATH_SIMPLEREENROLL): self._simplereenroll,
+            ("GET", CRL_PATH): self._crl,
+        }
+        handler = routes.get((req.method, path))
+        if handler is None:
+            if any(p == path for _, p in routes):
+                return _error(405, "method_not_allowed", f"{req.method} is not allowed on {path}")
+            return _error(404, "not_found", f"no EST resource at {path[:100]!r}")
+        return handler(req)
+
+    # --- read-only resources -----------------------------------------------------------------------------------
+    def _cacerts_response(self, req: EstRequest) -> EstResponse:
+        return EstResponse(200, self._cacerts, est.CT_PKCS7_CERTS_ONLY, {"Content-Transfer-Encoding": "base64"})
+
+    def _csrattrs_response(self, req: EstRequest) -> EstResponse:
+        return EstResponse(200, self._csrattrs, est.CT_CSRATTRS, {"Content-Transfer-Encoding": "base64"})
+
+    def _crl(self, req: EstRequest) -> EstResponse:
+        try:
+            return EstResponse(200, (self.crl_dir / "device.crl").read_bytes(), CT_CRL)
+        except OSError:
+            return _error(503, "crl_unavailable", "the CRL has not been published yet")
+
+    # --- enrollment ----------------------------------------------------------------------------------------------
+    def _deny(self, action: str, req: EstRequest, exc: EstError, device_id: str | None, audited: bool = False) -> EstResponse:
+        self.limiter.fail(req.source, self.monotonic())
+        if not audited:
+            self.registry.audit(action, "denied", self.clock(), actor=device_id or "anonymous",
+                                device_id=device_id, detail=f"{exc.code}: {exc.message}", source=req.source)
+        log.warning("%s denied for %s from %s: %s %s", action, device_id or "?", req.source, exc.status, exc.code)
+        headers = {"WWW-Authenticate": est.www_authenticate()} if exc.status == 401 else None
+        return _error(exc.status, exc.code, exc.message, headers)
+
+    def _issued(self, cert: x509.Certificate) -> EstResponse:
+        body = est.certs_only_response([cert, self.ca.device_ca])
+        return EstResponse(200, body, est.CT_PKCS7_CERTS_ONLY, {"Content-Transfer-Encoding": "base64"})
+
+    def _precheck(self, req: EstRequest) -> None:
+        if not self.limiter.allow(req.source, self.monotonic()):
+            raise EstError("rate_limited", "too many requests from this source; retry later", status=429)
+        length = req.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > est.MAX_CSR_BODY * 2:
+            raise PayloadTooLarge("body_too_large", f"request body over {est.MAX_CSR_BODY * 2} bytes")
+
+    def _simpleenroll(self, req: EstRequest) -> EstResponse:
+        device_id = None
+        try:
+            self._precheck(req)
+            creds = est.parse_basic_auth(req.headers.get("authorization"))
+            try:
+                device_id = check_device_id(creds.user)
+            except PolicyError as exc:
+                raise Unauthorized("bad_device_id", str(exc)) from None
+            csr = est.parse_enroll_request(req.headers.get("content-type"), req.body, device_id,
+                                           key_policy=self.key_policy)
+            now = self.clock()
+            cert = self.registry.enroll(
+                device_id, creds.password, now,
+                lambda: self.ca.issue_device_cert(csr.public_key(), device_id, self.policy, now, self.crl_url),
+                source=req.source)
+        except EstError as exc:
+            return self._deny("enroll", req, exc, device_id)
+        except TokenRejected as exc:
+            status = 401 if exc.code in ("unknown_token", "token_device_mismatch") else 403
+            return self._deny("enroll", req, EstError(exc.code, str(exc), status=status), device_id, audited=True)
+        except DeviceNotActive as exc:
+            return self._deny("enroll", req, Forbidden("device_not_active", str(exc)), device_id, audited=True)
+        except RegistryError as exc:
+            return self._deny("enroll", req, Forbidden(getattr(exc, "code", "registry"), str(exc)), device_id)
+        log.info("enrolled %s from %s (serial %x)", device_id, req.source, cert.serial_number)
+        return self._issued(cert)
+
+    def _simplereenroll(self, req: EstRequest) -> EstResponse:
+        device_id = None
+        try:
+            self._precheck(req)
+            if not req.peer_cert_der:
+                raise Unauthorized("client_cert_required",
+                                   "simplereenroll needs the current device certificate as TLS client certificate")
+            current = x509.load_der_x509_certificate(req.peer_cert_der)
+            cns = current.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            if len(cns) != 1:
+                raise Forbidden("bad_client_cert", "client certificate has no single CN")
+            device_id = check_device_id(str(cns[0].value))
+            csr = est.parse_enroll_request(req.headers.get("content-type"), req.body, device_id,
+                                           key_policy=self.key_policy)
+            now = self.clock()
+            cert = self.registry.reenroll(
+                device_id, format(current.serial_number, "x"), now,
+                lambda: self.ca.issue_device_cert(csr.public_key(), device_id, self.policy, now, self.crl_url),
+                source=req.source)
+        except EstError as exc:
+            return self._deny("reenroll", req, exc, device_id)
+        except PolicyError as exc:
+            return self._deny("reenroll", req, Forbidden("bad_client_cert", str(exc)), device_id)
+        except (CertRejected, DeviceNotActive) as exc:
+            return self._deny("reenroll", req, Forbidden(getattr(exc, "code", "device_not_active"), str(exc)),
+                              device_id, audited=True)
+        except RegistryError as exc:
+            return self._deny("reenroll", req, Forbidden(getattr(exc, "code", "registry"), str(exc)), device_id)
+        log.info("re-enrolled %s from %s (serial %x)", device_id, req.source, cert.serial_number)
+        return self._issued(cert)

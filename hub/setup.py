@@ -1,0 +1,95 @@
+"""`tessera-hub init`: lay out a new fleet directory (CAs, hub TLS identity, registry, first CRL, fleet.toml)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from datetime import datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from hsm.token import TokenConfig
+from hsm.uri import UriError, parse
+
+from .ca import CaError, FleetCA, create_hierarchy, new_file_key
+from .config import ConfigError, HubConfig
+from .policy import Policy
+from .registry import Registry
+from .revocation import publish_crl
+
+
+def _write_pem(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def issue_hub_identities(cfg: HubConfig, ca: FleetCA, now: datetime) -> None:
+    """The hub's EST/MQTT server certificate (serverAuth, chain with the service CA) and admin client cert."""
+    cfg.tls_dir.mkdir(mode=0o700, exist_ok=True)
+    names = list(dict.fromkeys([*cfg.server_names, socket.gethostname()]))
+    dns = [n for n in names if not _is_ip(n)]
+    ips = [n for n in names if _is_ip(n)]
+    chain_tail = ca.service_ca.public_bytes(serialization.Encoding.PEM)
+    for name, issue in (("est", lambda pub: ca.issue_server_cert(pub, dns, ips, now)),
+                        ("admin", lambda pub: ca.issue_admin_cert(pub, now))):
+        key_path = cfg.tls_dir / f"{name}.key"
+        key_path.unlink(missing_ok=True)
+        key = new_file_key(key_path, "ec-p256")
+        cert = issue(key.public_key())
+        _write_pem(cfg.tls_dir / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM) + chain_tail)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def create_fleet(root: Path, fleet: str, now: datetime, *, validity_days: int = 30, key_type: str = "ec-p256",
+                 ca_key: str = "", ca_pin_source: str = "", ca_module: str = "", hostnames: list[str] = (),
+                 est_port: int = 8443, mqtt_port: int = 8883) -> HubConfig:
+    if (root / "fleet.toml").exists():
+        raise ConfigError(f"{root} already holds a fleet; refusing to overwrite it")
+    if validity_days < 1:
+        raise ConfigError("--validity-days must be at least 1")
+    Policy(fleet=fleet)  # validates the name
+    cfg = HubConfig(root=root, fleet=fleet, validity_days=validity_days, key_type=key_type, est_port=est_port,
+                    mqtt_port=mqtt_port)
+    cfg.server_names = list(dict.fromkeys([*cfg.server_names, *hostnames]))
+    token = None
+    if ca_key:
+        try:
+            uri = parse(ca_key)
+        except UriError as exc:
+            raise ConfigError(f"--ca-key: {exc}") from None
+        if not uri.token:
+            raise ConfigError("--ca-key must name the token, e.g. pkcs11:token=fleet-ca")
+        if not ca_pin_source:
+            raise ConfigError("--ca-key needs --ca-pin-source (file:/path or env:NAME)")
+        cfg.ca_store, cfg.ca_token_label, cfg.ca_pin_source = "pkcs11", uri.token, ca_pin_source
+        cfg.ca_module = ca_module or (uri.module_path or "")
+        cfg.ca_softhsm_conf = os.environ.get("SOFTHSM2_CONF", "")
+        token = cfg.ca_token
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(root, 0o700)
+    for d in (cfg.crl_dir, cfg.log_dir, cfg.broker_dir):
+        d.mkdir(exist_ok=True, mode=0o700)
+    ca = create_hierarchy(cfg.ca_dir, fleet, now, key_type=key_type, token=token)
+    try:
+        issue_hub_identities(cfg, ca, now)
+        registry = Registry(cfg.registry_path)
+        registry.audit("fleet.init", "ok", now, actor="cli",
+                       detail=f"fleet={fleet} ca={'pkcs11' if token else 'file'} key={key_type}")
+        publish_crl(ca, registry, cfg.crl_dir, now)
+        registry.close()
+    except CaError:
+        raise
+    finally:
+        ca.close()
+    cfg.save()
+    return cfg
