@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HsmError, TlsRouteError
+from .errors import HsmError, ModuleNotFound, PinError, TlsRouteError
 from .token import TokenConfig, read_pin
 
 ENGINE_DIRS = ("/usr/lib/x86_64-linux-gnu/engines-3", "/usr/lib/aarch64-linux-gnu/engines-3",
@@ -168,8 +168,11 @@ def _engine_key(libs: _OpenSSL, token: TokenConfig, key_uri: str) -> int:
         del pin
         pkey = c.ENGINE_load_private_key(engine, key_uri.encode(), None, None)
     if not pkey:
+        detail = _err(libs)
+        if "PIN" in detail.upper() and "INCORRECT" in detail.upper():
+            raise PinError(f"wrong PIN for the token holding {key_uri}")
         raise HsmError(f"cannot load token key {key_uri} through the libp11 engine "
-                       f"(wrong PIN, missing token or key?): {_err(libs)}")
+                       f"(missing token or key?): {detail}")
     return pkey
 
 
@@ -213,17 +216,20 @@ def use_token_key(ctx: ssl.SSLContext, cert_chain: str | os.PathLike, key_uri: s
         os.environ["SOFTHSM2_CONF"] = token.softhsm_conf
     if not Path(cert_chain).is_file():
         raise HsmError(f"certificate chain file not found: {cert_chain}")
+    if not os.path.exists(token.module_path):
+        raise ModuleNotFound(f"PKCS#11 module not found: {token.module_path}")
     libs = _openssl()
     libs.crypto.ERR_clear_error()
     ptr = _ssl_ctx_pointer(ctx, libs)
-    if libs.ssl.SSL_CTX_use_certificate_chain_file(ptr, os.fsencode(cert_chain)) != 1:
-        raise HsmError(f"cannot load certificate chain {cert_chain}: {_err(libs)}")
     pkey = (_provider_key if route == "provider" else _engine_key)(libs, token, key_uri)
     try:
         if libs.ssl.SSL_CTX_use_PrivateKey(ptr, pkey) != 1:
             raise HsmError(f"OpenSSL refused the token key: {_err(libs)}")
     finally:
         libs.crypto.EVP_PKEY_free(pkey)  # the SSL_CTX holds its own reference
+    # Key first, then the chain: on a mismatch OpenSSL drops the key quietly and the check below names both.
+    if libs.ssl.SSL_CTX_use_certificate_chain_file(ptr, os.fsencode(cert_chain)) != 1:
+        raise HsmError(f"cannot load certificate chain {cert_chain}: {_err(libs)}")
     if libs.ssl.SSL_CTX_check_private_key(ptr) != 1:
         raise HsmError(f"the token key {key_uri} does not match the certificate in {cert_chain}")
     return route

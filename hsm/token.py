@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,9 @@ def read_pin(source: str) -> str:
     elif source.startswith("/"):
         path = Path(source)
     else:
-        raise PinError(f"unsupported PIN source {source.split(':', 1)[0]!r} (use file:/path or env:NAME)")
+        scheme = source.split(":", 1)[0] if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,15}:.*", source, re.S) else ""
+        shown = f" {scheme!r}" if scheme else ""  # never echo a value that may be the PIN itself
+        raise PinError(f"unsupported PIN source{shown} (use file:/path or env:NAME)")
     try:
         st = path.stat()
     except OSError as exc:

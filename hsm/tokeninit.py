@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from .errors import HsmError, ModuleNotFound
 
@@ -31,6 +32,9 @@ def init_token(module: str, label: str, so_pin: str, user_pin: str, env: dict[st
         raise ModuleNotFound(f"PKCS#11 module not found: {module}")
     if not label or len(label.encode()) > 32:
         raise HsmError("token label must be 1..32 bytes")
+    env = dict(os.environ if env is None else env)
+    root = str(Path(__file__).resolve().parent.parent)  # so the child finds hsm/ even when not installed
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     payload = json.dumps({"module": module, "label": label, "so_pin": so_pin, "user_pin": user_pin})
     proc = subprocess.run(
         [sys.executable, "-m", "hsm.tokeninit"], input=payload, capture_output=True, text=True,

@@ -23,13 +23,22 @@ T = TypeVar("T")
 
 def run_isolated(fn: Callable[..., T], *args, timeout: float = 120.0) -> T:
     """Run fn(*args) in a fresh spawned process and return its result (exceptions are re-raised here)."""
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(fn, *args).result(timeout=timeout)
+        result = pool.submit(fn, *args).result(timeout=timeout)
     except BrokenProcessPool:
+        pool.shutdown(wait=False, cancel_futures=True)
         raise HsmError("the key worker process died (PKCS#11 module crashed?)") from None
     except FuturesTimeout:
+        for proc in list(getattr(pool, "_processes", {}).values()):  # a hung module must not hang us
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
         raise HsmError(f"the key worker did not answer within {timeout:.0f} s") from None
+    except BaseException:
+        pool.shutdown(wait=True)
+        raise
+    pool.shutdown(wait=True)
+    return result
 
 
 # --- functions that run in the child -------------------------------------------------------------------------

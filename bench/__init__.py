@@ -1,0 +1,1 @@
+"""Tessera benchmarks: `python -m bench [keygen] [sign] [tls]`."""

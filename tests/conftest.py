@@ -1,0 +1,53 @@
+"""Shared fixtures: throwaway SoftHSM tokens, a throwaway file-key CA, free loopback ports.
+
+Rules every test here follows (see hsm.worker / hsm.tls): python-pkcs11 and the OpenSSL engine initialise the
+PKCS#11 module once per process with the SOFTHSM2_CONF they see first, so the pytest process never opens a
+per-test token itself. Token work runs in spawned children (hsm.worker.run_isolated) or in
+``python -m tests.helpers`` subprocesses.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# hsm.tokeninit runs `python -m hsm.tokeninit` with the caller's environment: make the repository importable
+# there (and in our own `python -m tests.helpers` children) whatever the current directory is.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+_pp = os.environ.get("PYTHONPATH", "")
+if str(ROOT) not in _pp.split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), _pp) if p)
+
+from tests.helpers import CA, free_port  # noqa: E402  (after the sys.path fix above)
+
+__all__ = ["free_port"]
+
+
+@pytest.fixture
+def softtoken(tmp_path):
+    """A fresh SoftHSM2 token (label 'tessera', random PIN in a 0600 file) in its own directory."""
+    from hsm.softhsm import create_token
+
+    token = create_token(tmp_path / "softhsm", label="tessera")
+    try:
+        yield token
+    finally:
+        token.destroy()
+
+
+@pytest.fixture
+def ca(tmp_path) -> CA:
+    """A throwaway EC P-256 root CA with file keys (see tests.helpers.CA)."""
+    return CA(tmp_path / "ca")
+
+
+@pytest.fixture(name="free_port")
+def free_port_fixture() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    return free_port()

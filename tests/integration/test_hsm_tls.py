@@ -1,0 +1,271 @@
+"""mTLS with the client key in a SoftHSM token (hsm.tls.client_context through the libp11 engine).
+
+Every TLS client runs in its own `python -m tests.helpers` process (the engine initialises PKCS#11 once per
+process). Servers listen on 127.0.0.1 only, run under `timeout`, and are stopped in teardown.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+import secrets
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from hsm import worker
+from hsm.softhsm import write_secret
+from tests.helpers import (
+    child_env, free_port, run_tls_child, start_server, stop_process, token_dict, wait_for_text,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def device(softtoken, ca):
+    """A token key 'device' (EC P-256) with a clientAuth certificate from `ca` for CN=device-<random>."""
+    cn = f"device-{secrets.token_hex(4)}"
+    info = worker.generate_key(softtoken.config, "device", "ec-p256")
+    cert = ca.issue_client(worker.make_csr(softtoken.config, "device", common_name=cn), name="device")
+    return {"cn": cn, "info": info, "cert": cert, "token": softtoken}
+
+
+def _request(op: str, ca, device, **extra) -> dict:
+    return {"op": op, "cafile": str(ca.cert_path), "cert": str(device["cert"]), "key_uri": device["info"].uri,
+            "token": token_dict(device["token"].config), **extra}
+
+
+@pytest.fixture
+def s_server(ca, tmp_path):
+    """`openssl s_server -www` on 127.0.0.1 requiring a client certificate from `ca`; yields (port, log path)."""
+    cert, key = ca.issue_server("s_server")
+    port = free_port()
+    log = tmp_path / "s_server.log"
+    proc = start_server(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(cert), "-key", str(key),
+                         "-CAfile", str(ca.cert_path), "-Verify", "1", "-verify_return_error", "-www",
+                         "-naccept", "5"], log, lifetime=90)
+    try:
+        wait_for_text(log, "ACCEPT", 15, proc)
+        yield port, log
+    finally:
+        stop_process(proc)
+
+
+def test_https_get_against_openssl_s_server(device, ca, s_server):
+    port, log = s_server
+    answer = run_tls_child(_request("https_get", ca, device, host="127.0.0.1", port=port))
+    assert answer["ok"], answer
+    assert answer["status"] == 200
+    body = answer["body"]
+    # s_server -www prints the verified client certificate it received: it must be ours
+    assert "Verify return code: 0 (ok)" in body
+    assert "Client certificate" in body
+    assert f"Subject: CN = {device['cn']}" in body or f"Subject: CN={device['cn']}" in body, body[-3000:]
+    assert "Peer signature type: ECDSA" in body
+    text = wait_for_text(log, f"depth=0 CN = {device['cn']}", 10)
+    assert "verify error" not in text
+
+
+def test_s_server_refuses_a_client_without_certificate(ca, s_server, tmp_path):
+    """Control: the server really requires a client certificate (so the test above proves the token key was used)."""
+    port, _ = s_server
+    proc = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(ca.cert_path),
+                           "-verify_return_error", "-brief"], input="GET / HTTP/1.0\r\n\r\n", capture_output=True,
+                          text=True, timeout=30)
+    assert "Client certificate" not in proc.stdout
+    assert "HTTP/1.0 200" not in proc.stdout
+
+
+# --- Mosquitto ---------------------------------------------------------------------------------------------------
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+@pytest.fixture
+def mosquitto(ca, tmp_path):
+    """A Mosquitto broker on a free 127.0.0.1 port: mTLS required, username = certificate CN."""
+    cert, key = ca.issue_server("broker")
+    port = free_port()
+    log = tmp_path / "mosquitto.log"  # written by mosquitto itself (its stdout is block-buffered)
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(
+        "per_listener_settings false\n"
+        "persistence false\n"
+        "user root\n"
+        f"log_dest file {log}\n"
+        "log_type all\n"
+        "connection_messages true\n"
+        "log_timestamp false\n"
+        "allow_anonymous false\n"
+        "set_tcp_nodelay true\n"
+        f"listener {port} 127.0.0.1\n"
+        f"cafile {ca.cert_path}\n"
+        f"certfile {cert}\n"
+        f"keyfile {key}\n"
+        "require_certificate true\n"
+        "use_identity_as_username true\n"
+        "tls_version tlsv1.2\n"
+    )
+    proc = start_server([MOSQUITTO, "-c", str(conf)], tmp_path / "mosquitto.out", lifetime=90)
+    try:
+        wait_for_text(log, f"Opening ipv4 listen socket on port {port}", 15, proc)
+        yield port, log
+    finally:
+        stop_process(proc)
+
+
+def test_mqtt_publish_through_mosquitto(device, ca, mosquitto, tmp_path):
+    port, log = mosquitto
+    sub_cert, sub_key = ca.issue_file_client("subscriber")
+    topic = f"tessera/test/{secrets.token_hex(4)}"
+    payload = f"hello from the token {secrets.token_hex(8)}"
+    out = tmp_path / "sub.out"
+    with open(out, "wb") as fh:
+        sub = subprocess.Popen(["timeout", "60", "mosquitto_sub", "-h", "127.0.0.1", "-p", str(port),
+                                "--cafile", str(ca.cert_path), "--cert", str(sub_cert), "--key", str(sub_key),
+                                "-i", "subscriber", "-t", topic, "-q", "1", "-C", "1", "-W", "45"],
+                               stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_text(log, "Sending SUBACK to subscriber", 15)
+        answer = run_tls_child(_request("mqtt_publish", ca, device, host="127.0.0.1", port=port,
+                                        client_id=device["cn"], topic=topic, payload=payload))
+        assert answer["ok"], answer
+        assert answer["connect_failure"] is False, answer
+        assert answer["published"] is True, answer
+        assert sub.wait(timeout=30) == 0
+    finally:
+        stop_process(sub)
+    assert out.read_text().strip() == payload
+    text = log.read_text()
+    # the broker authenticated the client by its certificate: username is the CN from the token-backed cert
+    pattern = rf"New client connected from 127\.0\.0\.1:\d+ as {re.escape(device['cn'])} \(.*u'{re.escape(device['cn'])}'\)"
+    assert re.search(pattern, text), text
+    assert re.search(rf"Received PUBLISH from {re.escape(device['cn'])} .*'{re.escape(topic)}'", text), text
+
+
+def test_mosquitto_refuses_a_client_without_certificate(ca, mosquitto):
+    """Control: without a client certificate the broker does not accept the connection."""
+    port, log = mosquitto
+    proc = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "--cafile", str(ca.cert_path),
+                           "-i", "anonymous-client", "-t", "t", "-m", "x"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    time.sleep(0.2)
+    assert "as anonymous-client" not in log.read_text()
+
+
+# --- failures ---------------------------------------------------------------------------------------------------
+
+def _assert_one_line(answer: dict, *secrets_: str) -> str:
+    msg = answer["error"]
+    assert msg and "\n" not in msg and len(msg) < 400, msg
+    for s in secrets_:
+        assert s not in msg, "the PIN appears in the error message"
+    return msg
+
+
+def test_certificate_for_another_key_is_refused(softtoken, ca):
+    worker.generate_key(softtoken.config, "mine", "ec-p256")
+    other = worker.generate_key(softtoken.config, "other", "ec-p256")
+    mine = worker.describe_key(softtoken.config, "mine")
+    cert = ca.issue_client(other.public_key_pem, cn="mismatch", name="other")
+    answer = run_tls_child({"op": "context", "cafile": str(ca.cert_path), "cert": str(cert), "key_uri": mine.uri,
+                            "token": token_dict(softtoken.config)})
+    assert not answer["ok"], answer
+    assert "HsmError" in answer["error_mro"], answer
+    msg = _assert_one_line(answer, softtoken.pin)
+    assert "match" in msg.lower(), msg  # "does not match" (hsm) or "key values mismatch" (OpenSSL)
+    # control: the matching certificate is accepted
+    good = ca.issue_client(mine.public_key_pem, cn="match", name="mine")
+    ok = run_tls_child({"op": "context", "cafile": str(ca.cert_path), "cert": str(good), "key_uri": mine.uri,
+                        "token": token_dict(softtoken.config)})
+    assert ok["ok"], ok
+
+
+def test_mismatch_message_names_certificate_and_key(softtoken, ca):
+    worker.generate_key(softtoken.config, "mine", "ec-p256")
+    other = worker.generate_key(softtoken.config, "other", "ec-p256")
+    mine = worker.describe_key(softtoken.config, "mine")
+    cert = ca.issue_client(other.public_key_pem, cn="mismatch", name="other")
+    answer = run_tls_child({"op": "context", "cafile": str(ca.cert_path), "cert": str(cert), "key_uri": mine.uri,
+                            "token": token_dict(softtoken.config)})
+    assert not answer["ok"], answer
+    msg = _assert_one_line(answer, softtoken.pin)
+    assert "does not match" in msg and str(cert) in msg and mine.uri in msg, msg
+
+
+def test_wrong_pin_through_the_engine(device, ca, tmp_path):
+    wrong = secrets.token_hex(8)
+    pin_file = tmp_path / "wrong-pin"
+    write_secret(pin_file, wrong)
+    req = _request("context", ca, device)
+    req["token"]["pin_source"] = f"file:{pin_file}"
+    answer = run_tls_child(req)
+    assert not answer["ok"], answer
+    assert "HsmError" in answer["error_mro"], answer
+    msg = _assert_one_line(answer, wrong, device["token"].pin)
+    assert "PIN" in msg, msg
+    assert wrong not in answer["_stderr"] and device["token"].pin not in answer["_stderr"]
+
+
+def test_missing_module_through_the_engine(device, ca, tmp_path):
+    missing = str(tmp_path / "libmissing-pkcs11.so")
+    req = _request("context", ca, device)
+    req["token"]["module"] = missing
+    answer = run_tls_child(req)
+    assert not answer["ok"], answer
+    msg = _assert_one_line(answer, device["token"].pin)
+    assert answer["error_type"] == "ModuleNotFound" and missing in msg, answer
+
+
+def test_missing_key_through_the_engine(device, ca):
+    req = _request("context", ca, device)
+    req["key_uri"] = "pkcs11:token=tessera;object=no-such-key;type=private"
+    answer = run_tls_child(req)
+    assert not answer["ok"], answer
+    assert "HsmError" in answer["error_mro"], answer
+    msg = _assert_one_line(answer, device["token"].pin)
+    assert "no-such-key" in msg
+
+
+def test_pin_file_mode_through_the_engine(device, ca, tmp_path):
+    pin_file = tmp_path / "open-pin"
+    write_secret(pin_file, device["token"].pin)
+    pin_file.chmod(0o644)
+    req = _request("context", ca, device)
+    req["token"]["pin_source"] = f"file:{pin_file}"
+    answer = run_tls_child(req)
+    assert not answer["ok"], answer
+    assert answer["error_type"] == "PinError", answer
+    msg = _assert_one_line(answer, device["token"].pin)
+    assert "0644" in msg
+
+
+@pytest.mark.skipif(bool(glob.glob("/usr/lib/*/ossl-modules/pkcs11.so") + glob.glob("/usr/lib/ossl-modules/pkcs11.so")),
+                    reason="pkcs11-provider is installed here")
+def test_provider_route_unavailable(device, ca):
+    answer = run_tls_child(_request("context", ca, device), env=child_env(TESSERA_TLS_ROUTE="provider"))
+    assert not answer["ok"], answer
+    assert answer["error_type"] == "TlsRouteError", answer
+    msg = _assert_one_line(answer, device["token"].pin)
+    assert "provider" in msg and "not installed" in msg
+
+
+def test_unknown_route_name(device, ca):
+    answer = run_tls_child(_request("context", ca, device), env=child_env(TESSERA_TLS_ROUTE="pkcs11"))
+    assert not answer["ok"], answer
+    assert answer["error_type"] == "TlsRouteError", answer
+    msg = _assert_one_line(answer)
+    assert "'pkcs11'" in msg
+
+
+def test_engine_route_forced_works(device, ca):
+    answer = run_tls_child(_request("context", ca, device), env=child_env(TESSERA_TLS_ROUTE="engine"))
+    assert answer["ok"], answer
+
+
+@pytest.mark.skip(reason="needs a Python whose ssl module statically links its own OpenSSL; not available here")
+def test_statically_linked_python_is_refused():
+    """hsm.tls refuses such a Python with TlsRouteError; this machine only has the Debian python3 (shared libssl)."""
