@@ -295,13 +295,26 @@ class FleetCA:
         return self._sign("service", builder)
 
     def build_crl(self, revoked: Iterable[tuple[int, datetime, str]], now: datetime, *, crl_number: int,
-                  next_update: timedelta = timedelta(days=7)) -> x509.CertificateRevocationList:
-        """The device CRL, signed by the device CA: (serial, revoked_at, reason) entries, CRLNumber and AKI.
+                  next_update: timedelta = timedelta(days=7), issuer: str = "device") -> x509.CertificateRevocationList:
+        """A CRL signed by the `issuer` CA ("device", default, or "service"): entries, CRLNumber and AKI.
 
-        Reasons are RFC 5280 names (keyCompromise, superseded, ...; case, '_' and '-' are ignored). Unknown
-        reasons and 'unspecified' get no reason code (RFC 5280 5.3.1: omit rather than use unspecified).
+        Reasons are RFC 5280 names (keyCompromise, superseded, certificateHold, ...; case, '_' and '-' are
+        ignored). Unknown reasons and 'unspecified' get no reason code (RFC 5280 5.3.1).
         """
-        return self._sign("device", crl_builder(self.device_ca, revoked, _aware(now), crl_number, next_update))
+        if issuer not in ("device", "service"):
+            raise CaError(f"no {issuer!r} CA issues CRLs")
+        return self._sign(issuer, crl_builder(self._certs[issuer], revoked, _aware(now), crl_number, next_update))
+
+    def issue_canary_cert(self, public_key: PublicKey, now: datetime,
+                          validity: timedelta = timedelta(minutes=15)) -> x509.Certificate:
+        """A short-lived device-CA client cert (CN=tessera-canary, a reserved id) that the hub revokes at once.
+
+        The hub proves a broker really enforces a new CRL by failing to connect with it.
+        """
+        builder = (self._leaf("device", _name(self.fleet, "tessera-canary"), public_key, now, validity)
+                   .add_extension(_key_usage(digital_signature=True), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+        return self._sign("device", builder)
 
 
 def _ca_cert(subject: x509.Name, key: PrivateKey, issuer: x509.Certificate | None, issuer_key: PrivateKey,

@@ -1,9 +1,10 @@
-"""Device status changes (suspend, resume, revoke) and their effects: registry, audit, CRL."""
+"""Device status changes from the CLI: through the running hub (immediate effect) or, offline, directly."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
+from . import admin
 from .ca import load_ca
 from .config import HubConfig
 from .registry import Registry
@@ -12,20 +13,34 @@ from .revocation import publish_crl
 
 def apply_status_change(cfg: HubConfig, device_id: str, status: str, reason: str, now: datetime,
                         actor: str = "cli") -> str:
-    """Record the change and, for a revocation, publish a new CRL at once. Returns a one-line summary."""
+    """Suspend / resume / revoke. Returns a one-line summary for the operator."""
+    try:
+        result = admin.call(cfg.admin_socket, {"op": "set_status", "device": device_id, "status": status,
+                                               "reason": reason, "actor": actor})
+    except admin.AdminUnavailable:
+        return _offline(cfg, device_id, status, reason, now, actor)
+    t = result["timings"]
+    summary = f"{device_id}: {result['device']['status']}"
+    if result["revoked_serials"]:
+        summary += f"; {len(result['revoked_serials'])} certificate(s) revoked"
+    summary += f"; enforced by the running hub in {t['total_ms']:.0f} ms"
+    if result["kicked"]:
+        summary += " (CRL confirmed, live session dropped)"
+    return summary
+
+
+def _offline(cfg: HubConfig, device_id: str, status: str, reason: str, now: datetime, actor: str) -> str:
     registry = Registry(cfg.registry_path)
     try:
         result = registry.set_status(device_id, status, now, actor=actor, reason=reason)
-        serials = result.get("revoked_serials", [])
-        if serials:
-            ca = load_ca(cfg.ca_dir, cfg.ca_token)
-            try:
-                publish_crl(ca, registry, cfg.crl_dir, now)
-            finally:
-                ca.close()
-        summary = f"{device_id}: {result['device']['status']}"
-        if serials:
-            summary += f"; {len(serials)} certificate(s) revoked and published in the CRL"
-        return summary
+        ca = load_ca(cfg.ca_dir, cfg.ca_token)
+        try:
+            publish_crl(ca, registry, cfg.crl_dir, now)
+        finally:
+            ca.close()
     finally:
         registry.close()
+    summary = f"{device_id}: {result['device']['status']}"
+    if result["revoked_serials"]:
+        summary += f"; {len(result['revoked_serials'])} certificate(s) revoked"
+    return summary + "; the hub is not running: CRL published, the broker enforces it at the next start"

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 DEVICE_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 #: Names the hub's own identities use; a device can never be called this.
-RESERVED_IDS = frozenset({"tessera-hub", "hub", "admin", "root"})
+RESERVED_IDS = frozenset({"tessera-hub", "tessera-canary", "hub", "admin", "root"})
 
 
 class PolicyError(ValueError):

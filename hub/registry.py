@@ -474,3 +474,15 @@ class Registry:
             "SELECT serial, subject, not_before, not_after, fingerprint_sha256, status, revoked_at, "
             "revocation_reason, issued_at FROM certificates WHERE device_id = ? ORDER BY issued_at DESC",
             [device_id]))
+
+    def held_certificates(self, now: datetime) -> list[dict[str, Any]]:
+        """Unexpired active/superseded certificates of suspended devices, for the CRL as certificateHold.
+
+        `held_at` is when the device was last suspended (from the audit log), so CRL entries stay stable.
+        """
+        return list(self._db().query(
+            "SELECT c.serial, COALESCE((SELECT MAX(a.at) FROM audit a WHERE a.device_id = d.id "
+            "AND a.action = 'device.suspended'), c.issued_at) AS held_at "
+            "FROM certificates c JOIN devices d ON d.id = c.device_id "
+            "WHERE d.status = 'suspended' AND c.status IN ('active', 'superseded') AND c.not_after > ? "
+            "ORDER BY c.serial", [_ts(now)]))

@@ -1,34 +1,69 @@
-"""Publishing the device CRL from the registry: build, sign, validate on disk, swap in atomically."""
+"""Publishing CRLs from the registry: build, sign, validate on disk, swap in atomically.
+
+The device CRL lists revoked certificates and, as certificateHold, the certificates of suspended devices
+(resuming a device takes them off again). Extra entries (the hub's revoked canary certificates, which prove a
+broker enforces the new CRL) can be added. The service CRL covers the hub's own service-side certificates.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Iterable
+
+from cryptography.hazmat.primitives import serialization
 
 from .ca import FleetCA
-from .crl import crl_needs_refresh, current_crl, next_crl_number, write_crl_atomically
+from .crl import (CrlError, crl_needs_refresh, crl_number, current_crl, next_crl_number, validate_crl,
+                  write_crl_atomically)
 from .registry import Registry
 
 CRL_LIFETIME = timedelta(days=7)
+SERVICE_CRL = "service.crl.pem"
 
 
-def _revoked_entries(registry: Registry):
-    for row in registry.revoked_certificates():
-        yield int(row["serial"], 16), datetime.fromisoformat(row["revoked_at"]), row["reason"] or "unspecified"
+def device_crl_entries(registry: Registry, now: datetime) -> list[tuple[int, datetime, str]]:
+    entries = [(int(r["serial"], 16), datetime.fromisoformat(r["revoked_at"]), r["reason"] or "unspecified")
+               for r in registry.revoked_certificates()]
+    entries += [(int(r["serial"], 16), datetime.fromisoformat(r["held_at"]), "certificateHold")
+                for r in registry.held_certificates(now)]
+    return entries
 
 
-def publish_crl(ca: FleetCA, registry: Registry, crl_dir: Path, now: datetime) -> Path:
-    """Regenerate the device CRL from the registry's revoked certificates and install it; returns the DER path."""
+def publish_crl(ca: FleetCA, registry: Registry, crl_dir: Path, now: datetime,
+                extra: Iterable[tuple[int, datetime, str]] = ()) -> Path:
+    """Regenerate the device CRL from the registry (plus `extra`) and install it; returns the DER path."""
     crl_dir.mkdir(parents=True, exist_ok=True)
-    crl = ca.build_crl(_revoked_entries(registry), now, next_update=CRL_LIFETIME,
+    crl = ca.build_crl([*device_crl_entries(registry, now), *extra], now, next_update=CRL_LIFETIME,
                        crl_number=next_crl_number(crl_dir))
     return write_crl_atomically(crl, crl_dir, ca.device_ca, now)
 
 
-def refresh_if_due(ca: FleetCA, registry: Registry, crl_dir: Path, now: datetime) -> bool:
-    """Re-issue the CRL when it is missing, unreadable, or past half its lifetime. True if re-issued."""
+def publish_service_crl(ca: FleetCA, crl_dir: Path, now: datetime) -> bytes:
+    """(Re)issue the service CA's CRL (no entries yet: the hub's own certs are re-issued, not revoked); PEM."""
+    path = crl_dir / SERVICE_CRL
+    number = 1
+    try:
+        old = validate_crl(path.read_bytes(), ca.service_ca, now, margin=timedelta(0))
+        if not crl_needs_refresh(old, now):
+            return path.read_bytes()
+        number = (crl_number(old) or 0) + 1
+    except (OSError, CrlError):  # missing, expired or damaged: issue a fresh one
+        pass
+    crl = ca.build_crl([], now, crl_number=number, next_update=CRL_LIFETIME, issuer="service")
+    pem = crl.public_bytes(serialization.Encoding.PEM)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(pem)
+    validate_crl(tmp.read_bytes(), ca.service_ca, now)
+    tmp.replace(path)
+    return pem
+
+
+def refresh_if_due(ca: FleetCA, registry: Registry, crl_dir: Path, now: datetime,
+                   extra: Iterable[tuple[int, datetime, str]] = ()) -> bool:
+    """Re-issue the device CRL when it is missing, unreadable, or past half its lifetime. True if re-issued."""
     crl = current_crl(crl_dir, ca.device_ca)
     if crl is None or crl_needs_refresh(crl, now):
-        publish_crl(ca, registry, crl_dir, now)
+        publish_crl(ca, registry, crl_dir, now, extra)
         return True
     return False

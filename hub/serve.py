@@ -1,4 +1,4 @@
-"""`tessera-hub serve`: the hub's supervisor — EST server and CRL refresher, stopped by SIGTERM/SIGINT."""
+"""`tessera-hub serve`: the hub's supervisor — EST, Mosquitto, admin MQTT client, admin socket, CRL refresher."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import threading
 from datetime import datetime, timezone
 from typing import Callable
 
-from . import estserver
+from . import admin, estserver
+from .broker.mosquitto import MosquittoBroker
+from .broker.mqttadmin import AdminClient
 from .ca import load_ca
 from .config import HubConfig
+from .crl import crl_needs_refresh, current_crl
 from .estservice import EstService
+from .live import LiveHub
 from .ratelimit import RateLimiter
 from .registry import Registry
-from .revocation import refresh_if_due
 
 log = logging.getLogger("tessera.hub")
 
@@ -27,37 +30,86 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _dispatch(live: LiveHub) -> Callable[[dict], object]:
+    def dispatch(req: dict) -> object:
+        op = req.get("op")
+        if op == "ping":
+            return {"pong": True}
+        if op == "set_status":
+            return live.set_status(str(req["device"]), str(req["status"]), str(req.get("reason", "")),
+                                   actor=str(req.get("actor", "cli")))
+        if op == "acl":
+            live.refresh_acl()
+            return {"acl": "reloaded"}
+        raise ValueError(f"unknown admin operation {op!r}")
+    return dispatch
+
+
 def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool = False,
         announce: Callable[[str], None] = print, stop: threading.Event | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = stop or threading.Event()
-    cfg = dataclasses.replace(cfg, est_host=host, est_port=est_port, mqtt_port=mqtt_port)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+    cfg = dataclasses.replace(cfg, est_host=host, est_port=est_port, mqtt_port=mqtt_port)
 
     ca = load_ca(cfg.ca_dir, cfg.ca_token)
     registry = Registry(cfg.registry_path)
-    refresh_if_due(ca, registry, cfg.crl_dir, _now())
-    limiter = RateLimiter(cfg.rate_per_source, cfg.rate_burst, cfg.failures_per_minute)
-    service = EstService(ca, registry, cfg.policy, cfg.crl_dir, cfg.crl_url, limiter)
-    tls = estserver.server_context(cfg.tls_dir / "est.pem", cfg.tls_dir / "est.key", cfg.ca_dir / "device-ca.pem")
-    server, thread = estserver.start(service, host, est_port, tls)
-    registry.audit("hub.start", "ok", _now(), actor="hub", detail=f"EST on {host}:{server.server_address[1]}")
-    announce(f"EST  https://{host}:{server.server_address[1]}/.well-known/est/  (fleet {cfg.fleet})")
-    announce(f"CRL  https://{host}:{server.server_address[1]}/crl/device.crl")
+    tls_dir = cfg.tls_dir
+
+    def event(kind: str, detail: str) -> None:
+        registry.audit(kind, "error" if kind in ("broker.died", "broker.fail_closed", "broker.error") else "ok",
+                       _now(), actor="hub", detail=detail)
+
+    broker = MosquittoBroker(cfg.broker_dir, host, mqtt_port, cafile=cfg.ca_dir / "device-chain.pem",
+                             certfile=tls_dir / "est.pem", keyfile=tls_dir / "est.key",
+                             server_ca=cfg.ca_dir / "root.pem", on_event=event)
+    live = LiveHub(cfg, ca, registry, broker)
+    stack: list[Callable[[], None]] = []
     try:
+        bundle, canary = live.prepare_crl(_now())
+        broker.set_initial(bundle, canary, live.acl())
+        broker.start()
+        stack.append(broker.stop)
+        admin_mqtt = AdminClient(host, mqtt_port, cfg.ca_dir / "root.pem", tls_dir / "admin.pem",
+                                 tls_dir / "admin.key", on_status=live.on_status)
+        admin_mqtt.start()
+        stack.append(admin_mqtt.stop)
+        broker.attach_admin(admin_mqtt)
+
+        limiter = RateLimiter(cfg.rate_per_source, cfg.rate_burst, cfg.failures_per_minute)
+        service = EstService(ca, registry, cfg.policy, cfg.crl_dir, cfg.crl_url, limiter)
+        tls = estserver.server_context(tls_dir / "est.pem", tls_dir / "est.key", cfg.ca_dir / "device-ca.pem")
+        server, thread = estserver.start(service, host, est_port, tls)
+        stack.append(lambda: (server.shutdown(), server.server_close(), thread.join(timeout=5)))
+
+        sock_server, _ = admin.serve(cfg.admin_socket, _dispatch(live))
+        stack.append(lambda: (sock_server.shutdown(), sock_server.server_close(),
+                              cfg.admin_socket.unlink(missing_ok=True)))
+
+        registry.audit("hub.start", "ok", _now(), actor="hub",
+                       detail=f"EST {host}:{server.server_address[1]} MQTT {host}:{mqtt_port} broker pid {broker.pid}")
+        announce(f"EST   https://{host}:{server.server_address[1]}/.well-known/est/  (fleet {cfg.fleet})")
+        announce(f"MQTT  mqtts://{host}:{mqtt_port}  (mTLS, device certificates only)")
+        announce(f"CRL   https://{host}:{server.server_address[1]}/crl/device.crl")
+        announce(f"admin {cfg.admin_socket}")
+        announce("hub ready")
         while not stop.wait(CRL_CHECK_INTERVAL):
             try:
-                if refresh_if_due(ca, registry, cfg.crl_dir, _now()):
+                crl = current_crl(cfg.crl_dir, ca.device_ca)
+                if crl is None or crl_needs_refresh(crl, _now()):
+                    live.enforce_crl()
                     log.info("CRL re-issued before its next update")
-            except Exception:  # keep serving; the old CRL stays in place
+            except Exception:  # keep serving; the previous CRL stays in force
                 log.exception("CRL refresh failed; the previous CRL stays in place")
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+        for undo in reversed(stack):
+            try:
+                undo()
+            except Exception:
+                log.exception("shutdown step failed")
         registry.audit("hub.stop", "ok", _now(), actor="hub")
         registry.close()
         ca.close()

@@ -1,0 +1,97 @@
+"""The hub's own MQTT connection (admin certificate from the service CA): presence and broker control."""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+from pathlib import Path
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+
+from . import BrokerError
+
+log = logging.getLogger("tessera.hub.admin-mqtt")
+
+CLIENT_ID = "tessera-hub"
+STATUS_TOPIC = "devices/+/status"
+DYNSEC_RESPONSE = "$CONTROL/dynamic-security/v1/response"
+
+
+class AdminClient:
+    """One paho session (the broker forces client id = CN, so there is exactly one) used for everything."""
+
+    def __init__(self, host: str, port: int, cafile: Path, certfile: Path, keyfile: Path,
+                 on_status: Callable[[str, bytes], None]):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_verify_locations(cafile=str(cafile))
+        ctx.load_cert_chain(str(certfile), str(keyfile))
+        self.on_status = on_status
+        self.connected = threading.Event()
+        self._responses: list[dict] = []
+        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # one control request at a time: responses carry no correlation id
+        c = self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=CLIENT_ID, protocol=mqtt.MQTTv5)
+        c.tls_set_context(ctx)
+        c.reconnect_delay_set(min_delay=0.05, max_delay=2)
+        c.on_connect, c.on_disconnect, c.on_message = self._on_connect, self._on_disconnect, self._on_message
+        self.host, self.port = host, port
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            raise BrokerError(f"the hub's admin client could not connect to the broker at {self.host}:{self.port}")
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("admin connection refused: %s", reason_code)
+            return
+        client.subscribe([(STATUS_TOPIC, 1), (DYNSEC_RESPONSE, 1)])
+        self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        log.info("admin connection lost (%s); paho reconnects", reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        if msg.topic == DYNSEC_RESPONSE:
+            try:
+                data = json.loads(msg.payload)
+            except ValueError:
+                return
+            with self._cond:
+                self._responses.append(data)
+                self._cond.notify_all()
+            return
+        parts = msg.topic.split("/")
+        if len(parts) == 3 and parts[0] == "devices" and parts[2] == "status":
+            try:
+                self.on_status(parts[1], msg.payload)
+            except Exception:
+                log.exception("presence update for %s failed", parts[1])
+
+    def control(self, topic: str, payload: bytes, timeout: float = 3.0) -> dict:
+        """Publish a $CONTROL request and wait for its response."""
+        with self._lock:
+            if not self.connected.wait(timeout):
+                raise BrokerError("the hub's admin connection to the broker is down")
+            with self._cond:
+                self._responses.clear()
+            info = self.client.publish(topic, payload, qos=1)
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._responses, timeout):
+                    raise BrokerError(f"no answer from the broker on {topic} within {timeout:.0f} s")
+                response = self._responses.pop(0)
+            info.wait_for_publish(timeout)
+        errors = [r for r in response.get("responses", []) if r.get("error") and r.get("command") != "createClient"]
+        if errors:
+            raise BrokerError(f"broker refused {errors[0].get('command')}: {errors[0].get('error')}")
+        return response
