@@ -1,0 +1,119 @@
+"""Device command handling (pure): parse a command message, run its handler, build the JSON ack.
+
+Command: ``{"id": "<= 64 chars", "command": "name", "args": {...}}`` (args optional), at most 16 KiB.
+Ack: ``{"id": ..., "ok": true, "result": {...}, "ts": ...}`` or ``{"id": ..., "ok": false, "error": "...", "ts": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+MAX_PAYLOAD = 16 * 1024
+MAX_ID_LEN = 64
+MAX_ERROR_LEN = 1024
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class CommandError(Exception):
+    """A malformed command; `command_id` is its id when that much could be read, else None."""
+
+    def __init__(self, message: str, command_id: str | None = None) -> None:
+        super().__init__(message)
+        self.command_id = command_id
+
+
+@dataclass(frozen=True)
+class Command:
+    id: str
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_command(payload: bytes) -> Command:
+    """Parse and validate one command message; raises CommandError saying what is wrong."""
+    if len(payload) > MAX_PAYLOAD:
+        raise CommandError(f"command is {len(payload)} bytes; the limit is {MAX_PAYLOAD}")
+    try:
+        doc = json.loads(bytes(payload).decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise CommandError("command is not UTF-8") from None
+    except ValueError as exc:
+        raise CommandError(f"command is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise CommandError(f"command must be a JSON object, not {type(doc).__name__}")
+    cid = doc.get("id")
+    if not isinstance(cid, str) or not cid:
+        raise CommandError("command 'id' must be a non-empty string")
+    if len(cid) > MAX_ID_LEN:
+        raise CommandError(f"command 'id' is {len(cid)} characters; the limit is {MAX_ID_LEN}")
+    name = doc.get("command")
+    if not isinstance(name, str) or not name:
+        raise CommandError("command 'command' must be a non-empty string", cid)
+    args = doc.get("args", {})
+    if not isinstance(args, dict):
+        raise CommandError(f"command 'args' must be a JSON object, not {type(args).__name__}", cid)
+    return Command(cid, name, args)
+
+
+def _ts(now: datetime) -> str:
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("now must be timezone-aware")
+    return now.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _ack(cid: str | None, ts: str, *, result: dict[str, Any] | None = None, error: str | None = None) -> bytes:
+    doc: dict[str, Any] = {"id": cid, "ok": error is None}
+    if error is None:
+        doc["result"] = result
+    else:
+        doc["error"] = error if len(error) <= MAX_ERROR_LEN else error[:MAX_ERROR_LEN - 3] + "..."
+    doc["ts"] = ts
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+class CommandHandler:
+    """Dispatches commands by name to `handlers` (args dict -> result dict); never raises for bad input."""
+
+    def __init__(self, handlers: Mapping[str, Handler]) -> None:
+        self.handlers: dict[str, Handler] = dict(handlers)
+
+    def handle(self, payload: bytes, now: datetime) -> bytes:
+        """The ack for `payload`: malformed -> ok false (id null unless the id itself was valid), unknown
+        command -> ok false "unknown command 'x'", handler exception -> ok false with its message (no
+        traceback), result not a JSON object -> ok false. Raises only ValueError for a naive `now`."""
+        ts = _ts(now)
+        try:
+            cmd = parse_command(payload)
+        except CommandError as exc:
+            return _ack(exc.command_id, ts, error=str(exc))
+        handler = self.handlers.get(cmd.name)
+        if handler is None:
+            return _ack(cmd.id, ts, error=f"unknown command {cmd.name!r}")
+        try:
+            result = handler(dict(cmd.args))
+        except Exception as exc:  # noqa: BLE001 - a handler bug becomes a failed ack, not a dead agent
+            return _ack(cmd.id, ts, error=str(exc) or type(exc).__name__)
+        if not isinstance(result, dict):
+            return _ack(cmd.id, ts, error=f"command {cmd.name!r} returned {type(result).__name__}, not an object")
+        try:
+            return _ack(cmd.id, ts, result=result)
+        except (TypeError, ValueError) as exc:
+            return _ack(cmd.id, ts, error=f"command {cmd.name!r} returned a result that is not JSON: {exc}")
+
+
+def builtin_handlers(report: Callable[[], dict[str, Any]], renew: Callable[[], dict[str, Any]]) -> dict[str, Handler]:
+    """"ping" -> {"pong": true}; "report" -> report(); "renew" -> renew() (args are ignored)."""
+    return {
+        "ping": lambda args: {"pong": True},
+        "report": lambda args: report(),
+        "renew": lambda args: renew(),
+    }
