@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from .tokencli import key_app, token_app
+from .tokencli import err, fail, key_app, out_console, token_app
 
 app = typer.Typer(
     name="tessera-agent",
@@ -15,6 +22,137 @@ app = typer.Typer(
 )
 app.add_typer(token_app, name="token")
 app.add_typer(key_app, name="key")
+
+ConfigOpt = typer.Option(None, "--config", "-c", envvar="TESSERA_AGENT_CONFIG",
+                         help="Agent configuration file [default: /etc/tessera/agent.toml].", show_default=False)
+SetOpt = typer.Option([], "--set", help="Override a configuration key: key=value or section.key=value "
+                                        "(repeatable).")
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _cfg(config: Optional[Path], overrides: list[str]):
+    from .config import ConfigError, load
+
+    try:
+        return load(config, overrides)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def _errors():
+    from hsm.errors import HsmError
+
+    from .config import ConfigError
+    from .enroll import EnrollError
+    from .state import StateError
+
+    return (HsmError, ConfigError, EnrollError, StateError, OSError)
+
+
+@app.command()
+def enroll(
+    token_file: Path = typer.Option(..., "--token-file", help="The one-time enrollment token (0600); destroyed "
+                                                              "after a successful enrollment."),
+    hub: str = typer.Option("", "--hub", help="Hub EST URL, e.g. https://hub:8443 [default: hub_url]."),
+    ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="The fleet root CA certificate (PEM)."),
+    ca_fingerprint: str = typer.Option("", "--ca-fingerprint", help="Or: the fleet root's SHA-256 fingerprint "
+                                                                    "to pin (fetched from /cacerts)."),
+    device_id: str = typer.Option("", "--device-id", help="Device id [default: device_id from the config]."),
+    config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Generate the device key in the token, get a certificate from the hub (EST) and store it."""
+    from .enroll import AlreadyEnrolled, enroll as do_enroll
+
+    _logging(verbose)
+    extra = [f"hub_url={hub}"] if hub else []
+    extra += [f"device_id={device_id}"] if device_id else []
+    cfg = _cfg(config, [*overrides, *extra])
+    try:
+        ident = do_enroll(cfg, token_file, ca_file, ca_fingerprint or None)
+    except AlreadyEnrolled as exc:
+        out_console.print(str(exc))
+        return
+    except _errors() as exc:
+        fail(str(exc))
+    out_console.print(f"enrolled [bold]{ident.device_id}[/]: certificate {ident.serial[:16]}… valid until "
+                      f"{ident.not_after[:19]}Z; key {ident.key_uri}")
+
+
+@app.command()
+def run(config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
+        verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Run the MQTT session: telemetry, commands, store-and-forward, renewal. Stops cleanly on SIGTERM."""
+    from .session import Agent
+
+    _logging(verbose)
+    cfg = _cfg(config, overrides)
+    try:
+        code = Agent(cfg).run()
+    except _errors() as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command()
+def renew(rotate_key: bool = typer.Option(False, "--rotate-key", help="Generate a fresh token key first."),
+          config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
+          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Renew the certificate now (EST simplereenroll over mTLS with the current certificate)."""
+    from .enroll import renew as do_renew
+
+    _logging(verbose)
+    cfg = _cfg(config, overrides)
+    try:
+        ident = do_renew(cfg, rotate_key=rotate_key)
+    except _errors() as exc:
+        fail(str(exc))
+    out_console.print(f"renewed: certificate {ident.serial[:16]}… valid until {ident.not_after[:19]}Z"
+                      + (f"; new key {ident.key_uri}" if rotate_key else ""))
+
+
+@app.command()
+def status(config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
+           as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Identity, certificate expiry, key URI, connection state and spool depth."""
+    from .state import SPOOL, load_identity, read_status
+
+    cfg = _cfg(config, overrides)
+    try:
+        ident = load_identity(cfg.state)
+    except _errors() as exc:
+        fail(str(exc))
+    st = read_status(cfg.state)
+    depth = None
+    if (cfg.state / SPOOL).exists():
+        import sqlite3
+
+        with sqlite3.connect(f"file:{cfg.state / SPOOL}?mode=ro", uri=True) as db:
+            try:
+                depth = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+            except sqlite3.Error:
+                depth = None
+    now = datetime.now(timezone.utc)
+    data = {
+        "device_id": ident.device_id if ident else cfg.device_id or None,
+        "enrolled": ident is not None,
+        "cert_serial": ident.serial if ident else None,
+        "cert_not_after": ident.not_after if ident else None,
+        "cert_expired": bool(ident and datetime.fromisoformat(ident.not_after) <= now),
+        "key_uri": ident.key_uri if ident else None,
+        "connection": st.get("state", "not running"),
+        "since": st.get("since"), "last_error": st.get("last_error") or None,
+        "spool_depth": depth,
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    for key, value in data.items():
+        out_console.print(f"[bold]{key:15}[/] {value if value is not None else '-'}", highlight=False)
 
 
 if __name__ == "__main__":

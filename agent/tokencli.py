@@ -15,6 +15,7 @@ from hsm.keys import DEFAULT_KEY_TYPE, KEY_TYPES, KeyInfo
 from hsm.token import TokenConfig, default_module, read_pin
 
 console = Console()
+out_console = console
 err = Console(stderr=True)
 
 token_app = typer.Typer(help="Initialize PKCS#11 tokens (PINs from files or environment, never from argv).",

@@ -319,6 +319,46 @@ def device_revoke(device_id: str = typer.Argument(...), directory: Optional[Path
     _change_status(directory, device_id, "revoked", reason)
 
 
+@device_app.command("send")
+def device_send(
+    device_id: str = typer.Argument(...),
+    command: str = typer.Argument(..., help="ping, report or renew (what the agent implements)."),
+    directory: Optional[Path] = DirOpt,
+    arg: list[str] = typer.Option([], "--arg", help="key=value argument (repeatable)."),
+    wait: float = typer.Option(10.0, help="Seconds to wait for the device's acknowledgement (0: don't)."),
+) -> None:
+    """Send a command to a connected device through the running hub and print its acknowledgement."""
+    import time
+
+    from . import admin
+
+    cfg = _config(directory)
+    _device_id(device_id)
+    args = {k: (v.lower() == "true" if v.lower() in ("true", "false") else v)
+            for k, v in _parse_labels(arg).items()}
+    try:
+        cid = admin.call(cfg.admin_socket, {"op": "send", "device": device_id, "command": command, "args": args})["id"]
+        deadline = time.monotonic() + wait
+        ack = None
+        while wait and time.monotonic() < deadline:
+            ack = admin.call(cfg.admin_socket, {"op": "ack", "id": cid})
+            if ack:
+                break
+            time.sleep(0.1)
+    except admin.AdminUnavailable:
+        fail("the hub is not running (commands need a live broker)")
+    except admin.AdminError as exc:
+        fail(str(exc))
+    if not wait:
+        out.print(f"sent {command} to {device_id} (id {cid})")
+    elif ack is None:
+        fail(f"no acknowledgement from {device_id} within {wait:.0f} s (command id {cid})")
+    else:
+        sys.stdout.write(json.dumps(ack) + "\n")
+        if not ack.get("ok"):
+            raise typer.Exit(1)
+
+
 # --- factory tokens ----------------------------------------------------------------------------------------------
 
 @token_app.command("create")

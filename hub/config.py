@@ -46,6 +46,8 @@ class HubConfig:
     ca_token_label: str = ""
     ca_pin_source: str = ""
     ca_softhsm_conf: str = ""
+    #: Append every device message the hub sees to logs/device-messages.jsonl.
+    telemetry_log: bool = False
 
     # --- derived paths ---
     @property
@@ -111,7 +113,9 @@ class HubConfig:
             f"public_host = {q(self.public_host)}", f"server_names = [{names}]",
             f"rate_per_source = {self.rate_per_source}", f"rate_burst = {self.rate_burst}",
             f"failures_per_minute = {self.failures_per_minute}", "",
-            "[mqtt]", f"port = {self.mqtt_port}", "",
+            "[mqtt]", f"port = {self.mqtt_port}",
+            "# log every device message the hub sees to logs/device-messages.jsonl",
+            f"telemetry_log = {'true' if self.telemetry_log else 'false'}", "",
             "[ca]", "# store = \"file\" (keys in ca/, mode 0600) or \"pkcs11\" (keys in a token; PIN from pin_source)",
             f"store = {q(self.ca_store)}", f"module = {q(self.ca_module)}", f"token_label = {q(self.ca_token_label)}",
             f"pin_source = {q(self.ca_pin_source)}", f"softhsm_conf = {q(self.ca_softhsm_conf)}", "",
@@ -141,7 +145,7 @@ def load_config(root: Path) -> HubConfig:
             server_names=list(est.get("server_names", ["localhost", "127.0.0.1"])),
             rate_per_source=float(est.get("rate_per_source", 100.0)), rate_burst=int(est.get("rate_burst", 200)),
             failures_per_minute=int(est.get("failures_per_minute", 30)),
-            mqtt_port=int(mqtt.get("port", 8883)),
+            mqtt_port=int(mqtt.get("port", 8883)), telemetry_log=bool(mqtt.get("telemetry_log", False)),
             ca_store=ca.get("store", "file"), ca_module=ca.get("module", ""),
             ca_token_label=ca.get("token_label", ""), ca_pin_source=ca.get("pin_source", ""),
             ca_softhsm_conf=ca.get("softhsm_conf", ""),

@@ -39,6 +39,11 @@ class LiveHub:
         self.cfg, self.ca, self.registry, self.broker, self.clock = cfg, ca, registry, broker, clock
         self._lock = threading.RLock()
         self._canaries: list[_CanaryEntry] = []
+        self._counters: dict[str, dict] = {}
+        self._acks: dict[str, dict] = {}
+        self._stats_lock = threading.Lock()
+        self._sink = None
+        self.admin = None  # the AdminClient, set by serve
 
     # --- CRL with canary ------------------------------------------------------------------------------------------
     def _new_canary(self, now: datetime) -> Canary:
@@ -99,6 +104,50 @@ class LiveHub:
         log.info("%s %s: enforced in %.0f ms", device_id, status, timings["total_ms"])
         return {"device": result["device"], "revoked_serials": result["revoked_serials"], "kicked": kicked,
                 "timings": timings}
+
+    def on_device_message(self, device_id: str, kind: str, payload: bytes) -> None:
+        """A device published telemetry, an event or a command ack (seen through the admin subscription)."""
+        now = self.clock()
+        with self._stats_lock:
+            c = self._counters.setdefault(device_id, {"messages": 0, "last": None, "by_kind": {}})
+            c["messages"] += 1
+            c["last"] = now.isoformat()
+            c["by_kind"][kind] = c["by_kind"].get(kind, 0) + 1
+            if kind == "commands/ack":
+                try:
+                    ack = json.loads(payload)
+                    if isinstance(ack, dict) and isinstance(ack.get("id"), str):
+                        self._acks[ack["id"]] = ack
+                        if len(self._acks) > 10_000:
+                            self._acks.pop(next(iter(self._acks)))
+                except ValueError:
+                    pass
+            if self.cfg.telemetry_log:
+                if self._sink is None:
+                    self._sink = open(self.cfg.log_dir / "device-messages.jsonl", "a", buffering=1)
+                self._sink.write(json.dumps({"at": now.isoformat(), "device": device_id, "kind": kind,
+                                             "payload": payload.decode("utf-8", "replace")}) + "\n")
+
+    def traffic(self) -> dict:
+        with self._stats_lock:
+            return json.loads(json.dumps(self._counters))
+
+    def send_command(self, device_id: str, command: str, args: dict) -> str:
+        """Publish a command to devices/<id>/commands (QoS 1); returns its id (the ack carries it back)."""
+        import uuid
+
+        if self.registry.get_device(device_id) is None:
+            raise ValueError(f"no device {device_id!r}")
+        cid = uuid.uuid4().hex[:16]
+        self.admin.publish(f"devices/{device_id}/commands",
+                           json.dumps({"id": cid, "command": command, "args": args}).encode())
+        self.registry.audit("command.send", "ok", self.clock(), actor="cli", device_id=device_id,
+                            detail=f"{command} id={cid}")
+        return cid
+
+    def command_ack(self, cid: str) -> dict | None:
+        with self._stats_lock:
+            return self._acks.get(cid)
 
     def on_status(self, device_id: str, payload: bytes) -> None:
         """Presence from devices/<id>/status (retained; the agent's last will says offline)."""

@@ -41,6 +41,12 @@ def _dispatch(live: LiveHub) -> Callable[[dict], object]:
         if op == "acl":
             live.refresh_acl()
             return {"acl": "reloaded"}
+        if op == "traffic":
+            return live.traffic()
+        if op == "send":
+            return {"id": live.send_command(str(req["device"]), str(req["command"]), dict(req.get("args") or {}))}
+        if op == "ack":
+            return live.command_ack(str(req["id"]))
         raise ValueError(f"unknown admin operation {op!r}")
     return dispatch
 
@@ -74,10 +80,12 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
         broker.start()
         stack.append(broker.stop)
         admin_mqtt = AdminClient(host, mqtt_port, cfg.ca_dir / "root.pem", tls_dir / "admin.pem",
-                                 tls_dir / "admin.key", on_status=live.on_status)
+                                 tls_dir / "admin.key", on_status=live.on_status,
+                                 on_device_message=live.on_device_message)
         admin_mqtt.start()
         stack.append(admin_mqtt.stop)
         broker.attach_admin(admin_mqtt)
+        live.admin = admin_mqtt
 
         limiter = RateLimiter(cfg.rate_per_source, cfg.rate_burst, cfg.failures_per_minute)
         service = EstService(ca, registry, cfg.policy, cfg.crl_dir, cfg.crl_url, limiter)

@@ -17,6 +17,7 @@ log = logging.getLogger("tessera.hub.admin-mqtt")
 
 CLIENT_ID = "tessera-hub"
 STATUS_TOPIC = "devices/+/status"
+DEVICE_TOPICS = ("devices/+/telemetry", "devices/+/events", "devices/+/commands/ack")
 DYNSEC_RESPONSE = "$CONTROL/dynamic-security/v1/response"
 
 
@@ -24,12 +25,13 @@ class AdminClient:
     """One paho session (the broker forces client id = CN, so there is exactly one) used for everything."""
 
     def __init__(self, host: str, port: int, cafile: Path, certfile: Path, keyfile: Path,
-                 on_status: Callable[[str, bytes], None]):
+                 on_status: Callable[[str, bytes], None],
+                 on_device_message: Callable[[str, str, bytes], None] = lambda device, kind, payload: None):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_verify_locations(cafile=str(cafile))
         ctx.load_cert_chain(str(certfile), str(keyfile))
-        self.on_status = on_status
+        self.on_status, self.on_device_message = on_status, on_device_message
         self.connected = threading.Event()
         self._responses: list[dict] = []
         self._cond = threading.Condition()
@@ -54,7 +56,7 @@ class AdminClient:
         if reason_code.is_failure:
             log.error("admin connection refused: %s", reason_code)
             return
-        client.subscribe([(STATUS_TOPIC, 1), (DYNSEC_RESPONSE, 1)])
+        client.subscribe([(STATUS_TOPIC, 1), (DYNSEC_RESPONSE, 1), *((t, 1) for t in DEVICE_TOPICS)])
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -72,11 +74,21 @@ class AdminClient:
                 self._cond.notify_all()
             return
         parts = msg.topic.split("/")
-        if len(parts) == 3 and parts[0] == "devices" and parts[2] == "status":
-            try:
+        if len(parts) < 3 or parts[0] != "devices":
+            return
+        try:
+            if parts[2] == "status" and len(parts) == 3:
                 self.on_status(parts[1], msg.payload)
-            except Exception:
-                log.exception("presence update for %s failed", parts[1])
+            else:
+                self.on_device_message(parts[1], "/".join(parts[2:]), msg.payload)
+        except Exception:
+            log.exception("handling %s failed", msg.topic)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, timeout: float = 5.0) -> None:
+        if not self.connected.wait(timeout):
+            raise BrokerError("the hub's admin connection to the broker is down")
+        info = self.client.publish(topic, payload, qos=qos)
+        info.wait_for_publish(timeout)
 
     def control(self, topic: str, payload: bytes, timeout: float = 3.0) -> dict:
         """Publish a $CONTROL request and wait for its response."""

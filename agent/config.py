@@ -1,0 +1,165 @@
+"""Agent configuration: /etc/tessera/agent.toml (documented below), every key overridable with --set key=value.
+
+    device_id   = "sensor-0001"                 # this device's id (the hub issues CN=<device_id>)
+    hub_url     = "https://hub.example:8443"    # EST base URL
+    mqtt_host   = ""                            # default: the hub_url host
+    mqtt_port   = 8883
+    ca_file     = "/var/lib/tessera-agent/fleet-root.pem"   # the fleet root: the only trust anchor
+    state_dir   = "/var/lib/tessera-agent"
+
+    [token]                                     # the PKCS#11 token holding the device key
+    module       = ""                           # default: the platform's SoftHSM2
+    label        = "tessera"
+    pin_source   = "file:/etc/tessera/token-pin"   # or env:NAME
+    softhsm_conf = ""                           # SoftHSM2 only: its config (token directory)
+    key_label    = "device-key"
+    key_type     = "ec-p256"                    # ec-p256 | ec-p384 | rsa-2048 | rsa-3072
+
+    [telemetry]
+    interval = 30.0                             # seconds
+    source   = "builtin"                        # or an executable printing one JSON object
+
+    [spool]
+    max_messages = 100000
+    drop_policy  = "oldest"                     # or "newest" (refuse new messages when full)
+
+    [renewal]
+    fraction = 0.6667                           # renew at 2/3 of the certificate lifetime
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from hsm.token import TokenConfig
+
+DEFAULT_PATH = Path("/etc/tessera/agent.toml")
+
+
+class ConfigError(Exception):
+    """The agent configuration is missing or invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class TokenSection:
+    module: str = ""
+    label: str = "tessera"
+    pin_source: str = "file:/etc/tessera/token-pin"
+    softhsm_conf: str = ""
+    key_label: str = "device-key"
+    key_type: str = "ec-p256"
+
+
+@dataclass(frozen=True)
+class TelemetrySection:
+    interval: float = 30.0
+    source: str = "builtin"
+
+
+@dataclass(frozen=True)
+class SpoolSection:
+    max_messages: int = 100_000
+    drop_policy: str = "oldest"
+
+
+@dataclass(frozen=True)
+class RenewalSection:
+    fraction: float = 2 / 3
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str = ""
+    hub_url: str = ""
+    mqtt_host: str = ""
+    mqtt_port: int = 8883
+    ca_file: str = "/var/lib/tessera-agent/fleet-root.pem"
+    state_dir: str = "/var/lib/tessera-agent"
+    token: TokenSection = field(default_factory=TokenSection)
+    telemetry: TelemetrySection = field(default_factory=TelemetrySection)
+    spool: SpoolSection = field(default_factory=SpoolSection)
+    renewal: RenewalSection = field(default_factory=RenewalSection)
+
+    @property
+    def token_config(self) -> TokenConfig:
+        t = self.token
+        return TokenConfig(label=t.label, pin_source=t.pin_source, module=t.module, softhsm_conf=t.softhsm_conf)
+
+    @property
+    def broker_host(self) -> str:
+        return self.mqtt_host or (urlsplit(self.hub_url).hostname or "")
+
+    @property
+    def state(self) -> Path:
+        return Path(self.state_dir)
+
+    def require(self, *names: str) -> None:
+        for name in names:
+            if not getattr(self, name):
+                raise ConfigError(f"configuration key {name!r} is not set")
+
+
+_SECTIONS = {"token": TokenSection, "telemetry": TelemetrySection, "spool": SpoolSection, "renewal": RenewalSection}
+
+
+def _coerce(cls, name: str, value, where: str):
+    types = {f.name: f.type for f in fields(cls)}
+    if name not in types:
+        raise ConfigError(f"unknown configuration key {where}{name!r}")
+    kind = types[name]
+    try:
+        if kind in ("int", int):
+            return int(value)
+        if kind in ("float", float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"configuration key {where}{name!r} must be a {kind}") from None
+
+
+def _build(data: dict) -> AgentConfig:
+    top, sections = {}, {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table")
+            sections[key] = _SECTIONS[key](**{k: _coerce(_SECTIONS[key], k, v, f"{key}.") for k, v in value.items()})
+        else:
+            top[key] = _coerce(AgentConfig, key, value, "")
+    return AgentConfig(**top, **sections)
+
+
+def load(path: Path | None = None, overrides: list[str] = ()) -> AgentConfig:
+    """Read the TOML file (if it exists; a missing explicit path is an error) and apply key=value overrides."""
+    path = path or Path(os.environ.get("TESSERA_AGENT_CONFIG", DEFAULT_PATH))
+    data: dict = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+    elif path != DEFAULT_PATH:
+        raise ConfigError(f"configuration file {path} does not exist")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value")
+        section, dot, name = key.partition(".")
+        if dot:
+            data.setdefault(section, {})[name] = value
+        else:
+            data[key] = value
+    cfg = _build(data)
+    if cfg.spool.drop_policy not in ("oldest", "newest"):
+        raise ConfigError("spool.drop_policy must be 'oldest' or 'newest'")
+    if not 0.1 <= cfg.renewal.fraction < 1.0:
+        raise ConfigError("renewal.fraction must be in [0.1, 1.0)")
+    return cfg
+
+
+def with_key_label(cfg: AgentConfig, label: str) -> AgentConfig:
+    return replace(cfg, token=replace(cfg.token, key_label=label))

@@ -1,0 +1,187 @@
+"""Enrollment and renewal: key in the token, CSR signed there, EST (simpleenroll / simplereenroll), verified storage."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from hsm import worker
+from hsm.errors import KeyNotFound
+
+from .config import AgentConfig, ConfigError
+from .estclient import EstClient, EstClientError
+from .state import (CERT, ROOT, Identity, StateError, ensure_dir, load_identity, store_certificate, verify_issued,
+                    write_atomic)
+
+log = logging.getLogger("tessera.agent.enroll")
+
+
+class EnrollError(Exception):
+    """Enrollment or renewal failed; nothing was changed (the message says why and what to do)."""
+
+
+class AlreadyEnrolled(Exception):
+    """The device holds a valid certificate already."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def read_token(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise EnrollError(f"cannot read the enrollment token file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise EnrollError(f"{path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise EnrollError(f"token file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600")
+    token = path.read_text().strip()
+    if not token or len(token) > 256 or any(c.isspace() for c in token):
+        raise EnrollError(f"{path} does not hold one enrollment token")
+    return token
+
+
+def destroy_file(path: Path) -> None:
+    """Overwrite then unlink a secret file (best effort on flash; the token is single-use anyway)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "r+b") as fh:
+            fh.write(b"\0" * size)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        pass
+    path.unlink(missing_ok=True)
+
+
+def _load_root(data: bytes, source: str) -> x509.Certificate:
+    try:
+        root = x509.load_pem_x509_certificate(data)
+        bc = root.extensions.get_extension_for_class(x509.BasicConstraints).value
+        root.verify_directly_issued_by(root)
+    except Exception:
+        raise EnrollError(f"{source} is not a self-signed CA certificate (the fleet root)") from None
+    if not bc.ca:
+        raise EnrollError(f"{source} is not a CA certificate")
+    return root
+
+
+def pin_root(cfg: AgentConfig, ca_file: Path | None, ca_fingerprint: str | None) -> x509.Certificate:
+    """The fleet root, from a file, or fetched from /cacerts and accepted only if its SHA-256 fingerprint matches."""
+    if ca_file:
+        try:
+            return _load_root(ca_file.read_bytes(), str(ca_file))
+        except OSError as exc:
+            raise EnrollError(f"cannot read the fleet CA file {ca_file}: {exc.strerror}") from None
+    if not ca_fingerprint:
+        raise EnrollError("give the fleet CA (--ca-file) or its SHA-256 fingerprint (--ca-fingerprint)")
+    want = ca_fingerprint.lower().removeprefix("sha256:").replace(":", "")
+    import ssl
+
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE  # bootstrap only; verified below, then re-done
+    try:
+        certs = EstClient(cfg.hub_url, cafile="", context=probe, check_eku=False).cacerts()
+    except EstClientError as exc:
+        raise EnrollError(str(exc)) from None
+    for cert in certs:
+        if cert.fingerprint(hashes.SHA256()).hex() == want:
+            return _load_root(cert.public_bytes(serialization.Encoding.PEM), "the pinned CA")
+    raise EnrollError("no certificate from the hub matches the pinned CA fingerprint; refusing to enroll")
+
+
+def _ensure_key(cfg: AgentConfig, label: str):
+    try:
+        info = worker.describe_key(cfg.token_config, label)
+        log.info("reusing token key %s (an earlier attempt created it)", label)
+        return info
+    except KeyNotFound:
+        return worker.generate_key(cfg.token_config, label, cfg.token.key_type)
+
+
+def enroll(cfg: AgentConfig, token_file: Path, ca_file: Path | None = None, ca_fingerprint: str | None = None,
+           now: datetime | None = None) -> Identity:
+    """Enroll once; idempotent (AlreadyEnrolled), and a failure leaves nothing half-done, so it can be retried."""
+    try:
+        cfg.require("device_id", "hub_url")
+    except ConfigError as exc:
+        raise EnrollError(str(exc)) from None
+    state = ensure_dir(cfg.state)
+    now = now or _now()
+    ident = load_identity(state)
+    if ident and datetime.fromisoformat(ident.not_after) > now:
+        raise AlreadyEnrolled(f"{ident.device_id} is enrolled (certificate {ident.serial[:16]}…, valid until "
+                              f"{ident.not_after[:19]}Z); use `tessera-agent renew` to renew")
+    token = read_token(token_file)
+    root = pin_root(cfg, ca_file, ca_fingerprint)
+    root_pem = root.public_bytes(serialization.Encoding.PEM)
+    write_atomic(state / ROOT, root_pem, 0o644)
+    info = _ensure_key(cfg, cfg.token.key_label)
+    csr_der = worker.make_csr(cfg.token_config, info.label, common_name=cfg.device_id)
+    try:
+        certs = EstClient(cfg.hub_url, cafile=str(state / ROOT)).simpleenroll(csr_der, cfg.device_id, token)
+    except EstClientError as exc:
+        raise EnrollError(str(exc)) from None
+    public_key = x509.load_der_x509_csr(csr_der).public_key()
+    try:
+        leaf, chain = verify_issued(certs, root, cfg.device_id, public_key, _now())
+    except StateError as exc:
+        raise EnrollError(f"refusing the hub's certificate: {exc}") from None
+    ident = store_certificate(state, leaf, chain, cfg.device_id, info.label, info.uri, now, renewed=False)
+    destroy_file(token_file)
+    log.info("enrolled %s: certificate %s valid until %s", cfg.device_id, ident.serial, ident.not_after)
+    return ident
+
+
+def renew(cfg: AgentConfig, rotate_key: bool = False, now: datetime | None = None) -> Identity:
+    """EST simplereenroll over mTLS with the current certificate and token key; optionally with a fresh key."""
+    from hsm.tls import client_context
+
+    state = cfg.state
+    now = now or _now()
+    ident = load_identity(state)
+    if ident is None:
+        raise EnrollError("this device is not enrolled; run `tessera-agent enroll` first")
+    if datetime.fromisoformat(ident.not_after) <= now:
+        raise EnrollError("the certificate has expired, so the hub cannot authenticate a renewal: get a new "
+                          "enrollment token from the fleet manager (`tessera-hub device token <id>`) and run "
+                          "`tessera-agent enroll --force`")
+    root = _load_root((state / ROOT).read_bytes(), str(state / ROOT))
+    label = ident.key_label
+    if rotate_key:
+        label = f"{cfg.token.key_label}-{now:%Y%m%d%H%M%S}"
+        info = _ensure_key(cfg, label)
+    else:
+        info = worker.describe_key(cfg.token_config, label)
+    csr_der = worker.make_csr(cfg.token_config, info.label, common_name=ident.device_id)
+    ctx = client_context(state / ROOT, state / CERT, ident.key_uri, cfg.token_config)
+    try:
+        certs = EstClient(cfg.hub_url, cafile=str(state / ROOT), context=ctx).simplereenroll(csr_der)
+        leaf, chain = verify_issued(certs, root, ident.device_id, x509.load_der_x509_csr(csr_der).public_key(),
+                                    _now())
+    except (EstClientError, StateError) as exc:
+        if rotate_key:
+            _drop_key(cfg, label)
+        raise EnrollError(f"renewal failed: {exc}") from None
+    new = store_certificate(state, leaf, chain, ident.device_id, info.label, info.uri, now, renewed=True)
+    if rotate_key and ident.key_label != info.label:
+        _drop_key(cfg, ident.key_label)
+    log.info("renewed %s: certificate %s valid until %s%s", ident.device_id, new.serial, new.not_after,
+             " (new key)" if rotate_key else "")
+    return new
+
+
+def _drop_key(cfg: AgentConfig, label: str) -> None:
+    try:
+        worker.delete_key(cfg.token_config, label)
+    except Exception as exc:  # the old key is harmless but reported
+        log.warning("could not delete token key %s: %s", label, exc)
+

@@ -1,0 +1,290 @@
+"""`tessera-agent run`: the device's MQTT session — mTLS with the token key, spool, telemetry, commands, renewal.
+
+One thread runs everything (paho's network loop included), so there is no locking between the parts:
+- every QoS 1 message (telemetry, command acks) goes to the SQLite spool first and is deleted only on PUBACK;
+  a new connection re-sends what is still there (at-least-once, nothing lost across outages or kill -9);
+- reconnects back off exponentially with full jitter; a revoked or expired certificate is recognised from the
+  TLS alert, reported in status.json and retried only slowly;
+- at 2/3 of the certificate lifetime (agent.renewal.decide) the agent re-enrolls over mTLS and reconnects with
+  the new certificate; the spool carries the messages across.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+
+from .backoff import Backoff
+from .commands import CommandHandler, builtin_handlers
+from .config import AgentConfig
+from .enroll import EnrollError, renew
+from .renewal import decide
+from .spool import Spool
+from .state import CERT, ROOT, SPOOL, load_identity, write_status
+from .telemetry import envelope, make_source
+
+log = logging.getLogger("tessera.agent")
+
+WINDOW = 100            # QoS 1 messages handed to paho at once
+CONNECT_TIMEOUT = 15.0
+STATUS_EVERY = 5.0
+
+
+def classify_tls_error(text: str) -> str | None:
+    """'revoked' / 'expired' / 'unknown_ca' for the TLS alerts that mean our certificate is refused."""
+    t = text.upper()
+    if "CERTIFICATE_REVOKED" in t or "CERTIFICATE REVOKED" in t:
+        return "revoked"
+    if "CERTIFICATE_EXPIRED" in t or "CERTIFICATE EXPIRED" in t:
+        return "expired"
+    if "UNKNOWN_CA" in t or "UNKNOWN CA" in t or "BAD_CERTIFICATE" in t:
+        return "refused"
+    return None
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 monotonic: Callable[[], float] = time.monotonic):
+        self.cfg, self.clock, self.monotonic = cfg, clock, monotonic
+        self.state = cfg.state
+        ident = load_identity(self.state)
+        if ident is None:
+            raise EnrollError("this device is not enrolled; run `tessera-agent enroll` first")
+        self.ident = ident
+        self.device = ident.device_id
+        self.topics = {k: f"devices/{self.device}/{k}" for k in ("status", "telemetry", "events", "commands")}
+        self.topics["ack"] = f"devices/{self.device}/commands/ack"
+        self.spool = Spool(self.state / SPOOL, max_messages=cfg.spool.max_messages,
+                           drop_policy=cfg.spool.drop_policy)
+        self.stop_event = threading.Event()
+        self.backoff = Backoff()
+        self.source = make_source(cfg.telemetry.source)
+        handlers = builtin_handlers(report=self.report, renew=self._request_renewal)
+        handlers["renew"] = self._request_renewal  # accepts {"rotate_key": true}
+        self.commands = CommandHandler(handlers)
+        self.status: dict = {"device_id": self.device, "state": "starting", "pid": os.getpid(), "last_error": ""}
+        self._ctx = None
+        self._client: mqtt.Client | None = None
+        self._connected = False
+        self._handed: dict[int, int] = {}   # paho mid -> spool row id
+        self._cursor = 0
+        self._seq = 0
+        self._renew_requested: str | None = None   # None, "renew" or "rotate"
+        self._last_log = ""
+        self.connected_at: float | None = None
+
+    # --- status -------------------------------------------------------------------------------------------------
+    def _set_state(self, state: str, error: str = "") -> None:
+        if state != self.status.get("state"):
+            log.info("state: %s%s", state, f" ({error})" if error else "")
+            self.status["since"] = self.clock().isoformat()
+        self.status["state"] = state
+        if error or state == "online":
+            self.status["last_error"] = error
+        self._write_status()
+
+    def _write_status(self) -> None:
+        self.status.update(updated=self.clock().isoformat(), cert_serial=self.ident.serial,
+                           cert_not_after=self.ident.not_after, key_uri=self.ident.key_uri,
+                           spool_depth=self.spool.depth(), broker=f"{self.cfg.broker_host}:{self.cfg.mqtt_port}")
+        try:
+            write_status(self.state, self.status)
+        except OSError as exc:
+            log.warning("cannot write status: %s", exc)
+
+    def report(self) -> dict:
+        return {"device": self.device, "state": self.status.get("state"), "cert_not_after": self.ident.not_after,
+                "spool": self.spool.stats(time.time()), "pid": os.getpid()}
+
+    def _request_renewal(self, args: dict | None = None) -> dict:
+        self._renew_requested = "rotate" if (args or {}).get("rotate_key") else "renew"
+        return {"renewal": "scheduled", "rotate_key": self._renew_requested == "rotate"}
+
+    # --- connection ---------------------------------------------------------------------------------------------------
+    def _context(self):
+        if self._ctx is None:
+            from hsm.tls import client_context
+
+            self._ctx = client_context(self.state / ROOT, self.state / CERT, self.ident.key_uri,
+                                       self.cfg.token_config)
+        return self._ctx
+
+    def _new_client(self) -> mqtt.Client:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device, protocol=mqtt.MQTTv5)
+        c.will_set(self.topics["status"], json.dumps({"state": "offline"}), qos=1, retain=True)
+        c.tls_set_context(self._context())
+        c.max_inflight_messages_set(WINDOW)
+        c.on_connect, c.on_disconnect = self._on_connect, self._on_disconnect
+        c.on_publish, c.on_message, c.on_log = self._on_publish, self._on_message, self._on_log
+        return c
+
+    def _on_log(self, client, userdata, level, buf) -> None:
+        if level <= mqtt.MQTT_LOG_ERR or "SSL" in buf or "certificate" in buf:
+            self._last_log = buf
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._last_log = f"broker refused the connection: {reason_code}"
+            return
+        self._connected = True
+        self.connected_at = self.monotonic()
+        client.subscribe(self.topics["commands"], qos=1)
+        client.publish(self.topics["status"], json.dumps({"state": "online", "pid": os.getpid()}), qos=1,
+                       retain=True)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected = False
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        row = self._handed.pop(mid, None)
+        if row is None:
+            return
+        if reason_code.is_failure:
+            log.error("broker refused a message (%s); dropping it from the spool", reason_code)
+        self.spool.ack(row)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        if msg.topic != self.topics["commands"]:
+            return
+        ack = self.commands.handle(msg.payload, self.clock())
+        self.spool.put(self.topics["ack"], ack, qos=1, retain=False, now=time.time())
+
+    def _connect(self) -> mqtt.Client:
+        client = self._new_client()
+        self._connected, self._last_log = False, ""
+        self._handed.clear()
+        self._cursor = 0
+        client.connect(self.cfg.broker_host, self.cfg.mqtt_port, keepalive=30)
+        deadline = self.monotonic() + CONNECT_TIMEOUT
+        while not self._connected and self.monotonic() < deadline and not self.stop_event.is_set():
+            rc = client.loop(timeout=0.05)
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                raise ConnectionError(self._last_log or f"connection lost ({mqtt.error_string(rc)})")
+        if not self._connected:
+            client.disconnect()
+            raise ConnectionError(self._last_log or "no CONNACK from the broker")
+        return client
+
+    # --- main loop --------------------------------------------------------------------------------------------------
+    def _pump(self, client: mqtt.Client) -> None:
+        room = WINDOW - len(self._handed)
+        if room <= 0:
+            return
+        for m in self.spool.pending(room, after_id=self._cursor):
+            info = client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                break
+            self._cursor = m.id
+            if m.qos == 0:
+                self.spool.ack(m.id)
+            else:
+                self._handed[info.mid] = m.id
+
+    def _telemetry(self) -> None:
+        self._seq += 1
+        try:
+            readings = self.source()
+        except Exception as exc:
+            readings = {"error": str(exc)[:200]}
+        self.spool.put(self.topics["telemetry"], envelope(self.device, readings, self.clock(), self._seq),
+                       qos=1, retain=False, now=time.time())
+
+    def _renewal_due(self) -> str | None:
+        if self._renew_requested:
+            return self._renew_requested
+        d = decide(datetime.fromisoformat(self.ident.not_before), datetime.fromisoformat(self.ident.not_after),
+                   self.clock(), fraction=self.cfg.renewal.fraction)
+        return "renew" if d.action == "renew" else None
+
+    def _renew(self, mode: str) -> bool:
+        self._renew_requested = None
+        try:
+            self.ident = renew(self.cfg, rotate_key=(mode == "rotate"), now=self.clock())
+        except Exception as exc:
+            log.error("renewal failed: %s", exc)
+            self.status["last_error"] = f"renewal failed: {exc}"
+            self._next_renew_try = self.monotonic() + 60
+            return False
+        self._ctx = None  # the next connection uses the new certificate
+        self.status["renewed_at"] = self.ident.renewed_at
+        return True
+
+    def run(self, max_seconds: float | None = None) -> int:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop_event.set())
+        started = self.monotonic()
+        self._next_renew_try = 0.0
+        next_telemetry = self.monotonic()
+        while not self.stop_event.is_set():
+            if max_seconds is not None and self.monotonic() - started > max_seconds:
+                break
+            if self.clock() >= datetime.fromisoformat(self.ident.not_after):
+                self._set_state("expired", "certificate expired: get a new enrollment token from the fleet manager "
+                                           "and run `tessera-agent enroll` again")
+                self.stop_event.wait(Backoff.slow().next())
+                continue
+            self._set_state("connecting")
+            try:
+                client = self._connect()
+            except Exception as exc:
+                text = str(exc) or exc.__class__.__name__
+                kind = classify_tls_error(text)
+                if kind in ("revoked", "refused"):
+                    self._set_state(kind, f"the hub refuses this device's certificate ({text})")
+                    delay = self.slow_backoff().next()
+                else:
+                    self._set_state("offline", text)
+                    delay = self.backoff.next()
+                log.warning("connect failed: %s; retrying in %.1f s", text, delay)
+                self.stop_event.wait(delay)
+                continue
+            self.backoff.reset()
+            self._slow = None
+            self._set_state("online")
+            last_status = self.monotonic()
+            switch = False
+            while self._connected and not self.stop_event.is_set() and not switch:
+                client.loop(timeout=0.05)
+                now = self.monotonic()
+                if now >= next_telemetry:
+                    self._telemetry()
+                    next_telemetry = now + self.cfg.telemetry.interval
+                self._pump(client)
+                if now >= self._next_renew_try and (mode := self._renewal_due()):
+                    switch = self._renew(mode)
+                if now - last_status >= STATUS_EVERY:
+                    self._write_status()
+                    last_status = now
+                if max_seconds is not None and now - started > max_seconds:
+                    break
+            if self._connected:
+                if not switch:  # a clean stop: say so, the will is for crashes
+                    client.publish(self.topics["status"], json.dumps({"state": "offline"}), qos=1, retain=True)
+                    for _ in range(20):
+                        client.loop(timeout=0.05)
+                client.disconnect()
+                client.loop(timeout=0.1)
+            elif not self.stop_event.is_set():
+                text = self._last_log or "connection lost"
+                kind = classify_tls_error(text)
+                self._set_state(kind or "offline", text)
+                self.stop_event.wait(self.backoff.next() if kind is None else self.slow_backoff().next())
+        self._set_state("stopped")
+        self.spool.close()
+        return 0
+
+    _slow: Backoff | None = None
+
+    def slow_backoff(self) -> Backoff:
+        if self._slow is None:
+            self._slow = Backoff.slow()
+        return self._slow
