@@ -92,7 +92,8 @@ class LiveHub:
             t_crl = time.monotonic()
             kicked = False
             if status in ("revoked", "suspended"):
-                self.broker.kick(device_id)
+                self.broker.kick(device_id)  # a kick sends no last will: record the presence change here
+                self.registry.mark_presence(device_id, False, self.clock())
                 kicked = True
             t_kick = time.monotonic()
             self.refresh_acl()
