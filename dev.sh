@@ -9,7 +9,7 @@ VENV="$ROOT/.venv"
 STAMP="$VENV/.tessera-stamp"
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl ca-certificates softhsm2 opensc mosquitto
-              mosquitto-clients libengine-pkcs11-openssl curl procps)
+              mosquitto-clients libengine-pkcs11-openssl curl procps shellcheck systemd)
 
 log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
 

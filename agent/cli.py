@@ -72,6 +72,8 @@ def enroll(
     extra = [f"hub_url={hub}"] if hub else []
     extra += [f"device_id={device_id}"] if device_id else []
     cfg = _cfg(config, [*overrides, *extra])
+    if ca_file is None and not ca_fingerprint and Path(cfg.ca_file).is_file():
+        ca_file = Path(cfg.ca_file)  # the fleet root shipped in the factory bundle
     try:
         ident = do_enroll(cfg, token_file, ca_file, ca_fingerprint or None)
     except AlreadyEnrolled as exc:

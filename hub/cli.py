@@ -404,3 +404,32 @@ def token_create(
 
 if __name__ == "__main__":
     app()
+
+
+@app.command()
+def bundle(
+    tokens: Path = typer.Option(..., "--tokens", help="CSV from `tessera-hub token create`."),
+    out_dir: Path = typer.Option(..., "--out", help="Directory for the per-device bundles (created 0700)."),
+    hub_url: str = typer.Option(..., "--hub-url", help="EST URL the devices use, e.g. https://hub.example:8443."),
+    mqtt_host: str = typer.Option("", help="Broker host for devices [default: the hub URL's host]."),
+    mqtt_port: Optional[int] = typer.Option(None, help="Broker port [default: from fleet.toml]."),
+    module: str = typer.Option("", help="PKCS#11 module on the devices [default: SoftHSM2]."),
+    directory: Optional[Path] = DirOpt,
+) -> None:
+    """Turn a token batch into per-device bundles (agent.toml, fleet root, one-time token) for the factory."""
+    from rich.progress import Progress
+
+    from .bundle import BundleError, write_bundles
+
+    cfg = _config(directory)
+    try:
+        total = sum(1 for _ in open(tokens)) - 1
+        with Progress(console=err) as progress:
+            task = progress.add_task("writing bundles", total=max(total, 0))
+            n = write_bundles(tokens, out_dir, cfg.ca_dir / "root.pem", hub_url, mqtt_host,
+                              mqtt_port or cfg.mqtt_port, module=module,
+                              progress=lambda k: progress.update(task, completed=k))
+    except (BundleError, PolicyError, OSError) as exc:
+        fail(str(exc))
+    out.print(f"{n} bundles in {out_dir}; copy one onto each device (e.g. to /etc/tessera/bundle) and run "
+              "provisioning/factory/provision-device.sh there")

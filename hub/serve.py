@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -104,7 +105,12 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
         announce(f"CRL   https://{host}:{server.server_address[1]}/crl/device.crl")
         announce(f"admin {cfg.admin_socket}")
         announce("hub ready")
-        while not stop.wait(CRL_CHECK_INTERVAL):
+        next_check = time.monotonic() + CRL_CHECK_INTERVAL
+        # Short waits: a SIGTERM delivered to another thread only runs its handler when the main thread wakes.
+        while not stop.wait(0.5):
+            if time.monotonic() < next_check:
+                continue
+            next_check = time.monotonic() + CRL_CHECK_INTERVAL
             try:
                 crl = current_crl(cfg.crl_dir, ca.device_ca)
                 if crl is None or crl_needs_refresh(crl, _now()):
