@@ -14,9 +14,9 @@ from hsm.errors import HsmError
 from hsm.keys import DEFAULT_KEY_TYPE, KEY_TYPES, KeyInfo
 from hsm.token import TokenConfig, default_module, read_pin
 
-console = Console()
+console = Console(soft_wrap=True)
 out_console = console
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 token_app = typer.Typer(help="Initialize PKCS#11 tokens (PINs from files or environment, never from argv).",
                         no_args_is_help=True)

@@ -37,8 +37,9 @@ def _main() -> None:
 app.add_typer(device_app, name="device")
 app.add_typer(token_app, name="token")
 
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: errors and status lines stay one line each when the output is not a terminal (logs, scripts)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DirOpt = typer.Option(None, "--dir", help="Hub directory [default: $TESSERA_HUB_DIR, else ./tessera-hub].",
                       show_default=False)
@@ -77,11 +78,12 @@ def _errors():
     """Exception types the CLI turns into one clean error line."""
     from hsm.errors import HsmError
 
+    from .admin import AdminError
     from .ca import CaError
     from .crl import CrlError
     from .registry import RegistryError
 
-    return (RegistryError, CaError, CrlError, HsmError, PolicyError, ConfigError, OSError)
+    return (RegistryError, CaError, CrlError, HsmError, PolicyError, ConfigError, AdminError, OSError)
 
 
 # --- fleet -------------------------------------------------------------------------------------------------------

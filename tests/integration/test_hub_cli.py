@@ -1,0 +1,240 @@
+"""The `tessera-hub` command line against a running hub: errors, factory batches, suspend/resume, device list."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import stat
+import subprocess
+import time
+
+import pytest
+
+from agent.estclient import EstClient, EstClientError
+from tests.integration.hubfixtures import (  # noqa: F401  (hub is a fixture)
+    FLEET, hub, init_hub, make_csr, new_key, one_line, run_cli,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def est_enroll(hub, device_id: str, token: str):
+    return EstClient(hub.url, cafile=str(hub.root_pem)).simpleenroll(make_csr(new_key(), device_id), device_id,
+                                                                     token)[0]
+
+
+def assert_clean_error(proc, *needles: str, progress: bool = False) -> str:
+    """Non-zero exit, nothing on stdout, an 'error: ...' message on stderr naming `needles`, no traceback.
+
+    progress: the command shows a rich progress line on stderr first; the message is what follows it."""
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    message = one_line(proc.stderr)
+    if progress and "error: " in message:
+        message = message[message.index("error: "):]
+    assert message.startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in message, proc.stderr
+    return message
+
+
+# --- errors ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad_id", ["Bad_ID", "-leading-dash", "x" * 64, "hub", "dev.1", "dev 1", "dév"])
+def test_device_add_with_a_bad_id(hub, bad_id):
+    before = hub.query("SELECT count(*) AS n FROM devices")[0]["n"]
+    proc = run_cli("device", "add", "--dir", str(hub.dir), "--", bad_id)
+    assert_clean_error(proc, repr(bad_id))
+    assert hub.query("SELECT count(*) AS n FROM devices")[0]["n"] == before
+
+
+def test_cli_errors_are_one_line(hub, tmp_path):
+    for proc in (hub.cli("device", "add", "Bad_ID"),
+                 run_cli("device", "list", "--dir", str(tmp_path))):
+        assert proc.returncode != 0
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_device_add_twice(hub):
+    hub.add_device("cli-twice")
+    assert_clean_error(hub.cli("device", "add", "cli-twice"), "already exists")
+
+
+def test_device_show_unknown(hub):
+    message = assert_clean_error(hub.cli("device", "show", "nope"), "'nope'")
+    assert message == "error: no device 'nope'"
+    assert_clean_error(hub.cli("device", "show", "nope", "--json"), "'nope'")
+
+
+def test_dir_that_is_not_a_fleet(tmp_path):
+    for args in (("device", "list"), ("device", "add", "dev-1"), ("serve",), ("audit",)):
+        proc = run_cli(*args, "--dir", str(tmp_path), timeout=30)
+        assert_clean_error(proc, "fleet.toml", str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # nothing was created there
+
+
+def test_init_refuses_an_existing_fleet(hub):
+    assert_clean_error(run_cli("init", "--fleet", FLEET, "--dir", str(hub.dir)), "refusing to overwrite")
+
+
+def test_suspend_unknown_device_without_a_running_hub(tmp_path):
+    h = init_hub(tmp_path)
+    for action in ("suspend", "resume"):
+        assert_clean_error(h.cli("device", action, "ghost"), "no device 'ghost'")
+    assert_clean_error(h.cli("device", "revoke", "ghost", "--reason", "keyCompromise"), "no device 'ghost'")
+
+
+def test_suspend_unknown_device_with_a_running_hub(hub):
+    assert_clean_error(hub.cli("device", "suspend", "ghost"), "no device 'ghost'")
+
+
+# --- factory batches ----------------------------------------------------------------------------------------------
+
+def test_token_create_batch(hub, tmp_path):
+    out = tmp_path / "tokens.csv"
+    proc = hub.cli("token", "create", "--count", "25", "--prefix", "fac", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    with out.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["device_id", "token"]
+    body = rows[1:]
+    assert [r[0] for r in body] == [f"fac-{n:05d}" for n in range(1, 26)]
+    assert len({r[1] for r in body}) == 25 and all(len(r[1]) >= 20 for r in body)
+    for r in body:  # tokens are in the file only, never in the registry or on stdout
+        assert r[1] not in proc.stdout and r[1] not in proc.stderr
+    stored = hub.query("SELECT token_hash FROM tokens WHERE device_id LIKE 'fac-%'")
+    assert len(stored) == 25 and not {r[1] for r in body} & {s["token_hash"] for s in stored}
+    listed = hub.device_list()
+    assert all(listed[f"fac-{n:05d}"]["status"] == "active" for n in range(1, 26))
+
+    for device_id, token in (body[0], body[-1]):
+        leaf = est_enroll(hub, device_id, token)
+        assert leaf.subject.rfc4514_string() == f"CN={device_id},O={FLEET}"
+    assert hub.device_list()["fac-00001"]["cert_expires"] is not None
+    assert hub.device_list()["fac-00002"]["cert_expires"] is None
+    # a token is for its own device only
+    with pytest.raises(EstClientError) as err:
+        est_enroll(hub, "fac-00002", body[2][1])
+    assert (err.value.status, err.value.code) == (401, "token_device_mismatch")
+
+    # the file is never overwritten, and a batch with a taken id writes nothing
+    assert_clean_error(hub.cli("token", "create", "--count", "2", "--prefix", "fac", "--out", str(out)), "exists",
+                       progress=True)
+    other = tmp_path / "again.csv"
+    proc = hub.cli("token", "create", "--count", "2", "--prefix", "fac", "--start", "25", "--out", str(other))
+    assert_clean_error(proc, "device 'fac-00025' already exists", progress=True)
+    assert not other.exists() and not list(tmp_path.glob("*.tmp"))
+    assert "fac-00026" not in hub.device_list()
+
+
+# --- suspend / resume ---------------------------------------------------------------------------------------------
+
+def test_suspend_blocks_enrollment_and_resume_restores_it(hub):
+    device_id = "cli-susp-1"
+    token = hub.add_device(device_id)
+    proc = hub.cli("device", "suspend", device_id)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{device_id}: suspended" in proc.stdout
+    assert hub.device_list()[device_id]["status"] == "suspended"
+    assert_clean_error(hub.cli("device", "token", device_id), "suspended")
+
+    with pytest.raises(EstClientError) as err:
+        est_enroll(hub, device_id, token)
+    assert (err.value.status, err.value.code) == (403, "device_not_active")
+    assert hub.cert_count(device_id) == 0
+
+    proc = hub.cli("device", "resume", device_id)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{device_id}: active" in proc.stdout
+    leaf = est_enroll(hub, device_id, token)  # the refused attempt did not use the token up
+    assert leaf.subject.rfc4514_string() == f"CN={device_id},O={FLEET}"
+    row = hub.device_list()[device_id]
+    assert row["status"] == "active"
+    assert dt.datetime.fromisoformat(row["cert_expires"]) == leaf.not_valid_after_utc
+    actions = [r["action"] for r in hub.cli_json("audit", "--device", device_id, "--limit", "20")]
+    assert "device.suspended" in actions and "device.active" in actions
+
+
+# --- device list --------------------------------------------------------------------------------------------------
+
+def test_device_list_json_fields(hub):
+    hub.add_device("cli-list-new", "--group", "line-a", "--label", "site=berlin")
+    token = hub.add_device("cli-list-enrolled")
+    leaf = est_enroll(hub, "cli-list-enrolled", token)
+    hub.add_device("cli-list-susp")
+    hub.cli_ok("device", "suspend", "cli-list-susp")
+
+    rows = hub.device_list()
+
+    for row in rows.values():
+        assert {"id", "status", "online", "last_seen", "cert_expires"} <= set(row)
+    new, enrolled, susp = rows["cli-list-new"], rows["cli-list-enrolled"], rows["cli-list-susp"]
+    assert (new["status"], new["online"], new["last_seen"], new["cert_expires"]) == ("active", False, None, None)
+    assert new["groups"] == ["line-a"] and new["labels"] == {"site": "berlin"}
+    assert (enrolled["status"], enrolled["online"], enrolled["last_seen"]) == ("active", False, None)
+    assert dt.datetime.fromisoformat(enrolled["cert_expires"]) == leaf.not_valid_after_utc
+    assert susp["status"] == "suspended"
+    # the table form lists them too
+    table = hub.cli_ok("device", "list")
+    assert table.rstrip().endswith(f"{len(rows)} device(s)")
+
+
+def test_audit_json_records_cli_actions(hub):
+    hub.add_device("cli-audit-1")
+    rows = hub.cli_json("audit", "--device", "cli-audit-1")
+    assert [(r["action"], r["outcome"], r["actor"]) for r in rows] == [("token.create", "ok", "cli"),
+                                                                      ("device.add", "ok", "cli")]
+
+
+# --- the serve process --------------------------------------------------------------------------------------------
+
+def test_serve_stops_cleanly_on_sigterm(tmp_path):
+    """SIGTERM to the hub's main thread: exit 0 at once, "hub stopped", hub.stop audited, ports closed."""
+    h = init_hub(tmp_path)
+    h.start()
+    try:
+        assert h.proc.poll() is None
+        wait_ready(h)
+        h.signal_thread(h.proc.pid)
+        rc = h.proc.wait(timeout=10)
+    finally:
+        h.kill()
+    assert rc == 0
+    assert h.stdout_text().rstrip().endswith("hub stopped")
+    actions = [r["action"] for r in h.query("SELECT action FROM audit ORDER BY id")]
+    assert actions[-1] == "hub.stop" and "hub.start" in actions
+    assert not h._accepts()
+    assert not (h.dir / "admin.sock").exists()
+
+
+def wait_ready(h, timeout: float = 10.0) -> None:
+    """Until the hub has printed its last start-up line (then its main thread waits for a signal)."""
+    deadline = time.monotonic() + timeout
+    while "hub ready" not in h.stdout_text():
+        assert time.monotonic() < deadline, h.stdout_text()
+        time.sleep(0.02)
+    time.sleep(0.3)
+
+
+def test_sigterm_received_by_another_thread_stops_the_hub(tmp_path):
+    """kill <pid> may hand SIGTERM to any thread; the hub must still stop at once (it used to block in a 60 s
+    stop.wait() in its main thread, so a SIGTERM caught by another thread went unnoticed for up to a minute)."""
+    h = init_hub(tmp_path)
+    h.start()
+    try:
+        wait_ready(h)
+        other = [t for t in h.threads() if t != h.proc.pid]
+        assert other, "the hub runs several threads"
+        h.signal_thread(other[0])
+        try:
+            rc = h.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            rc = None
+    finally:
+        if h.proc.poll() is None:
+            h.signal_thread(h.proc.pid)  # what the handler should have done; then a normal exit
+            h.proc.wait(timeout=10)
+        h.kill()
+    assert rc == 0, "tessera-hub serve did not exit within 10 s of a SIGTERM received by a non-main thread"
