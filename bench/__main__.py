@@ -1,69 +1,63 @@
-"""Run Tessera benchmarks and print a table: ``python -m bench [keygen|sign|tls ...] [options]``."""
+"""Run every Tessera benchmark and print one table: ``python -m bench [--quick] [hsm est broker agent]``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
+import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-# hsm.tokeninit starts `python -m hsm.tokeninit`: make the repository importable there too.
+# child processes (hsm.tokeninit, bench children) import the repository too
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
-from bench import hsm_bench  # noqa: E402
-
-GOAL_RATIO = 1.05
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:9.3f}"
+MODULES = {"hsm": "bench.hsm_bench", "est": "bench.est_bench", "broker": "bench.broker_bench",
+           "agent": "bench.agent_bench"}
 
 
-def print_table(results: list[hsm_bench.Result]) -> None:
-    width = max(len(r.name) for r in results)
-    print(f"{'benchmark':<{width}}  {'n':>5}  {'median ms':>9}  {'p90 ms':>9}  {'min ms':>9}  note")
-    print("-" * (width + 50))
-    for r in results:
-        print(f"{r.name:<{width}}  {len(r.samples):>5}  {_ms(r.median)}  {_ms(r.p90)}  {_ms(min(r.samples))}  {r.note}")
+def render(rows: list[dict]) -> str:
+    header = ("metric", "value", "goal", "result")
+    table = [(r["metric"], f"{r['value']}{(' ' + r['unit']) if r.get('unit') else ''}", r.get("goal") or "",
+              {True: "pass", False: "FAIL", None: ""}[r.get("pass")]) for r in rows]
+    widths = [max(len(str(x[i])) for x in [header, *table]) for i in range(4)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in table]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run: keygen, sign, tls (default: all)")
-    parser.add_argument("--keygen-n", type=int, default=5, help="key generations per key type (default 5)")
-    parser.add_argument("--sign-n", type=int, default=300, help="signatures per key (default 300)")
-    parser.add_argument("--handshakes", type=int, default=200, help="handshakes per client key (default 200)")
-    parser.add_argument("--tls", choices=["1.2", "1.3"], default="1.3", help="TLS version (default 1.3)")
-    args = parser.parse_args(argv)
-    known = ["keygen", "sign", "tls"]
-    unknown = [n for n in args.names if n not in known]
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("names", nargs="*", metavar="NAME",
+                    help=f"benchmarks to run: {', '.join(MODULES)} (default: all)")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    args = ap.parse_args(argv)
+    unknown = [n for n in args.names if n not in MODULES]
     if unknown:
-        parser.error(f"unknown benchmark {', '.join(unknown)} (choose from {', '.join(known)})")
-    names = args.names or known
-
+        ap.error(f"unknown benchmark {', '.join(unknown)} (choose from {', '.join(MODULES)})")
     started = time.perf_counter()
-    results: list[hsm_bench.Result] = []
-    ratio = None
-    if "keygen" in names:
-        results += hsm_bench.bench_keygen(args.keygen_n)
-    if "sign" in names:
-        results += hsm_bench.bench_sign(args.sign_n)
-    if "tls" in names:
-        tls = hsm_bench.bench_tls(args.handshakes, args.tls)
-        ratio = hsm_bench.tls_ratio(tls)
-        overhead_ms = (tls[0].median - tls[1].median) * 1000
-        results += tls
-    print_table(results)
-    if ratio is not None:
-        verdict = "met" if ratio <= GOAL_RATIO else "NOT met"
-        print(f"\nTLS handshake time ratio token/file (medians): {ratio:.3f}  (goal <= {GOAL_RATIO}: {verdict}); "
-              f"token key adds {overhead_ms:.3f} ms per handshake")
-    print(f"total wall time {time.perf_counter() - started:.1f} s")
-    return 0
+    rows: list[dict] = []
+    failed = []
+    for name in args.names or list(MODULES):
+        t0 = time.perf_counter()
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        try:
+            rows += importlib.import_module(MODULES[name]).run(quick=args.quick)
+        except Exception:
+            failed.append(name)
+            traceback.print_exc()
+            rows.append({"metric": f"{name} benchmark", "value": "error", "goal": "", "pass": False})
+        print(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    print(f"Tessera benchmarks, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs"
+          f"{' (quick)' if args.quick else ''}")
+    print(render(rows))
+    print(f"total {time.perf_counter() - started:.0f} s")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
