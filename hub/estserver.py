@@ -1,6 +1,6 @@
 """The EST HTTPS server: stdlib ThreadingHTTPServer with TLS >= 1.2; all decisions are in hub.estservice.
 
-The TLS handshake runs in the connection's own thread (a slow client never blocks accept()). Client
+The TLS handshake runs in a worker thread (a slow client never blocks accept(); I/O times out after 10 s). Client
 certificates are optional at the TLS layer (simpleenroll uses a bootstrap token) but, when sent, must chain to
 the fleet's device CA: that is the only trust anchor of this listener.
 """
@@ -11,6 +11,7 @@ import logging
 import socket
 import ssl
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -22,6 +23,7 @@ log = logging.getLogger("tessera.hub.est")
 
 MAX_BODY = 2 * MAX_CSR_BODY
 IO_TIMEOUT = 10.0
+WORKERS = 64  # concurrent connections being served; more wait in the accept backlog
 
 
 def server_context(cert_chain: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
@@ -35,6 +37,7 @@ def server_context(cert_chain: Path, key: Path, client_ca: Path) -> ssl.SSLConte
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.options |= ssl.OP_NO_RENEGOTIATION
+    ctx.num_tickets = 0  # EST clients make one request per connection; tickets only cost a signature each
     return ctx
 
 
@@ -93,12 +96,22 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class EstHTTPServer(ThreadingHTTPServer):
+    """Connections are served by a bounded pool of long-lived threads (each keeps its registry connection)."""
+
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int], service: EstService, tls: ssl.SSLContext):
+    def __init__(self, address: tuple[str, int], service: EstService, tls: ssl.SSLContext, workers: int = WORKERS):
         self.service, self.tls = service, tls
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="est")
         super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address) -> None:
+        self.pool.submit(self.process_request_thread, request, client_address)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

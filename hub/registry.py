@@ -159,6 +159,10 @@ class Registry:
         self.path = Path(path)
         self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
+        # Writers in this process queue here instead of in SQLite's busy handler, which sleeps in 1-100 ms steps
+        # (the cause of long latency tails under concurrent enrollments). Other processes still meet
+        # BEGIN IMMEDIATE + busy_timeout.
+        self._write_lock = threading.RLock()
         self._closed = False
         db = self._db()
         db.enable_wal()
@@ -190,13 +194,14 @@ class Registry:
     def _write(self, db: Database | None = None) -> Iterator[Database]:
         """One write transaction, BEGIN IMMEDIATE (takes the write lock up front: no read-then-upgrade races)."""
         db = db or self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            db.rollback()
-            raise
+        with self._write_lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.rollback()
+                raise
 
     @staticmethod
     def _one(db: Database, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
