@@ -291,3 +291,48 @@ class TokenRSAPrivateKey(rsa.RSAPrivateKey):
 
     def __reduce__(self):
         _refuse()
+
+
+def import_private_key(session, private_key, label: str, key_id: bytes | None = None) -> KeyInfo:
+    """Move a software key into the token (sensitive, non-extractable, sign-only) with its public half.
+
+    For migrating existing CA keys into a token. Unlike generated keys these are not CKA_LOCAL and not
+    CKA_NEVER_EXTRACTABLE: the key existed outside the token before; destroy the file afterwards.
+    """
+    import secrets
+
+    from pkcs11 import Attribute, KeyType, ObjectClass
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    _check_label(session, label)
+    key_id = key_id or secrets.token_bytes(8)
+    common = {Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.ID: key_id}
+    priv_t = {**common, **_private_template(), Attribute.CLASS: ObjectClass.PRIVATE_KEY}
+    pub_t = {**common, **_public_template(), Attribute.CLASS: ObjectClass.PUBLIC_KEY}
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        params = encode_named_curve_parameters(private_key.curve.name)
+        size = (private_key.curve.key_size + 7) // 8
+        point = private_key.public_key().public_bytes(serialization.Encoding.X962,
+                                                      serialization.PublicFormat.UncompressedPoint)
+        priv_t.update({Attribute.KEY_TYPE: KeyType.EC, Attribute.EC_PARAMS: params,
+                       Attribute.VALUE: private_key.private_numbers().private_value.to_bytes(size, "big")})
+        # CKA_EC_POINT is a DER OCTET STRING (short form length for P-256/P-384 points < 128 bytes)
+        octet = bytes([0x04, len(point)]) + point if len(point) < 128 else bytes([0x04, 0x81, len(point)]) + point
+        pub_t.update({Attribute.KEY_TYPE: KeyType.EC, Attribute.EC_PARAMS: params, Attribute.EC_POINT: octet})
+    elif isinstance(private_key, rsa.RSAPrivateKey):
+        n = private_key.private_numbers()
+
+        def b(x: int) -> bytes:
+            return x.to_bytes((x.bit_length() + 7) // 8, "big")
+
+        priv_t.update({Attribute.KEY_TYPE: KeyType.RSA, Attribute.MODULUS: b(n.public_numbers.n),
+                       Attribute.PUBLIC_EXPONENT: b(n.public_numbers.e), Attribute.PRIVATE_EXPONENT: b(n.d),
+                       Attribute.PRIME_1: b(n.p), Attribute.PRIME_2: b(n.q), Attribute.EXPONENT_1: b(n.dmp1),
+                       Attribute.EXPONENT_2: b(n.dmq1), Attribute.COEFFICIENT: b(n.iqmp)})
+        pub_t.update({Attribute.KEY_TYPE: KeyType.RSA, Attribute.MODULUS: b(n.public_numbers.n),
+                      Attribute.PUBLIC_EXPONENT: b(n.public_numbers.e)})
+    else:
+        raise UnsupportedKeyType(f"cannot import a {type(private_key).__name__} into the token")
+    session.create_object(pub_t)
+    session.create_object(priv_t)
+    return key_info(session, label=label)

@@ -34,7 +34,9 @@ def _main() -> None:
     os.umask(0o077)
 
 
+ca_app = typer.Typer(help="Certificate authority maintenance.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
+app.add_typer(ca_app, name="ca")
 app.add_typer(token_app, name="token")
 
 # soft_wrap: errors and status lines stay one line each when the output is not a terminal (logs, scripts)
@@ -435,3 +437,37 @@ def bundle(
         fail(str(exc))
     out.print(f"{n} bundles in {out_dir}; copy one onto each device (e.g. to /etc/tessera/bundle) and run "
               "provisioning/factory/provision-device.sh there")
+
+
+@ca_app.command("move-to-token")
+def ca_move_to_token(
+    token_label: str = typer.Option(..., "--token-label", help="Label of the (initialized) PKCS#11 token."),
+    pin_source: str = typer.Option(..., "--pin-source", help="file:/path (0600) or env:NAME."),
+    module: str = typer.Option("", help="PKCS#11 module [default: SoftHSM2]."),
+    softhsm_conf: str = typer.Option("", envvar="SOFTHSM2_CONF", help="SoftHSM2 config (token directory)."),
+    directory: Optional[Path] = DirOpt,
+) -> None:
+    """Move the CA keys from files into a PKCS#11 token (certificates unchanged); the key files are destroyed.
+
+    Stop `tessera-hub serve` first; it loads the CA keys at start.
+    """
+    from hsm.token import TokenConfig
+
+    from . import admin
+    from .camove import move_keys_to_token
+
+    cfg = _config(directory)
+    try:
+        admin.call(cfg.admin_socket, {"op": "ping"}, timeout=2)
+        fail("the hub is running; stop `tessera-hub serve` before moving its CA keys")
+    except admin.AdminUnavailable:
+        pass
+    token = TokenConfig(label=token_label, pin_source=pin_source, module=module, softhsm_conf=softhsm_conf)
+    try:
+        uris = move_keys_to_token(cfg, token, now())
+    except _errors() as exc:
+        fail(str(exc))
+    _registry(cfg).audit("ca.move_to_token", "ok", now(), actor="cli", detail=f"token={token_label}")
+    for role, uri in uris.items():
+        out.print(f"{role:8} {uri}")
+    out.print("CA keys now live in the token; the key files were overwritten and removed")
