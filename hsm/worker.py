@@ -74,6 +74,21 @@ def _csr(cfg: TokenConfig, label: str | None, key_id: bytes | None, common_name:
         return csr.public_bytes(serialization.Encoding.DER)
 
 
+def _delete(cfg: TokenConfig, label: str, key_id: bytes | None) -> int:
+    from .keys import find_private_key, find_public_key
+    from .token import open_session
+
+    with open_session(cfg, rw=True) as session:
+        priv = find_private_key(session, label, key_id)
+        pub_id = bytes(priv.id)
+        priv.destroy()
+        try:
+            find_public_key(session, key_id=pub_id).destroy()
+        except Exception:  # a token may not keep the public half as an object
+            pass
+        return 1
+
+
 # --- the API the agent and tools call --------------------------------------------------------------------------
 
 def generate_key(cfg: TokenConfig, label: str, key_type: str = DEFAULT_KEY_TYPE,
@@ -91,3 +106,8 @@ def make_csr(cfg: TokenConfig, label: str | None = None, key_id: bytes | None = 
              common_name: str | None = None) -> bytes:
     """A DER PKCS#10 request signed in the token (SHA-256), built in a child process."""
     return run_isolated(_csr, cfg, label, key_id, common_name)
+
+
+def delete_key(cfg: TokenConfig, label: str, key_id: bytes | None = None) -> None:
+    """Destroy a token key pair (after a key rotation, once the new certificate is stored)."""
+    run_isolated(_delete, cfg, label, key_id)
