@@ -55,7 +55,7 @@ class LiveHub:
             self.ca.device_ca.public_bytes(serialization.Encoding.PEM)
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
-        return Canary(cert_pem=pem, key_pem=key_pem, serial=cert.serial_number)
+        return Canary(cert_pem=pem, key_pem=key_pem, serial=cert.serial_number, not_after=cert.not_valid_after_utc)
 
     def prepare_crl(self, now: datetime) -> tuple[bytes, Canary]:
         """Publish a fresh device CRL (registry + a new revoked canary) and return the broker bundle."""
@@ -66,6 +66,12 @@ class LiveHub:
             device_pem = der_path.with_name("device.crl.pem").read_bytes()
             service_pem = publish_service_crl(self.ca, self.cfg.crl_dir, now)
             return device_pem + service_pem, canary
+
+    def canary_age(self) -> timedelta:
+        """Age of the newest canary (how long the broker's enforcement proof has been in use)."""
+        with self._lock:
+            newest = max((c.revoked_at for c in self._canaries), default=None)
+        return self.clock() - newest if newest else timedelta.max
 
     def enforce_crl(self) -> float:
         """Publish a new CRL and make the broker enforce it (confirmed). Returns seconds spent in the broker."""

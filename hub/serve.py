@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from . import admin, estserver
@@ -25,6 +25,7 @@ from .registry import Registry
 log = logging.getLogger("tessera.hub")
 
 CRL_CHECK_INTERVAL = 60.0
+CANARY_REFRESH = timedelta(minutes=10)  # canaries live 15 minutes
 
 
 def _now() -> datetime:
@@ -108,6 +109,11 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
         next_check = time.monotonic() + CRL_CHECK_INTERVAL
         # Short waits: a SIGTERM delivered to another thread only runs its handler when the main thread wakes.
         while not stop.wait(0.5):
+            if live.canary_age() > CANARY_REFRESH:
+                try:  # a fresh canary (and CRL) long before the broker's proof certificate expires
+                    live.enforce_crl()
+                except Exception:
+                    log.exception("re-issuing the CRL with a fresh canary failed")
             if time.monotonic() < next_check:
                 continue
             next_check = time.monotonic() + CRL_CHECK_INTERVAL

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from datetime import datetime
 
 
 class BrokerError(Exception):
@@ -24,6 +25,7 @@ class Canary:
     cert_pem: bytes
     key_pem: bytes
     serial: int
+    not_after: datetime
 
 
 class BrokerDriver(ABC):

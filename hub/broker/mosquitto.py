@@ -23,6 +23,8 @@ import subprocess
 import threading
 import time
 import json
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +36,8 @@ DYNSEC_PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
                       "/usr/lib", "/usr/local/lib")
 ADMIN_USER = "tessera-hub"
 CONFIRM_TIMEOUT = 2.0
+VERIFY_EVERY = 2.0
+WATCH_EVERY = 0.02  # a damaged CRL file + someone else's SIGHUP opens Mosquitto for at most about this long  # seconds between proofs that the running broker enforces the CRL
 DYNSEC_EMPTY = {"defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
                                      "subscribe": False, "unsubscribe": True},
                 "clients": [], "groups": [], "roles": []}
@@ -89,6 +93,10 @@ class MosquittoBroker(BrokerDriver):
         self._admin = None
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        # PR_SET_PDEATHSIG fires when the *thread* that started the child ends, so every start happens on this
+        # one long-lived thread, never on a short-lived request thread.
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-spawn")
+        self._next_verify = 0.0
         self.restarts = 0
 
     # --- files ---------------------------------------------------------------------------------------------------
@@ -142,6 +150,9 @@ class MosquittoBroker(BrokerDriver):
                 self._watcher.start()
 
     def _spawn(self) -> None:
+        self._spawner.submit(self._spawn_here).result()
+
+    def _spawn_here(self) -> None:
         if not self._crl_pem:
             raise BrokerError("no CRL to start the broker with; refusing to run without revocation checking")
         self._write_all()
@@ -184,6 +195,7 @@ class MosquittoBroker(BrokerDriver):
             self._kill()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+        self._spawner.shutdown(wait=True)
 
     def healthy(self) -> bool:
         proc = self._proc
@@ -202,7 +214,7 @@ class MosquittoBroker(BrokerDriver):
     # --- supervision ------------------------------------------------------------------------------------------------
     def _watch(self) -> None:
         """Restart a dead broker; put back a CRL file that was changed or damaged behind our back."""
-        while not self._stopping.wait(0.1):
+        while not self._stopping.wait(WATCH_EVERY):
             try:
                 with self._lock:
                     if self._stopping.is_set():
@@ -225,11 +237,30 @@ class MosquittoBroker(BrokerDriver):
                         log.error("broker CRL file was changed or damaged outside the hub; restoring it")
                         self.on_event("broker.crl_repaired", "CRL file differed from the hub's; restored")
                         self._install(self._crl_pem, self._canary)
+                        continue
+                    if self._proc is not None and time.monotonic() >= self._next_verify:
+                        self._next_verify = time.monotonic() + VERIFY_EVERY
+                        self._verify()
             except BrokerError as exc:
                 log.error("broker supervision: %s", exc)
                 self.on_event("broker.error", str(exc))
             except Exception:  # keep supervising whatever happens
                 log.exception("broker supervision failed")
+
+    def _verify(self) -> None:
+        """Prove the running broker still enforces the CRL (a reload of a bad file makes Mosquitto drop CRL
+        checking altogether); if not, reinstall and restart it, or stop it (fail closed)."""
+        canary = self._canary
+        if canary is None or canary.not_after <= datetime.now(timezone.utc) + timedelta(seconds=60):
+            return  # the hub issues a fresh canary well before this one expires
+        if self._canary_refused(canary, timeout=0.5):
+            return
+        log.error("the broker admits a revoked certificate (CRL not enforced); restarting it")
+        self.on_event("broker.crl_not_enforced", "revoked canary was admitted; restarting the broker")
+        self._kill()
+        self._write(self.crlfile, self._crl_pem)
+        self._spawn()
+        self._confirm(canary, restart_on_failure=False)
 
     # --- CRL ----------------------------------------------------------------------------------------------------------
     def install_crl(self, crl_pem: bytes, canary: Canary | None) -> float:
@@ -263,7 +294,7 @@ class MosquittoBroker(BrokerDriver):
         self.on_event("broker.fail_closed", "CRL not enforced; broker stopped")
         raise BrokerError("the broker does not enforce the new CRL; it has been stopped (fail closed)")
 
-    def _canary_refused(self, canary: Canary) -> bool:
+    def _canary_refused(self, canary: Canary, timeout: float = CONFIRM_TIMEOUT) -> bool:
         cert, key = self.dir / "canary.pem", self.dir / "canary.key"
         self._write(cert, canary.cert_pem)
         self._write(key, canary.key_pem)
@@ -272,7 +303,7 @@ class MosquittoBroker(BrokerDriver):
         ctx.load_verify_locations(cafile=str(self.server_ca))
         ctx.check_hostname = False
         ctx.load_cert_chain(str(cert), str(key))
-        deadline = time.monotonic() + CONFIRM_TIMEOUT
+        deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
                 try:
@@ -299,7 +330,12 @@ class MosquittoBroker(BrokerDriver):
             self._acl_text = text
             self._write(self.aclfile, text.encode())
             if self._proc is not None and self._proc.poll() is None:
+                # SIGHUP reloads the CRL file too: make sure it is ours, and prove it is enforced afterwards
+                self._write(self.crlfile, self._crl_pem)
                 self._proc.send_signal(signal.SIGHUP)
+                if self._canary is not None and \
+                        self._canary.not_after > datetime.now(timezone.utc) + timedelta(seconds=60):
+                    self._confirm(self._canary, restart_on_failure=True)
 
     def kick(self, device_id: str) -> None:
         if self._admin is None:
