@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .tokencli import err, fail, key_app, out_console, token_app
+from .tokencli import fail, key_app, out_console, token_app
 
 app = typer.Typer(
     name="tessera-agent",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from hsm import worker
+from hsm.secretfile import PrivateFileError, read_private_file
 from hsm.errors import KeyNotFound
 
 from .config import AgentConfig, ConfigError
@@ -36,14 +36,9 @@ def _now() -> datetime:
 
 def read_token(path: Path) -> str:
     try:
-        st = path.stat()
-    except OSError as exc:
-        raise EnrollError(f"cannot read the enrollment token file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise EnrollError(f"{path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise EnrollError(f"token file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600")
-    token = path.read_text().strip()
+        token = read_private_file(path, "token file").decode("utf-8", "replace").strip()
+    except PrivateFileError as exc:
+        raise EnrollError(str(exc)) from None
     if not token or len(token) > 256 or any(c.isspace() for c in token):
         raise EnrollError(f"{path} does not hold one enrollment token")
     return token

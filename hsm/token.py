@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from .errors import ModuleNotFound, PinError, TokenNotFound
+from .secretfile import PrivateFileError, read_private_file
 
 #: Where distributions put SoftHSM2's module; the first that exists is the default.
 SOFTHSM_CANDIDATES = (
@@ -56,17 +56,11 @@ def read_pin(source: str) -> str:
         shown = f" {scheme!r}" if scheme else ""  # never echo a value that may be the PIN itself
         raise PinError(f"unsupported PIN source{shown} (use file:/path or env:NAME)")
     try:
-        st = path.stat()
-    except OSError as exc:
-        raise PinError(f"cannot read PIN file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise PinError(f"PIN file {path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise PinError(f"PIN file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600 or tighter")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PinError(f"cannot read PIN file {path}: {exc.__class__.__name__}") from None
+        text = read_private_file(path, "PIN file").decode("utf-8")
+    except PrivateFileError as exc:
+        raise PinError(str(exc)) from None
+    except UnicodeDecodeError:
+        raise PinError(f"PIN file {path} is not UTF-8 text") from None
     pin = text.splitlines()[0] if text else ""
     if not pin:
         raise PinError(f"PIN file {path} is empty")

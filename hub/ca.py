@@ -20,7 +20,6 @@ import ipaddress
 import json
 import os
 import re
-import stat
 import threading
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hsm.errors import HsmError, KeyNotFound
+from hsm.secretfile import PrivateFileError, read_private_file
 from hsm.token import TokenConfig
 
 from .crl import crl_builder
@@ -155,16 +155,11 @@ def load_key_file(path: Path) -> PrivateKey:
     """Load an unencrypted PEM private key, refusing a file that group or others can access."""
     path = Path(path)
     try:
-        st = path.stat()
-    except OSError as exc:
-        raise CaError(f"cannot read key file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CaError(f"key file {path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise CaError(f"key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; refusing to use it: it must be "
-                      f"0600 or tighter (chmod 600 {path})")
+        data = read_private_file(path, "key file")
+    except PrivateFileError as exc:
+        raise CaError(str(exc)) from None
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise CaError(f"key file {path} is not an unencrypted PEM private key: {exc}") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):

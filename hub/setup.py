@@ -10,7 +10,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from hsm.token import TokenConfig
 from hsm.uri import UriError, parse
 
 from .ca import CaError, FleetCA, create_hierarchy, new_file_key
