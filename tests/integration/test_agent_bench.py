@@ -1,0 +1,49 @@
+"""bench/agent_bench.py runs (quick mode) and meets the goals it can meet; the RSS goal is a known miss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def rows():
+    from bench import agent_bench
+
+    return {r["metric"]: r for r in agent_bench.run(quick=True)}
+
+
+def test_rows_are_well_formed(rows):
+    assert len(rows) >= 10
+    for name, r in rows.items():
+        assert set(r) == {"metric", "value", "goal", "pass"}
+        assert isinstance(r["value"], float) and math.isfinite(r["value"]) and r["value"] >= 0, r
+        assert isinstance(r["pass"], bool) and isinstance(r["goal"], str)
+        if r["goal"].startswith("info"):
+            assert r["pass"] is True
+
+
+def test_start_to_connected_within_one_second(rows):
+    for metric in ("agent start->online, CLI spawn to status.json (s, median)",
+                   "agent start->CONNACK, in-process Agent (s, spawn to connected_at)"):
+        r = rows[metric]
+        assert 0 < r["value"] <= 1.0 and r["pass"], r
+
+
+def test_drain_delivers_every_spooled_message(rows):
+    r = next(v for k, v in rows.items() if k.startswith("drained messages seen by the hub"))
+    assert r["pass"], r
+    assert rows["spool drain to the broker (messages/s, CONNACK to empty)"]["value"] > 100
+
+
+@pytest.mark.xfail(strict=True, reason="agent peak RSS is ~54 MB against a 30 MB goal: `tessera-agent run` loads "
+                                        "typer+rich (~8 MB) and, through typer 0.29, pydantic (~6 MB), plus "
+                                        "cryptography (~14 MB) and multiprocessing at import time although only "
+                                        "enrollment/renewal need them; a lean session measures ~29 MB (see "
+                                        "bench/agent_bench.py)")
+def test_peak_rss_goal(rows):
+    r = rows["agent peak RSS VmHWM after 5 s of telemetry (MB)"]
+    assert r["pass"], r
