@@ -48,9 +48,11 @@ def _errors():
 
     from .config import ConfigError
     from .enroll import EnrollError
+    from .spool import SpoolError
     from .state import StateError
+    from .telemetry import TelemetryError
 
-    return (HsmError, ConfigError, EnrollError, StateError, OSError)
+    return (HsmError, ConfigError, EnrollError, StateError, SpoolError, TelemetryError, OSError)
 
 
 @app.command()
@@ -129,15 +131,16 @@ def status(config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
     except _errors() as exc:
         fail(str(exc))
     st = read_status(cfg.state)
-    depth = None
-    if (cfg.state / SPOOL).exists():
+    running = _alive(st.get("pid")) and st.get("state") != "stopped"
+    depth = st.get("spool_depth") if running else None  # the running agent holds the spool locked
+    if not running and (cfg.state / SPOOL).exists():
         import sqlite3
 
-        with sqlite3.connect(f"file:{cfg.state / SPOOL}?mode=ro", uri=True) as db:
-            try:
+        try:
+            with sqlite3.connect(f"file:{cfg.state / SPOOL}?mode=ro", uri=True) as db:
                 depth = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
-            except sqlite3.Error:
-                depth = None
+        except sqlite3.Error:
+            depth = None
     now = datetime.now(timezone.utc)
     data = {
         "device_id": ident.device_id if ident else cfg.device_id or None,
@@ -146,7 +149,9 @@ def status(config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
         "cert_not_after": ident.not_after if ident else None,
         "cert_expired": bool(ident and datetime.fromisoformat(ident.not_after) <= now),
         "key_uri": ident.key_uri if ident else None,
-        "connection": st.get("state", "not running"),
+        "connection": st.get("state", "not running") if running or st.get("state") == "stopped" else
+        (f"not running (last state: {st['state']})" if st.get("state") else "not running"),
+        "pid": st.get("pid") if running else None,
         "since": st.get("since"), "last_error": st.get("last_error") or None,
         "spool_depth": depth,
     }
@@ -155,6 +160,20 @@ def status(config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
         return
     for key, value in data.items():
         out_console.print(f"[bold]{key:15}[/] {value if value is not None else '-'}", highlight=False)
+
+
+def _alive(pid) -> bool:
+    import os
+
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 if __name__ == "__main__":

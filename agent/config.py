@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -158,8 +158,19 @@ def load(path: Path | None = None, overrides: list[str] = ()) -> AgentConfig:
         raise ConfigError("spool.drop_policy must be 'oldest' or 'newest'")
     if not 0.1 <= cfg.renewal.fraction < 1.0:
         raise ConfigError("renewal.fraction must be in [0.1, 1.0)")
+    if cfg.spool.max_messages < 1:
+        raise ConfigError("spool.max_messages must be at least 1")
+    if not cfg.telemetry.interval > 0:
+        raise ConfigError("telemetry.interval must be positive (seconds)")
+    if not 0 < cfg.mqtt_port < 65536:
+        raise ConfigError("mqtt_port must be a TCP port number")
     return cfg
 
 
-def with_key_label(cfg: AgentConfig, label: str) -> AgentConfig:
-    return replace(cfg, token=replace(cfg.token, key_label=label))
+def to_dict(cfg: AgentConfig) -> dict:
+    """The configuration as plain data (load_dict() reads it back), e.g. to hand it to a child process."""
+    return asdict(cfg)
+
+
+def load_dict(data: dict) -> AgentConfig:
+    return _build(data)

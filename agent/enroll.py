@@ -152,7 +152,7 @@ def renew(cfg: AgentConfig, rotate_key: bool = False, now: datetime | None = Non
     root = _load_root((state / ROOT).read_bytes(), str(state / ROOT))
     label = ident.key_label
     if rotate_key:
-        label = f"{cfg.token.key_label}-{now:%Y%m%d%H%M%S}"
+        label = f"{cfg.token.key_label}-{now:%Y%m%d%H%M%S%f}"
         info = _ensure_key(cfg, label)
     else:
         info = worker.describe_key(cfg.token_config, label)

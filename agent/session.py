@@ -24,11 +24,10 @@ import paho.mqtt.client as mqtt
 
 from .backoff import Backoff
 from .commands import CommandHandler, builtin_handlers
-from .config import AgentConfig
-from .enroll import EnrollError, renew
+from .config import AgentConfig, to_dict
 from .renewal import decide
 from .spool import Spool
-from .state import CERT, ROOT, SPOOL, load_identity, write_status
+from .state import CERT, ROOT, SPOOL, StateError, load_identity, write_status
 from .telemetry import envelope, make_source
 
 log = logging.getLogger("tessera.agent")
@@ -36,6 +35,8 @@ log = logging.getLogger("tessera.agent")
 WINDOW = 100            # QoS 1 messages handed to paho at once
 CONNECT_TIMEOUT = 15.0
 STATUS_EVERY = 5.0
+RENEW_RETRY = 60.0      # seconds before retrying a failed renewal
+RENEW_MIN_INTERVAL = 600.0  # a renewed certificate that is due again at once means the clock is wrong
 
 
 def classify_tls_error(text: str) -> str | None:
@@ -57,7 +58,7 @@ class Agent:
         self.state = cfg.state
         ident = load_identity(self.state)
         if ident is None:
-            raise EnrollError("this device is not enrolled; run `tessera-agent enroll` first")
+            raise StateError("this device is not enrolled; run `tessera-agent enroll` first")
         self.ident = ident
         self.device = ident.device_id
         self.topics = {k: f"devices/{self.device}/{k}" for k in ("status", "telemetry", "events", "commands")}
@@ -75,6 +76,7 @@ class Agent:
         self._client: mqtt.Client | None = None
         self._connected = False
         self._handed: dict[int, int] = {}   # paho mid -> spool row id
+        self._acked: list[int] = []         # spool rows PUBACKed since the last loop turn
         self._cursor = 0
         self._seq = 0
         self._renew_requested: str | None = None   # None, "renew" or "rotate"
@@ -149,7 +151,7 @@ class Agent:
             return
         if reason_code.is_failure:
             log.error("broker refused a message (%s); dropping it from the spool", reason_code)
-        self.spool.ack(row)
+        self._acked.append(row)
 
     def _on_message(self, client, userdata, msg) -> None:
         if msg.topic != self.topics["commands"]:
@@ -175,6 +177,9 @@ class Agent:
 
     # --- main loop --------------------------------------------------------------------------------------------------
     def _pump(self, client: mqtt.Client) -> None:
+        if self._acked:  # one transaction for every PUBACK of this loop turn
+            self.spool.ack_many(self._acked)
+            self._acked = []
         room = WINDOW - len(self._handed)
         if room <= 0:
             return
@@ -205,16 +210,38 @@ class Agent:
         return "renew" if d.action == "renew" else None
 
     def _renew(self, mode: str) -> bool:
+        """Renew in a child process (agent.renewchild), then switch to the new certificate."""
+        import subprocess
+        import sys
+
         self._renew_requested = None
+        request = json.dumps({"config": to_dict(self.cfg), "rotate": mode == "rotate",
+                              "now": self.clock().isoformat()})
         try:
-            self.ident = renew(self.cfg, rotate_key=(mode == "rotate"), now=self.clock())
-        except Exception as exc:
-            log.error("renewal failed: %s", exc)
-            self.status["last_error"] = f"renewal failed: {exc}"
-            self._next_renew_try = self.monotonic() + 60
+            proc = subprocess.run([sys.executable, "-m", "agent.renewchild"], input=request, capture_output=True,
+                                  text=True, timeout=180)
+            answer = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
+        except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+            answer = {"ok": False, "error": f"renewal process failed: {exc}"}
+        else:
+            for line in proc.stderr.splitlines():  # the child's log, in ours
+                log.info("renewal: %s", line)
+        if not answer.get("ok"):
+            error = answer.get("error") or (proc.stderr.strip().splitlines() or ["renewal failed"])[-1]
+            log.error("renewal failed: %s", error)
+            self.status["last_error"] = f"renewal failed: {error}"
+            self._next_renew_try = self.monotonic() + RENEW_RETRY
             return False
+        self.ident = load_identity(self.state)
         self._ctx = None  # the next connection uses the new certificate
         self.status["renewed_at"] = self.ident.renewed_at
+        again = decide(datetime.fromisoformat(self.ident.not_before), datetime.fromisoformat(self.ident.not_after),
+                       self.clock(), fraction=self.cfg.renewal.fraction)
+        if again.action != "none":
+            log.warning("the new certificate is already due for renewal: this device's clock is probably wrong "
+                        "(%s); next automatic renewal in %.0f s", self.clock().isoformat(), RENEW_MIN_INTERVAL)
+            self._next_renew_try = self.monotonic() + RENEW_MIN_INTERVAL
+        log.info("renewed: certificate %s valid until %s", self.ident.serial, self.ident.not_after)
         return True
 
     def run(self, max_seconds: float | None = None) -> int:
@@ -238,7 +265,7 @@ class Agent:
             except Exception as exc:
                 text = str(exc) or exc.__class__.__name__
                 kind = classify_tls_error(text)
-                if kind in ("revoked", "refused"):
+                if kind in ("revoked", "refused", "expired"):
                     self._set_state(kind, f"the hub refuses this device's certificate ({text})")
                     delay = self.slow_backoff().next()
                 else:
@@ -259,7 +286,7 @@ class Agent:
                     self._telemetry()
                     next_telemetry = now + self.cfg.telemetry.interval
                 self._pump(client)
-                if now >= self._next_renew_try and (mode := self._renewal_due()):
+                if (self._renew_requested or now >= self._next_renew_try) and (mode := self._renewal_due()):
                     switch = self._renew(mode)
                 if now - last_status >= STATUS_EVERY:
                     self._write_status()
@@ -278,6 +305,9 @@ class Agent:
                 kind = classify_tls_error(text)
                 self._set_state(kind or "offline", text)
                 self.stop_event.wait(self.backoff.next() if kind is None else self.slow_backoff().next())
+        if self._acked:  # PUBACKs that arrived while closing
+            self.spool.ack_many(self._acked)
+            self._acked = []
         self._set_state("stopped")
         self.spool.close()
         return 0

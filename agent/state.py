@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # cryptography is imported only where certificates are handled (not by the running session)
+    from cryptography import x509
 
 CERT = "cert.pem"
 ROOT = "fleet-root.pem"
@@ -72,6 +73,8 @@ def load_identity(state: Path) -> Identity | None:
 
 
 def load_chain(state: Path) -> list[x509.Certificate]:
+    from cryptography import x509
+
     try:
         return x509.load_pem_x509_certificates((state / CERT).read_bytes())
     except (OSError, ValueError) as exc:
@@ -79,6 +82,8 @@ def load_chain(state: Path) -> list[x509.Certificate]:
 
 
 def _spki(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -88,6 +93,9 @@ def verify_issued(certs: list[x509.Certificate], root: x509.Certificate, device_
 
     Returns (leaf, chain without root). Raises StateError saying what is wrong.
     """
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     spki = _spki(public_key)
     leaves = [c for c in certs if _spki(c.public_key()) == spki]
     if len(leaves) != 1:
@@ -135,6 +143,8 @@ def verify_issued(certs: list[x509.Certificate], root: x509.Certificate, device_
 def store_certificate(state: Path, leaf: x509.Certificate, chain: list[x509.Certificate], device_id: str,
                       key_label: str, key_uri: str, now: datetime, renewed: bool) -> Identity:
     """Write cert.pem (leaf + chain) and identity.json atomically; cert first, so identity never points ahead."""
+    from cryptography.hazmat.primitives import hashes, serialization
+
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [leaf, *chain])
     write_atomic(state / CERT, pem, 0o644)
     old = load_identity(state)

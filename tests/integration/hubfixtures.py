@@ -200,7 +200,7 @@ class Hub:
         path = self.dir / "fleet.toml"
         text = path.read_text()
         for key, value in settings.items():
-            rendered = json.dumps(value) if isinstance(value, str) else repr(value)
+            rendered = json.dumps(value) if isinstance(value, (str, bool)) else repr(value)
             text, n = re.subn(rf"(?m)^{re.escape(key)} = .*$", f"{key} = {rendered}", text)
             assert n == 1, f"{key} not found in fleet.toml"
         path.write_text(text)

@@ -39,11 +39,6 @@ def test_drain_delivers_every_spooled_message(rows):
     assert rows["spool drain to the broker (messages/s, CONNACK to empty)"]["value"] > 100
 
 
-@pytest.mark.xfail(strict=True, reason="agent peak RSS is ~54 MB against a 30 MB goal: `tessera-agent run` loads "
-                                        "typer+rich (~8 MB) and, through typer 0.29, pydantic (~6 MB), plus "
-                                        "cryptography (~14 MB) and multiprocessing at import time although only "
-                                        "enrollment/renewal need them; a lean session measures ~29 MB (see "
-                                        "bench/agent_bench.py)")
 def test_peak_rss_goal(rows):
     r = rows["agent peak RSS VmHWM after 5 s of telemetry (MB)"]
     assert r["pass"], r

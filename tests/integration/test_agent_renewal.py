@@ -145,10 +145,6 @@ def test_agent_does_not_renew_before_two_thirds_of_the_lifetime(hub, make_device
     assert len(hub.show("ren-3")["certificates"]) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="agent/session.py Agent.run/_renew: nothing limits successful renewals, so a "
-                                        "device clock more than 2/3 of the lifetime ahead makes every new "
-                                        "certificate due at once: a renewal storm against EST (~20-30 certificates "
-                                        "in 6 s) (bug)")
 def test_clock_ahead_does_not_cause_a_renewal_storm(hub, make_device):
     dev, token = make_device("ren-4", interval=1.0)
     dev.enroll_ok(token)

@@ -21,7 +21,7 @@ from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device a
 pytestmark = pytest.mark.integration
 
 STATUS_FIELDS = {"device_id", "enrolled", "cert_serial", "cert_not_after", "cert_expired", "key_uri", "connection",
-                 "since", "last_error", "spool_depth"}
+                 "since", "last_error", "spool_depth", "pid"}
 
 
 def send(hub, device_id: str, command: str, *args: str):
@@ -111,9 +111,6 @@ def test_status_json_fields(hub, make_device):
         assert key in proc.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="agent/cli.py status: reads the spool with sqlite3 while the running agent "
-                                        "holds it with locking_mode=EXCLUSIVE, so spool_depth is null for a running "
-                                        "agent; status.json has the depth (bug)")
 def test_status_reports_spool_depth_while_running(hub, make_device):
     dev, token = make_device("sess-3", interval=0.5)
     dev.enroll_ok(token)
@@ -127,9 +124,6 @@ def test_status_reports_spool_depth_while_running(hub, make_device):
         assert dev.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="agent/cli.py status: reports status.json's state without checking that the "
-                                        "agent process (status.json pid) is alive, so a killed agent shows 'online' "
-                                        "(bug)")
 def test_status_does_not_claim_online_after_the_agent_died(hub, make_device):
     dev, token = make_device("sess-4", interval=0.5)
     dev.enroll_ok(token)
@@ -177,19 +171,15 @@ def enrolled(make_device):
 
 
 def test_bad_spool_policy_is_a_clean_error(enrolled):
-    """Control for the xfails below: a setting agent/config.py validates gives one clean error line."""
+    """Control for the cases below: a setting agent/config.py validates gives one clean error line."""
     proc = enrolled.cli("run", "--set", "spool.drop_policy=sometimes", timeout=30)
     assert proc.returncode == 1
     assert "drop_policy" in _clean_error(proc)
 
 
 @pytest.mark.parametrize("setting, words", [
-    pytest.param("telemetry.source=/nonexistent/telemetry-prog", "not an executable", marks=pytest.mark.xfail(
-        strict=True, reason="agent/cli.py run: _errors() lacks agent.telemetry.TelemetryError, so a bad "
-                            "telemetry.source dies with a rich traceback (bug)")),
-    pytest.param("spool.max_messages=0", "max_messages", marks=pytest.mark.xfail(
-        strict=True, reason="agent/config.py load does not validate spool.max_messages; Spool() raises ValueError "
-                            "and agent/cli.py run shows a traceback (bug)")),
+    ("telemetry.source=/nonexistent/telemetry-prog", "not an executable"),
+    ("spool.max_messages=0", "max_messages"),
 ])
 def test_bad_settings_are_clean_errors(enrolled, setting, words):
     proc = enrolled.cli("run", "--set", setting, timeout=30)
@@ -214,9 +204,6 @@ def test_second_run_on_the_same_state_dir_is_refused(enrolled, hub):
     assert dev.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="agent/cli.py run: _errors() lacks agent.spool.SpoolError, so a second "
-                                        "`tessera-agent run` on the same state dir dies with a rich traceback "
-                                        "instead of 'error: spool ... is in use by another process' (bug)")
 def test_second_run_error_is_one_clean_line(enrolled):
     dev = enrolled
     dev.start()
