@@ -21,9 +21,17 @@ MODULES = {"hsm": "bench.hsm_bench", "est": "bench.est_bench", "broker": "bench.
            "agent": "bench.agent_bench"}
 
 
+def fmt(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if float(value).is_integer() and abs(value) >= 1:
+        return f"{value:.0f}"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
+
+
 def render(rows: list[dict]) -> str:
     header = ("metric", "value", "goal", "result")
-    table = [(r["metric"], f"{r['value']}{(' ' + r['unit']) if r.get('unit') else ''}", r.get("goal") or "",
+    table = [(r["metric"], f"{fmt(r['value'])}{(' ' + r['unit']) if r.get('unit') else ''}", r.get("goal") or "",
               {True: "pass", False: "FAIL", None: ""}[r.get("pass")]) for r in rows]
     widths = [max(len(str(x[i])) for x in [header, *table]) for i in range(4)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)), "  ".join("-" * w for w in widths)]

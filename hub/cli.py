@@ -5,17 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .config import ConfigError, HubConfig, hub_dir, load_config
-from .policy import PolicyError, check_device_id
+from .cliutil import DirOpt, config, device_id_arg, err, errors, fail, now, out, registry
+from .config import hub_dir
+from .devicecli import _notify_acl, device_app
+from .policy import PolicyError
 
 app = typer.Typer(
     name="tessera-hub",
@@ -24,8 +23,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-device_app = typer.Typer(help="Add, list, inspect, suspend, resume and revoke devices.", no_args_is_help=True)
 token_app = typer.Typer(help="Enrollment tokens for factory batches.", no_args_is_help=True)
+ca_app = typer.Typer(help="Certificate authority maintenance.", no_args_is_help=True)
+app.add_typer(device_app, name="device")
+app.add_typer(token_app, name="token")
+app.add_typer(ca_app, name="ca")
 
 
 @app.callback()
@@ -33,62 +35,6 @@ def _main() -> None:
     # Everything the hub writes (registry, keys, CRLs, token CSVs) is private to its user.
     os.umask(0o077)
 
-
-ca_app = typer.Typer(help="Certificate authority maintenance.", no_args_is_help=True)
-app.add_typer(device_app, name="device")
-app.add_typer(ca_app, name="ca")
-app.add_typer(token_app, name="token")
-
-# soft_wrap: errors and status lines stay one line each when the output is not a terminal (logs, scripts)
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-DirOpt = typer.Option(None, "--dir", help="Hub directory [default: $TESSERA_HUB_DIR, else ./tessera-hub].",
-                      show_default=False)
-
-
-def now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _config(directory: Optional[Path]) -> HubConfig:
-    try:
-        return load_config(hub_dir(directory))
-    except ConfigError as exc:
-        fail(str(exc))
-
-
-def _registry(cfg: HubConfig):
-    from .registry import Registry
-
-    return Registry(cfg.registry_path)
-
-
-def _device_id(device_id: str) -> str:
-    try:
-        return check_device_id(device_id)
-    except PolicyError as exc:
-        fail(str(exc))
-
-
-def _errors():
-    """Exception types the CLI turns into one clean error line."""
-    from hsm.errors import HsmError
-
-    from .admin import AdminError
-    from .ca import CaError
-    from .crl import CrlError
-    from .registry import RegistryError
-
-    return (RegistryError, CaError, CrlError, HsmError, PolicyError, ConfigError, AdminError, OSError)
-
-
-# --- fleet -------------------------------------------------------------------------------------------------------
 
 @app.command()
 def init(
@@ -113,7 +59,7 @@ def init(
         cfg = create_fleet(root, fleet, now(), validity_days=validity_days, key_type=key_type, ca_key=ca_key,
                            ca_pin_source=ca_pin_source, ca_module=ca_module, hostnames=hostname,
                            est_port=est_port, mqtt_port=mqtt_port)
-    except _errors() as exc:
+    except errors() as exc:
         fail(str(exc))
     out.print(f"fleet [bold]{cfg.fleet}[/] created in {cfg.root}")
     out.print(f"  trust anchor for devices: {cfg.ca_dir / 'root.pem'}")
@@ -128,14 +74,14 @@ def serve(
     mqtt_port: Optional[int] = typer.Option(None, help="MQTT mTLS port [default: from fleet.toml]."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
-    """Run the hub: EST enrollment service and CRL publishing, until SIGTERM or Ctrl-C."""
+    """Run the hub: EST enrollment, the MQTT broker (supervised Mosquitto), live revocation, CRL publishing."""
     from .serve import run
 
-    cfg = _config(directory)
+    cfg = config(directory)
     try:
         run(cfg, host=host, est_port=est_port or cfg.est_port, mqtt_port=mqtt_port or cfg.mqtt_port,
             verbose=verbose, announce=lambda msg: out.print(msg, highlight=False))
-    except _errors() as exc:
+    except errors() as exc:
         fail(str(exc))
 
 
@@ -145,11 +91,11 @@ def crl(directory: Optional[Path] = DirOpt) -> None:
     from .ca import load_ca
     from .revocation import publish_crl
 
-    cfg = _config(directory)
+    cfg = config(directory)
     try:
         ca = load_ca(cfg.ca_dir, cfg.ca_token)
-        path = publish_crl(ca, _registry(cfg), cfg.crl_dir, now())
-    except _errors() as exc:
+        path = publish_crl(ca, registry(cfg), cfg.crl_dir, now())
+    except errors() as exc:
         fail(str(exc))
     from cryptography import x509
 
@@ -166,8 +112,8 @@ def audit(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show the audit log: every enroll, renew, revoke and denial."""
-    cfg = _config(directory)
-    rows = _registry(cfg).audit_log(limit=limit, device_id=device or None)
+    cfg = config(directory)
+    rows = registry(cfg).audit_log(limit=limit, device_id=device or None)
     if as_json:
         out.print_json(json.dumps(rows))
         return
@@ -177,190 +123,6 @@ def audit(
         table.add_row(r["at"][:19], r["actor"], r["action"], r["device_id"] or "", r["outcome"], r["detail"] or "",
                       r["source"] or "", style=style)
     out.print(table)
-
-
-# --- devices -------------------------------------------------------------------------------------------------------
-
-def _parse_labels(labels: list[str]) -> dict[str, str]:
-    result = {}
-    for item in labels:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            fail(f"label {item!r} is not key=value")
-        result[key] = value
-    return result
-
-
-@device_app.command("add")
-def device_add(
-    device_id: str = typer.Argument(..., help="Device id: a-z, 0-9 and '-', up to 63 characters."),
-    directory: Optional[Path] = DirOpt,
-    label: list[str] = typer.Option([], "--label", help="key=value label (repeatable)."),
-    group: list[str] = typer.Option([], "--group", help="Group membership (repeatable)."),
-) -> None:
-    """Register a device and print its one-time enrollment token (alone, on stdout)."""
-    cfg = _config(directory)
-    _device_id(device_id)
-    reg = _registry(cfg)
-    try:
-        reg.add_device(device_id, cfg.fleet, now(), labels=_parse_labels(label), groups=list(group))
-        token = reg.create_token(device_id, now(), cfg.policy.token_ttl)
-    except _errors() as exc:
-        fail(str(exc))
-    if group:
-        _notify_acl(cfg)
-    sys.stdout.write(token + "\n")
-
-
-def _notify_acl(cfg: HubConfig) -> None:
-    """Tell a running hub to re-render the broker ACL (group memberships changed); offline it happens at start."""
-    from . import admin
-
-    try:
-        admin.call(cfg.admin_socket, {"op": "acl"}, timeout=10)
-    except admin.AdminUnavailable:
-        pass
-    except admin.AdminError as exc:
-        err.print(f"[yellow]warning:[/] the running hub could not reload its ACL: {exc}", highlight=False)
-
-
-@device_app.command("token")
-def device_token(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt) -> None:
-    """Issue a fresh one-time enrollment token for an existing device (the previous unused one stops working)."""
-    cfg = _config(directory)
-    _device_id(device_id)
-    try:
-        token = _registry(cfg).create_token(device_id, now(), cfg.policy.token_ttl)
-    except _errors() as exc:
-        fail(str(exc))
-    sys.stdout.write(token + "\n")
-
-
-def _device_rows(cfg: HubConfig) -> list[dict]:
-    rows = []
-    for d in _registry(cfg).list_devices():
-        rows.append({"id": d["id"], "status": d["status"], "online": bool(d["online"]),
-                     "last_seen": d["last_seen"], "cert_expires": d.get("cert_not_after"),
-                     "groups": d["groups"], "labels": d["labels"]})
-    return rows
-
-
-@device_app.command("list")
-def device_list(directory: Optional[Path] = DirOpt,
-                as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List devices: status, online, last seen, certificate expiry."""
-    cfg = _config(directory)
-    rows = _device_rows(cfg)
-    if as_json:
-        out.print_json(json.dumps(rows))
-        return
-    table = Table("device", "status", "online", "last seen", "cert expires", "groups")
-    colors = {"active": "green", "suspended": "yellow", "revoked": "red"}
-    for r in rows:
-        table.add_row(r["id"], f"[{colors[r['status']]}]{r['status']}[/]", "yes" if r["online"] else "no",
-                      (r["last_seen"] or "-")[:19], (r["cert_expires"] or "-")[:19], ", ".join(r["groups"]))
-    out.print(table)
-    out.print(f"{len(rows)} device(s)")
-
-
-@device_app.command("show")
-def device_show(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
-                as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Everything about one device: status, certificates, recent audit entries."""
-    cfg = _config(directory)
-    _device_id(device_id)
-    reg = _registry(cfg)
-    try:
-        dev = reg.require_device(device_id)
-    except _errors() as exc:
-        fail(str(exc))
-    certs = reg.certificates_of(device_id)
-    events = reg.audit_log(limit=10, device_id=device_id)
-    if as_json:
-        out.print_json(json.dumps({"device": dev, "certificates": certs, "audit": events}))
-        return
-    t = Table(show_header=False, box=None)
-    for key in ("id", "fleet", "status", "online", "last_seen", "created", "groups", "labels"):
-        t.add_row(f"[bold]{key}[/]", str(dev.get(key)))
-    out.print(t)
-    ct = Table("serial", "status", "not before", "not after", "sha256")
-    for c in certs:
-        ct.add_row(c["serial"][:16] + "…", c["status"], c["not_before"][:19], c["not_after"][:19],
-                   c["fingerprint_sha256"][:16] + "…")
-    out.print(ct)
-
-
-def _change_status(directory: Optional[Path], device_id: str, status: str, reason: str) -> None:
-    from .control import apply_status_change
-
-    cfg = _config(directory)
-    _device_id(device_id)
-    try:
-        result = apply_status_change(cfg, device_id, status, reason, now())
-    except _errors() as exc:
-        fail(str(exc))
-    out.print(result)
-
-
-@device_app.command("suspend")
-def device_suspend(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
-                   reason: str = typer.Option("suspended by operator", help="Why (kept in the audit log).")) -> None:
-    """Suspend a device: it can neither enroll nor connect until resumed."""
-    _change_status(directory, device_id, "suspended", reason)
-
-
-@device_app.command("resume")
-def device_resume(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt) -> None:
-    """Undo a suspension."""
-    _change_status(directory, device_id, "active", "resumed by operator")
-
-
-@device_app.command("revoke")
-def device_revoke(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
-                  reason: str = typer.Option(..., "--reason", help="keyCompromise, cessationOfOperation, "
-                                                                   "superseded, affiliationChanged or free text.")) -> None:
-    """Revoke a device for good: its certificates go on the CRL and it can never enroll again."""
-    _change_status(directory, device_id, "revoked", reason)
-
-
-@device_app.command("send")
-def device_send(
-    device_id: str = typer.Argument(...),
-    command: str = typer.Argument(..., help="ping, report or renew (what the agent implements)."),
-    directory: Optional[Path] = DirOpt,
-    arg: list[str] = typer.Option([], "--arg", help="key=value argument (repeatable)."),
-    wait: float = typer.Option(10.0, help="Seconds to wait for the device's acknowledgement (0: don't)."),
-) -> None:
-    """Send a command to a connected device through the running hub and print its acknowledgement."""
-    import time
-
-    from . import admin
-
-    cfg = _config(directory)
-    _device_id(device_id)
-    args = {k: (v.lower() == "true" if v.lower() in ("true", "false") else v)
-            for k, v in _parse_labels(arg).items()}
-    try:
-        cid = admin.call(cfg.admin_socket, {"op": "send", "device": device_id, "command": command, "args": args})["id"]
-        deadline = time.monotonic() + wait
-        ack = None
-        while wait and time.monotonic() < deadline:
-            ack = admin.call(cfg.admin_socket, {"op": "ack", "id": cid})
-            if ack:
-                break
-            time.sleep(0.1)
-    except admin.AdminUnavailable:
-        fail("the hub is not running (commands need a live broker)")
-    except admin.AdminError as exc:
-        fail(str(exc))
-    if not wait:
-        out.print(f"sent {command} to {device_id} (id {cid})")
-    elif ack is None:
-        fail(f"no acknowledgement from {device_id} within {wait:.0f} s (command id {cid})")
-    else:
-        sys.stdout.write(json.dumps(ack) + "\n")
-        if not ack.get("ok"):
-            raise typer.Exit(1)
 
 
 # --- factory tokens ----------------------------------------------------------------------------------------------
@@ -377,14 +139,14 @@ def token_create(
     """Register a factory batch of devices with one-time tokens, written to a 0600 CSV."""
     from rich.progress import Progress
 
-    cfg = _config(directory)
+    cfg = config(directory)
     width = max(5, len(str(start + count - 1)))
     ids = [f"{prefix}-{n:0{width}d}" for n in range(start, start + count)]
     for device_id in (ids[0], ids[-1]):
-        _device_id(device_id)
+        device_id_arg(device_id)
     if out_file.exists():
         fail(f"{out_file} exists; refusing to overwrite a token file")
-    reg = _registry(cfg)
+    reg = registry(cfg)
     tmp = out_file.with_name(out_file.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -400,7 +162,7 @@ def token_create(
         os.replace(tmp, out_file)
         if group:
             _notify_acl(cfg)
-    except _errors() as exc:
+    except errors() as exc:
         tmp.unlink(missing_ok=True)
         fail(str(exc))
     out.print(f"{count} devices registered; tokens in {out_file} (mode 0600)")
@@ -425,7 +187,7 @@ def bundle(
 
     from .bundle import BundleError, write_bundles
 
-    cfg = _config(directory)
+    cfg = config(directory)
     try:
         total = sum(1 for _ in open(tokens)) - 1
         with Progress(console=err) as progress:
@@ -456,7 +218,7 @@ def ca_move_to_token(
     from . import admin
     from .camove import move_keys_to_token
 
-    cfg = _config(directory)
+    cfg = config(directory)
     try:
         admin.call(cfg.admin_socket, {"op": "ping"}, timeout=2)
         fail("the hub is running; stop `tessera-hub serve` before moving its CA keys")
@@ -465,9 +227,9 @@ def ca_move_to_token(
     token = TokenConfig(label=token_label, pin_source=pin_source, module=module, softhsm_conf=softhsm_conf)
     try:
         uris = move_keys_to_token(cfg, token, now())
-    except _errors() as exc:
+    except errors() as exc:
         fail(str(exc))
-    _registry(cfg).audit("ca.move_to_token", "ok", now(), actor="cli", detail=f"token={token_label}")
+    registry(cfg).audit("ca.move_to_token", "ok", now(), actor="cli", detail=f"token={token_label}")
     for role, uri in uris.items():
         out.print(f"{role:8} {uri}")
     out.print("CA keys now live in the token; the key files were overwritten and removed")

@@ -1,0 +1,61 @@
+"""Shared pieces of the `tessera-hub` commands: consoles, --dir, config/registry loading, one-line errors."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .config import ConfigError, HubConfig, hub_dir, load_config
+from .policy import PolicyError, check_device_id
+
+# soft_wrap: errors and status lines stay one line each when the output is not a terminal (logs, scripts)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+DirOpt = typer.Option(None, "--dir", help="Hub directory [default: $TESSERA_HUB_DIR, else ./tessera-hub].",
+                      show_default=False)
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def config(directory: Optional[Path]) -> HubConfig:
+    try:
+        return load_config(hub_dir(directory))
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def registry(cfg: HubConfig):
+    from .registry import Registry
+
+    return Registry(cfg.registry_path)
+
+
+def device_id_arg(device_id: str) -> str:
+    try:
+        return check_device_id(device_id)
+    except PolicyError as exc:
+        fail(str(exc))
+
+
+def errors():
+    """Exception types the CLI turns into one clean error line."""
+    from hsm.errors import HsmError
+
+    from .admin import AdminError
+    from .ca import CaError
+    from .crl import CrlError
+    from .registry import RegistryError
+
+    return (RegistryError, CaError, CrlError, HsmError, PolicyError, ConfigError, AdminError, OSError)
