@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import math
 import multiprocessing as mp
 import os
-import re
 import selectors
 import shutil
 import signal
@@ -55,6 +53,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 HOST = "127.0.0.1"
+from bench.fleet import env as _env, free_port as _free_port, hub_cmd as _hub_cmd, make_fleet  # noqa: E402
+
 FLEET = "acme"
 PREFIX = "bb"
 PAYLOAD = b"x" * 64
@@ -82,32 +82,12 @@ def _settings(quick: bool) -> Settings:
 
 # --- processes and files --------------------------------------------------------------------------------------------
 
-def _hub_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "tessera-hub"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("tessera-hub")
-    return [found] if found else [sys.executable, "-m", "hub.cli"]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("TESSERA_HUB_DIR", "COLUMNS", "LINES")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
 
 
-def _hub(args: list[str], hub_dir: Path) -> str:
-    proc = subprocess.run([*_hub_cmd(), *args, "--dir", str(hub_dir)], env=_env(), capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise RuntimeError(f"tessera-hub {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return proc.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _cpu_s(pid: int) -> float:
@@ -251,20 +231,7 @@ class Dev:
 
 
 def _make_fleet(tmp: Path, n: int) -> tuple[Path, list[tuple[str, str]]]:
-    hub_dir = tmp / "hub"
-    _hub(["init", "--fleet", FLEET], hub_dir)
-    toml = hub_dir / "fleet.toml"
-    text = toml.read_text()
-    for key, value in (("rate_per_source", "1000000.0"), ("rate_burst", "1000000"),
-                       ("failures_per_minute", "1000000")):
-        text, count = re.subn(rf"^{key}\s*=.*$", f"{key} = {value}", text, flags=re.M)
-        if count != 1:
-            raise RuntimeError(f"fleet.toml has no single {key} line")
-    toml.write_text(text)
-    tokens = tmp / "tokens.csv"
-    _hub(["token", "create", "--count", str(n), "--prefix", PREFIX, "--out", str(tokens)], hub_dir)
-    with open(tokens, newline="") as fh:
-        return hub_dir, [(r["device_id"], r["token"]) for r in csv.DictReader(fh)]
+    return make_fleet(tmp, n, FLEET, PREFIX)
 
 
 def _enroll(hub: HubProcess, rows: list[tuple[str, str]], work: Path) -> list[Dev]:

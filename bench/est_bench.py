@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import importlib
 import itertools
 import logging
 import multiprocessing as mp
 import os
-import re
 import shutil
 import signal
 import socket
@@ -61,6 +59,8 @@ if str(ROOT) not in sys.path:
 
 GOAL_RATE = 1000.0
 CORES = os.cpu_count() or 1
+from bench.fleet import env as _env, free_port as _free_port, hub_cmd as _hub_cmd, make_fleet  # noqa: E402
+
 FLEET = "bench"
 PREFIX = "b"
 HOST = "127.0.0.1"
@@ -83,32 +83,12 @@ def _settings(quick: bool) -> Setup:
 
 # --- helpers -------------------------------------------------------------------------------------------------------
 
-def _hub_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "tessera-hub"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("tessera-hub")
-    return [found] if found else [sys.executable, "-m", "hub.cli"]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TESSERA_HUB_DIR"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
 
 
-def _hub(args: list[str], hub_dir: Path) -> str:
-    proc = subprocess.run([*_hub_cmd(), *args, "--dir", str(hub_dir)], env=_env(), capture_output=True, text=True,
-                          timeout=120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"tessera-hub {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return proc.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _proc_cpu_s(pid: int) -> tuple[float, float]:
@@ -202,27 +182,7 @@ def _one_exchange(ctx: ssl.SSLContext, port: int, request: bytes) -> tuple[int, 
 # --- fleet setup -----------------------------------------------------------------------------------------------------
 
 def _make_fleet(tmp: Path, n: int) -> tuple[Path, list[tuple[str, str]]]:
-    hub_dir = tmp / "hub"
-    _hub(["init", "--fleet", FLEET], hub_dir)
-    toml = hub_dir / "fleet.toml"
-    text = toml.read_text()
-    for key, value in (("rate_per_source", "1000000.0"), ("rate_burst", "1000000"),
-                       ("failures_per_minute", "1000000")):
-        text, count = re.subn(rf"^{key}\s*=.*$", f"{key} = {value}", text, flags=re.M)
-        if count != 1:
-            raise RuntimeError(f"fleet.toml has no single {key} line to raise")
-    toml.write_text(text)
-    from hub.config import load_config
-
-    cfg = load_config(hub_dir)
-    assert cfg.rate_per_source >= 1e6 and cfg.rate_burst >= 1e6 and cfg.failures_per_minute >= 1e6
-    tokens_csv = tmp / "tokens.csv"
-    _hub(["token", "create", "--count", str(n), "--prefix", PREFIX, "--out", str(tokens_csv)], hub_dir)
-    with open(tokens_csv, newline="") as fh:
-        rows = [(r["device_id"], r["token"]) for r in csv.DictReader(fh)]
-    if len(rows) != n:
-        raise RuntimeError(f"{tokens_csv} holds {len(rows)} tokens, expected {n}")
-    return hub_dir, rows
+    return make_fleet(tmp, n, FLEET, PREFIX)
 
 
 def _make_csr(device_id: str):
