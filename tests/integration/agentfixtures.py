@@ -23,21 +23,19 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from tests.helpers import ROOT, child_env
-from tests.integration.hubfixtures import LENIENT_LIMITS, SIGTERM_GRACE, Hub, cli_env, init_hub
+from tests.integration.hubfixtures import LENIENT_LIMITS, Hub, cli_env, running_hub
 
 AGENT_CLI_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
@@ -84,31 +82,11 @@ def one_line(text: str) -> str:
 
 # --- a hub that logs device messages -----------------------------------------------------------------------------
 
-def enable_telemetry_log(hub: Hub) -> None:
-    """`[mqtt] telemetry_log = true` in fleet.toml (before `serve`). (Hub.configure renders Python's True.)"""
-    path = hub.dir / "fleet.toml"
-    text, n = re.subn(r"(?m)^telemetry_log = .*$", "telemetry_log = true", path.read_text())
-    assert n == 1, "telemetry_log not found in fleet.toml"
-    path.write_text(text)
-
-
 @contextlib.contextmanager
 def telemetry_hub(base: Path, **settings: Any) -> Iterator[Hub]:
-    """An initialised, running hub (lenient rate limits) with the device-message log on; stopped on exit (exit 0)."""
-    hub = init_hub(base, **{**LENIENT_LIMITS, **settings})
-    enable_telemetry_log(hub)
-    hub.start()
-    try:
+    """A running hub (lenient rate limits) with the device-message log on; stopped on exit (exit 0)."""
+    with running_hub(base, **{**LENIENT_LIMITS, "telemetry_log": True, **settings}) as hub:
         yield hub
-    finally:
-        try:
-            rc = hub.stop()
-        finally:
-            hub.kill()
-        assert rc == 0, f"tessera-hub serve exited {rc} on SIGTERM:\n{hub.stderr_path.read_text(errors='replace')}"
-        if hub.sigterm_redelivered:
-            warnings.warn(f"tessera-hub serve ignored a process-directed SIGTERM for {SIGTERM_GRACE} s (known hub "
-                          "bug, see test_hub_cli.py)", stacklevel=1)
 
 
 @pytest.fixture(scope="module")
@@ -391,6 +369,6 @@ def snapshot_spool(dev: Device, dest: Path) -> list[dict]:
 
 
 __all__ = ["AGENT_CLI_TIMEOUT", "Device", "KEY_LABEL", "TOKEN_LABEL", "agent_binary", "agent_env", "broker_log",
-           "broker_pids", "ca_fingerprint", "child_env", "device_messages", "enable_telemetry_log", "enrolled_device",
+           "broker_pids", "ca_fingerprint", "child_env", "device_messages", "enrolled_device",
            "hub", "make_device", "messages_log", "new_device", "one_line", "run_agent_cli", "set_pdeathsig",
            "snapshot_spool", "telemetry", "telemetry_hub", "wait_until", "write_secret"]
