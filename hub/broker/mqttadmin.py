@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from . import BrokerError
 
@@ -19,6 +21,7 @@ CLIENT_ID = "tessera-hub"
 STATUS_TOPIC = "devices/+/status"
 DEVICE_TOPICS = ("devices/+/telemetry", "devices/+/events", "devices/+/commands/ack")
 DYNSEC_RESPONSE = "$CONTROL/dynamic-security/v1/response"
+SESSION_EXPIRY = 3600  # seconds the broker keeps the hub's subscriptions and queue while it is away
 
 
 class AdminClient:
@@ -43,7 +46,11 @@ class AdminClient:
         self.host, self.port = host, port
 
     def start(self, timeout: float = 10.0) -> None:
-        self.client.connect_async(self.host, self.port, keepalive=30)
+        # A persistent session: while this connection is briefly down the broker queues the fleet's QoS 1
+        # messages for the hub instead of dropping them.
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY
+        self.client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
         self.client.loop_start()
         if not self.connected.wait(timeout):
             raise BrokerError(f"the hub's admin client could not connect to the broker at {self.host}:{self.port}")
