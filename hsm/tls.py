@@ -15,6 +15,7 @@ same token here (hsm.worker runs key management in a separate process for that r
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import ssl
 import threading
@@ -28,6 +29,8 @@ ENGINE_DIRS = ("/usr/lib/x86_64-linux-gnu/engines-3", "/usr/lib/aarch64-linux-gn
                "/usr/lib/arm-linux-gnueabihf/engines-3", "/usr/lib/engines-3", "/usr/local/lib/engines-3")
 PROVIDER_DIRS = ("/usr/lib/x86_64-linux-gnu/ossl-modules", "/usr/lib/aarch64-linux-gnu/ossl-modules",
                  "/usr/lib/arm-linux-gnueabihf/ossl-modules", "/usr/lib/ossl-modules", "/usr/local/lib/ossl-modules")
+
+log = logging.getLogger("tessera.hsm.tls")
 
 _lock = threading.Lock()
 _engines: dict[tuple[str, str], int] = {}  # (module, conf) -> initialized ENGINE*, kept for the process lifetime
@@ -211,7 +214,7 @@ def _provider_key(libs: _OpenSSL, token: TokenConfig, key_uri: str) -> int:
 def use_token_key(ctx: ssl.SSLContext, cert_chain: str | os.PathLike, key_uri: str, token: TokenConfig,
                   route: str | None = None) -> str:
     """Load `cert_chain` (PEM, leaf first) and the token key `key_uri` into `ctx`; returns the route used."""
-    route = route or choose_route()
+    chosen = route or choose_route()
     if token.softhsm_conf:
         os.environ["SOFTHSM2_CONF"] = token.softhsm_conf
     if not Path(cert_chain).is_file():
@@ -221,7 +224,18 @@ def use_token_key(ctx: ssl.SSLContext, cert_chain: str | os.PathLike, key_uri: s
     libs = _openssl()
     libs.crypto.ERR_clear_error()
     ptr = _ssl_ctx_pointer(ctx, libs)
-    pkey = (_provider_key if route == "provider" else _engine_key)(libs, token, key_uri)
+    try:
+        pkey = (_provider_key if chosen == "provider" else _engine_key)(libs, token, key_uri)
+    except PinError:
+        raise  # never retry a PIN on another route: each failure counts towards the token's lockout
+    except HsmError as exc:
+        if route is not None or chosen != "provider" or "engine" not in available_routes():
+            raise
+        # Chosen automatically and both are installed: fall back to the engine route rather than fail.
+        log.warning("pkcs11-provider could not load %s (%s); using the libp11 engine", key_uri, exc)
+        libs.crypto.ERR_clear_error()
+        chosen = "engine"
+        pkey = _engine_key(libs, token, key_uri)
     try:
         if libs.ssl.SSL_CTX_use_PrivateKey(ptr, pkey) != 1:
             raise HsmError(f"OpenSSL refused the token key: {_err(libs)}")
@@ -232,7 +246,7 @@ def use_token_key(ctx: ssl.SSLContext, cert_chain: str | os.PathLike, key_uri: s
         raise HsmError(f"cannot load certificate chain {cert_chain}: {_err(libs)}")
     if libs.ssl.SSL_CTX_check_private_key(ptr) != 1:
         raise HsmError(f"the token key {key_uri} does not match the certificate in {cert_chain}")
-    return route
+    return chosen
 
 
 def client_context(cafile: str | os.PathLike, cert_chain: str | os.PathLike, key_uri: str, token: TokenConfig,
