@@ -24,12 +24,11 @@ class EstClientError(Exception):
         self.status, self.code = status, code
 
 
-def client_context(cafile: str, base: ssl.SSLContext | None = None) -> ssl.SSLContext:
+def client_context(cafile: str) -> ssl.SSLContext:
     """TLS >= 1.2, only `cafile` trusted (no system store), hostname checked."""
-    ctx = base or ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if base is None:
-        ctx.load_verify_locations(cafile=cafile)
+    ctx.load_verify_locations(cafile=cafile)
     return ctx
 
 

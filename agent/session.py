@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 from .backoff import Backoff
 from .commands import CommandHandler, builtin_handlers
 from .config import AgentConfig, to_dict
-from .renewal import decide
+from .renewal import decide, next_check_delay
 from .spool import Spool
 from .state import CERT, ROOT, SPOOL, StateError, load_identity, write_status
 from .telemetry import envelope, make_source
@@ -203,11 +203,16 @@ class Agent:
                        qos=1, retain=False, now=time.time())
 
     def _renewal_due(self) -> str | None:
+        """'renew'/'rotate' when a renewal is due or asked for; otherwise schedules the next look (no parsing of
+        the certificate dates on every loop turn)."""
         if self._renew_requested:
             return self._renew_requested
         d = decide(datetime.fromisoformat(self.ident.not_before), datetime.fromisoformat(self.ident.not_after),
                    self.clock(), fraction=self.cfg.renewal.fraction)
-        return "renew" if d.action == "renew" else None
+        if d.action == "renew":
+            return "renew"
+        self._next_renew_try = self.monotonic() + max(1.0, next_check_delay(d, self.clock()))
+        return None
 
     def _renew(self, mode: str) -> bool:
         """Renew in a child process (agent.renewchild), then switch to the new certificate."""

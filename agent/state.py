@@ -72,13 +72,6 @@ def load_identity(state: Path) -> Identity | None:
         raise StateError(f"{state / IDENTITY} is damaged ({exc.__class__.__name__}); re-enroll the device") from None
 
 
-def load_chain(state: Path) -> list[x509.Certificate]:
-    from cryptography import x509
-
-    try:
-        return x509.load_pem_x509_certificates((state / CERT).read_bytes())
-    except (OSError, ValueError) as exc:
-        raise StateError(f"cannot read the device certificate {state / CERT}: {exc}") from None
 
 
 def _spki(key) -> bytes:

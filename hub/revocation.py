@@ -14,8 +14,7 @@ from typing import Iterable
 from cryptography.hazmat.primitives import serialization
 
 from .ca import FleetCA
-from .crl import (CrlError, crl_needs_refresh, crl_number, current_crl, next_crl_number, validate_crl,
-                  write_crl_atomically)
+from .crl import CrlError, crl_needs_refresh, crl_number, next_crl_number, validate_crl, write_crl_atomically
 from .registry import Registry
 
 CRL_LIFETIME = timedelta(days=7)
@@ -57,13 +56,3 @@ def publish_service_crl(ca: FleetCA, crl_dir: Path, now: datetime) -> bytes:
     validate_crl(tmp.read_bytes(), ca.service_ca, now)
     tmp.replace(path)
     return pem
-
-
-def refresh_if_due(ca: FleetCA, registry: Registry, crl_dir: Path, now: datetime,
-                   extra: Iterable[tuple[int, datetime, str]] = ()) -> bool:
-    """Re-issue the device CRL when it is missing, unreadable, or past half its lifetime. True if re-issued."""
-    crl = current_crl(crl_dir, ca.device_ca)
-    if crl is None or crl_needs_refresh(crl, now):
-        publish_crl(ca, registry, crl_dir, now, extra)
-        return True
-    return False
