@@ -202,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             while demo.agent_state(victim) not in ("revoked", "offline") and time.monotonic() - t0 < 10:
                 time.sleep(0.01)
             cut_ms = (time.monotonic() - t0) * 1000
+            # then its reconnect is refused at the TLS handshake (after a jittered backoff of up to a few s)
+            while demo.agent_state(victim) != "revoked" and time.monotonic() - t0 < 20:
+                live.update(demo.table(f"{victim} revoked: session cut, waiting for its reconnect to be refused"))
+                time.sleep(0.1)
             demo.stream(live, args.seconds, f"{victim} revoked: cut off and refused; the others carry on")
             after = demo.messages()
         console.print(out.strip())
