@@ -29,9 +29,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from sqlite_utils import Database
 
+from hub.authz.policy import DEFAULT_ROLES, AuthzError, check_groups, check_labels
+from hub.authz.schema import AUTHZ_SCHEMA, MIGRATE_1_TO_2
 from hub.policy import PolicyError, check_device_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: How long a certificate superseded by a renewal keeps connecting (the device switches over in this time).
+SUPERSEDE_GRACE = timedelta(minutes=5)
 DEVICE_STATUSES = ("active", "suspended", "revoked")
 #: Who the audit log names for enroll / reenroll (the enrollment service acting for an unauthenticated claimant).
 EST_ACTOR = "est"
@@ -48,7 +52,8 @@ _SCHEMA = (
         serial TEXT PRIMARY KEY, device_id TEXT NOT NULL REFERENCES devices(id), subject TEXT NOT NULL,
         not_before TEXT NOT NULL, not_after TEXT NOT NULL, fingerprint_sha256 TEXT NOT NULL,
         status TEXT NOT NULL CHECK (status IN ('active', 'superseded', 'revoked')),
-        revoked_at TEXT, revocation_reason TEXT, issued_at TEXT NOT NULL, pem TEXT NOT NULL)""",
+        revoked_at TEXT, revocation_reason TEXT, issued_at TEXT NOT NULL, pem TEXT NOT NULL,
+        grace_until TEXT)""",
     """CREATE INDEX IF NOT EXISTS certificates_device ON certificates(device_id)""",
     # Invariant: a device has at most one active certificate.
     """CREATE UNIQUE INDEX IF NOT EXISTS certificates_one_active ON certificates(device_id)
@@ -146,10 +151,19 @@ def _device(row: dict[str, Any]) -> dict[str, Any]:
             "online": bool(row["online"])}
 
 
+class InvalidName(RegistryError, PolicyError):
+    code = "invalid_name"
+
+
 def _json_meta(labels: Mapping[str, str] | None, groups: Sequence[str] | None) -> tuple[str, str]:
+    """Labels and groups as stored JSON, validated like device ids (they end up in topic rules)."""
     if isinstance(groups, str):
         raise ValueError("groups must be a list of names, not a string")
-    return json.dumps(dict(labels or {}), sort_keys=True), json.dumps(list(groups or []))
+    try:
+        return (json.dumps(check_labels(dict(labels or {})), sort_keys=True),
+                json.dumps(check_groups(groups or [])))
+    except AuthzError as exc:
+        raise InvalidName(str(exc)) from None
 
 
 class Registry:
@@ -167,13 +181,47 @@ class Registry:
         db = self._db()
         db.enable_wal()
         with self._write(db):
+            old = None
+            if self._one(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"):
+                row = self._one(db, "SELECT value FROM meta WHERE key = 'schema_version'")
+                old = row and row["value"]
             for statement in _SCHEMA:
                 db.execute(statement)
+            if old == "1":
+                for statement in MIGRATE_1_TO_2:
+                    db.execute(statement)
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+            for statement in AUTHZ_SCHEMA:
+                db.execute(statement)
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+            self._seed_roles(db)
         version = self._one(db, "SELECT value FROM meta WHERE key = 'schema_version'")
         if version is None or int(version["value"]) != SCHEMA_VERSION:
             raise RegistryError(f"{self.path}: schema version {version and version['value']}, this code needs "
                                 f"{SCHEMA_VERSION}", code="schema_version")
+
+    @staticmethod
+    def _seed_roles(db: Database) -> None:
+        """Built-in roles that are missing get their default rules (an edited role is left as it is)."""
+        for name, rules in DEFAULT_ROLES.items():
+            if db.execute("INSERT OR IGNORE INTO roles (name, description) VALUES (?, 'built-in')", [name]).rowcount:
+                db.conn.executemany("INSERT OR IGNORE INTO role_rules (role, action, pattern) VALUES (?, ?, ?)",
+                                    [(name, a, p) for a, p in rules])
+
+    @staticmethod
+    def authz_event(db: Database, principal: str | None, reason: str, now: datetime) -> None:
+        """Tell the brokers (in the caller's transaction) that `principal`'s live sessions must be re-checked."""
+        db.execute("INSERT INTO authz_events (at, principal, reason) VALUES (?, ?, ?)", [_ts(now), principal, reason])
+
+    def authz_seq(self) -> int:
+        """The newest authz event number (0 when there is none)."""
+        row = self._one(self._db(), "SELECT COALESCE(MAX(seq), 0) AS seq FROM authz_events")
+        return int(row["seq"]) if row else 0
+
+    def prune_authz_events(self, before: datetime) -> int:
+        with self._write() as db:
+            return db.execute("DELETE FROM authz_events WHERE at < ? AND seq < (SELECT MAX(seq) FROM authz_events)",
+                              [_ts(before)]).rowcount
 
     # --- connections and transactions ----------------------------------------------------------------------------
 
@@ -189,6 +237,13 @@ class Registry:
             db.execute("PRAGMA foreign_keys = ON")
             self._local.db = db
         return db
+
+    def write(self) -> contextlib.AbstractContextManager[Database]:
+        """One BEGIN IMMEDIATE write transaction (for modules that keep their own tables in this registry)."""
+        return self._write()
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return list(self._db().query(sql, list(params)))
 
     @contextlib.contextmanager
     def _write(self, db: Database | None = None) -> Iterator[Database]:
@@ -292,6 +347,7 @@ class Registry:
                 if revoked:
                     detail += f"; revoked certificates: {', '.join(sorted(revoked))}"
                 self._audit_row(db, f"device.{status}", "ok", now, actor, device_id, detail)
+                self.authz_event(db, device_id, f"device {status}", now)
         return {"device": self.require_device(device_id), "revoked_serials": sorted(revoked)}
 
     def mark_presence(self, device_id: str, online: bool, now: datetime) -> None:
@@ -417,8 +473,10 @@ class Registry:
             db.execute("UPDATE tokens SET used_at = ?, used_from = ? WHERE id = ? AND used_at IS NULL",
                        [now_s, source, row["id"]])
             cert = issue()
-            db.execute("UPDATE certificates SET status = 'superseded' WHERE device_id = ? AND status = 'active'",
-                       [device_id])
+            # a token re-enrollment replaces the old credential at once (no grace: it may be why we re-enroll)
+            if db.execute("UPDATE certificates SET status = 'superseded', grace_until = ? "
+                          "WHERE device_id = ? AND status = 'active'", [now_s, device_id]).rowcount:
+                self.authz_event(db, device_id, "re-enrolled", now)
             serial = self._insert_cert(db, device_id, cert, now)
             self._audit_row(db, "enroll", "ok", now, EST_ACTOR, device_id, f"serial {serial}", source)
             return cert
@@ -452,16 +510,20 @@ class Registry:
         return self._check_cert(self._db(), serial_hex, device_id, now)
 
     def reenroll(self, device_id: str, presented_serial_hex: str, now: datetime,
-                 issue: Callable[[], x509.Certificate], source: str | None = None) -> x509.Certificate:
-        """Renew: record the new certificate as active; the presented one becomes 'superseded', NOT revoked (it
-        stays usable on MQTT until it expires, so the device can switch over), but can never reenroll again.
+                 issue: Callable[[], x509.Certificate], source: str | None = None,
+                 grace: timedelta = SUPERSEDE_GRACE) -> x509.Certificate:
+        """Renew: record the new certificate as active; the presented one becomes 'superseded', NOT revoked: the
+        broker still admits it for `grace` (so the device can switch over) or until the device has connected with
+        the new one, whichever comes first; it can never reenroll again.
         issue() failing is handled as in enroll(). Raises CertRejected, UnknownDevice, DeviceNotActive (audited)."""
 
         def body(db: Database) -> x509.Certificate:
             old = self._check_cert(db, presented_serial_hex, device_id, now)
             cert = issue()
-            db.execute("UPDATE certificates SET status = 'superseded' WHERE serial = ?", [old["serial"]])
+            db.execute("UPDATE certificates SET status = 'superseded', grace_until = ? WHERE serial = ?",
+                       [_ts(now + max(grace, timedelta(0))), old["serial"]])
             serial = self._insert_cert(db, device_id, cert, now)
+            self.authz_event(db, device_id, "renewed", now)
             self._audit_row(db, "reenroll", "ok", now, EST_ACTOR, device_id,
                             f"serial {serial} supersedes {old['serial']}", source)
             return cert

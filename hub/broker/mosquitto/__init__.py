@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
-from . import AclSpec, BrokerDriver, BrokerError, Canary
+from .. import AclSpec, BrokerDriver, BrokerError, Canary
 
 log = logging.getLogger("tessera.hub.broker")
 
