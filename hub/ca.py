@@ -289,6 +289,20 @@ class FleetCA:
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
         return self._sign("service", builder)
 
+    def issue_identity_cert(self, public_key: PublicKey, principal: str, now: datetime,
+                            validity: timedelta = timedelta(days=365)) -> x509.Certificate:
+        """A service identity's client certificate from the service CA: O=<fleet>, OU=tessera-service, CN=principal.
+
+        The issuer (service CA) is what sets it apart from a device; the `svc.` principal prefix keeps the names
+        apart too (a device id never contains a '.').
+        """
+        check_public_key(public_key)
+        builder = (self._leaf("service", _name(self.fleet, principal, ("tessera-service",)), public_key, now,
+                              validity)
+                   .add_extension(_key_usage(digital_signature=True), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+        return self._sign("service", builder)
+
     def build_crl(self, revoked: Iterable[tuple[int, datetime, str]], now: datetime, *, crl_number: int,
                   next_update: timedelta = timedelta(days=7), issuer: str = "device") -> x509.CertificateRevocationList:
         """A CRL signed by the `issuer` CA ("device", default, or "service"): entries, CRLNumber and AKI.
@@ -299,17 +313,6 @@ class FleetCA:
         if issuer not in ("device", "service"):
             raise CaError(f"no {issuer!r} CA issues CRLs")
         return self._sign(issuer, crl_builder(self._certs[issuer], revoked, _aware(now), crl_number, next_update))
-
-    def issue_canary_cert(self, public_key: PublicKey, now: datetime,
-                          validity: timedelta = timedelta(minutes=15)) -> x509.Certificate:
-        """A short-lived device-CA client cert (CN=tessera-canary, a reserved id) that the hub revokes at once.
-
-        The hub proves a broker really enforces a new CRL by failing to connect with it.
-        """
-        builder = (self._leaf("device", _name(self.fleet, "tessera-canary"), public_key, now, validity)
-                   .add_extension(_key_usage(digital_signature=True), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
-        return self._sign("device", builder)
 
 
 def _ca_cert(subject: x509.Name, key: PrivateKey, issuer: x509.Certificate | None, issuer_key: PrivateKey,

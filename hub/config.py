@@ -48,6 +48,13 @@ class HubConfig:
     ca_softhsm_conf: str = ""
     #: Append every device message the hub sees to logs/device-messages.jsonl.
     telemetry_log: bool = False
+    #: Broker limits: payload bytes per PUBLISH, queued bytes per client, connects per principal per minute.
+    max_payload: int = 256 * 1024
+    max_queued_bytes: int = 64 * 1024 * 1024
+    connect_rate: int = 30
+    connect_burst: int = 10
+    #: Seconds a certificate superseded by a renewal still connects (ends early once the new one has connected).
+    supersede_grace_seconds: int = 300
 
     # --- derived paths ---
     @property
@@ -115,7 +122,12 @@ class HubConfig:
             f"failures_per_minute = {self.failures_per_minute}", "",
             "[mqtt]", f"port = {self.mqtt_port}",
             "# log every device message the hub sees to logs/device-messages.jsonl",
-            f"telemetry_log = {'true' if self.telemetry_log else 'false'}", "",
+            f"telemetry_log = {'true' if self.telemetry_log else 'false'}",
+            "# limits: bytes per message payload, bytes queued per client, connects per principal per minute",
+            f"max_payload = {self.max_payload}", f"max_queued_bytes = {self.max_queued_bytes}",
+            f"connect_rate = {self.connect_rate}", f"connect_burst = {self.connect_burst}",
+            "# seconds a certificate replaced by a renewal may still connect (ends once the new one has connected)",
+            f"supersede_grace_seconds = {self.supersede_grace_seconds}", "",
             "[ca]", "# store = \"file\" (keys in ca/, mode 0600) or \"pkcs11\" (keys in a token; PIN from pin_source)",
             f"store = {q(self.ca_store)}", f"module = {q(self.ca_module)}", f"token_label = {q(self.ca_token_label)}",
             f"pin_source = {q(self.ca_pin_source)}", f"softhsm_conf = {q(self.ca_softhsm_conf)}", "",
@@ -125,6 +137,13 @@ class HubConfig:
         tmp = self.toml_path.with_suffix(".tmp")
         tmp.write_text(self.to_toml())
         os.replace(tmp, self.toml_path)
+
+
+def _positive(section: dict, key: str, default: int, allow_zero: bool = False) -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ValueError(f"[mqtt] {key} must be a {'non-negative' if allow_zero else 'positive'} integer")
+    return value
 
 
 def load_config(root: Path) -> HubConfig:
@@ -146,6 +165,10 @@ def load_config(root: Path) -> HubConfig:
             rate_per_source=float(est.get("rate_per_source", 100.0)), rate_burst=int(est.get("rate_burst", 200)),
             failures_per_minute=int(est.get("failures_per_minute", 30)),
             mqtt_port=int(mqtt.get("port", 8883)), telemetry_log=bool(mqtt.get("telemetry_log", False)),
+            max_payload=_positive(mqtt, "max_payload", 256 * 1024),
+            max_queued_bytes=_positive(mqtt, "max_queued_bytes", 64 * 1024 * 1024),
+            connect_rate=_positive(mqtt, "connect_rate", 30), connect_burst=_positive(mqtt, "connect_burst", 10),
+            supersede_grace_seconds=_positive(mqtt, "supersede_grace_seconds", 300, allow_zero=True),
             ca_store=ca.get("store", "file"), ca_module=ca.get("module", ""),
             ca_token_label=ca.get("token_label", ""), ca_pin_source=ca.get("pin_source", ""),
             ca_softhsm_conf=ca.get("softhsm_conf", ""),

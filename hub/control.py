@@ -24,8 +24,10 @@ def apply_status_change(cfg: HubConfig, device_id: str, status: str, reason: str
     if result["revoked_serials"]:
         summary += f"; {len(result['revoked_serials'])} certificate(s) revoked"
     summary += f"; enforced by the running hub in {t['total_ms']:.0f} ms"
-    if result["kicked"]:
-        summary += " (CRL confirmed, live session dropped)"
+    if result["kicked"] is None:
+        summary += " (broker not confirmed; it applies the change on its next tick)"
+    elif result["kicked"]:
+        summary += f" ({result['kicked']} live session(s) cut)"
     return summary
 
 
@@ -43,4 +45,4 @@ def _offline(cfg: HubConfig, device_id: str, status: str, reason: str, now: date
     summary = f"{device_id}: {result['device']['status']}"
     if result["revoked_serials"]:
         summary += f"; {len(result['revoked_serials'])} certificate(s) revoked"
-    return summary + "; the hub is not running: CRL published, the broker enforces it at the next start"
+    return summary + "; the hub is not running: recorded, the broker enforces it from the registry when it starts"

@@ -44,21 +44,7 @@ def device_add(
         token = reg.create_token(device_id, now(), cfg.policy.token_ttl)
     except errors() as exc:
         fail(str(exc))
-    if group:
-        _notify_acl(cfg)
     sys.stdout.write(token + "\n")
-
-
-def _notify_acl(cfg: HubConfig) -> None:
-    """Tell a running hub to re-render the broker ACL (group memberships changed); offline it happens at start."""
-    from . import admin
-
-    try:
-        admin.call(cfg.admin_socket, {"op": "acl"}, timeout=10)
-    except admin.AdminUnavailable:
-        pass
-    except admin.AdminError as exc:
-        err.print(f"[yellow]warning:[/] the running hub could not reload its ACL: {exc}", highlight=False)
 
 
 @device_app.command("token")

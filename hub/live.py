@@ -1,4 +1,10 @@
-"""The running hub's live actions: status changes that bite at once (CRL swap confirmed, session kicked)."""
+"""The running hub's live actions: status changes that bite at once (registry commit, broker sync), device traffic.
+
+A suspend / resume / revoke is one registry transaction (status, certificates, audit row and an authz event);
+the broker plugin admits nobody the registry does not, so that commit alone decides every new connection. The
+hub then rings the broker (`BrokerDriver.sync`) so live sessions are cut at once and it can say when that
+happened. CRLs are still published for third parties, off the request path (`CrlPublisher`).
+"""
 
 from __future__ import annotations
 
@@ -6,29 +12,66 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+import uuid
+from datetime import datetime, timezone
 from typing import Callable
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from .broker import AclSpec, BrokerDriver, Canary
+from .broker import BrokerDriver, BrokerError
 from .ca import FleetCA
 from .config import HubConfig
+from .crl import crl_needs_refresh, current_crl
 from .registry import Registry
 from .revocation import publish_crl, publish_service_crl
 
 log = logging.getLogger("tessera.hub")
 
-CANARY_LIFETIME = timedelta(minutes=15)
+CRL_MIN_INTERVAL = 2.0    # seconds between two CRL publications after changes (a burst of revokes is one CRL)
+CRL_CHECK_INTERVAL = 60.0  # seconds between checks that the CRL is not due for re-issue
 
 
-@dataclass
-class _CanaryEntry:
-    serial: int
-    revoked_at: datetime
-    expires: datetime
+class CrlPublisher:
+    """Publishes the device and service CRLs in the background: soon after a change, and before nextUpdate."""
+
+    def __init__(self, ca: FleetCA, registry: Registry, cfg: HubConfig, clock: Callable[[], datetime]):
+        self.ca, self.registry, self.cfg, self.clock = ca, registry, cfg, clock
+        self._dirty = threading.Event()
+        self._lock = threading.Lock()
+        self._next_check = 0.0
+        self._last = 0.0
+        self.published = 0
+
+    def changed(self) -> None:
+        self._dirty.set()
+
+    def publish(self) -> None:
+        with self._lock:
+            now = self.clock()
+            publish_crl(self.ca, self.registry, self.cfg.crl_dir, now)
+            publish_service_crl(self.ca, self.registry, self.cfg.crl_dir, now, force=True)
+            self.published += 1
+            self._last = time.monotonic()
+
+    def due(self) -> bool:
+        """A change is pending (and the last publication is old enough), or the CRL is missing or due."""
+        mono = time.monotonic()
+        if self._dirty.is_set() and mono - self._last >= CRL_MIN_INTERVAL:
+            return True
+        if mono < self._next_check:
+            return False
+        self._next_check = mono + CRL_CHECK_INTERVAL
+        crl = current_crl(self.cfg.crl_dir, self.ca.device_ca)
+        return crl is None or crl_needs_refresh(crl, self.clock())
+
+    def step(self) -> None:
+        """Publish if due (called from the hub's background loop; errors keep the previous CRL in place)."""
+        if not self.due():
+            return
+        self._dirty.clear()
+        try:
+            self.publish()
+        except Exception:
+            self._dirty.set()
+            log.exception("CRL publication failed; the previous CRL stays in place")
 
 
 class LiveHub:
@@ -37,81 +80,46 @@ class LiveHub:
     def __init__(self, cfg: HubConfig, ca: FleetCA, registry: Registry, broker: BrokerDriver,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
         self.cfg, self.ca, self.registry, self.broker, self.clock = cfg, ca, registry, broker, clock
-        self._lock = threading.RLock()
-        self._canaries: list[_CanaryEntry] = []
+        self.crl = CrlPublisher(ca, registry, cfg, clock)
         self._counters: dict[str, dict] = {}
         self._acks: dict[str, dict] = {}
         self._stats_lock = threading.Lock()
         self._sink = None
         self.admin = None  # the AdminClient, set by serve
 
-    # --- CRL with canary ------------------------------------------------------------------------------------------
-    def _new_canary(self, now: datetime) -> Canary:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = self.ca.issue_canary_cert(key.public_key(), now, CANARY_LIFETIME)
-        self._canaries = [c for c in self._canaries if c.expires > now]
-        self._canaries.append(_CanaryEntry(cert.serial_number, now, cert.not_valid_after_utc))
-        pem = cert.public_bytes(serialization.Encoding.PEM) + \
-            self.ca.device_ca.public_bytes(serialization.Encoding.PEM)
-        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-        return Canary(cert_pem=pem, key_pem=key_pem, serial=cert.serial_number, not_after=cert.not_valid_after_utc)
+    # --- enforcement --------------------------------------------------------------------------------------------------
+    def authz_sync(self) -> dict:
+        """Ring the broker so it applies every committed authorization change now."""
+        result = self.broker.sync()
+        return {"seq": result.seq, "kicked": result.kicked, "ms": result.seconds * 1000}
 
-    def prepare_crl(self, now: datetime) -> tuple[bytes, Canary]:
-        """Publish a fresh device CRL (registry + a new revoked canary) and return the broker bundle."""
-        with self._lock:
-            canary = self._new_canary(now)
-            extra = [(c.serial, c.revoked_at, "cessationOfOperation") for c in self._canaries]
-            der_path = publish_crl(self.ca, self.registry, self.cfg.crl_dir, now, extra)
-            device_pem = der_path.with_name("device.crl.pem").read_bytes()
-            service_pem = publish_service_crl(self.ca, self.cfg.crl_dir, now)
-            return device_pem + service_pem, canary
-
-    def canary_age(self) -> timedelta:
-        """Age of the newest canary (how long the broker's enforcement proof has been in use)."""
-        with self._lock:
-            newest = max((c.revoked_at for c in self._canaries), default=None)
-        return self.clock() - newest if newest else timedelta.max
-
-    def enforce_crl(self) -> float:
-        """Publish a new CRL and make the broker enforce it (confirmed). Returns seconds spent in the broker."""
-        with self._lock:
-            bundle, canary = self.prepare_crl(self.clock())
-            return self.broker.install_crl(bundle, canary)
-
-    def acl(self) -> AclSpec:
-        return AclSpec(groups={d["id"]: tuple(d["groups"]) for d in self.registry.list_devices()
-                               if d["status"] == "active" and d["groups"]})
-
-    def refresh_acl(self) -> None:
-        self.broker.install_acl(self.acl())
-
-    # --- operator actions --------------------------------------------------------------------------------------------
     def set_status(self, device_id: str, status: str, reason: str, actor: str) -> dict:
         """Suspend / resume / revoke with immediate effect; returns what happened and how long each step took."""
         t0 = time.monotonic()
-        with self._lock:
-            now = self.clock()
-            result = self.registry.set_status(device_id, status, now, actor=actor, reason=reason)
-            t_registry = time.monotonic()
-            broker_s = self.enforce_crl()
-            t_crl = time.monotonic()
-            kicked = False
-            if status in ("revoked", "suspended"):
-                self.broker.kick(device_id)  # a kick sends no last will: record the presence change here
-                self.registry.mark_presence(device_id, False, self.clock())
-                kicked = True
-            t_kick = time.monotonic()
-            self.refresh_acl()
-        timings = {"registry_ms": (t_registry - t0) * 1000, "crl_ms": (t_crl - t_registry) * 1000,
-                   "broker_reload_ms": broker_s * 1000, "kick_ms": (t_kick - t_crl) * 1000,
+        result = self.registry.set_status(device_id, status, self.clock(), actor=actor, reason=reason)
+        t_registry = time.monotonic()
+        kicked: int | None = None
+        note = ""
+        try:
+            kicked = self.broker.sync().kicked
+        except BrokerError as exc:  # the plugin follows the registry by itself within a broker tick
+            note = f"; broker not confirmed ({exc}); it applies the change on its next tick"
+            log.warning("%s %s: %s", device_id, status, note)
+        t_sync = time.monotonic()
+        if status in ("revoked", "suspended"):
+            self.registry.mark_presence(device_id, False, self.clock())  # a kick sends no last will
+        self.crl.changed()
+        timings = {"registry_ms": (t_registry - t0) * 1000, "sync_ms": (t_sync - t_registry) * 1000,
                    "total_ms": (time.monotonic() - t0) * 1000}
-        self.registry.audit(f"device.{status}.enforced", "ok", self.clock(), actor=actor, device_id=device_id,
-                            detail=f"CRL confirmed by broker; session kicked={kicked}; {timings['total_ms']:.0f} ms")
+        self.registry.audit(f"device.{status}.enforced", "ok" if kicked is not None else "error", self.clock(),
+                            actor=actor, device_id=device_id,
+                            detail=f"sessions cut: {kicked if kicked is not None else 'pending'}; "
+                                   f"{timings['total_ms']:.0f} ms{note}")
         log.info("%s %s: enforced in %.0f ms", device_id, status, timings["total_ms"])
         return {"device": result["device"], "revoked_serials": result["revoked_serials"], "kicked": kicked,
                 "timings": timings}
 
+    # --- device traffic ------------------------------------------------------------------------------------------------
     def on_device_message(self, device_id: str, kind: str, payload: bytes) -> None:
         """A device published telemetry, an event or a command ack (seen through the admin subscription)."""
         now = self.clock()
@@ -139,16 +147,14 @@ class LiveHub:
         with self._stats_lock:
             return json.loads(json.dumps(self._counters))
 
-    def send_command(self, device_id: str, command: str, args: dict) -> str:
-        """Publish a command to devices/<id>/commands (QoS 1); returns its id (the ack carries it back)."""
-        import uuid
-
+    def send_command(self, device_id: str, command: str, args: dict, actor: str = "cli") -> str:
+        """Publish a command to devices/<id>/commands (QoS 1, never retained); returns its id (the ack carries it)."""
         if self.registry.get_device(device_id) is None:
             raise ValueError(f"no device {device_id!r}")
         cid = uuid.uuid4().hex[:16]
         self.admin.publish(f"devices/{device_id}/commands",
                            json.dumps({"id": cid, "command": command, "args": args}).encode())
-        self.registry.audit("command.send", "ok", self.clock(), actor="cli", device_id=device_id,
+        self.registry.audit("command.send", "ok", self.clock(), actor=actor, device_id=device_id,
                             detail=f"{command} id={cid}")
         return cid
 

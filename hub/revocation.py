@@ -1,8 +1,8 @@
-"""Publishing CRLs from the registry: build, sign, validate on disk, swap in atomically.
+"""Publishing CRLs from the registry (for third parties: the broker decides from the registry, not from a CRL).
 
 The device CRL lists revoked certificates and, as certificateHold, the certificates of suspended devices
-(resuming a device takes them off again). Extra entries (the hub's revoked canary certificates, which prove a
-broker enforces the new CRL) can be added. The service CRL covers the hub's own service-side certificates.
+(resuming a device takes them off again). The service CRL lists revoked service identity certificates. Both are
+built, signed, validated on disk and swapped in atomically, in the background (hub.live.CrlPublisher).
 """
 
 from __future__ import annotations
@@ -38,18 +38,26 @@ def publish_crl(ca: FleetCA, registry: Registry, crl_dir: Path, now: datetime,
     return write_crl_atomically(crl, crl_dir, ca.device_ca, now)
 
 
-def publish_service_crl(ca: FleetCA, crl_dir: Path, now: datetime) -> bytes:
-    """(Re)issue the service CA's CRL (no entries yet: the hub's own certs are re-issued, not revoked); PEM."""
+def publish_service_crl(ca: FleetCA, registry: Registry | None, crl_dir: Path, now: datetime,
+                        force: bool = False) -> bytes:
+    """(Re)issue the service CA's CRL (revoked service identity certificates); PEM. Without `force` a current
+    CRL is kept as it is."""
     path = crl_dir / SERVICE_CRL
     number = 1
     try:
         old = validate_crl(path.read_bytes(), ca.service_ca, now, margin=timedelta(0))
-        if not crl_needs_refresh(old, now):
+        if not force and not crl_needs_refresh(old, now):
             return path.read_bytes()
         number = (crl_number(old) or 0) + 1
     except (OSError, CrlError):  # missing, expired or damaged: issue a fresh one
         pass
-    crl = ca.build_crl([], now, crl_number=number, next_update=CRL_LIFETIME, issuer="service")
+    entries = []
+    if registry is not None:
+        from .authz.identities import revoked_identity_certificates
+
+        entries = [(int(r["serial"], 16), datetime.fromisoformat(r["revoked_at"]), r["reason"] or "unspecified")
+                   for r in revoked_identity_certificates(registry, now)]
+    crl = ca.build_crl(entries, now, crl_number=number, next_update=CRL_LIFETIME, issuer="service")
     pem = crl.public_bytes(serialization.Encoding.PEM)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(pem)

@@ -1,4 +1,4 @@
-"""`tessera-hub serve`: the hub's supervisor — EST, Mosquitto, admin MQTT client, admin socket, CRL refresher."""
+"""`tessera-hub serve`: the hub's supervisor — EST, Mosquitto with the authz plugin, admin MQTT, admin socket, CRLs."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
+from cryptography import x509
+
 from . import admin, estserver
-from .broker.mosquitto import MosquittoBroker
+from .authz.identities import ensure_hub_identity
+from .broker.mosquitto import Limits, MosquittoBroker
 from .broker.mqttadmin import AdminClient
 from .ca import load_ca
 from .config import HubConfig
-from .crl import crl_needs_refresh, current_crl
 from .estservice import EstService
 from .live import LiveHub
 from .ratelimit import RateLimiter
@@ -24,8 +26,7 @@ from .registry import Registry
 
 log = logging.getLogger("tessera.hub")
 
-CRL_CHECK_INTERVAL = 60.0
-CANARY_REFRESH = timedelta(minutes=10)  # canaries live 15 minutes
+AUTHZ_EVENTS_KEPT = timedelta(days=1)
 
 
 def _now() -> datetime:
@@ -40,13 +41,13 @@ def _dispatch(live: LiveHub) -> Callable[[dict], object]:
         if op == "set_status":
             return live.set_status(str(req["device"]), str(req["status"]), str(req.get("reason", "")),
                                    actor=str(req.get("actor", "cli")))
-        if op == "acl":
-            live.refresh_acl()
-            return {"acl": "reloaded"}
+        if op in ("authz_sync", "acl"):
+            return live.authz_sync()
         if op == "traffic":
             return live.traffic()
         if op == "send":
-            return {"id": live.send_command(str(req["device"]), str(req["command"]), dict(req.get("args") or {}))}
+            return {"id": live.send_command(str(req["device"]), str(req["command"]), dict(req.get("args") or {}),
+                                            actor=str(req.get("actor", "cli")))}
         if op == "ack":
             return live.command_ack(str(req["id"]))
         raise ValueError(f"unknown admin operation {op!r}")
@@ -71,14 +72,17 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
         registry.audit(kind, "error" if kind in ("broker.died", "broker.fail_closed", "broker.error") else "ok",
                        _now(), actor="hub", detail=detail)
 
+    ensure_hub_identity(registry, x509.load_pem_x509_certificate((tls_dir / "admin.pem").read_bytes()), _now())
+    registry.prune_authz_events(_now() - AUTHZ_EVENTS_KEPT)
+    limits = Limits(max_payload=cfg.max_payload, max_queued_bytes=cfg.max_queued_bytes,
+                    connect_rate=cfg.connect_rate, connect_burst=cfg.connect_burst)
     broker = MosquittoBroker(cfg.broker_dir, host, mqtt_port, cafile=cfg.ca_dir / "device-chain.pem",
                              certfile=tls_dir / "est.pem", keyfile=tls_dir / "est.key",
-                             server_ca=cfg.ca_dir / "root.pem", on_event=event)
+                             registry_path=cfg.registry_path, device_ca=cfg.ca_dir / "device-ca.pem",
+                             service_ca=cfg.ca_dir / "service-ca.pem", limits=limits, on_event=event)
     live = LiveHub(cfg, ca, registry, broker)
     stack: list[Callable[[], None]] = []
     try:
-        bundle, canary = live.prepare_crl(_now())
-        broker.set_initial(bundle, canary, live.acl())
         broker.start()
         stack.append(broker.stop)
         admin_mqtt = AdminClient(host, mqtt_port, cfg.ca_dir / "root.pem", tls_dir / "admin.pem",
@@ -90,7 +94,8 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
         live.admin = admin_mqtt
 
         limiter = RateLimiter(cfg.rate_per_source, cfg.rate_burst, cfg.failures_per_minute)
-        service = EstService(ca, registry, cfg.policy, cfg.crl_dir, cfg.crl_url, limiter)
+        service = EstService(ca, registry, cfg.policy, cfg.crl_dir, cfg.crl_url, limiter,
+                             supersede_grace=timedelta(seconds=cfg.supersede_grace_seconds))
         tls = estserver.server_context(tls_dir / "est.pem", tls_dir / "est.key", cfg.ca_dir / "device-ca.pem")
         server, thread = estserver.start(service, host, est_port, tls)
         stack.append(lambda: (server.shutdown(), server.server_close(), thread.join(timeout=5)))
@@ -106,24 +111,11 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
         announce(f"CRL   https://{host}:{server.server_address[1]}/crl/device.crl")
         announce(f"admin {cfg.admin_socket}")
         announce("hub ready")
-        next_check = time.monotonic() + CRL_CHECK_INTERVAL
-        # Short waits: a SIGTERM delivered to another thread only runs its handler when the main thread wakes.
+        # CRLs are for third parties (the broker decides from the registry): published off the request path,
+        # so start-up and revocation cost nothing per revoked certificate. Short waits: a SIGTERM delivered to
+        # another thread only runs its handler when the main thread wakes.
         while not stop.wait(0.5):
-            if live.canary_age() > CANARY_REFRESH:
-                try:  # a fresh canary (and CRL) long before the broker's proof certificate expires
-                    live.enforce_crl()
-                except Exception:
-                    log.exception("re-issuing the CRL with a fresh canary failed")
-            if time.monotonic() < next_check:
-                continue
-            next_check = time.monotonic() + CRL_CHECK_INTERVAL
-            try:
-                crl = current_crl(cfg.crl_dir, ca.device_ca)
-                if crl is None or crl_needs_refresh(crl, _now()):
-                    live.enforce_crl()
-                    log.info("CRL re-issued before its next update")
-            except Exception:  # keep serving; the previous CRL stays in force
-                log.exception("CRL refresh failed; the previous CRL stays in place")
+            live.crl.step()
     finally:
         for undo in reversed(stack):
             try:

@@ -1,39 +1,35 @@
-"""Broker control: the driver interface the hub uses, so another (clustered) broker can replace Mosquitto."""
+"""Broker control: the driver interface the hub uses, so another (clustered) broker can replace Mosquitto.
+
+Authorization is not rendered into broker files any more: every driver enforces the registry's state and the
+roles in hub/authz/policy.py itself (the Mosquitto driver through its plugin). What the hub asks of a driver is a
+lifecycle, health, and `sync()`: "apply the registry's latest authorization events now".
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 
 
 class BrokerError(Exception):
-    """The broker could not be started, reloaded or confirmed; the message says what and why."""
+    """The broker could not be started or did not answer; the message says what and why."""
 
 
 @dataclass(frozen=True)
-class AclSpec:
-    """Who may do what beyond `devices/<own id>/#`: group memberships (device id -> groups)."""
+class SyncResult:
+    """What the broker reported after applying the registry's authorization events."""
 
-    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Canary:
-    """A revoked device-CA client certificate (PEM chain + key) used to prove a CRL is enforced."""
-
-    cert_pem: bytes
-    key_pem: bytes
-    serial: int
-    not_after: datetime
+    seq: int       # the newest authz event the broker has applied
+    kicked: int    # sessions it cut off while doing so
+    seconds: float
 
 
 class BrokerDriver(ABC):
-    """What the hub needs from a broker: lifecycle, authorization data, revocation and kicks, health."""
+    """What the hub needs from a broker: lifecycle, health, and immediate enforcement of registry changes."""
 
     @abstractmethod
     def start(self) -> None:
-        """Start (or adopt) the broker with the current CRL and ACL; return once it accepts connections."""
+        """Start (or adopt) the broker; return once it accepts connections and enforces the registry."""
 
     @abstractmethod
     def stop(self) -> None:
@@ -44,17 +40,9 @@ class BrokerDriver(ABC):
         """True while the broker runs and accepts connections."""
 
     @abstractmethod
-    def install_crl(self, crl_pem: bytes, canary: Canary | None) -> float:
-        """Make the broker enforce `crl_pem` (all CRLs, PEM), confirmed with `canary` when given.
+    def sync(self, timeout: float = 2.0) -> SyncResult:
+        """Make the broker apply every committed authz event now (re-check and cut off live sessions).
 
-        Returns the seconds it took. Raises BrokerError if it cannot be confirmed; the driver must then have
-        closed the listener rather than leave it running on an unknown CRL (fail closed).
+        Raises BrokerError if the broker did not confirm in time; the broker still applies the events by itself
+        (the Mosquitto plugin follows the registry every ~100 ms), so a commit is never lost.
         """
-
-    @abstractmethod
-    def install_acl(self, acl: AclSpec) -> None:
-        """Render and load the authorization rules."""
-
-    @abstractmethod
-    def kick(self, device_id: str) -> None:
-        """Drop every live session of `device_id` now."""

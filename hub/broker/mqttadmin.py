@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import re
+import secrets
 import ssl
 import threading
 from pathlib import Path
@@ -13,14 +14,16 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from hub.authz.policy import CONTROL_RESPONSE, CONTROL_TOPIC, HUB_PRINCIPAL
+
 from . import BrokerError
 
 log = logging.getLogger("tessera.hub.admin-mqtt")
 
-CLIENT_ID = "tessera-hub"
+CLIENT_ID = HUB_PRINCIPAL
 STATUS_TOPIC = "devices/+/status"
 DEVICE_TOPICS = ("devices/+/telemetry", "devices/+/events", "devices/+/commands/ack")
-DYNSEC_RESPONSE = "$CONTROL/dynamic-security/v1/response"
+_RESPONSE_RE = re.compile(r"([A-Za-z0-9-]{1,64}) (ok seq=(\d+) kicked=(\d+)|error (.*))", re.S)
 SESSION_EXPIRY = 3600  # seconds the broker keeps the hub's subscriptions and queue while it is away
 
 
@@ -36,9 +39,8 @@ class AdminClient:
         ctx.load_cert_chain(str(certfile), str(keyfile))
         self.on_status, self.on_device_message = on_status, on_device_message
         self.connected = threading.Event()
-        self._responses: list[dict] = []
+        self._responses: dict[str, re.Match] = {}
         self._cond = threading.Condition()
-        self._lock = threading.Lock()  # one control request at a time: responses carry no correlation id
         c = self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=CLIENT_ID, protocol=mqtt.MQTTv5)
         c.tls_set_context(ctx)
         c.reconnect_delay_set(min_delay=0.05, max_delay=2)
@@ -63,7 +65,7 @@ class AdminClient:
         if reason_code.is_failure:
             log.error("admin connection refused: %s", reason_code)
             return
-        client.subscribe([(STATUS_TOPIC, 1), (DYNSEC_RESPONSE, 1), *((t, 1) for t in DEVICE_TOPICS)])
+        client.subscribe([(STATUS_TOPIC, 1), (CONTROL_RESPONSE, 1), *((t, 1) for t in DEVICE_TOPICS)])
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -71,14 +73,14 @@ class AdminClient:
         log.info("admin connection lost (%s); paho reconnects", reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:
-        if msg.topic == DYNSEC_RESPONSE:
-            try:
-                data = json.loads(msg.payload)
-            except ValueError:
-                return
-            with self._cond:
-                self._responses.append(data)
-                self._cond.notify_all()
+        if msg.topic == CONTROL_RESPONSE:
+            match = _RESPONSE_RE.fullmatch(msg.payload.decode("utf-8", "replace"))
+            if match:
+                with self._cond:
+                    self._responses[match.group(1)] = match
+                    if len(self._responses) > 1000:
+                        self._responses.pop(next(iter(self._responses)))
+                    self._cond.notify_all()
             return
         parts = msg.topic.split("/")
         if len(parts) < 3 or parts[0] != "devices":
@@ -97,20 +99,17 @@ class AdminClient:
         info = self.client.publish(topic, payload, qos=qos)
         info.wait_for_publish(timeout)
 
-    def control(self, topic: str, payload: bytes, timeout: float = 3.0) -> dict:
-        """Publish a $CONTROL request and wait for its response."""
-        with self._lock:
-            if not self.connected.wait(timeout):
-                raise BrokerError("the hub's admin connection to the broker is down")
-            with self._cond:
-                self._responses.clear()
-            info = self.client.publish(topic, payload, qos=1)
-            with self._cond:
-                if not self._cond.wait_for(lambda: self._responses, timeout):
-                    raise BrokerError(f"no answer from the broker on {topic} within {timeout:.0f} s")
-                response = self._responses.pop(0)
-            info.wait_for_publish(timeout)
-        errors = [r for r in response.get("responses", []) if r.get("error") and r.get("command") != "createClient"]
-        if errors:
-            raise BrokerError(f"broker refused {errors[0].get('command')}: {errors[0].get('error')}")
-        return response
+    def sync(self, timeout: float = 2.0) -> tuple[int, int]:
+        """Ring the broker plugin: it applies every committed authz event now. Returns (seq applied, kicked)."""
+        if not self.connected.wait(timeout):
+            raise BrokerError("the hub's admin connection to the broker is down")
+        rid = secrets.token_hex(8)
+        info = self.client.publish(CONTROL_TOPIC, f"sync {rid}".encode(), qos=1)
+        with self._cond:
+            if not self._cond.wait_for(lambda: rid in self._responses, timeout):
+                raise BrokerError(f"the broker did not confirm the authorization sync within {timeout:.1f} s")
+            match = self._responses.pop(rid)
+        info.wait_for_publish(timeout)
+        if match.group(5) is not None:
+            raise BrokerError(f"the broker could not apply the registry's changes: {match.group(5)[:200]}")
+        return int(match.group(3)), int(match.group(4))
