@@ -8,10 +8,12 @@ import socket
 from datetime import datetime
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from hsm.uri import UriError, parse
 
+from .authz.identities import ensure_hub_identity
 from .ca import CaError, FleetCA, create_hierarchy, new_file_key
 from .config import ConfigError, HubConfig
 from .policy import Policy
@@ -78,10 +80,18 @@ def create_fleet(root: Path, fleet: str, now: datetime, *, validity_days: int = 
     os.chmod(root, 0o700)
     for d in (cfg.crl_dir, cfg.log_dir, cfg.broker_dir):
         d.mkdir(exist_ok=True, mode=0o700)
+    try:  # the broker's authorization plugin: a missing compiler or header is found now, not at `serve`
+        from .broker import BrokerError
+        from .broker.mosquitto.build import plugin_path
+
+        plugin_path(cfg.broker_dir)
+    except BrokerError as exc:
+        raise ConfigError(str(exc)) from None
     ca = create_hierarchy(cfg.ca_dir, fleet, now, key_type=key_type, token=token)
     try:
         issue_hub_identities(cfg, ca, now)
         registry = Registry(cfg.registry_path)
+        ensure_hub_identity(registry, x509.load_pem_x509_certificate((cfg.tls_dir / "admin.pem").read_bytes()), now)
         registry.audit("fleet.init", "ok", now, actor="cli",
                        detail=f"fleet={fleet} ca={'pkcs11' if token else 'file'} key={key_type}")
         publish_crl(ca, registry, cfg.crl_dir, now)
