@@ -13,7 +13,9 @@ from rich.table import Table
 
 from .cliutil import DirOpt, config, device_id_arg, err, errors, fail, now, out, registry
 from .config import hub_dir
-from .devicecli import _notify_acl, device_app
+from .devicecli import device_app
+from .identitycli import identity_app
+from .watchcli import watch
 from .policy import PolicyError
 
 app = typer.Typer(
@@ -28,6 +30,8 @@ ca_app = typer.Typer(help="Certificate authority maintenance.", no_args_is_help=
 app.add_typer(device_app, name="device")
 app.add_typer(token_app, name="token")
 app.add_typer(ca_app, name="ca")
+app.add_typer(identity_app, name="identity")
+app.command("watch")(watch)
 
 
 @app.callback()
@@ -160,8 +164,6 @@ def token_create(
                     progress=lambda n: progress.update(task, completed=n)):
                 writer.writerow([device_id, token])
         os.replace(tmp, out_file)
-        if group:
-            _notify_acl(cfg)
     except errors() as exc:
         tmp.unlink(missing_ok=True)
         fail(str(exc))

@@ -7,15 +7,19 @@ current admin certificate is registered here so the broker plugin can recognise 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 
 from hub.registry import Registry, RegistryError, _ts, serial_hex
 
-from .policy import GRANTABLE_ROLES, HUB_PRINCIPAL, AuthzError, check_name, service_principal
+from .policy import DEFAULT_ROLES, GRANTABLE_ROLES, HUB_PRINCIPAL, AuthzError, check_name, service_principal
+
+_REASON_RE = re.compile(r"[\x20-\x7e]{0,200}")
 
 
 class IdentityError(RegistryError):
@@ -41,10 +45,31 @@ def check_identity_name(name: str) -> str:
 
 
 def check_role(registry: Registry, role: str) -> str:
-    if role not in GRANTABLE_ROLES and not registry.query(
-            "SELECT 1 FROM roles WHERE name = ? AND description != 'built-in'", [role]):
+    """A role a service identity may hold: a grantable built-in one, or a role an operator added to the registry."""
+    if role in GRANTABLE_ROLES:
+        return role
+    if role in DEFAULT_ROLES:
+        raise IdentityError(f"role {role!r} cannot be granted to a service identity "
+                            f"(grantable: {', '.join(GRANTABLE_ROLES)})", "unknown_role")
+    if not registry.query("SELECT 1 FROM roles WHERE name = ? AND description != 'built-in'", [role]):
         raise IdentityError(f"unknown role {role!r} (grantable: {', '.join(GRANTABLE_ROLES)})", "unknown_role")
     return role
+
+
+def _check_cert_for(cert: x509.Certificate, principal: str) -> None:
+    """The certificate must name this principal (and only it) as its CN: the broker's view joins on the serial,
+    but every tool that reads the subject must see the same principal."""
+    cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if cns != [principal]:
+        raise IdentityError(f"certificate subject {cert.subject.rfc4514_string()!r} does not name {principal!r}",
+                            "cert_mismatch")
+
+
+def check_reason(reason: str) -> str:
+    """A revocation reason: up to 200 printable ASCII characters (it goes into the audit log and the CRL)."""
+    if not isinstance(reason, str) or not _REASON_RE.fullmatch(reason):
+        raise IdentityError("revocation reason must be at most 200 printable ASCII characters", "invalid_reason")
+    return reason
 
 
 def add_identity(registry: Registry, name: str, role: str, cert: x509.Certificate, now: datetime,
@@ -52,9 +77,14 @@ def add_identity(registry: Registry, name: str, role: str, cert: x509.Certificat
     """Record a new service identity with its first certificate (issued by the caller from the service CA)."""
     check_identity_name(name)
     check_role(registry, role)
+    _check_cert_for(cert, service_principal(name))
     with registry.write() as db:
         if db.execute("SELECT 1 FROM identities WHERE name = ?", [name]).fetchone():
             raise IdentityError(f"identity {name!r} already exists", "identity_exists")
+        if db.execute("SELECT 1 FROM identity_certificates WHERE serial = ?",
+                      [serial_hex(cert.serial_number)]).fetchone():
+            raise IdentityError(f"certificate serial {serial_hex(cert.serial_number)} is already registered",
+                                "cert_exists")
         db.table("identities").insert({"name": name, "kind": "service", "role": role, "status": "active",
                                        "created": _ts(now), "revoked_at": None, "description": description})
         db.table("identity_certificates").insert(_cert_row(name, cert, now))
@@ -106,6 +136,7 @@ def revoke_identity(registry: Registry, name: str, now: datetime, actor: str = "
                     reason: str = "") -> dict[str, Any]:
     """Revoke a service identity and all its certificates (final). The broker cuts its sessions off at once."""
     check_identity_name(name)
+    check_reason(reason)
     at = _ts(now)
     with registry.write() as db:
         row = db.execute("SELECT status, kind FROM identities WHERE name = ?", [name]).fetchone()
