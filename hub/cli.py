@@ -31,7 +31,6 @@ app.add_typer(device_app, name="device")
 app.add_typer(token_app, name="token")
 app.add_typer(ca_app, name="ca")
 app.add_typer(identity_app, name="identity")
-app.command("watch")(watch)
 
 
 @app.callback()
@@ -127,6 +126,9 @@ def audit(
         table.add_row(r["at"][:19], r["actor"], r["action"], r["device_id"] or "", r["outcome"], r["detail"] or "",
                       r["source"] or "", style=style)
     out.print(table)
+
+
+app.command("watch")(watch)
 
 
 # --- factory tokens ----------------------------------------------------------------------------------------------
