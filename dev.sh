@@ -9,7 +9,8 @@ VENV="$ROOT/.venv"
 STAMP="$VENV/.tessera-stamp"
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl ca-certificates softhsm2 opensc mosquitto
-              mosquitto-clients libengine-pkcs11-openssl curl procps shellcheck systemd)
+              mosquitto-clients libengine-pkcs11-openssl curl procps shellcheck systemd
+              libsqlite3-dev libssl-dev mosquitto-dev libmosquitto-dev uthash-dev)
 
 log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
 
