@@ -11,10 +11,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .cliutil import DirOpt, config, device_id_arg, err, errors, fail, now, out, registry
+from .cliutil import DirOpt, config, device_id_arg, err, errors, fail, now, out, registry, safe
 from .config import hub_dir
 from .devicecli import device_app
 from .identitycli import identity_app
+from .rolecli import role_app
 from .watchcli import watch
 from .policy import PolicyError
 
@@ -31,6 +32,7 @@ app.add_typer(device_app, name="device")
 app.add_typer(token_app, name="token")
 app.add_typer(ca_app, name="ca")
 app.add_typer(identity_app, name="identity")
+app.add_typer(role_app, name="role")
 
 
 @app.callback()
@@ -123,8 +125,8 @@ def audit(
     table = Table("at", "actor", "action", "device", "outcome", "detail", "source")
     for r in rows:
         style = "red" if r["outcome"] != "ok" else ""
-        table.add_row(r["at"][:19], r["actor"], r["action"], r["device_id"] or "", r["outcome"], r["detail"] or "",
-                      r["source"] or "", style=style)
+        table.add_row(*(safe(v) for v in (r["at"][:19], r["actor"], r["action"], r["device_id"], r["outcome"],
+                                           r["detail"], r["source"])), style=style)
     out.print(table)
 
 

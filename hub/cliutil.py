@@ -20,6 +20,15 @@ DirOpt = typer.Option(None, "--dir", help="Hub directory [default: $TESSERA_HUB_
                       show_default=False)
 
 
+def safe(value: object) -> "Text":
+    """Attacker-influenced text for a terminal: no Rich markup, control and bidi characters shown as escapes."""
+    from rich.text import Text
+
+    text = "" if value is None else str(value)
+    return Text("".join(c if c.isprintable() and not 0x202a <= ord(c) <= 0x202e and not 0x2066 <= ord(c) <= 0x2069
+                        else c.encode("unicode_escape").decode("ascii") for c in text))
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc)
 

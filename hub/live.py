@@ -89,7 +89,8 @@ class LiveHub:
 
     # --- enforcement --------------------------------------------------------------------------------------------------
     def authz_sync(self) -> dict:
-        """Ring the broker so it applies every committed authorization change now."""
+        """Ring the broker so it applies every committed authorization change now (and republish the CRLs)."""
+        self.crl.changed()
         result = self.broker.sync()
         return {"seq": result.seq, "kicked": result.kicked, "ms": result.seconds * 1000}
 

@@ -142,9 +142,30 @@ def expand(rules: Iterable[tuple[str, str]], principal: str, groups: Sequence[st
     return Grants(**{a: tuple(dict.fromkeys(p)) for a, p in out.items()})
 
 
+def valid_topic(topic: str) -> bool:
+    """A PUBLISH topic: not empty, no wildcards, no NUL (MQTT 4.7.3)."""
+    return bool(topic) and not any(c in topic for c in "+#\x00")
+
+
+def valid_filter(flt: str) -> bool:
+    """A subscription filter: `+` only as a whole level, `#` only as the whole last level (MQTT 4.7.1)."""
+    if not flt or "\x00" in flt:
+        return False
+    levels = flt.split("/")
+    for n, level in enumerate(levels):
+        if ("+" in level and level != "+") or ("#" in level and (level != "#" or n != len(levels) - 1)):
+            return False
+    return True
+
+
+def _dollar_mismatch(pattern: str, name: str) -> bool:
+    """MQTT 4.7.2: a filter starting with a wildcard never matches a topic starting with '$'."""
+    return name.startswith("$") and pattern[:1] in ("+", "#")
+
+
 def topic_matches(pattern: str, topic: str) -> bool:
     """MQTT matching of a concrete topic against a filter (`+` one level, `#` the rest, including the parent)."""
-    if topic.startswith("$") != pattern.startswith("$") and pattern[:1] in ("+", "#"):
+    if _dollar_mismatch(pattern, topic):
         return False
     p, t = pattern.split("/"), topic.split("/")
     for n, level in enumerate(p):
@@ -159,6 +180,8 @@ def topic_matches(pattern: str, topic: str) -> bool:
 
 def filter_covered(pattern: str, flt: str) -> bool:
     """True if every topic the subscription filter `flt` can match is matched by `pattern`."""
+    if _dollar_mismatch(pattern, flt):
+        return False
     p, f = pattern.split("/"), flt.split("/")
     for n, level in enumerate(p):
         if level == "#":
@@ -179,13 +202,15 @@ def strip_share(flt: str) -> str | None:
     if not flt.startswith("$share/"):
         return flt
     parts = flt.split("/", 2)
-    if len(parts) < 3 or not parts[1] or not parts[2]:
+    if len(parts) < 3 or not parts[1] or not parts[2] or "+" in parts[1] or "#" in parts[1]:
         return None
     return parts[2]
 
 
 def allows(grants: Grants, action: str, topic: str, retain: bool = False) -> bool:
     """The decision every enforcement point makes, in Python (the plugin's C code makes the same one)."""
+    if action in ("publish", "receive") and not valid_topic(topic):
+        return False
     if action == "publish":
         ok = any(topic_matches(p, topic) for p in grants.publish)
         return ok and (not retain or any(topic_matches(p, topic) for p in grants.retain))
@@ -193,5 +218,5 @@ def allows(grants: Grants, action: str, topic: str, retain: bool = False) -> boo
         return any(topic_matches(p, topic) for p in grants.receive)
     if action == "subscribe":
         inner = strip_share(topic)
-        return inner is not None and any(filter_covered(p, inner) for p in grants.subscribe)
+        return inner is not None and valid_filter(inner) and any(filter_covered(p, inner) for p in grants.subscribe)
     raise AuthzError(f"unknown action {action!r}")

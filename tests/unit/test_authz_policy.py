@@ -1,8 +1,8 @@
 """hub.authz.policy: names, patterns, MQTT matching and the decisions every enforcement point makes.
 
 Most cases are what an attacker would try: wildcards and `$` topics in subscriptions, `$share` wrappers, the
-broker's `$CONTROL` topics, another device's subtree, placeholders smuggled in through names. Cases marked xfail
-(strict) are known gaps in the pure policy that the broker currently covers on its own; each says why.
+broker's `$CONTROL` topics, another device's subtree, placeholders smuggled in through names. The last cases
+cover the MQTT rules a broker applies before any ACL (4.7.1-4.7.3, 4.8.2), which this policy applies too.
 """
 
 from __future__ import annotations
@@ -173,15 +173,11 @@ def test_strip_share(flt, inner):
     assert strip_share(flt) == inner
 
 
-@pytest.mark.xfail(strict=True, reason="policy gap: strip_share accepts '+' and '#' in a ShareName (MQTT 5 "
-                                       "4.8.2 forbids them; Mosquitto refuses such a SUBSCRIBE by itself)")
 def test_strip_share_refuses_wildcards_in_the_share_name():
     for flt in ("$share/+/devices/d/telemetry", "$share/#/devices/d/telemetry", "$share/a+/devices/d/telemetry"):
         assert strip_share(flt) is None, flt
 
 
-@pytest.mark.xfail(strict=True, reason="policy gap: filter_covered ignores MQTT 4.7.2, so a leading-wildcard rule "
-                                       "(no default role has one) allows SUBSCRIBE to $SYS/$CONTROL filters")
 def test_a_leading_wildcard_rule_does_not_cover_dollar_filters():
     for pattern, flt in (("#", "$SYS/#"), ("#", "$CONTROL/#"), ("#", CONTROL_RESPONSE),
                          ("+/+/+", "$CONTROL/tessera/v1"), ("#", "$share/g/$SYS/#")):
@@ -189,9 +185,6 @@ def test_a_leading_wildcard_rule_does_not_cover_dollar_filters():
         assert not allows(Grants(subscribe=(pattern,)), "subscribe", flt), (pattern, flt)
 
 
-@pytest.mark.xfail(strict=True, reason="policy gap: allows() does not check MQTT syntax (wildcards in a PUBLISH "
-                                       "topic, '+'/'#' inside a level, an empty filter); brokers refuse these as "
-                                       "protocol errors first, another enforcement point might not")
 def test_malformed_topics_and_filters_are_refused():
     for g, action, topic in ((COMMANDER, "publish", "devices/+/commands"), (COMMANDER, "publish", "fleet/groups/#"),
                              (READER, "subscribe", "devices/x#/telemetry"),
