@@ -128,6 +128,8 @@ class _Watch:
         parts = msg.topic.split("/", 2)
         device, kind = (parts[1], parts[2]) if len(parts) == 3 else ("?", msg.topic)
         users = dict(getattr(msg.properties, "UserProperty", None) or [])
+        if kind == "status":  # a will skips the broker's stamping (Mosquitto 2.0.11): only the device writes here
+            users = {"tessera-sender": device, "tessera-role": "device"}
         at = datetime.now(timezone.utc)
         payload = bytes(msg.payload)
         if self.as_json:

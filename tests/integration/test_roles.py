@@ -53,3 +53,17 @@ def test_bad_rules_are_refused_and_change_nothing(hub, rule, message):
 def test_the_hub_role_cannot_be_edited(hub):
     proc = hub.cli("role", "set", "hub", "--rule", "publish:#")
     assert proc.returncode != 0 and "cannot be changed" in proc.stderr
+
+
+def test_a_catch_all_role_still_cannot_reach_dollar_topics_or_wildcard_shares(hub, tmp_path):
+    from tests.integration.brokerfixtures import MqttSession
+
+    hub.cli_ok("role", "set", "everything", "--rule", "subscribe:#", "--rule", "receive:#", "--rule", "publish:#")
+    hub.cli_ok("identity", "add", "omni", "--role", "everything")
+    ident = hub.dir / "identities" / "omni"
+    with sessions(MqttSession(hub, ident / "omni.pem", ident / "omni.key", "svc.omni").connect()) as (s,):
+        assert s.subscribe("devices/#") == 1
+        for flt in ("$SYS/#", "$CONTROL/#", "$CONTROL/tessera/v1/response", "$share/+/devices/#",
+                    "$share/g/$SYS/#"):
+            assert s.subscribe(flt) >= 0x80, flt
+        assert s.publish("$CONTROL/tessera/v1", b"sync abc") == NOT_AUTHORIZED

@@ -1,6 +1,7 @@
 """The Mosquitto driver: a supervised `mosquitto` child with a generated config and the Tessera authz plugin.
 
-- mTLS listener (TLS >= 1.2, require_certificate; trust = the fleet root and its device CA). Identity is NOT taken
+- mTLS listener (TLS >= 1.2, require_certificate; trust anchors = the fleet root and its device CA; the hub and
+  service identities present the service CA in their chains). Identity is NOT taken
   from the certificate by Mosquitto (`use_identity_as_username` would skip every auth plugin): the plugin
   (tessera_authz.c beside this file) reads the verified certificate, looks up (issuer, serial) in the registry,
   admits only a principal's current credential, sets the username, and decides every publish, subscribe and

@@ -319,6 +319,9 @@ static bool filter_covered(const char *pattern, const char *flt)
 	const char *p = pattern, *f = flt;
 	bool f_done = false;
 
+	/* MQTT 4.7.2: a filter starting with a wildcard never matches a topic starting with '$' */
+	if(flt[0] == '$' && (pattern[0] == '+' || pattern[0] == '#')) return false;
+
 	for(;;){
 		size_t pl = strcspn(p, "/"), fl;
 
@@ -352,6 +355,7 @@ static const char *strip_share(const char *flt)
 	name = flt + 7;
 	slash = strchr(name, '/');
 	if(slash == NULL || slash == name || slash[1] == '\0') return NULL;
+	if(memchr(name, '+', (size_t)(slash - name)) || memchr(name, '#', (size_t)(slash - name))) return NULL;
 	return slash + 1;
 }
 
