@@ -1,13 +1,17 @@
-"""Device command handling (pure): parse a command message, run its handler, build the JSON ack.
+"""Device command handling (pure): who may command, parse a command message, run its handler, build the JSON ack.
 
 Command: ``{"id": "<= 64 chars", "command": "name", "args": {...}}`` (args optional), at most 16 KiB.
 Ack: ``{"id": ..., "ok": true, "result": {...}, "ts": ...}`` or ``{"id": ..., "ok": false, "error": "...", "ts": ...}``.
+
+A message runs only if it is live (not retained) and the broker stamped it as sent by a commander principal
+(`command_refusal`): the Tessera broker plugin strips every client-supplied MQTT 5 property from a PUBLISH and adds
+`tessera-sender` and `tessera-role`, so those two cannot be forged by the publisher.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -17,6 +21,38 @@ MAX_ID_LEN = 64
 MAX_ERROR_LEN = 1024
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+# Copies of hub/authz/policy.py's SENDER_PROPERTY, ROLE_PROPERTY and COMMANDER_ROLES (the agent must not import the
+# hub package); tests/unit/test_agent_commands.py checks that they still match.
+SENDER_PROPERTY = "tessera-sender"
+ROLE_PROPERTY = "tessera-role"
+COMMANDER_ROLES = ("commander", "admin", "hub")
+SHOWN_CHARS = 64  # how much of a sender-supplied value a log line shows
+
+
+def _shown(value: object) -> str:
+    """`value` for a log line: repr-escaped (no control characters reach the log) and truncated."""
+    text = value if isinstance(value, str) else str(value)
+    return repr(text[:SHOWN_CHARS]) + ("..." if len(text) > SHOWN_CHARS else "")
+
+
+def command_refusal(retain: bool, user_properties: Iterable[tuple[str, str]] | None) -> str | None:
+    """Why a message on the commands topic must not run, or None when it may: it must not be retained and must
+    carry exactly one `tessera-role` user property naming a role in COMMANDER_ROLES. The reason is one line,
+    sender-supplied text escaped and truncated."""
+    props = list(user_properties or ())
+    roles = [v for k, v in props if k == ROLE_PROPERTY]
+    senders = [v for k, v in props if k == SENDER_PROPERTY]
+    who = f"sender {_shown(senders[0])}" if len(senders) == 1 else "unknown sender"
+    if retain:
+        return f"retained message ({who}); commands are only taken live"
+    if not roles:
+        return f"no {ROLE_PROPERTY} property ({who}): not stamped by the Tessera broker plugin"
+    if len(roles) > 1:
+        return f"{len(roles)} {ROLE_PROPERTY} properties ({who}); the broker stamps exactly one"
+    if roles[0] not in COMMANDER_ROLES:
+        return f"{who} has role {_shown(roles[0])}, not a commander role ({', '.join(COMMANDER_ROLES)})"
+    return None
 
 
 class CommandError(Exception):

@@ -6,6 +6,7 @@
     mqtt_port   = 8883
     ca_file     = "/var/lib/tessera-agent/fleet-root.pem"   # the fleet root: the only trust anchor
     state_dir   = "/var/lib/tessera-agent"
+    renew_command_min_interval = 600.0          # seconds between renewals asked for by a `renew` command (0: off)
 
     [token]                                     # the PKCS#11 token holding the device key
     module       = ""                           # default: the platform's SoftHSM2
@@ -29,6 +30,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -79,6 +81,7 @@ class AgentConfig:
     mqtt_port: int = 8883
     ca_file: str = "/var/lib/tessera-agent/fleet-root.pem"
     state_dir: str = "/var/lib/tessera-agent"
+    renew_command_min_interval: float = 600.0
     token: TokenSection = field(default_factory=TokenSection)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
     spool: SpoolSection = field(default_factory=SpoolSection)
@@ -162,6 +165,8 @@ def load(path: Path | None = None, overrides: list[str] = ()) -> AgentConfig:
         raise ConfigError("spool.max_messages must be at least 1")
     if not cfg.telemetry.interval > 0:
         raise ConfigError("telemetry.interval must be positive (seconds)")
+    if not (math.isfinite(cfg.renew_command_min_interval) and cfg.renew_command_min_interval >= 0):
+        raise ConfigError("renew_command_min_interval must be a number of seconds >= 0")
     if not 0 < cfg.mqtt_port < 65536:
         raise ConfigError("mqtt_port must be a TCP port number")
     return cfg

@@ -3,10 +3,14 @@
 Renew once `fraction` of the lifetime has passed, but keep at least `min_margin` before expiry when the
 lifetime allows it; `min_margin` never moves renewal before the lifetime's midpoint, so very short
 certificates (seconds to minutes, as in tests) renew at mid-life instead of in a tight loop.
+
+A `renew` command from the fleet is rate limited (`renew_command_refusal`): each renewal costs a signature by the
+fleet CA and a registry write, and a rotation a new token key.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Literal
@@ -72,3 +76,21 @@ def next_check_delay(decision: RenewalDecision, now: datetime, max_delay: timede
     if decision.action in ("renew", "expired"):
         return 0.0
     return max(0.0, min((decision.renew_at - now).total_seconds(), max_delay.total_seconds()))
+
+
+def renew_command_refusal(last_at: float | None, now: float, min_interval: float) -> str | None:
+    """None when a command-triggered renewal may start at `now`, else the failed ack's error
+    "renewal rate limited; next allowed in N s" (N rounded up).
+
+    `last_at` is when the previous command-triggered renewal was accepted (None: never), `now` the same clock
+    (monotonic seconds); a clock that went backwards counts as no time passed. `min_interval` 0 disables the limit.
+    Raises ValueError for a negative or non-finite `min_interval`.
+    """
+    if not (math.isfinite(min_interval) and min_interval >= 0):
+        raise ValueError(f"min_interval must be a finite number of seconds >= 0, not {min_interval!r}")
+    if last_at is None:
+        return None
+    wait = min_interval - max(0.0, now - last_at)
+    if wait <= 0:
+        return None
+    return f"renewal rate limited; next allowed in {max(1, math.ceil(wait))} s"

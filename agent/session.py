@@ -5,6 +5,8 @@ One thread runs everything (paho's network loop included), so there is no lockin
   a new connection re-sends what is still there (at-least-once, nothing lost across outages or kill -9);
 - reconnects back off exponentially with full jitter; a revoked or expired certificate is recognised from the
   TLS alert, reported in status.json and retried only slowly;
+- a CONNACK refusal (0x87 for every reason) is explained by the hub (GET /tessera/v1/credential): `refusal_decision`;
+- commands run only live and from a commander (agent.commands); `renew` commands are rate limited (agent.renewal);
 - at 2/3 of the certificate lifetime (agent.renewal.decide) the agent re-enrolls over mTLS and reconnects with
   the new certificate; the spool carries the messages across.
 """
@@ -17,15 +19,17 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
 import paho.mqtt.client as mqtt
 
-from .backoff import Backoff
-from .commands import CommandHandler, builtin_handlers
+from .backoff import SLOW_CAP, Backoff
+from .commands import CommandHandler, builtin_handlers, command_refusal
 from .config import AgentConfig, to_dict
-from .renewal import decide, next_check_delay
+from .estclient import EstClient
+from .renewal import decide, next_check_delay, renew_command_refusal
 from .spool import Spool
 from .state import CERT, ROOT, SPOOL, StateError, load_identity, write_status
 from .telemetry import envelope, make_source
@@ -37,6 +41,11 @@ CONNECT_TIMEOUT = 15.0
 STATUS_EVERY = 5.0
 RENEW_RETRY = 60.0      # seconds before retrying a failed renewal
 RENEW_MIN_INTERVAL = 600.0  # a renewed certificate that is due again at once means the clock is wrong
+#: CONNACK reason codes that mean "not you": Bad user name or password, Not authorized, Banned, Bad authentication
+AUTH_REFUSALS = frozenset({0x86, 0x87, 0x8A, 0x8C})
+SUSPENDED_CAP = 5.0     # a resumed device is back within seconds
+REFUSED_CAP = 30.0
+CREDENTIAL_TIMEOUT = 5.0
 
 
 def classify_tls_error(text: str) -> str | None:
@@ -49,6 +58,35 @@ def classify_tls_error(text: str) -> str | None:
     if "UNKNOWN_CA" in t or "UNKNOWN CA" in t or "BAD_CERTIFICATE" in t:
         return "refused"
     return None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """What a refused connection means: the agent `state`, the cap (s) of its full-jitter backoff, and a hint."""
+
+    state: str
+    cap: float
+    hint: str
+
+
+_REENROLL = "get a new token (`tessera-hub device token <id>`) and run `tessera-agent enroll` again"
+_REFUSALS = {
+    "suspended": Refusal("suspended", SUSPENDED_CAP, "the device is suspended; it is back within seconds of resume"),
+    "revoked": Refusal("revoked", SLOW_CAP, "the device is revoked"),
+    "superseded": Refusal("refused", REFUSED_CAP, f"this is an old certificate (the hub has a newer one): {_REENROLL}"),
+    "expired": Refusal("refused", REFUSED_CAP, "the hub holds this certificate expired: is this device's clock right?"),
+    "unknown": Refusal("refused", REFUSED_CAP, f"the hub has no record of this certificate: {_REENROLL}"),
+    "active": Refusal("refused", REFUSED_CAP, "the hub says the certificate is active, yet the broker refused it"),
+}
+_UNEXPLAINED = Refusal("refused", REFUSED_CAP, "the hub could not be asked why")
+
+
+def refusal_decision(connack: int | None, credential: str | None) -> Refusal | None:
+    """The state and backoff for a CONNACK refusal code, given the hub's credential status (None: the hub could
+    not be asked). None when `connack` is no authorization refusal: the ordinary reconnect backoff applies."""
+    if connack not in AUTH_REFUSALS:
+        return None
+    return _REFUSALS.get(credential or "", _UNEXPLAINED)
 
 
 class Agent:
@@ -80,6 +118,8 @@ class Agent:
         self._cursor = 0
         self._seq = 0
         self._renew_requested: str | None = None   # None, "renew" or "rotate"
+        self._renew_command_at: float | None = None  # monotonic time of the last accepted `renew` command
+        self._connack: int | None = None            # the refusal code of the last CONNACK, if it was one
         self._last_log = ""
         self.connected_at: float | None = None
 
@@ -107,6 +147,11 @@ class Agent:
                 "spool": self.spool.stats(time.time()), "pid": os.getpid()}
 
     def _request_renewal(self, args: dict | None = None) -> dict:
+        now = self.monotonic()
+        refused = renew_command_refusal(self._renew_command_at, now, self.cfg.renew_command_min_interval)
+        if refused:
+            raise RuntimeError(refused)  # a failed ack with this message
+        self._renew_command_at = now
         self._renew_requested = "rotate" if (args or {}).get("rotate_key") else "renew"
         return {"renewal": "scheduled", "rotate_key": self._renew_requested == "rotate"}
 
@@ -134,6 +179,7 @@ class Agent:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            self._connack = reason_code.value
             self._last_log = f"broker refused the connection: {reason_code}"
             return
         self._connected = True
@@ -156,12 +202,16 @@ class Agent:
     def _on_message(self, client, userdata, msg) -> None:
         if msg.topic != self.topics["commands"]:
             return
+        refused = command_refusal(msg.retain, getattr(msg.properties, "UserProperty", None))
+        if refused:
+            log.warning("ignoring a message on %s: %s", msg.topic, refused)
+            return
         ack = self.commands.handle(msg.payload, self.clock())
         self.spool.put(self.topics["ack"], ack, qos=1, retain=False, now=time.time())
 
     def _connect(self) -> mqtt.Client:
         client = self._new_client()
-        self._connected, self._last_log = False, ""
+        self._connected, self._last_log, self._connack = False, "", None
         self._handed.clear()
         self._cursor = 0
         client.connect(self.cfg.broker_host, self.cfg.mqtt_port, keepalive=30)
@@ -268,19 +318,10 @@ class Agent:
             try:
                 client = self._connect()
             except Exception as exc:
-                text = str(exc) or exc.__class__.__name__
-                kind = classify_tls_error(text)
-                if kind in ("revoked", "refused", "expired"):
-                    self._set_state(kind, f"the hub refuses this device's certificate ({text})")
-                    delay = self.slow_backoff().next()
-                else:
-                    self._set_state("offline", text)
-                    delay = self.backoff.next()
-                log.warning("connect failed: %s; retrying in %.1f s", text, delay)
-                self.stop_event.wait(delay)
+                self._retry_after("connect failed", str(exc) or exc.__class__.__name__)
                 continue
             self.backoff.reset()
-            self._slow = None
+            self._slow = self._capped = None
             self._set_state("online")
             last_status = self.monotonic()
             switch = False
@@ -306,10 +347,7 @@ class Agent:
                 client.disconnect()
                 client.loop(timeout=0.1)
             elif not self.stop_event.is_set():
-                text = self._last_log or "connection lost"
-                kind = classify_tls_error(text)
-                self._set_state(kind or "offline", text)
-                self.stop_event.wait(self.backoff.next() if kind is None else self.slow_backoff().next())
+                self._retry_after("disconnected", self._last_log or "connection lost")
         if self._acked:  # PUBACKs that arrived while closing
             self.spool.ack_many(self._acked)
             self._acked = []
@@ -317,9 +355,52 @@ class Agent:
         self.spool.close()
         return 0
 
+    # --- after a failed or lost connection -----------------------------------------------------------------------
+    def _retry_after(self, what: str, text: str) -> None:
+        """Set the state this failure means and wait its backoff (SIGTERM ends the wait). A CONNACK refusal is
+        explained by the hub, asked once per failed attempt."""
+        refusal = refusal_decision(self._connack, self._ask_hub()) if self._connack in AUTH_REFUSALS else None
+        kind = classify_tls_error(text)
+        if refusal is not None:
+            self._set_state(refusal.state, f"the hub refuses this device's certificate ({text}): {refusal.hint}")
+            delay = self._refusal_backoff(refusal.cap).next()
+        elif kind is not None:
+            self._set_state(kind, f"the hub refuses this device's certificate ({text})")
+            delay = self.slow_backoff().next()
+        else:
+            self._set_state("offline", text)
+            delay = self.backoff.next()
+        log.warning("%s: %s; retrying in %.1f s", what, text, delay)
+        self.stop_event.wait(delay)
+
+    def _ask_hub(self) -> str | None:
+        """The hub's status of our certificate (GET /tessera/v1/credential, mTLS as for renewal); None if unknown."""
+        if self.stop_event.is_set():
+            return None
+        try:
+            cred = EstClient(self.cfg.hub_url, str(self.state / ROOT), context=self._context(),
+                             timeout=CREDENTIAL_TIMEOUT).credential()
+        except Exception as exc:  # hub down, refusing, TLS or token trouble: the refusal stays unexplained
+            log.warning("cannot ask the hub why the broker refused us: %s", exc)
+            return None
+        if cred.device not in (None, self.device):
+            log.warning("the hub answered for device %r, not %r", cred.device[:64], self.device)
+            return "unknown"
+        log.debug("the hub says this device's certificate is %s", cred.status)
+        return cred.status
+
     _slow: Backoff | None = None
+    _capped: Backoff | None = None
 
     def slow_backoff(self) -> Backoff:
         if self._slow is None:
             self._slow = Backoff.slow()
         return self._slow
+
+    def _refusal_backoff(self, cap: float) -> Backoff:
+        """The slow backoff for the slow cap, else full jitter from 0.5 s capped at `cap` (kept while cap holds)."""
+        if cap >= SLOW_CAP:
+            return self.slow_backoff()
+        if self._capped is None or self._capped.cap != cap:
+            self._capped = Backoff(cap=cap)
+        return self._capped

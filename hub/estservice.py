@@ -2,14 +2,20 @@
 
 It ties the EST message layer (est/), the issuance policy, the CA and the registry together and decides every
 answer: 200 with a certs-only PKCS#7, or a precise 4xx with an audit entry and nothing issued.
+
+Besides EST, `GET /tessera/v1/credential` tells a device what the registry says about the certificate it presents
+(TLS client certificate): the broker refuses every connection with the same CONNACK code, so a refused agent asks
+here whether it is suspended, revoked, superseded... Read-only and never audited (refused devices poll it), but
+rate limited per source like every other request.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -21,12 +27,17 @@ from est.errors import EstError, Forbidden, PayloadTooLarge, Unauthorized
 from .ca import FleetCA
 from .policy import Policy, PolicyError, check_device_id
 from .ratelimit import RateLimiter
-from .registry import CertRejected, DeviceNotActive, Registry, RegistryError, TokenRejected
+from .registry import SUPERSEDE_GRACE, CertRejected, DeviceNotActive, Registry, RegistryError, TokenRejected
 
 log = logging.getLogger("tessera.hub.est")
 
 CT_CRL = "application/pkix-crl"
 CRL_PATH = "/crl/device.crl"
+CREDENTIAL_PATH = "/tessera/v1/credential"   # agent.estclient.CREDENTIAL_PATH
+CT_JSON = "application/json"
+_CREDENTIAL_SQL = ("SELECT c.status AS cert_status, c.not_after, c.not_before, c.grace_until, "
+                   "d.status AS device_status, d.id FROM certificates c JOIN devices d ON d.id = c.device_id "
+                   "WHERE c.serial = ?")
 
 
 @dataclass
@@ -51,13 +62,29 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return EstResponse(status, f"{code}: {message}\n".encode(), headers=headers or {})
 
 
+def credential_status(row: dict | None, device_id: str, now: datetime) -> str:
+    """The credential status for a registry row of `_CREDENTIAL_SQL` (None: unknown serial) presented by `device_id`:
+    'suspended' / 'revoked' (the device's status wins), then the certificate's 'revoked' / 'superseded' (also while
+    its grace lasts: the device holds an old certificate), then 'expired' outside its validity, else 'active'."""
+    if row is None or row["id"] != device_id:
+        return "unknown"
+    if row["device_status"] in ("suspended", "revoked"):
+        return row["device_status"]
+    if row["cert_status"] in ("revoked", "superseded"):
+        return row["cert_status"]
+    if not datetime.fromisoformat(row["not_before"]) <= now < datetime.fromisoformat(row["not_after"]):
+        return "expired"
+    return "active" if row["cert_status"] == "active" else "unknown"
+
+
 class EstService:
     """Answers EST requests for one fleet. Thread-safe (the registry gives each thread its own connection)."""
 
     def __init__(self, ca: FleetCA, registry: Registry, policy: Policy, crl_dir: Path, crl_url: str,
                  limiter: RateLimiter, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-                 monotonic: Callable[[], float] = time.monotonic):
+                 monotonic: Callable[[], float] = time.monotonic, supersede_grace: timedelta = SUPERSEDE_GRACE):
         self.ca, self.registry, self.policy = ca, registry, policy
+        self.supersede_grace = supersede_grace
         self.crl_dir, self.crl_url, self.limiter = crl_dir, crl_url, limiter
         self.clock, self.monotonic = clock, monotonic
         self.key_policy = est.KeyPolicy(ec_curves=frozenset(policy.ec_curves), min_rsa_bits=policy.rsa_min_bits)
@@ -73,6 +100,7 @@ class EstService:
             ("POST", est.PATH_SIMPLEENROLL): self._simpleenroll,
             ("POST", est.PATH_SIMPLEREENROLL): self._simplereenroll,
             ("GET", CRL_PATH): self._crl,
+            ("GET", CREDENTIAL_PATH): self._credential,
         }
         handler = routes.get((req.method, path))
         if handler is None:
@@ -95,9 +123,12 @@ class EstService:
             return _error(503, "crl_unavailable", "the CRL has not been published yet")
 
     # --- enrollment ----------------------------------------------------------------------------------------------
-    def _deny(self, action: str, req: EstRequest, exc: EstError, device_id: str | None, audited: bool = False) -> EstResponse:
+    def _deny(self, action: str, req: EstRequest, exc: EstError, device_id: str | None,
+              audit: bool = True) -> EstResponse:
+        """The error response; counts a failure for the source and writes a 'denied' audit row if `audit` (False
+        where the registry has audited the refusal itself, and for the never-audited credential status)."""
         self.limiter.fail(req.source, self.monotonic())
-        if not audited:
+        if audit:
             self.registry.audit(action, "denied", self.clock(), actor=device_id or "anonymous",
                                 device_id=device_id, detail=f"{exc.code}: {exc.message}", source=req.source)
         log.warning("%s denied for %s from %s: %s %s", action, device_id or "?", req.source, exc.status, exc.code)
@@ -135,40 +166,61 @@ class EstService:
             return self._deny("enroll", req, exc, device_id)
         except TokenRejected as exc:
             status = 401 if exc.code in ("unknown_token", "token_device_mismatch") else 403
-            return self._deny("enroll", req, EstError(exc.code, str(exc), status=status), device_id, audited=True)
+            return self._deny("enroll", req, EstError(exc.code, str(exc), status=status), device_id, audit=False)
         except DeviceNotActive as exc:
-            return self._deny("enroll", req, Forbidden("device_not_active", str(exc)), device_id, audited=True)
+            return self._deny("enroll", req, Forbidden("device_not_active", str(exc)), device_id, audit=False)
         except RegistryError as exc:
             return self._deny("enroll", req, Forbidden(getattr(exc, "code", "registry"), str(exc)), device_id)
         log.info("enrolled %s from %s (serial %x)", device_id, req.source, cert.serial_number)
         return self._issued(cert)
 
+    @staticmethod
+    def _client_cert(req: EstRequest, what: str) -> tuple[x509.Certificate, str]:
+        """The TLS client certificate (the listener verified it against the device CA) and its CN, the device id.
+        Raises Unauthorized without one, Forbidden without a single CN, PolicyError for an invalid id."""
+        if not req.peer_cert_der:
+            raise Unauthorized("client_cert_required",
+                               f"{what} needs the current device certificate as TLS client certificate")
+        current = x509.load_der_x509_certificate(req.peer_cert_der)
+        cns = current.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        if len(cns) != 1:
+            raise Forbidden("bad_client_cert", "client certificate has no single CN")
+        return current, check_device_id(str(cns[0].value))
+
+    def _credential(self, req: EstRequest) -> EstResponse:
+        device_id = None
+        try:
+            self._precheck(req)
+            current, device_id = self._client_cert(req, "the credential status")
+        except EstError as exc:
+            return self._deny("credential", req, exc, device_id, audit=False)
+        except PolicyError as exc:
+            return self._deny("credential", req, Forbidden("bad_client_cert", str(exc)), device_id, audit=False)
+        rows = self.registry.query(_CREDENTIAL_SQL, [format(current.serial_number, "x")])
+        status = credential_status(rows[0] if rows else None, device_id, self.clock())
+        log.debug("credential of %s from %s: %s", device_id, req.source, status)
+        body = json.dumps({"status": status, "device": device_id if status != "unknown" else None}).encode()
+        return EstResponse(200, body, CT_JSON, {"Cache-Control": "no-store"})
+
     def _simplereenroll(self, req: EstRequest) -> EstResponse:
         device_id = None
         try:
             self._precheck(req)
-            if not req.peer_cert_der:
-                raise Unauthorized("client_cert_required",
-                                   "simplereenroll needs the current device certificate as TLS client certificate")
-            current = x509.load_der_x509_certificate(req.peer_cert_der)
-            cns = current.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-            if len(cns) != 1:
-                raise Forbidden("bad_client_cert", "client certificate has no single CN")
-            device_id = check_device_id(str(cns[0].value))
+            current, device_id = self._client_cert(req, "simplereenroll")
             csr = est.parse_enroll_request(req.headers.get("content-type"), req.body, device_id,
                                            key_policy=self.key_policy)
             now = self.clock()
             cert = self.registry.reenroll(
                 device_id, format(current.serial_number, "x"), now,
                 lambda: self.ca.issue_device_cert(csr.public_key(), device_id, self.policy, now, self.crl_url),
-                source=req.source)
+                source=req.source, grace=self.supersede_grace)
         except EstError as exc:
             return self._deny("reenroll", req, exc, device_id)
         except PolicyError as exc:
             return self._deny("reenroll", req, Forbidden("bad_client_cert", str(exc)), device_id)
         except (CertRejected, DeviceNotActive) as exc:
             return self._deny("reenroll", req, Forbidden(getattr(exc, "code", "device_not_active"), str(exc)),
-                              device_id, audited=True)
+                              device_id, audit=False)
         except RegistryError as exc:
             return self._deny("reenroll", req, Forbidden(getattr(exc, "code", "registry"), str(exc)), device_id)
         log.info("re-enrolled %s from %s (serial %x)", device_id, req.source, cert.serial_number)

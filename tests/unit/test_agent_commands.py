@@ -1,4 +1,4 @@
-"""Tests for agent.commands: parsing, dispatch, every ack path, and the built-in handlers."""
+"""Tests for agent.commands: parsing, dispatch, every ack path, the built-in handlers, and who may command."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from agent.commands import (MAX_ID_LEN, MAX_PAYLOAD, Command, CommandError, CommandHandler, builtin_handlers,
-                            parse_command)
+from agent.commands import (COMMANDER_ROLES, MAX_ID_LEN, MAX_PAYLOAD, ROLE_PROPERTY, SENDER_PROPERTY, SHOWN_CHARS,
+                            Command, CommandError, CommandHandler, builtin_handlers, command_refusal, parse_command)
 
 NOW = datetime(2030, 1, 1, 12, 0, 0, 250000, tzinfo=timezone.utc)
 TS = "2030-01-01T12:00:00.250Z"
@@ -176,3 +176,62 @@ def test_builtin_renew_failure_becomes_failed_ack() -> None:
     h = CommandHandler(builtin_handlers(report=dict, renew=renew))
     assert ack(h.handle(cmd(id="r", command="renew"), NOW)) == \
         {"id": "r", "ok": False, "error": "EST server unreachable", "ts": TS}
+
+
+# -- who may command: command_refusal ---------------------------------------------------------------------------
+
+def stamped(role: str, sender: str = "svc.ops") -> list[tuple[str, str]]:
+    """User properties as the broker plugin stamps them."""
+    return [(SENDER_PROPERTY, sender), (ROLE_PROPERTY, role)]
+
+
+def test_constants_match_the_hub_policy() -> None:
+    from hub.authz import policy
+
+    assert (SENDER_PROPERTY, ROLE_PROPERTY, COMMANDER_ROLES) == \
+        (policy.SENDER_PROPERTY, policy.ROLE_PROPERTY, policy.COMMANDER_ROLES)
+
+
+def test_agent_commands_does_not_import_the_hub() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, agent.commands; print(sorted(m for m in sys.modules if m == 'hub' or m.startswith('hub.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("role", COMMANDER_ROLES)
+def test_live_command_from_a_commander_runs(role: str) -> None:
+    assert command_refusal(False, stamped(role)) is None
+    assert command_refusal(False, [("other", "x"), *stamped(role)]) is None
+
+
+@pytest.mark.parametrize("retain, props, expected", [
+    (True, stamped("commander"), "retained message (sender 'svc.ops'); commands are only taken live"),
+    (True, None, "retained message (unknown sender); commands are only taken live"),
+    (False, None, "no tessera-role property (unknown sender): not stamped by the Tessera broker plugin"),
+    (False, [], "no tessera-role property (unknown sender): not stamped by the Tessera broker plugin"),
+    (False, [(SENDER_PROPERTY, "dev-2")], "no tessera-role property (sender 'dev-2'): not stamped by the Tessera "
+                                          "broker plugin"),
+    (False, stamped("device", "dev-2"), "sender 'dev-2' has role 'device', not a commander role "
+                                        "(commander, admin, hub)"),
+    (False, stamped("telemetry-reader"), "sender 'svc.ops' has role 'telemetry-reader', not a commander role "
+                                         "(commander, admin, hub)"),
+    (False, stamped("Commander"), "sender 'svc.ops' has role 'Commander', not a commander role "
+                                  "(commander, admin, hub)"),
+    (False, stamped(""), "sender 'svc.ops' has role '', not a commander role (commander, admin, hub)"),
+    (False, [*stamped("device"), (ROLE_PROPERTY, "admin")],
+     "2 tessera-role properties (sender 'svc.ops'); the broker stamps exactly one"),
+    (False, [(ROLE_PROPERTY, "admin"), (ROLE_PROPERTY, "admin")],
+     "2 tessera-role properties (unknown sender); the broker stamps exactly one"),
+])
+def test_refused_messages(retain: bool, props, expected: str) -> None:
+    assert command_refusal(retain, props) == expected
+
+
+def test_refusal_escapes_and_truncates_sender_text() -> None:
+    why = command_refusal(False, stamped("evil\nINFO fake log line\x1b[31m" + "r" * 500, "s\r\n" + "x" * 500))
+    assert "\n" not in why and "\r" not in why and "\x1b" not in why
+    assert "'evil\\nINFO fake log line\\x1b[31m" in why and "'s\\r\\n" in why
+    assert len(why) < 2 * SHOWN_CHARS + 150 and why.count("...") == 2

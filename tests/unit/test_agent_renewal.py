@@ -1,4 +1,5 @@
-"""Tests for agent.renewal: the renewal decision across a certificate's lifetime with a fake clock, and edges."""
+"""Tests for agent.renewal: the renewal decision across a certificate's lifetime with a fake clock, and edges;
+the rate limit on `renew` commands."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from agent.renewal import RenewalDecision, decide, next_check_delay
+from agent.renewal import RenewalDecision, decide, next_check_delay, renew_command_refusal
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
 DAY = timedelta(days=1)
@@ -163,3 +164,49 @@ def test_decision_is_frozen() -> None:
     assert isinstance(d, RenewalDecision)
     with pytest.raises(AttributeError):
         d.action = "renew"  # type: ignore[misc]
+
+
+# -- renew_command_refusal: the rate limit on `renew` commands ------------------------------------------------------
+
+class Monotonic:
+    """A fake monotonic clock (seconds)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+def test_renew_commands_across_time() -> None:
+    clock, last, answers = Monotonic(), None, []
+    for step in (0, 1, 299.5, 299.4, 0.1, 0.01, 600, 0):
+        clock.advance(step)
+        refused = renew_command_refusal(last, clock.now, 600)
+        if refused is None:
+            last = clock.now   # the agent records an accepted renewal
+        answers.append(refused)
+    assert answers == [None, "renewal rate limited; next allowed in 599 s",
+                       "renewal rate limited; next allowed in 300 s", "renewal rate limited; next allowed in 1 s",
+                       None, "renewal rate limited; next allowed in 600 s", None,
+                       "renewal rate limited; next allowed in 600 s"]
+
+
+@pytest.mark.parametrize("last, now, interval, expected", [
+    (None, 0.0, 600, None),                                      # never renewed by command
+    (100.0, 700.0, 600, None),                                   # exactly the interval: allowed
+    (100.0, 699.999, 600, "renewal rate limited; next allowed in 1 s"),   # rounded up, never "0 s"
+    (100.0, 100.0, 600, "renewal rate limited; next allowed in 600 s"),
+    (100.0, 50.0, 600, "renewal rate limited; next allowed in 600 s"),    # clock went back: no time passed
+    (100.0, 100.0, 0, None),                                     # 0 disables the limit
+    (100.0, 130.0, 45.5, "renewal rate limited; next allowed in 16 s"),
+])
+def test_renew_command_refusal(last, now, interval, expected) -> None:
+    assert renew_command_refusal(last, now, interval) == expected
+
+
+@pytest.mark.parametrize("interval", [-1, float("nan"), float("inf")])
+def test_renew_command_refusal_rejects_bad_intervals(interval) -> None:
+    with pytest.raises(ValueError, match="min_interval"):
+        renew_command_refusal(None, 0.0, interval)
