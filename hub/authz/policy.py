@@ -164,18 +164,10 @@ def _dollar_mismatch(pattern: str, name: str) -> bool:
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
-    """MQTT matching of a concrete topic against a filter (`+` one level, `#` the rest, including the parent)."""
-    if _dollar_mismatch(pattern, topic):
-        return False
-    p, t = pattern.split("/"), topic.split("/")
-    for n, level in enumerate(p):
-        if level == "#":
-            return True
-        if n >= len(t):
-            return False
-        if level != "+" and level != t[n]:
-            return False
-    return len(p) == len(t)
+    """MQTT matching of a concrete topic against a filter (`+` one level, `#` the rest, including the parent).
+
+    A topic without wildcards is a filter that matches only itself, so matching is coverage (below)."""
+    return valid_topic(topic) and filter_covered(pattern, topic)
 
 
 def filter_covered(pattern: str, flt: str) -> bool:
