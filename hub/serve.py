@@ -100,6 +100,20 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
         server, thread = estserver.start(service, host, est_port, tls)
         stack.append(lambda: (server.shutdown(), server.server_close(), thread.join(timeout=5)))
 
+        from .api.server import configured_port, start_api
+
+        api_port, api_explicit = configured_port(cfg)
+        try:
+            api = start_api(cfg, live, host, api_port)
+            stack.append(api)
+            api_line = f"API   https://{host}:{api.port}/api/v1/"
+        except OSError as exc:  # the default port taken (e.g. another hub on this machine): run without the API
+            if api_explicit:
+                raise
+            log.error("fleet API not started: %s:%d: %s (set [api] port in fleet.toml)", host, api_port, exc)
+            registry.audit("api.start", "error", _now(), actor="hub", detail=f"{host}:{api_port}: {exc}")
+            api_line = f"API   not started: port {api_port} unavailable ({exc.strerror or exc})"
+
         sock_server, _ = admin.serve(cfg.admin_socket, _dispatch(live))
         stack.append(lambda: (sock_server.shutdown(), sock_server.server_close(),
                               cfg.admin_socket.unlink(missing_ok=True)))
@@ -109,6 +123,7 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
         announce(f"EST   https://{host}:{server.server_address[1]}/.well-known/est/  (fleet {cfg.fleet})")
         announce(f"MQTT  mqtts://{host}:{mqtt_port}  (mTLS, device certificates only)")
         announce(f"CRL   https://{host}:{server.server_address[1]}/crl/device.crl")
+        announce(api_line)
         announce(f"admin {cfg.admin_socket}")
         announce("hub ready")
         # CRLs are for third parties (the broker decides from the registry): published off the request path,

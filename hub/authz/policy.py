@@ -61,9 +61,20 @@ DEFAULT_ROLES: dict[str, tuple[tuple[str, str], ...]] = {
     "admin": tuple(dict.fromkeys([*_READER, *_COMMANDER])),
     "hub": tuple(dict.fromkeys([*_READER, *_COMMANDER, ("publish", CONTROL_TOPIC),
                                 *_both(CONTROL_RESPONSE)])),
+    # operators of the HTTPS fleet API (hub/api/): no broker rights of their own
+    "viewer": (),
+    "operator": (),
 }
 #: Roles that `identity add --role` may grant (device is implied by the device CA, hub by the hub's own cert).
-GRANTABLE_ROLES = ("telemetry-reader", "commander", "admin")
+GRANTABLE_ROLES = ("telemetry-reader", "commander", "admin", "viewer", "operator")
+
+#: The HTTPS fleet API's permissions (hub/api/): every route declares one; a role not listed here has none.
+API_PERMISSION_NAMES = ("read", "act", "admin")
+API_PERMISSIONS: dict[str, frozenset[str]] = {
+    "viewer": frozenset({"read"}),
+    "operator": frozenset({"read", "act"}),
+    "admin": frozenset({"read", "act", "admin"}),
+}
 #: Roles whose messages a device accepts as commands (the plugin stamps the sender's role on every message).
 COMMANDER_ROLES = ("commander", "admin", "hub")
 

@@ -1,0 +1,1 @@
+"""The HTTPS fleet API: operators by client certificate, devices, bulk actions, OpenAPI, metrics."""

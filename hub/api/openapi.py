@@ -1,0 +1,127 @@
+"""The OpenAPI 3.1 document of the fleet API, generated from the route table the server itself uses.
+
+Nothing here lists endpoints: `document(ROUTES)` walks hub/api/routes.py's table, so the served document and the
+served routes cannot drift. Schemas the routes name are the components below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hub.authz.policy import API_PERMISSIONS
+
+_STR = {"type": "string"}
+_TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+_FILTERS = {
+    "status": {"type": "string", "enum": ["active", "suspended", "revoked"]},
+    "group": _STR, "label": {"type": "string", "description": "key=value"},
+    "online": {"oneOf": [{"type": "boolean"}, {"type": "string", "enum": ["true", "false"]}]},
+    "id_prefix": _STR, "cert_expires_before": {"type": "string", "format": "date-time"},
+    "last_seen_before": {"type": "string", "format": "date-time"},
+}
+DEVICE = {
+    "type": "object",
+    "required": ["id", "status", "groups", "labels", "online", "last_seen", "created", "cert_not_after"],
+    "properties": {
+        "id": _STR, "status": _FILTERS["status"], "groups": {"type": "array", "items": _STR},
+        "labels": {"type": "object", "additionalProperties": _STR}, "online": {"type": "boolean"},
+        "last_seen": _TIME_OR_NULL, "created": {"type": "string", "format": "date-time"},
+        "cert_not_after": _TIME_OR_NULL,
+    },
+}
+COMPONENTS: dict[str, dict] = {
+    "Problem": {
+        "type": "object", "required": ["type", "title", "status", "detail"],
+        "properties": {"type": _STR, "title": _STR, "status": {"type": "integer"}, "detail": _STR,
+                       "param": {"type": "string", "description": "the offending parameter, for 400"}},
+    },
+    "Device": DEVICE,
+    "DevicePage": {
+        "type": "object", "required": ["items", "next_cursor"],
+        "properties": {"items": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
+                       "next_cursor": {"type": ["string", "null"]}},
+    },
+    "DeviceDetail": {
+        "allOf": [{"$ref": "#/components/schemas/Device"},
+                  {"type": "object", "properties": {"certificates": {"type": "array", "items": {
+                      "type": "object", "properties": {k: _STR for k in (
+                          "serial", "subject", "not_before", "not_after", "status", "issued_at")}}}}}],
+    },
+    "DevicePatch": {
+        "type": "object", "minProperties": 1, "additionalProperties": False,
+        "properties": {"groups": {"type": "array", "items": _STR},
+                       "labels": {"type": "object", "additionalProperties": _STR}},
+    },
+    "Selector": {
+        "type": "object", "minProperties": 1, "additionalProperties": False,
+        "properties": {**_FILTERS, "ids": {"type": "array", "items": _STR, "minItems": 1, "maxItems": 100000}},
+    },
+    "BulkRequest": {
+        "type": "object", "required": ["selector"], "additionalProperties": False,
+        "properties": {"selector": {"$ref": "#/components/schemas/Selector"},
+                       "reason": {"type": "string", "maxLength": 200},
+                       "confirm_count": {"type": "integer", "minimum": 0,
+                                         "description": "the dry run's matched count; omit for a dry run"}},
+    },
+    "BulkResult": {
+        "type": "object", "required": ["matched", "dry_run"],
+        "properties": {"matched": {"type": "integer"}, "dry_run": {"type": "boolean"},
+                       "changed": {"type": "integer"}, "skipped": {"type": "integer"},
+                       "revoked_certificates": {"type": "integer"},
+                       "sessions_cut": {"type": ["integer", "null"]}, "broker_note": {"type": ["string", "null"]},
+                       "timings": {"type": "object", "additionalProperties": {"type": "number"}}},
+    },
+    "Status": {"type": "object", "properties": {"status": _STR}},
+    "OpenApiDocument": {"type": "object"},
+}
+_TITLES = {400: "bad input", 403: "not an operator, or the role lacks the permission", 404: "no such device",
+           409: "the confirmed count is no longer the match count", 503: "not ready", 500: "internal error"}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _problem(status: int) -> dict:
+    return {"description": _TITLES.get(status, "error"), "content": {"application/problem+json": {
+        "schema": _ref("Problem")}}}
+
+
+def _operation(route) -> dict[str, Any]:
+    op: dict[str, Any] = {"operationId": route.name.replace(".", "_"), "summary": route.summary,
+                          "x-permission": route.permission}
+    if route.permission is None:
+        op["security"] = [{}, {"clientCertificate": []}]
+    else:
+        roles = sorted(r for r, perms in API_PERMISSIONS.items() if route.permission in perms)
+        op["description"] = f"Needs the `{route.permission}` permission (roles: {', '.join(roles)})."
+    if route.params:
+        op["parameters"] = [{"name": p.name, "in": p.where, "required": p.required, "description": p.description,
+                             "schema": p.schema} for p in route.params]
+    if route.body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(route.body)}}}
+    if route.response:
+        content = {"application/json": {"schema": _ref(route.response)}}
+    else:
+        content = {route.content_type.split(";")[0]: {"schema": {"type": "string"}}}
+    op["responses"] = {"200": {"description": "OK", "content": content},
+                       **{str(s): _problem(s) for s in sorted({*route.errors, 500})}}
+    return op
+
+
+def document(routes) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for `routes` (hub.api.routes.ROUTES)."""
+    paths: dict[str, dict] = {}
+    for route in routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Tessera fleet API", "version": "1",
+                 "description": "Operators authenticate with a service identity's client certificate (service "
+                                "CA); its role decides every endpoint. Errors are application/problem+json."},
+        "paths": paths,
+        "components": {"schemas": COMPONENTS,
+                       "securitySchemes": {"clientCertificate": {"type": "mutualTLS",
+                                                                 "description": "a service identity certificate"}}},
+        "security": [{"clientCertificate": []}],
+    }

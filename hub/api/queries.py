@@ -1,0 +1,256 @@
+"""The fleet API's registry queries: device filters as indexed SQL, keyset paging, bulk status changes.
+
+Every filter maps onto an index (added by `API_SCHEMA`, applied when the API starts; idempotent):
+status -> devices(status, id), online -> devices(online, id), last_seen_before -> devices(last_seen),
+id_prefix -> the primary key range, cert_expires_before -> certificates(not_after) over active certificates,
+group / label -> the side tables `device_groups` / `device_labels`, kept equal to the devices' JSON columns by
+triggers (so whoever writes `devices`, the CLI or another hub process, keeps them right). Paging is keyset on the
+device id (`id > last ORDER BY id LIMIT n`), never OFFSET.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterator, Mapping
+
+from hub.authz.policy import AuthzError, check_name
+from hub.registry import DEVICE_STATUSES, Registry, _ts
+
+API_SCHEMA = (
+    """CREATE INDEX IF NOT EXISTS devices_status_id ON devices(status, id)""",
+    """CREATE INDEX IF NOT EXISTS devices_online_id ON devices(online, id)""",
+    """CREATE INDEX IF NOT EXISTS devices_last_seen ON devices(last_seen)""",
+    """CREATE INDEX IF NOT EXISTS certificates_active_expiry ON certificates(not_after, device_id)
+        WHERE status = 'active'""",
+    """CREATE TABLE IF NOT EXISTS device_groups (grp TEXT NOT NULL, device_id TEXT NOT NULL,
+        PRIMARY KEY (grp, device_id)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS device_labels (key TEXT NOT NULL, value TEXT NOT NULL, device_id TEXT NOT NULL,
+        PRIMARY KEY (key, value, device_id)) WITHOUT ROWID""",
+    """CREATE TRIGGER IF NOT EXISTS devices_meta_insert AFTER INSERT ON devices BEGIN
+        INSERT OR IGNORE INTO device_groups SELECT value, NEW.id FROM json_each(NEW.groups);
+        INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id FROM json_each(NEW.labels); END""",
+    """CREATE TRIGGER IF NOT EXISTS devices_meta_update AFTER UPDATE OF groups, labels ON devices BEGIN
+        DELETE FROM device_groups WHERE device_id = OLD.id AND grp IN (SELECT value FROM json_each(OLD.groups));
+        DELETE FROM device_labels WHERE device_id = OLD.id AND key IN (SELECT key FROM json_each(OLD.labels));
+        INSERT OR IGNORE INTO device_groups SELECT value, NEW.id FROM json_each(NEW.groups);
+        INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id FROM json_each(NEW.labels); END""",
+    """CREATE TRIGGER IF NOT EXISTS devices_meta_delete AFTER DELETE ON devices BEGIN
+        DELETE FROM device_groups WHERE device_id = OLD.id AND grp IN (SELECT value FROM json_each(OLD.groups));
+        DELETE FROM device_labels WHERE device_id = OLD.id AND key IN (SELECT key FROM json_each(OLD.labels));
+        END""",
+)
+_BACKFILL = (
+    "INSERT OR IGNORE INTO device_groups SELECT j.value, d.id FROM devices d, json_each(d.groups) j",
+    "INSERT OR IGNORE INTO device_labels SELECT j.key, j.value, d.id FROM devices d, json_each(d.labels) j",
+)
+MAX_LIMIT = 1000
+MAX_IDS = 100_000
+FILTERS = ("status", "group", "label", "online", "id_prefix", "cert_expires_before", "last_seen_before")
+DEVICE_COLUMNS = ("id", "status", "groups", "labels", "online", "last_seen", "created", "cert_not_after")
+_COLUMNS = ("SELECT d.id, d.status, d.groups, d.labels, d.online, d.last_seen, d.created, "
+            "(SELECT c.not_after FROM certificates c WHERE c.device_id = d.id AND c.status = 'active' "
+            "ORDER BY c.issued_at DESC LIMIT 1) AS cert_not_after")
+_PREFIX_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+class BadRequest(ValueError):
+    """Input the API refuses with 400 (`param` names the field; the message is safe to show)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class Conflict(Exception):
+    """The request no longer matches the registry (409)."""
+
+
+class NotFound(Exception):
+    """No such device (404)."""
+
+
+def apply_schema(registry: Registry) -> None:
+    """The API's indexes, side tables and triggers (idempotent; the side tables are filled once)."""
+    with registry.write() as db:
+        fresh = not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'device_groups'").fetchall()
+        for statement in API_SCHEMA:
+            db.execute(statement)
+        if fresh:
+            for statement in _BACKFILL:
+                db.execute(statement)
+
+
+def parse_time(value: str, param: str) -> str:
+    """An ISO 8601 timestamp with a zone ('Z' allowed) as the registry's stored text form."""
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except (ValueError, AttributeError):
+        raise BadRequest(f"{param} must be an ISO 8601 timestamp, e.g. 2027-01-31T00:00:00Z", param) from None
+    if when.tzinfo is None:
+        raise BadRequest(f"{param} needs a time zone (e.g. a trailing Z)", param)
+    return _ts(when.astimezone(timezone.utc))
+
+
+@dataclass
+class Selector:
+    """A device selector: filters (all must hold) or an explicit list of ids."""
+
+    status: str | None = None
+    group: str | None = None
+    label: tuple[str, str] | None = None
+    online: bool | None = None
+    id_prefix: str | None = None
+    cert_expires_before: str | None = None
+    last_seen_before: str | None = None
+    ids: list[str] | None = None
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], allow_ids: bool = False) -> "Selector":
+        """From query parameters or a JSON selector object; BadRequest on any unknown or invalid value."""
+        sel = cls()
+        for key, value in raw.items():
+            if key == "ids" and allow_ids:
+                sel.ids = _parse_ids(value)
+                continue
+            if key not in FILTERS:
+                raise BadRequest(f"unknown filter {key!r} (filters: {', '.join(FILTERS)})", key)
+            if key == "online" and isinstance(value, bool):
+                sel.online = value
+                continue
+            if not isinstance(value, str):
+                raise BadRequest(f"{key} must be a string", key)
+            if key == "status":
+                if value not in DEVICE_STATUSES:
+                    raise BadRequest(f"status must be one of {', '.join(DEVICE_STATUSES)}", key)
+                sel.status = value
+            elif key == "group":
+                sel.group = _name(value, "group name", key)
+            elif key == "label":
+                k, sep, v = value.partition("=")
+                if not sep or not v:
+                    raise BadRequest("label must be key=value", key)
+                sel.label = (_name(k, "label key", key), v)
+            elif key == "online":
+                if value not in ("true", "false"):
+                    raise BadRequest("online must be true or false", key)
+                sel.online = value == "true"
+            elif key == "id_prefix":
+                if not _PREFIX_RE.fullmatch(value):
+                    raise BadRequest("id_prefix must be 1-63 characters a-z, 0-9 and '-'", key)
+                sel.id_prefix = value
+            else:
+                setattr(sel, key, parse_time(value, key))
+        if sel.ids is not None and any(getattr(sel, f) is not None for f in FILTERS):
+            raise BadRequest("a selector is either ids or filters, not both", "ids")
+        return sel
+
+    def empty(self) -> bool:
+        return self.ids is None and all(getattr(self, f) is None for f in FILTERS)
+
+    def sql(self) -> tuple[str, str, list[Any], str]:
+        """(FROM clause, WHERE conditions, parameters, keyset column), each condition served by an index. A group
+        or label filter drives the query from its side table's primary key, so paging is a key range there."""
+        conds, params = [], []
+        source, key = "devices d", "d.id"
+        if self.group is not None:
+            source, key = "device_groups g JOIN devices d ON d.id = g.device_id", "g.device_id"
+            conds.append("g.grp = ?")
+            params.append(self.group)
+        if self.label is not None:
+            if self.group is None:
+                source, key = "device_labels l JOIN devices d ON d.id = l.device_id", "l.device_id"
+                conds.append("l.key = ? AND l.value = ?")
+            else:
+                conds.append("d.id IN (SELECT device_id FROM device_labels WHERE key = ? AND value = ?)")
+            params += list(self.label)
+        if self.ids is not None:
+            conds.append("d.id IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(self.ids))
+        if self.status is not None:
+            conds.append("d.status = ?")
+            params.append(self.status)
+        if self.online is not None:
+            conds.append("d.online = ?")
+            params.append(int(self.online))
+        if self.id_prefix is not None:
+            conds.append(f"{key} >= ? AND {key} < ?")
+            params += [self.id_prefix, self.id_prefix + "\x7f"]
+        if self.cert_expires_before is not None:
+            conds.append("d.id IN (SELECT device_id FROM certificates WHERE status = 'active' AND not_after < ?)")
+            params.append(self.cert_expires_before)
+        if self.last_seen_before is not None:
+            conds.append("d.id IN (SELECT id FROM devices WHERE last_seen < ?)")
+            params.append(self.last_seen_before)
+        return source, (" AND ".join(conds) or "1"), params, key
+
+
+def _name(value: str, what: str, param: str) -> str:
+    try:
+        return check_name(value, what)
+    except AuthzError as exc:
+        raise BadRequest(str(exc), param) from None
+
+
+def _parse_ids(value: Any) -> list[str]:
+    if not isinstance(value, list) or not value or len(value) > MAX_IDS:
+        raise BadRequest(f"ids must be a list of 1-{MAX_IDS} device ids", "ids")
+    for item in value:
+        if not isinstance(item, str) or len(item) > 64:
+            raise BadRequest("ids must be device id strings", "ids")
+    return list(dict.fromkeys(value))
+
+
+def encode_cursor(last_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"after": last_id}).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if isinstance(data, dict) and isinstance(data.get("after"), str):
+            return data["after"]
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        pass
+    raise BadRequest("cursor is not one this API handed out", "cursor")
+
+
+def device_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "status": row["status"], "groups": json.loads(row["groups"]),
+            "labels": json.loads(row["labels"]), "online": bool(row["online"]), "last_seen": row["last_seen"],
+            "created": row["created"], "cert_not_after": row["cert_not_after"]}
+
+
+def list_devices(registry: Registry, sel: Selector, limit: int, after: str | None) -> tuple[list[dict], str | None]:
+    """One page of devices by id after `after`; the cursor for the next page (None on the last one)."""
+    source, where, params, key = sel.sql()
+    if after is not None:
+        where += f" AND {key} > ?"
+        params.append(after)
+    rows = registry.query(f"{_COLUMNS} FROM {source} WHERE {where} ORDER BY {key} LIMIT ?", [*params, limit + 1])
+    page = [device_row(r) for r in rows[:limit]]
+    return page, (encode_cursor(page[-1]["id"]) if len(rows) > limit else None)
+
+
+def iter_devices(registry: Registry, sel: Selector, after: str | None = None, page: int = 1000) -> Iterator[dict]:
+    """Every matching device by id, fetched a keyset page at a time (for streamed exports)."""
+    while True:
+        items, cursor = list_devices(registry, sel, page, after)
+        yield from items
+        if cursor is None:
+            return
+        after = items[-1]["id"]
+
+
+def count(registry: Registry, sel: Selector) -> int:
+    source, where, params, _ = sel.sql()
+    return int(registry.query(f"SELECT COUNT(*) AS n FROM {source} WHERE {where}", params)[0]["n"])
+
+
+def get_device(registry: Registry, device_id: str) -> dict | None:
+    rows = registry.query(f"{_COLUMNS} FROM devices d WHERE d.id = ?", [device_id])
+    return device_row(rows[0]) if rows else None

@@ -1,0 +1,254 @@
+"""The fleet API's route table and handlers: ONE list (`ROUTES`) that both the server and the OpenAPI document use.
+
+Each route says its method, path, the permission it needs (`read`, `act`, `admin`; None: no authentication beyond
+TLS), a summary, its parameters and its request/response schemas (names in hub/api/openapi.py's components).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from hub.broker import BrokerError
+
+from . import actions, queries
+from .queries import MAX_LIMIT, BadRequest, NotFound, Selector
+
+_REASON_RE = re.compile(r"[\x20-\x7e]{0,200}")
+PREFIX = "/api/v1"
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    where: str  # 'query' or 'path'
+    schema: dict
+    description: str
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    name: str
+    permission: str | None
+    summary: str
+    handler: Callable[..., Awaitable[web.StreamResponse]]
+    params: tuple[Param, ...] = ()
+    body: str | None = None  # a component schema name
+    response: str | None = None  # a component schema name (JSON) ...
+    content_type: str = "application/json"  # ... or this media type
+    errors: tuple[int, ...] = (403,)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, text=json.dumps(data), content_type="application/json")
+
+
+def _query(request: web.Request) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in request.query.items():
+        if key in out:
+            raise BadRequest(f"parameter {key!r} given twice", key)
+        out[key] = value
+    return out
+
+
+async def _body(request: web.Request) -> dict:
+    try:
+        body = await request.json(loads=json.loads)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body must be a JSON object", "body") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", "body")
+    return body
+
+
+def _limit(value: str | None) -> int:
+    if value is None:
+        return 100
+    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+        raise BadRequest(f"limit must be an integer 1-{MAX_LIMIT}", "limit")
+    return int(value)
+
+
+# --- handlers -------------------------------------------------------------------------------------------------------
+
+async def list_devices(api, request: web.Request, principal) -> web.StreamResponse:
+    q = _query(request)
+    fmt = q.pop("format", "json")
+    if fmt not in ("json", "csv"):
+        raise BadRequest("format must be json or csv", "format")
+    limit = _limit(q.pop("limit", None))
+    cursor = q.pop("cursor", None)
+    after = queries.decode_cursor(cursor) if cursor is not None else None
+    sel = Selector.parse(q)
+    if fmt == "csv":
+        return await _csv(api, request, sel, after)
+    items, next_cursor = await api.run(queries.list_devices, api.registry, sel, limit, after)
+    return _json({"items": items, "next_cursor": next_cursor})
+
+
+async def _csv(api, request: web.Request, sel: Selector, after: str | None) -> web.StreamResponse:
+    """Every matching device (from the cursor on), streamed a keyset page at a time."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8",
+                                       "Content-Disposition": 'attachment; filename="devices.csv"'})
+    await resp.prepare(request)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\r\n")
+    writer.writerow(queries.DEVICE_COLUMNS)
+    while True:
+        items, cursor = await api.run(queries.list_devices, api.registry, sel, 1000, after)
+        for d in items:
+            writer.writerow([d["id"], d["status"], ";".join(d["groups"]),
+                             ";".join(f"{k}={v}" for k, v in sorted(d["labels"].items())),
+                             "true" if d["online"] else "false", d["last_seen"] or "", d["created"],
+                             d["cert_not_after"] or ""])
+        await resp.write(buf.getvalue().encode())
+        buf.seek(0)
+        buf.truncate()
+        if cursor is None:
+            break
+        after = items[-1]["id"]
+    await resp.write_eof()
+    return resp
+
+
+def _detail(api, device_id: str) -> dict:
+    device = queries.get_device(api.registry, device_id)
+    if device is None:
+        raise NotFound(f"no device {device_id!r}")
+    return {**device, "certificates": api.registry.certificates_of(device_id)}
+
+
+async def show_device(api, request: web.Request, principal) -> web.Response:
+    return _json(await api.run(_detail, api, request.match_info["id"]))
+
+
+async def patch_device(api, request: web.Request, principal) -> web.Response:
+    device_id = request.match_info["id"]
+    body = await _body(request)
+    await api.run(actions.patch_device, api.registry, device_id, body, api.clock(), principal.name, request.remote)
+    return _json(await api.run(_detail, api, device_id))
+
+
+def _bulk(action: str) -> Callable:
+    async def handler(api, request: web.Request, principal) -> web.Response:
+        body = await _body(request)
+        unknown = set(body) - {"selector", "reason", "confirm_count"}
+        if unknown:
+            raise BadRequest(f"unknown fields {sorted(unknown)}", "body")
+        raw = body.get("selector")
+        if not isinstance(raw, dict):
+            raise BadRequest("selector must be an object of filters, or {\"ids\": [...]}", "selector")
+        sel = Selector.parse(raw, allow_ids=True)
+        if sel.empty():
+            raise BadRequest("the selector needs at least one filter or ids", "selector")
+        reason = body.get("reason", "")
+        if not isinstance(reason, str) or not _REASON_RE.fullmatch(reason):
+            raise BadRequest("reason must be at most 200 printable ASCII characters", "reason")
+        confirm = body.get("confirm_count")
+        if confirm is None:
+            return _json({"matched": await api.run(queries.count, api.registry, sel), "dry_run": True})
+        if isinstance(confirm, bool) or not isinstance(confirm, int) or confirm < 0:
+            raise BadRequest("confirm_count must be a non-negative integer (the dry run's count)", "confirm_count")
+        t0 = time.monotonic()
+        result = await api.run(actions.bulk_status, api.registry, action, sel, confirm, reason, api.clock(),
+                               principal.name, request.remote)
+        t_registry = time.monotonic()
+        kicked, note = None, ""
+        if result["changed"]:
+            try:
+                kicked = (await api.run(api.live.broker.sync)).kicked
+            except BrokerError as exc:  # the plugin follows the registry's events by itself within a tick
+                note = str(exc)
+            api.live.crl.changed()
+        total_ms = (time.monotonic() - t0) * 1000
+        await api.run(api.audit, f"devices.{action}.enforced", "ok" if not note else "error", principal.name,
+                      f"{len(result['changed'])} devices; sessions cut: {kicked}; {total_ms:.0f} ms {note}".strip(),
+                      None, request.remote)
+        return _json({"matched": result["matched"], "changed": len(result["changed"]), "skipped": result["skipped"],
+                      "revoked_certificates": result["revoked_certificates"], "dry_run": False,
+                      "sessions_cut": kicked, "broker_note": note or None,
+                      "timings": {"registry_ms": (t_registry - t0) * 1000, "total_ms": total_ms}})
+    return handler
+
+
+async def openapi(api, request: web.Request, principal) -> web.Response:
+    from .openapi import document
+
+    return _json(document(ROUTES))
+
+
+async def metrics(api, request: web.Request, principal) -> web.Response:
+    from .metrics import render
+
+    body, content_type = await api.run(render, api)
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def healthz(api, request: web.Request, principal) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(api, request: web.Request, principal) -> web.Response:
+    from .server import problem
+
+    if await api.run(api.live.broker.healthy):
+        return _json({"status": "ready"})
+    return problem(503, "Service Unavailable", "the broker is not running", "not_ready")
+
+
+# --- the table ------------------------------------------------------------------------------------------------------
+
+def _q(name: str, schema: dict, description: str) -> Param:
+    return Param(name, "query", schema, description)
+
+
+_TIME = {"type": "string", "format": "date-time"}
+_NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}
+FILTER_PARAMS = (
+    _q("status", {"type": "string", "enum": ["active", "suspended", "revoked"]}, "device status"),
+    _q("group", _NAME, "member of this group"),
+    _q("label", {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}=.+$"}, "label key=value"),
+    _q("online", {"type": "string", "enum": ["true", "false"]}, "connected to the broker now"),
+    _q("id_prefix", _NAME, "device id starts with this"),
+    _q("cert_expires_before", _TIME, "the active certificate expires before this time"),
+    _q("last_seen_before", _TIME, "last seen before this time (never-seen devices do not match)"),
+)
+_ID = Param("id", "path", {"type": "string"}, "device id", required=True)
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", f"{PREFIX}/openapi.json", "openapi", "read", "This OpenAPI document", openapi,
+          response="OpenApiDocument"),
+    Route("GET", f"{PREFIX}/devices", "devices.list", "read",
+          "List devices (filters, keyset paging by id; format=csv streams every match)", list_devices,
+          params=(*FILTER_PARAMS,
+                  _q("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100}, "page size"),
+                  _q("cursor", {"type": "string"}, "next_cursor of the previous page"),
+                  _q("format", {"type": "string", "enum": ["json", "csv"], "default": "json"}, "json or csv")),
+          response="DevicePage", errors=(400, 403)),
+    Route("GET", f"{PREFIX}/devices/{{id}}", "devices.show", "read", "One device and its certificates",
+          show_device, params=(_ID,), response="DeviceDetail", errors=(403, 404)),
+    Route("PATCH", f"{PREFIX}/devices/{{id}}", "devices.edit", "act",
+          "Replace a device's groups and/or labels (group rights change in live sessions at once)", patch_device,
+          params=(_ID,), body="DevicePatch", response="DeviceDetail", errors=(400, 403, 404)),
+    *(Route("POST", f"{PREFIX}/devices/actions/{action}", f"devices.{action}", "act",
+            f"{action.capitalize()} every device a selector matches: a dry run without confirm_count, else one "
+            "transaction if confirm_count is still the match count", _bulk(action),
+            body="BulkRequest", response="BulkResult", errors=(400, 403, 409))
+      for action in actions.ACTIONS),
+    Route("GET", "/metrics", "metrics", "read", "Prometheus metrics", metrics,
+          content_type="text/plain; version=0.0.4"),
+    Route("GET", "/healthz", "healthz", None, "The API answers (TLS only)", healthz, response="Status", errors=()),
+    Route("GET", "/readyz", "readyz", None, "The broker is running (TLS only)", readyz, response="Status",
+          errors=(503,)),
+)

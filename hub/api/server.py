@@ -1,0 +1,279 @@
+"""The HTTPS fleet API's server: aiohttp on its own TLS listener, operators authenticated by client certificate.
+
+Why aiohttp: the API must see the verified TLS peer certificate of every request (an operator is a service
+identity, recognised by issuer and serial). Hypercorn 0.18, Uvicorn 0.54 and Daphne 4.2 do not hand an ASGI
+application the peer certificate (none implements the ASGI "tls" extension), so an ASGI stack would have to trust
+a header from a proxy. aiohttp's own web server does: `request.transport.get_extra_info("ssl_object")
+.getpeercert(binary_form=True)` is the DER certificate OpenSSL verified in the handshake.
+
+TLS: at least 1.2, a client certificate is required (CERT_REQUIRED) and must chain to the fleet root
+(`ca/root.pem`); the server certificate is the hub's `tls/est.pem`. A handshake without a certificate, or with one
+from another CA, fails before HTTP. Then every request except /healthz and /readyz is authenticated: the
+certificate's issuer must be the service CA (a device certificate gets a 403 problem), and (issuer 'service',
+serial) must be an active principal with an active, in-validity certificate in the registry's `authz_credentials`
+view. Its role's permissions (hub/authz/policy.py `API_PERMISSIONS`) must include what the route declares
+(hub/api/routes.py). Every authenticated call is audited with the principal as actor; every error is
+`application/problem+json` (RFC 9457).
+
+The server runs in a thread with its own event loop (`start_api`); registry work runs in a small thread pool
+(the registry hands each thread its own SQLite connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import ssl
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from aiohttp import web
+from cryptography import x509
+
+from hub.authz.policy import API_PERMISSIONS
+from hub.registry import Registry, _ts, serial_hex
+
+from .queries import BadRequest, Conflict, NotFound, apply_schema
+
+log = logging.getLogger("tessera.api")
+
+DEFAULT_PORT = 8444
+MAX_BODY = 8 * 1024 * 1024  # a bulk selector with 100,000 ids fits
+PROBLEM = "application/problem+json"
+
+
+class Forbidden(Exception):
+    """Authenticated at TLS, but not an operator this API serves (403)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: str
+    serial: str
+    permissions: frozenset[str]
+
+
+def problem(status: int, title: str, detail: str, code: str | None = None, **extra: Any) -> web.Response:
+    """An RFC 9457 problem response."""
+    body = {"type": f"urn:tessera:problem:{code}" if code else "about:blank", "title": title, "status": status,
+            "detail": detail, **extra}
+    return web.Response(status=status, text=json.dumps(body), content_type=PROBLEM)
+
+
+def tls_context(cfg) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cfg.tls_dir / "est.pem"), str(cfg.tls_dir / "est.key"))
+    ctx.load_verify_locations(cafile=str(cfg.ca_dir / "root.pem"))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    return ctx
+
+
+class Authenticator:
+    """Verified peer certificate -> Principal, from the registry (Forbidden with a safe reason otherwise)."""
+
+    def __init__(self, registry: Registry, service_ca: Path, clock: Callable[[], datetime]):
+        self.registry, self.clock = registry, clock
+        self.service_subject = x509.load_pem_x509_certificate(service_ca.read_bytes()).subject
+
+    def principal(self, der: bytes | None) -> Principal:
+        if not der:
+            raise Forbidden("no client certificate")
+        cert = x509.load_der_x509_certificate(der)
+        if cert.issuer != self.service_subject:
+            raise Forbidden("this API serves operators with a service identity (a certificate from the service "
+                            "CA), not device certificates")
+        serial = serial_hex(cert.serial_number)
+        rows = self.registry.query("SELECT principal, kind, role, cert_status, principal_status, not_before, "
+                                   "not_after FROM authz_credentials WHERE issuer = 'service' AND serial = ?",
+                                   [serial])
+        if not rows:
+            raise Forbidden(f"certificate {serial} is not a registered service identity")
+        row, now = rows[0], _ts(self.clock())
+        if row["principal_status"] != "active":
+            raise Forbidden(f"identity {row['principal']} is {row['principal_status']}")
+        if row["cert_status"] != "active":
+            raise Forbidden(f"certificate {serial} is {row['cert_status']}")
+        if not row["not_before"] <= now < row["not_after"]:
+            raise Forbidden(f"certificate {serial} is outside its validity")
+        return Principal(row["principal"], row["role"], serial, API_PERMISSIONS.get(row["role"], frozenset()))
+
+
+def peer_der(request: web.Request) -> bytes | None:
+    sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
+    return sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+
+
+def _peer_cn(der: bytes | None) -> str:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        return f"cert:{cns[0].value}" if cns else "cert:?"
+    except Exception:  # noqa: BLE001
+        return "unauthenticated"
+
+
+class Api:
+    """What the handlers share: the live hub, registry, authenticator, a thread pool for blocking work."""
+
+    def __init__(self, cfg, live, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
+        self.cfg, self.live, self.clock = cfg, live, clock
+        self.registry: Registry = live.registry
+        self.auth = Authenticator(self.registry, cfg.ca_dir / "service-ca.pem", clock)
+        self.pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="tessera-api")
+
+    async def run(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def audit(self, action: str, outcome: str, actor: str, detail: str = "", device_id: str | None = None,
+              source: str | None = None) -> None:
+        try:
+            self.registry.audit(action, outcome, self.clock(), actor=actor, device_id=device_id, detail=detail,
+                                source=source)
+        except Exception:  # noqa: BLE001  (an audit failure is logged; the answer is already decided)
+            log.exception("API audit row failed")
+
+
+def endpoint(api: Api, route) -> Callable:
+    """The aiohttp handler for a route: authenticate, check the route's permission, run it, audit the call."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if route.permission is None:
+            return await route.handler(api, request, None)
+        source = request.remote
+        action = f"api.{route.name}"
+        der = peer_der(request)
+        try:
+            principal = await api.run(api.auth.principal, der)
+        except Forbidden as exc:
+            await api.run(api.audit, action, "denied", _peer_cn(der), str(exc), None, source)
+            return problem(403, "Forbidden", str(exc), "forbidden")
+        request["principal"] = principal
+        if route.permission not in principal.permissions:
+            detail = f"role {principal.role!r} does not have the {route.permission!r} permission"
+            await api.run(api.audit, action, "denied", principal.name, detail, None, source)
+            return problem(403, "Forbidden", detail, "forbidden")
+        device_id = request.match_info.get("id")
+        try:
+            response = await route.handler(api, request, principal)
+        except BadRequest as exc:
+            await api.run(api.audit, action, "denied", principal.name, str(exc), device_id, source)
+            return problem(400, "Bad request", str(exc), "bad_request", **({"param": exc.param} if exc.param else {}))
+        except Conflict as exc:
+            await api.run(api.audit, action, "denied", principal.name, str(exc), device_id, source)
+            return problem(409, "Conflict", str(exc), "conflict")
+        except NotFound as exc:
+            await api.run(api.audit, action, "denied", principal.name, str(exc), device_id, source)
+            return problem(404, "Not found", str(exc), "not_found")
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("API %s %s failed", request.method, request.path)
+            await api.run(api.audit, action, "error", principal.name, "internal error", device_id, source)
+            raise
+        await api.run(api.audit, action, "ok", principal.name, f"{request.method} {request.path_qs}"[:500],
+                      device_id, source)
+        return response
+
+    handle.__name__ = route.name.replace(".", "_")
+    return handle
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Every error, aiohttp's own (404, 405, 413) and unhandled exceptions (500, no details), as problem+json."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return problem(exc.status, exc.reason, {404: f"no resource {request.path}",
+                                                405: f"{request.method} is not allowed on {request.path}"}
+                       .get(exc.status, exc.text or exc.reason))
+    except Exception:
+        log.exception("API %s %s: unhandled error", request.method, request.path)
+        return problem(500, "Internal Server Error", "the hub could not answer this request; see its log")
+
+
+def make_app(api: Api) -> web.Application:
+    from .routes import ROUTES
+
+    app = web.Application(middlewares=[problems], client_max_size=MAX_BODY)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, endpoint(api, route))
+    return app
+
+
+class ApiServer:
+    """A running API listener; call it to stop (idempotent). `port` is the bound port."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, runner: web.AppRunner, thread: threading.Thread,
+                 api: Api, port: int):
+        self.loop, self.runner, self.thread, self.api, self.port = loop, runner, thread, api, port
+        self._stopped = False
+
+    def __call__(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=5)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+            self.api.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def start_api(cfg, live, host: str, port: int) -> ApiServer:
+    """Start the API on host:port (0: any free port) in its own thread and event loop; returns the stop callable.
+    Binding errors (OSError) are raised here, before anything runs."""
+    apply_schema(live.registry)
+    api = Api(cfg, live)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(make_app(api), access_log=None, handle_signals=False)
+    try:
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, host, port, ssl_context=tls_context(cfg), backlog=128)
+        loop.run_until_complete(site.start())
+    except BaseException:
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+        api.pool.shutdown(wait=False)
+        raise
+    bound = site._server.sockets[0].getsockname()[1]  # noqa: SLF001  (aiohttp exposes no public accessor)
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name="tessera-api", daemon=True)
+    thread.start()
+    return ApiServer(loop, runner, thread, api, bound)
+
+
+def configured_port(cfg) -> tuple[int, bool]:
+    """The API port and whether fleet.toml sets it: `cfg.api_port` once hub/config.py has `[api] port`; until
+    then this reads `[api] port` from fleet.toml itself (0: any free port). Default 8444."""
+    port = getattr(cfg, "api_port", None)
+    if port is not None:
+        return int(port), True
+    import tomllib
+
+    try:
+        section = tomllib.loads(cfg.toml_path.read_text()).get("api", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        section = {}
+    port = section.get("port")
+    if isinstance(port, int) and not isinstance(port, bool) and 0 <= port < 65536:
+        return port, True
+    return DEFAULT_PORT, False
