@@ -50,6 +50,7 @@ _BACKFILL = (
 )
 MAX_LIMIT = 1000
 MAX_IDS = 100_000
+DENSE_PROBE = 20_000
 FILTERS = ("status", "group", "label", "online", "id_prefix", "cert_expires_before", "last_seen_before")
 DEVICE_COLUMNS = ("id", "status", "groups", "labels", "online", "last_seen", "created", "cert_not_after")
 _COLUMNS = ("SELECT d.id, d.status, d.groups, d.labels, d.online, d.last_seen, d.created, "
@@ -108,6 +109,9 @@ class Selector:
     cert_expires_before: str | None = None
     last_seen_before: str | None = None
     ids: list[str] | None = None
+    #: last_seen_before matches many devices: filter while walking the id index (else: collect the few matches
+    #: from the last_seen index first). Set by `plan`.
+    dense_last_seen: bool = False
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], allow_ids: bool = False) -> "Selector":
@@ -184,7 +188,8 @@ class Selector:
             conds.append("d.id IN (SELECT device_id FROM certificates WHERE status = 'active' AND not_after < ?)")
             params.append(self.cert_expires_before)
         if self.last_seen_before is not None:
-            conds.append("d.id IN (SELECT id FROM devices WHERE last_seen < ?)")
+            conds.append("d.last_seen < ?" if self.dense_last_seen else
+                         "d.id IN (SELECT id FROM devices WHERE last_seen < ?)")
             params.append(self.last_seen_before)
         return source, (" AND ".join(conds) or "1"), params, key
 
@@ -225,8 +230,18 @@ def device_row(row: Mapping[str, Any]) -> dict[str, Any]:
             "created": row["created"], "cert_not_after": row["cert_not_after"]}
 
 
+def plan(registry: Registry, sel: Selector) -> None:
+    """Pick how to serve last_seen_before: a bounded probe of its index says whether matches are dense (then a
+    page is found fast walking ids) or sparse (then at most DENSE_PROBE matches are collected and sorted)."""
+    if sel.last_seen_before is not None:
+        n = registry.query("SELECT COUNT(*) AS n FROM (SELECT 1 FROM devices WHERE last_seen < ? LIMIT ?)",
+                           [sel.last_seen_before, DENSE_PROBE])[0]["n"]
+        sel.dense_last_seen = n >= DENSE_PROBE
+
+
 def list_devices(registry: Registry, sel: Selector, limit: int, after: str | None) -> tuple[list[dict], str | None]:
     """One page of devices by id after `after`; the cursor for the next page (None on the last one)."""
+    plan(registry, sel)
     source, where, params, key = sel.sql()
     if after is not None:
         where += f" AND {key} > ?"

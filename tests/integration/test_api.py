@@ -319,3 +319,21 @@ def test_calls_are_audited_with_the_principal(api):
                                                        if r["action"] == "api.devices.list"]
     denied = [r for r in rows if r["action"] == "api.devices.revoke"]
     assert denied[0]["actor"] == "svc.viewer" and denied[0]["outcome"] == "denied"
+
+
+def test_serve_without_api_settings_still_runs(tmp_path):
+    """No [api] in fleet.toml: the default port 8444; if that is taken (another hub here), serve runs on without
+    the API and says so (an explicitly configured port that is taken stops serve instead)."""
+    hub = init_hub(tmp_path, **BROKER_LIMITS)
+    hub.start()
+    try:
+        wait_ready(hub)
+        line = next(x for x in hub.stdout_text().splitlines() if x.startswith("API "))
+        assert re.fullmatch(r"API\s+(https://127\.0\.0\.1:8444/api/v1/|not started: port 8444 unavailable .*)",
+                            line), line
+    finally:
+        try:
+            rc = hub.stop()
+        finally:
+            hub.kill()
+        assert rc == 0, hub.stderr_path.read_text(errors="replace")

@@ -114,3 +114,8 @@ def test_openapi_lists_every_route():
     listed = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
     assert listed == {(r.method, r.path) for r in ROUTES}
     json.dumps(doc)
+
+
+def test_openapi_document_is_valid_openapi_3_1():
+    validator = pytest.importorskip("openapi_spec_validator")
+    validator.validate(document(ROUTES))
