@@ -1,14 +1,15 @@
-"""Device status changes from the CLI: through the running hub (immediate effect) or, offline, directly."""
+"""Device status changes from the CLI: through the running hub (immediate effect) or, offline, directly.
+
+The online path imports nothing heavy (it is the revoke command's hot path: see hub.entry); the offline one loads
+the registry and the CA only when no hub answers.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 
 from . import admin
-from .ca import load_ca
 from .config import HubConfig
-from .registry import Registry
-from .revocation import publish_crl
 
 
 def apply_status_change(cfg: HubConfig, device_id: str, status: str, reason: str, now: datetime,
@@ -32,6 +33,10 @@ def apply_status_change(cfg: HubConfig, device_id: str, status: str, reason: str
 
 
 def _offline(cfg: HubConfig, device_id: str, status: str, reason: str, now: datetime, actor: str) -> str:
+    from .ca import load_ca
+    from .registry import Registry
+    from .revocation import publish_crl
+
     registry = Registry(cfg.registry_path)
     try:
         result = registry.set_status(device_id, status, now, actor=actor, reason=reason)

@@ -1,0 +1,41 @@
+"""hub.entry: only a well-formed suspend/resume/revoke with a hub running takes the fast path; the rest is typer's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from hub.entry import status_fast_path
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["device"], ["device", "list"], ["device", "revoke"], ["device", "revoke", "x", "--help"],
+    ["device", "revoke", "x"],                       # --reason is required: typer says so
+    ["device", "revoke", "x", "--reason", "k", "--bogus"],
+    ["device", "suspend", "x", "--dir"],
+    ["init", "--fleet", "x"],
+])
+def test_anything_else_goes_to_typer(argv):
+    assert status_fast_path(argv) is None
+
+
+def test_no_running_hub_goes_to_typer(tmp_path):
+    subprocess.run([sys.executable, "-m", "hub.cli", "init", "--fleet", "f", "--dir", str(tmp_path / "h")],
+                   check=True, capture_output=True)
+    assert status_fast_path(["device", "suspend", "dev-1", "--dir", str(tmp_path / "h")]) is None
+
+
+def test_bad_device_id_is_one_clean_line(tmp_path, capsys):
+    assert status_fast_path(["device", "suspend", "Bad/Id", "--dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid device id") and err.count("\n") == 1
+
+
+def test_the_fast_path_does_not_load_the_cli_framework():
+    code = ("import sys; from hub.entry import status_fast_path; status_fast_path(['device', 'revoke', 'x', "
+            "'--reason', 'r', '--dir', '/nonexistent']); "
+            "print(sorted(m for m in ('typer', 'rich', 'cryptography', 'sqlite_utils', 'pydantic') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
