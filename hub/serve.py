@@ -55,7 +55,8 @@ def _dispatch(live: LiveHub) -> Callable[[dict], object]:
 
 
 def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool = False,
-        announce: Callable[[str], None] = print, stop: threading.Event | None = None) -> None:
+        announce: Callable[[str], None] = print, stop: threading.Event | None = None,
+        api_port: int | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = stop or threading.Event()
@@ -102,7 +103,7 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
 
         from .api.server import configured_port, start_api
 
-        api_port, api_explicit = configured_port(cfg)
+        api_port, api_explicit = (api_port, True) if api_port is not None else configured_port(cfg)
         try:
             api = start_api(cfg, live, host, api_port)
             stack.append(api)
