@@ -23,9 +23,9 @@ _AUDIT = "INSERT INTO audit (at, actor, action, device_id, outcome, detail, sour
 
 
 def patch_device(registry: Registry, device_id: str, body: Mapping[str, Any], now: datetime, actor: str,
-                 source: str | None = None) -> bool:
+                 source: str | None = None) -> dict[str, bool]:
     """Replace a device's groups and/or labels; a groups change writes an authz event in the same transaction
-    (live sessions get the new group rights at once). Returns whether anything changed."""
+    (live sessions get the new group rights at once). Returns {'changed': ..., 'groups_changed': ...}."""
     unknown = set(body) - {"groups", "labels"}
     if unknown or not body:
         raise BadRequest(f"PATCH takes groups and/or labels{f', not {sorted(unknown)}' if unknown else ''}",
@@ -59,7 +59,7 @@ def patch_device(registry: Registry, device_id: str, body: Mapping[str, Any], no
             changes.append(f"labels {old_labels} -> {labels}")
         if changes:
             db.execute(_AUDIT, [at, actor, "device.edit", device_id, "ok", "; ".join(changes), source])
-    return bool(changes)
+    return {"changed": bool(changes), "groups_changed": groups is not None and groups != old_groups}
 
 
 def bulk_status(registry: Registry, action: str, sel: Selector, confirm_count: int, reason: str, now: datetime,

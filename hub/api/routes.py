@@ -136,8 +136,20 @@ async def show_device(api, request: web.Request, principal) -> web.Response:
 async def patch_device(api, request: web.Request, principal) -> web.Response:
     device_id = request.match_info["id"]
     body = await _body(request)
-    await api.run(actions.patch_device, api.registry, device_id, body, api.clock(), principal.name, request.remote)
+    done = await api.run(actions.patch_device, api.registry, device_id, body, api.clock(), principal.name,
+                         request.remote)
+    if done["groups_changed"]:
+        await _ring(api)
     return _json(await api.run(_detail, api, device_id))
+
+
+async def _ring(api) -> tuple[int | None, str]:
+    """Ask the broker to apply the committed authz events now: (sessions cut, '' or why it was not confirmed).
+    Unconfirmed is not lost: the plugin follows the registry's events by itself within a broker tick."""
+    try:
+        return (await api.run(api.live.broker.sync)).kicked, ""
+    except BrokerError as exc:
+        return None, str(exc)
 
 
 def _bulk(action: str) -> Callable:
@@ -166,11 +178,8 @@ def _bulk(action: str) -> Callable:
         t_registry = time.monotonic()
         kicked, note = None, ""
         if result["changed"]:
-            try:
-                kicked = (await api.run(api.live.broker.sync)).kicked
-            except BrokerError as exc:  # the plugin follows the registry's events by itself within a tick
-                note = str(exc)
-            api.live.crl.changed()
+            kicked, note = await _ring(api)  # ONE broker sync for the whole batch
+            api.live.crl.changed()  # one CRL publication (coalesced by the publisher)
         total_ms = (time.monotonic() - t0) * 1000
         await api.run(api.audit, f"devices.{action}.enforced", "ok" if not note else "error", principal.name,
                       f"{len(result['changed'])} devices; sessions cut: {kicked}; {total_ms:.0f} ms {note}".strip(),

@@ -21,7 +21,8 @@ import pytest
 
 from hub.api.routes import ROUTES
 from tests.helpers import free_port
-from tests.integration.brokerfixtures import BROKER_LIMITS, enroll_device, session, wait_ready
+from tests.integration.brokerfixtures import (BROKER_LIMITS, add_identity, enroll_device, exchange, session,
+                                              sessions, wait_ready)
 from tests.integration.hubfixtures import ForeignCA, init_hub
 
 pytestmark = pytest.mark.integration
@@ -239,6 +240,22 @@ def test_show_patch_and_problems(api, tmp_path):
     assert rows and rows[-1]["actor"] == "svc.operator"
 
 
+def test_patch_groups_changes_a_live_sessions_rights(api, tmp_path):
+    dev = enroll_device(api.hub, "api-grp-0", tmp_path / "d", groups=("before",))
+    cmd = add_identity(api.hub, "api-cmd", "commander", tmp_path / "c")
+    with sessions(session(api.hub, dev), session(api.hub, cmd)) as (d, c):
+        assert d.subscribe("fleet/groups/before/#") < 0x80
+        exchange(c, d, "fleet/groups/before/x", b"one")
+        assert d.subscribe("fleet/groups/after/#") >= 0x80  # not a member yet
+        ans = api.call("PATCH", "/api/v1/devices/api-grp-0", who="operator", body={"groups": ["after"]})
+        assert ans.status == 200, ans.body
+        assert d.subscribe("fleet/groups/after/#") < 0x80
+        exchange(c, d, "fleet/groups/after/x", b"two")
+        c.publish("fleet/groups/before/x", b"three")
+        exchange(c, d, "fleet/groups/after/x", b"four")  # after 'three' on the same connection
+        assert b"three" not in [m.payload for m in d.received] and d.connected
+
+
 # --- bulk actions ----------------------------------------------------------------------------------------------------
 
 def test_bulk_revoke_of_a_group_cuts_a_live_session(api, tmp_path):
@@ -273,6 +290,33 @@ def test_bulk_revoke_of_a_group_cuts_a_live_session(api, tmp_path):
     again = api.call("POST", "/api/v1/devices/actions/resume", who="admin",
                      body={"selector": {"group": "doomed"}, "confirm_count": 22}).json()
     assert (again["changed"], again["skipped"]) == (0, 22)  # revocation is final
+
+
+def test_bulk_revoke_of_10000_devices_is_one_transaction(api):
+    from hub.registry import Registry
+
+    reg = Registry(api.hub.registry_path)
+    try:
+        reg.create_devices_with_tokens([(f"tenk-{n:05d}", None, ["tenk"]) for n in range(10_000)], "acme",
+                                       datetime.now(timezone.utc), timedelta(days=1))
+    finally:
+        reg.close()
+    seq = api.hub.query("SELECT COALESCE(MAX(seq), 0) AS s FROM authz_events")[0]["s"]
+    mark = api.hub.last_audit_id()
+    body = {"selector": {"group": "tenk"}, "reason": "superseded"}
+    path = "/api/v1/devices/actions/revoke"
+    assert api.call("POST", path, who="admin", body=body).json() == {"matched": 10_000, "dry_run": True}
+    t0 = time.monotonic()
+    out = api.call("POST", path, who="admin", body={**body, "confirm_count": 10_000}).json()
+    elapsed = time.monotonic() - t0
+    assert out["changed"] == 10_000 and elapsed < 20, (out, elapsed)
+    events = api.hub.query("SELECT COUNT(*) AS n FROM authz_events WHERE seq > ? AND principal LIKE 'tenk-%'",
+                           (seq,))[0]["n"]
+    assert events == 10_000
+    rows = api.hub.query("SELECT at, action FROM audit WHERE id > ? AND device_id LIKE 'tenk-%'", (mark,))
+    assert len(rows) == 10_000 and len({r["at"] for r in rows}) == 1  # one transaction, one time
+    enforced = api.hub.query("SELECT detail FROM audit WHERE id > ? AND action = 'devices.revoke.enforced'", (mark,))
+    assert len(enforced) == 1 and enforced[0]["detail"].startswith("10000 devices")
 
 
 def test_bulk_suspend_and_resume_by_ids(api):

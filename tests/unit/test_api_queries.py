@@ -69,12 +69,15 @@ def test_filters_and_paging(reg):
 
 
 def test_triggers_follow_group_edits(reg):
-    assert actions.patch_device(reg, "dev-0000", {"groups": ["lab"]}, NOW, "svc.ops")
+    assert actions.patch_device(reg, "dev-0000", {"groups": ["lab"]}, NOW, "svc.ops")["groups_changed"]
     assert queries.count(reg, Selector.parse({"group": "lab"})) == 1
     assert queries.count(reg, Selector.parse({"group": "even"})) == 124
     events = reg.query("SELECT principal, reason FROM authz_events WHERE principal = 'dev-0000'")
     assert events == [{"principal": "dev-0000", "reason": "groups changed"}]
-    assert not actions.patch_device(reg, "dev-0000", {"groups": ["lab"]}, NOW, "svc.ops")
+    assert actions.patch_device(reg, "dev-0000", {"groups": ["lab"]}, NOW, "svc.ops") == \
+        {"changed": False, "groups_changed": False}
+    assert actions.patch_device(reg, "dev-0000", {"labels": {"a": "b"}}, NOW, "svc.ops") == \
+        {"changed": True, "groups_changed": False}
     with pytest.raises(BadRequest):
         actions.patch_device(reg, "dev-0000", {"groups": ["No!"]}, NOW, "svc.ops")
     with pytest.raises(NotFound):
