@@ -77,15 +77,16 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
     est_port: Optional[int] = typer.Option(None, help="EST HTTPS port [default: from fleet.toml]."),
     mqtt_port: Optional[int] = typer.Option(None, help="MQTT mTLS port [default: from fleet.toml]."),
+    api_port: Optional[int] = typer.Option(None, help="Fleet API HTTPS port [default: from fleet.toml, 8444]."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
-    """Run the hub: EST enrollment, the MQTT broker (supervised Mosquitto), live revocation, CRL publishing."""
+    """Run the hub: EST enrollment, the MQTT broker with its authorization plugin, the fleet API, CRL publishing."""
     from .serve import run
 
     cfg = config(directory)
     try:
         run(cfg, host=host, est_port=est_port or cfg.est_port, mqtt_port=mqtt_port or cfg.mqtt_port,
-            verbose=verbose, announce=lambda msg: out.print(msg, highlight=False))
+            api_port=api_port, verbose=verbose, announce=lambda msg: out.print(msg, highlight=False))
     except errors() as exc:
         fail(str(exc))
 

@@ -55,6 +55,8 @@ class HubConfig:
     connect_burst: int = 10
     #: Seconds a certificate superseded by a renewal still connects (ends early once the new one has connected).
     supersede_grace_seconds: int = 300
+    #: The HTTPS fleet API's port; None: 8444 if free (serve runs on without the API otherwise), 0: any free port.
+    api_port: int | None = None
 
     # --- derived paths ---
     @property
@@ -128,6 +130,8 @@ class HubConfig:
             f"connect_rate = {self.connect_rate}", f"connect_burst = {self.connect_burst}",
             "# seconds a certificate replaced by a renewal may still connect (ends once the new one has connected)",
             f"supersede_grace_seconds = {self.supersede_grace_seconds}", "",
+            "[api]", "# the HTTPS fleet API (operators by client certificate); default 8444",
+            f"port = {self.api_port}" if self.api_port is not None else "# port = 8444", "",
             "[ca]", "# store = \"file\" (keys in ca/, mode 0600) or \"pkcs11\" (keys in a token; PIN from pin_source)",
             f"store = {q(self.ca_store)}", f"module = {q(self.ca_module)}", f"token_label = {q(self.ca_token_label)}",
             f"pin_source = {q(self.ca_pin_source)}", f"softhsm_conf = {q(self.ca_softhsm_conf)}", "",
@@ -154,7 +158,11 @@ def load_config(root: Path) -> HubConfig:
                           "run `tessera-hub init` or pass --dir / set TESSERA_HUB_DIR")
     try:
         data = tomllib.loads(path.read_text())
-        fleet, iss, est, mqtt, ca = (data.get(k, {}) for k in ("fleet", "issuance", "est", "mqtt", "ca"))
+        fleet, iss, est, mqtt, ca, api = (data.get(k, {}) for k in ("fleet", "issuance", "est", "mqtt", "ca", "api"))
+        api_port = api.get("port")
+        if api_port is not None and (isinstance(api_port, bool) or not isinstance(api_port, int)
+                                     or not 0 <= api_port < 65536):
+            raise ValueError("[api] port must be a port number (0-65535)")
         return HubConfig(
             root=root, fleet=fleet["name"],
             validity_days=int(iss.get("validity_days", 30)), token_ttl_days=int(iss.get("token_ttl_days", 7)),
@@ -169,6 +177,7 @@ def load_config(root: Path) -> HubConfig:
             max_queued_bytes=_positive(mqtt, "max_queued_bytes", 64 * 1024 * 1024),
             connect_rate=_positive(mqtt, "connect_rate", 30), connect_burst=_positive(mqtt, "connect_burst", 10),
             supersede_grace_seconds=_positive(mqtt, "supersede_grace_seconds", 300, allow_zero=True),
+            api_port=api_port,
             ca_store=ca.get("store", "file"), ca_module=ca.get("module", ""),
             ca_token_label=ca.get("token_label", ""), ca_pin_source=ca.get("pin_source", ""),
             ca_softhsm_conf=ca.get("softhsm_conf", ""),

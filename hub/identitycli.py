@@ -172,8 +172,8 @@ def _describe(name: str, token: bool) -> dict[str, str]:
 @identity_app.command("add")
 def identity_add(
     name: str = typer.Argument(..., help="Identity name (a-z, 0-9, '-'); the principal is svc.NAME."),
-    role: str = typer.Option(..., "--role", help="telemetry-reader, commander or admin (or a role added to the "
-                                                 "registry)."),
+    role: str = typer.Option(..., "--role", help="telemetry-reader, commander or admin (MQTT); viewer or operator "
+                                                 "(fleet API); or a role added with `role set`."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Directory for the files [default: <hub dir>/"
                                                                 "identities/NAME, created 0700]."),
     days: int = typer.Option(365, "--days", help="Certificate lifetime in days."),

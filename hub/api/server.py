@@ -265,18 +265,7 @@ def start_api(cfg, live, host: str, port: int) -> ApiServer:
 
 
 def configured_port(cfg) -> tuple[int, bool]:
-    """The API port and whether fleet.toml sets it: `cfg.api_port` once hub/config.py has `[api] port`; until
-    then this reads `[api] port` from fleet.toml itself (0: any free port). Default 8444."""
-    port = getattr(cfg, "api_port", None)
-    if port is not None:
-        return int(port), True
-    import tomllib
-
-    try:
-        section = tomllib.loads(cfg.toml_path.read_text()).get("api", {})
-    except (OSError, tomllib.TOMLDecodeError):
-        section = {}
-    port = section.get("port")
-    if isinstance(port, int) and not isinstance(port, bool) and 0 <= port < 65536:
-        return port, True
+    """The API port and whether it was configured (fleet.toml `[api] port`); default 8444, not explicit."""
+    if cfg.api_port is not None:
+        return int(cfg.api_port), True
     return DEFAULT_PORT, False

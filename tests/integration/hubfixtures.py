@@ -106,6 +106,8 @@ class Hub:
     dir: Path
     port: int = 0
     mqtt_port: int = 0
+    #: `serve --api-port`: 0 (default) any free port, so test hubs never contend for 8444; None: not passed
+    api_port: int | None = 0
     proc: subprocess.Popen | None = None
     stdout_path: Path | None = None
     stderr_path: Path | None = None
@@ -216,7 +218,8 @@ class Hub:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [hub_binary(), "serve", "--dir", str(self.dir), "--est-port", str(self.port),
-                 "--mqtt-port", str(self.mqtt_port), "--host", "127.0.0.1"],
+                 "--mqtt-port", str(self.mqtt_port), "--host", "127.0.0.1",
+                 *(["--api-port", str(self.api_port)] if self.api_port is not None else [])],
                 stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=cli_env(), cwd=ROOT,
                 start_new_session=True, preexec_fn=_set_pdeathsig)
         # the announcement: "EST <spaces> https://127.0.0.1:PORT/.well-known/est/ ..."

@@ -1,6 +1,6 @@
 """The HTTPS fleet API against a real `tessera-hub serve`: TLS, roles, filters, paging, bulk actions, problems.
 
-One hub for the module, with `[api] port` set in fleet.toml; operators are service identities made by
+One hub for the module, with `serve --api-port`; operators are service identities made by
 `tessera-hub identity add NAME --role ROLE` (files under <hub>/identities/NAME/).
 """
 
@@ -81,9 +81,7 @@ class ApiHub:
 def api(tmp_path_factory):
     base = tmp_path_factory.mktemp("apihub")
     hub = init_hub(base, **BROKER_LIMITS)
-    port = free_port()
-    with open(hub.dir / "fleet.toml", "a") as fh:
-        fh.write(f"\n[api]\nport = {port}\n")
+    hub.api_port = port = free_port()
     hub.start()
     try:
         wait_ready(hub)
@@ -370,6 +368,7 @@ def test_serve_without_api_settings_still_runs(tmp_path):
     """No [api] in fleet.toml: the default port 8444; if that is taken (another hub here), serve runs on without
     the API and says so (an explicitly configured port that is taken stops serve instead)."""
     hub = init_hub(tmp_path, **BROKER_LIMITS)
+    hub.api_port = None
     hub.start()
     try:
         wait_ready(hub)

@@ -98,7 +98,7 @@ def test_check_rules_refuses(rule):
 
 
 def test_grantable_roles():
-    assert set(GRANTABLE_ROLES) == {"telemetry-reader", "commander", "admin"}
+    assert set(GRANTABLE_ROLES) == {"telemetry-reader", "commander", "admin", "viewer", "operator"}
     assert "device" not in GRANTABLE_ROLES and "hub" not in GRANTABLE_ROLES
     assert set(COMMANDER_ROLES) == {"commander", "admin", "hub"}
     assert service_principal("reader") == "svc.reader"
