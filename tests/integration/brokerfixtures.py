@@ -1,18 +1,14 @@
 """Fixtures and helpers for the broker integration tests (tests/integration/test_broker_*.py).
 
-The hub under test is a real `tessera-hub serve` process (see hubfixtures.Hub): it runs EST, a supervised
-Mosquitto with a generated config in <hub>/broker/, the hub's own admin MQTT session and the admin socket.
-
-* Devices here use FILE keys: a P-256 key made with cryptography, a CSR, EST simpleenroll with the one-time
-  token from `tessera-hub device add` (never in argv), then a chain PEM (leaf + device CA) and a 0600 key file.
-* `MqttSession` is one paho-mqtt 2.x MQTT v5 client (paho network thread, reconnect_on_failure=False:
-  a dropped session stays dropped and is recorded with its time, so "B was never disconnected" is checkable).
-* `probe()` is one raw connection attempt (TCP, TLS, MQTT v5 CONNECT, wait for CONNACK) that reports the stage
-  where it ended: refused in the TLS handshake, closed before any CONNACK, or a CONNACK with its reason code.
-  With TLS 1.2 the broker judges the client certificate inside the handshake; with TLS 1.3 the client's
-  handshake completes first and the broker's alert arrives on the first read.
-* The hub's admin certificate (CN tessera-hub) is never used here: the broker forces client id = CN, so a
-  second session with it would kick the hub's own.
+The hub under test is a real `tessera-hub serve` process (hubfixtures.Hub) running EST, a supervised Mosquitto
+with the Tessera authz plugin (hub/broker/mosquitto/tessera_authz.c, reading the registry), the hub's own admin
+MQTT session (the plugin's doorbell) and the admin socket. Devices use FILE keys (P-256, EST simpleenroll with the
+token from `tessera-hub device add`, never in argv); service identities `svc.<name>` get a service-CA certificate
+and are registered in-process (hub.authz.identities.add_identity). `MqttSession` is one paho-mqtt 2.x MQTT v5
+client that never reconnects and keeps every message with its user properties and subscription identifiers;
+`probe_cert()` is one raw connection attempt reporting where it ended (TLS handshake, closed, CONNACK code). The
+plugin refuses with CONNACK 0x87 and logs why (`refusals()`). The hub's admin certificate (CN tessera-hub) is
+never used here: client id = principal, so a second session with it would take over the hub's own.
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ import dataclasses
 import datetime as dt
 import os
 import queue
+import re
 import signal
 import socket
 import ssl
@@ -35,16 +32,18 @@ from typing import Any, Iterator
 import paho.mqtt.client as mqtt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from tests.integration.hubfixtures import (LENIENT_LIMITS, Hub, init_hub, make_csr, new_key, run_cli,
+from tests.integration.hubfixtures import (FLEET, LENIENT_LIMITS, Hub, init_hub, make_csr, new_key,  # noqa: F401
                                            running_hub, write_key)
 
 READY_TIMEOUT = 30.0
 HOST = "127.0.0.1"
 NOT_AUTHORIZED = 0x87  # MQTT v5 reason code
-#: What the broker may answer a QoS 1 PUBLISH it does not authorize: MQTT v5 lets it refuse (0x87) or accept and
-#: drop; the tests' real assertion is always that nothing is delivered.
-REFUSED_OR_DROPPED = (0x00, NOT_AUTHORIZED)
+ADMINISTRATIVE_ACTION = 0x98  # DISCONNECT reason code of a plugin kick
+#: fleet.toml settings for shared broker hubs: lenient EST limits and connect rate limits no test reaches.
+BROKER_LIMITS = {**LENIENT_LIMITS, "connect_rate": 100000, "connect_burst": 100000}
 
 
 # --- the hub process ---------------------------------------------------------------------------------------------
@@ -106,11 +105,11 @@ def assert_no_broker_left(hub: Hub, timeout: float = 3.0) -> None:
 
 @contextlib.contextmanager
 def broker_hub(base: Path, **settings: Any) -> Iterator[Hub]:
-    """A running hub (lenient rate limits) whose "hub ready" was seen; on exit: SIGTERM, exit 0 within 10 s
-    (hubfixtures.running_hub asserts that) and no mosquitto left behind."""
+    """A running hub (BROKER_LIMITS unless overridden) whose "hub ready" was seen; on exit: SIGTERM, exit 0
+    within 10 s (hubfixtures.running_hub asserts that) and no mosquitto left behind."""
     started = None
     try:
-        with running_hub(base, **{**LENIENT_LIMITS, **settings}) as hub:
+        with running_hub(base, **{**BROKER_LIMITS, **settings}) as hub:
             started = hub
             wait_ready(hub)
             yield hub
@@ -137,12 +136,61 @@ def admin_call(hub: Hub, request: dict, timeout: float = 30.0) -> Any:
     return admin.call(hub.dir / "admin.sock", request, timeout=timeout)
 
 
-# --- devices ------------------------------------------------------------------------------------------------------
+def broker_log(hub: Hub) -> str:
+    path = hub.dir / "broker" / "mosquitto.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+_REFUSED_RE = re.compile(r"tessera_authz: refused principal=(\S+) serial=(\S+) client_id=(.*?): (.+)$")
+_KICKED_RE = re.compile(r"tessera_authz: kicked principal=(\S+) serial=(\S+): (.+)$")
+
+
+def refusals(hub: Hub, since: int = 0) -> list[tuple[str, str, str]]:
+    """The plugin's connect refusals logged after byte offset `since`: (principal, client id, reason)."""
+    return [m.group(1, 3, 4) for m in map(_REFUSED_RE.search, broker_log(hub)[since:].splitlines()) if m]
+
+
+def kicks(hub: Hub, since: int = 0) -> list[tuple[str, str]]:
+    """The plugin's kicks logged after byte offset `since`: (principal, reason)."""
+    return [(m.group(1), m.group(3)) for m in map(_KICKED_RE.search, broker_log(hub)[since:].splitlines()) if m]
+
+
+def log_mark(hub: Hub) -> int:
+    return len(broker_log(hub))
+
+
+def wait_refusal(hub: Hub, since: int, client_id: str, timeout: float = 3.0) -> tuple[str, str]:
+    """(principal, reason) of the first refusal of `client_id` logged after `since` (the log is written lazily)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [(p, r) for p, c, r in refusals(hub, since) if c == client_id]
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no refusal of client id {client_id!r} logged:\n{broker_log(hub)[since:]}")
+        time.sleep(0.02)
+
+
+# --- credentials ----------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def registry(hub: Hub):
+    """The hub's registry opened by this process (as another tool or operator would)."""
+    from hub.registry import Registry
+
+    reg = Registry(hub.registry_path)
+    try:
+        yield reg
+    finally:
+        reg.close()
+
 
 @dataclasses.dataclass
 class Device:
+    """A credential: a device (id = device id) or a service identity (id = svc.<name>)."""
+
     id: str
-    chain: Path  # leaf + device CA (PEM)
+    chain: Path  # leaf + issuing CA (PEM)
     key: Path  # 0600 PKCS#8 PEM
     cert: x509.Certificate
 
@@ -167,6 +215,52 @@ def enroll_device(hub: Hub, device_id: str, workdir: Path, groups: tuple[str, ..
     return Device(device_id, chain, key_path, certs[0])
 
 
+def add_identity(hub: Hub, name: str, role: str, workdir: Path) -> Device:
+    """A service identity svc.<name> with `role`: a certificate from the hub's service CA, registered in the
+    registry (hub.authz.identities.add_identity); chain = leaf + ca/service-ca.pem, key 0600."""
+    from hub.authz.identities import add_identity as register
+    from hub.ca import load_ca
+
+    principal = f"svc.{name}"
+    ca = load_ca(hub.dir / "ca")
+    try:
+        key = new_key()
+        cert = ca.issue_identity_cert(key.public_key(), principal, utcnow())
+    finally:
+        ca.close()
+    with registry(hub) as reg:
+        register(reg, name, role, cert, utcnow(), actor="test")
+    workdir.mkdir(parents=True, exist_ok=True)
+    chain = workdir / f"{principal}.pem"
+    chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + (hub.dir / "ca" / "service-ca.pem").read_bytes())
+    key_path = write_key(workdir / f"{principal}.key", key)
+    assert os.stat(key_path).st_mode & 0o777 == 0o600
+    return Device(principal, chain, key_path, cert)
+
+
+def issue_with_hub_ca(hub: Hub, device_id: str, workdir: Path, now: dt.datetime, validity: dt.timedelta,
+                      register: bool = False) -> Device:
+    """A device certificate from the hub's own device CA (in-process, file key), not via EST. With `register`
+    the device is added (`device add`) and the certificate recorded as its enrollment (Registry.enroll), so the
+    registry knows it exactly as it knows an EST-issued one."""
+    from hub.ca import load_ca
+    from hub.policy import Policy
+
+    ca = load_ca(hub.dir / "ca")
+    try:
+        key = new_key()
+        cert = ca.issue_device_cert(key.public_key(), device_id, Policy(fleet=FLEET, validity=validity), now,
+                                    f"https://localhost:{hub.port}/crl/device.crl")
+        chain = write_chain(workdir / f"{device_id}.pem", [cert, ca.device_ca])
+    finally:
+        ca.close()
+    if register:
+        token = hub.add_device(device_id)
+        with registry(hub) as reg:
+            reg.enroll(device_id, token, utcnow(), lambda: cert)
+    return Device(device_id, chain, write_key(workdir / f"{device_id}.key", key), cert)
+
+
 def client_context(hub: Hub, chain: Path | None, key: Path | None, tls: str | None = None) -> ssl.SSLContext:
     """TLS client context: trusts only the fleet root (hostname checked), optional client cert, TLS version."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -181,9 +275,9 @@ def client_context(hub: Hub, chain: Path | None, key: Path | None, tls: str | No
     return ctx
 
 
-# --- raw connection attempts ---------------------------------------------------------------------------------------
+# --- raw connections ---------------------------------------------------------------------------------------------
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
     out = bytearray()
     while True:
         byte, n = n % 128, n // 128
@@ -192,15 +286,24 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def connect_packet(client_id: str, keepalive: int = 10) -> bytes:
-    """An MQTT v5 CONNECT: clean start, no properties, no will, no username/password."""
-    cid = client_id.encode()
-    body = (struct.pack("!H", 4) + b"MQTT" + bytes([5, 0x02]) + struct.pack("!H", keepalive) + b"\x00"
-            + struct.pack("!H", len(cid)) + cid)
-    return b"\x10" + _varint(len(body)) + body
+def _utf8(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("!H", len(b)) + b
 
 
-DISCONNECT_PACKET = b"\xe0\x00"
+def connect_packet(client_id: str, keepalive: int = 10,
+                   will: tuple[str, bytes, bool, list[tuple[str, str]]] | None = None) -> bytes:
+    """An MQTT v5 CONNECT: clean start, no properties, no username/password; optional will (topic, payload,
+    retain, user properties) at QoS 1."""
+    flags, will_part = 0x02, b""
+    if will is not None:
+        topic, payload, retain, props = will
+        flags |= 0x04 | 0x08 | (0x20 if retain else 0)
+        wprops = b"".join(b"\x26" + _utf8(k) + _utf8(v) for k, v in props)
+        will_part = varint(len(wprops)) + wprops + _utf8(topic) + _utf8(payload)
+    body = (_utf8("MQTT") + bytes([5, flags]) + struct.pack("!H", keepalive) + b"\x00" + _utf8(client_id)
+            + will_part)
+    return b"\x10" + varint(len(body)) + body
 
 
 @dataclasses.dataclass
@@ -221,6 +324,10 @@ class Probe:
     def got_connack(self) -> bool:
         return self.stage == "connack"
 
+    @property
+    def not_authorized(self) -> bool:
+        return self.stage == "connack" and self.reason_code == NOT_AUTHORIZED
+
 
 def _recv_exact(sock: ssl.SSLSocket, n: int) -> bytes:
     data = b""
@@ -232,55 +339,66 @@ def _recv_exact(sock: ssl.SSLSocket, n: int) -> bytes:
     return data
 
 
-def probe(port: int, ctx: ssl.SSLContext, client_id: str = "probe", timeout: float = 5.0) -> Probe:
-    """One attempt: TCP + TLS + MQTT v5 CONNECT; read until a CONNACK, an alert, EOF or `timeout`."""
+def read_packet(sock: ssl.SSLSocket) -> tuple[int, bytes]:
+    """One MQTT packet: (first byte, body)."""
+    head, length, shift = _recv_exact(sock, 1)[0], 0, 0
+    while True:
+        b = _recv_exact(sock, 1)[0]
+        length, shift = length + ((b & 0x7F) << shift), shift + 7
+        if not b & 0x80:
+            return head, _recv_exact(sock, length)
+
+
+def _why(exc: BaseException) -> str:
+    return str(getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}")
+
+
+def _attempt(raw: socket.socket, ctx: ssl.SSLContext, client_id: str, will) -> tuple[Probe, ssl.SSLSocket | None]:
+    try:
+        sock = ctx.wrap_socket(raw, server_hostname=HOST)
+    except OSError as exc:  # refused, or reset / EOF during the handshake
+        return Probe("tls", _why(exc)), None
+    version = sock.version()
+    try:
+        sock.sendall(connect_packet(client_id, will=will))
+        head, body = read_packet(sock)
+    except socket.timeout:
+        return Probe("timeout", "no answer", tls_version=version), sock
+    except (OSError, ConnectionError) as exc:
+        return Probe("closed", _why(exc), tls_version=version), sock
+    if head >> 4 != 2:
+        return Probe("closed", f"unexpected packet type {head >> 4}", tls_version=version), sock
+    rc = body[1] if len(body) > 1 else 0
+    return Probe("connack", f"reason code {rc:#04x}", reason_code=rc, tls_version=version), sock
+
+
+@contextlib.contextmanager
+def raw_connection(port: int, ctx: ssl.SSLContext, client_id: str, timeout: float = 5.0, will=None
+                   ) -> Iterator[tuple[Probe, ssl.SSLSocket | None]]:
+    """TCP + TLS + CONNECT (see connect_packet); yields (how it ended, the socket if the CONNACK accepted it)."""
     try:
         raw = socket.create_connection((HOST, port), timeout=timeout)
     except OSError as exc:
-        return Probe("tcp", str(exc))
+        yield Probe("tcp", str(exc)), None
+        return
     with raw:
-        try:
-            sock = ctx.wrap_socket(raw, server_hostname=HOST)
-        except ssl.SSLError as exc:
-            return Probe("tls", f"{exc.reason or exc}")
-        except OSError as exc:  # reset / EOF during the handshake
-            return Probe("tls", f"{type(exc).__name__}: {exc}")
-        with sock:
-            version = sock.version()
-            try:
-                sock.sendall(connect_packet(client_id))
-                head = _recv_exact(sock, 1)
-                # remaining length (varint), then the packet
-                length, mult = 0, 1
-                while True:
-                    b = _recv_exact(sock, 1)[0]
-                    length += (b & 0x7F) * mult
-                    mult *= 128
-                    if not b & 0x80:
-                        break
-                body = _recv_exact(sock, length)
-            except socket.timeout:
-                return Probe("timeout", "no answer", tls_version=version)
-            except ssl.SSLError as exc:
-                return Probe("closed", f"{exc.reason or exc}", tls_version=version)
-            except OSError as exc:
-                return Probe("closed", f"{type(exc).__name__}: {exc}", tls_version=version)
-            if head[0] >> 4 != 2:
-                return Probe("closed", f"unexpected packet type {head[0] >> 4}", tls_version=version)
-            rc = body[1] if len(body) > 1 else 0
-            if rc == 0:
-                with contextlib.suppress(OSError):
-                    sock.sendall(DISCONNECT_PACKET)
-            return Probe("connack", f"reason code {rc:#04x}", reason_code=rc, tls_version=version)
+        p, sock = _attempt(raw, ctx, client_id, will)
+        with sock or contextlib.nullcontext():
+            yield p, (sock if p.accepted else None)
 
 
 def probe_cert(hub: Hub, chain: Path | None, key: Path | None, tls: str | None = None,
                client_id: str = "probe", timeout: float = 5.0) -> Probe:
-    return probe(hub.mqtt_port, client_context(hub, chain, key, tls), client_id, timeout)
+    """One attempt: TCP + TLS + MQTT v5 CONNECT; read until a CONNACK, an alert, EOF or `timeout`."""
+    with raw_connection(hub.mqtt_port, client_context(hub, chain, key, tls), client_id, timeout) as (p, sock):
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.sendall(b"\xe0\x00")  # DISCONNECT
+        return p
 
 
-def revoked_detail(p: Probe) -> bool:
-    return "REVOKED" in p.detail.upper()
+def probe_dev(hub: Hub, dev: Device, tls: str | None = None, client_id: str | None = None) -> Probe:
+    return probe_cert(hub, dev.chain, dev.key, tls, client_id=dev.id if client_id is None else client_id)
 
 
 # --- paho sessions -------------------------------------------------------------------------------------------------
@@ -289,8 +407,17 @@ class ConnectRefused(Exception):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class Msg:
+    topic: str
+    payload: bytes
+    retain: bool = False
+    user_props: tuple[tuple[str, str], ...] = ()
+    sub_ids: tuple[int, ...] = ()
+
+
 class MqttSession:
-    """One paho MQTT v5 session with a device certificate; records every event with its monotonic time.
+    """One paho MQTT v5 session; records every event with its monotonic time.
 
     No automatic reconnect (reconnect_on_failure=False): paho's network thread ends with the connection.
     """
@@ -301,10 +428,9 @@ class MqttSession:
         self.port = port or hub.mqtt_port
         self.ctx = client_context(hub, chain, key, tls)
         self.messages: queue.Queue = queue.Queue()  # consumed by wait_message()/drain()
-        self.received: list[tuple[str, bytes]] = []  # everything ever received, never consumed
+        self.received: list[Msg] = []  # everything ever received, never consumed
         self.connack = threading.Event()
         self.connack_rc: Any = None
-        self.connack_props: Any = None
         self.disconnected = threading.Event()
         self.disconnect_at: float | None = None
         self.disconnect_rc: Any = None
@@ -313,40 +439,37 @@ class MqttSession:
         self._started = False
         c = self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                       protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+        c.max_inflight_messages_set(200)
         c.tls_set_context(self.ctx)
-        c.on_connect = self._on_connect
-        c.on_disconnect = self._on_disconnect
-        c.on_message = self._on_message
-        c.on_subscribe = self._on_subscribe
-        c.on_publish = self._on_publish
+        c.on_connect, c.on_disconnect, c.on_message = self._on_connect, self._on_disconnect, self._on_message
+        c.on_subscribe = lambda client, userdata, mid, codes, props: self._ack(mid, [rc.value for rc in codes])
+        c.on_publish = lambda client, userdata, mid, code, props: self._ack(mid, code.value)
 
-    # callbacks
+    # callbacks (paho's network thread)
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.connack_rc, self.connack_props = reason_code, properties
+        self.connack_rc = reason_code
         self.connack.set()
 
     def _on_message(self, client, userdata, msg) -> None:
-        item = (msg.topic, bytes(msg.payload))
+        props = getattr(msg, "properties", None)
+        ids = getattr(props, "SubscriptionIdentifier", None) or []
+        item = Msg(msg.topic, bytes(msg.payload), bool(msg.retain),
+                   tuple(tuple(p) for p in (getattr(props, "UserProperty", None) or [])),
+                   tuple(ids if isinstance(ids, list) else [ids]))
         self.received.append(item)
         self.messages.put(item)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self.disconnect_at is None:
-            self.disconnect_at = time.monotonic()
-            self.disconnect_rc = reason_code
+            self.disconnect_at, self.disconnect_rc = time.monotonic(), reason_code
         self.disconnected.set()
 
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+    def _ack(self, mid: int, value: Any) -> None:
         with self._ack_cond:
-            self._acks[mid] = [rc.value for rc in reason_codes]
+            self._acks[mid] = value
             self._ack_cond.notify_all()
 
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        with self._ack_cond:
-            self._acks[mid] = reason_code.value
-            self._ack_cond.notify_all()
-
-    def _wait_ack(self, mid: int, timeout: float) -> Any:
+    def wait_ack(self, mid: int, timeout: float = 5.0) -> Any:
         with self._ack_cond:
             if not self._ack_cond.wait_for(lambda: mid in self._acks, timeout):
                 raise TimeoutError(f"{self.client_id}: no acknowledgement for message id {mid} within {timeout} s")
@@ -376,31 +499,36 @@ class MqttSession:
     def connected(self) -> bool:
         return self.connack.is_set() and not self.disconnected.is_set()
 
-    def subscribe(self, topic: str, qos: int = 1, timeout: float = 5.0) -> int:
-        """Subscribe and return the SUBACK reason code (granted QoS, or >= 0x80 for a refusal)."""
-        rc, mid = self.client.subscribe(topic, qos)
+    def subscribe_async(self, topic: str, qos: int = 1, sub_id: int | None = None) -> int:
+        props = None
+        if sub_id is not None:
+            props = Properties(PacketTypes.SUBSCRIBE)
+            props.SubscriptionIdentifier = sub_id
+        rc, mid = self.client.subscribe(topic, qos, properties=props)
         assert rc == mqtt.MQTT_ERR_SUCCESS, f"subscribe failed locally: {rc}"
-        return self._wait_ack(mid, timeout)[0]
+        return mid
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, timeout: float = 5.0) -> int | None:
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 5.0, sub_id: int | None = None) -> int:
+        """Subscribe and return the SUBACK reason code (granted QoS, or >= 0x80 for a refusal)."""
+        return self.wait_ack(self.subscribe_async(topic, qos, sub_id), timeout)[0]
+
+    def publish_async(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                      props: list[tuple[str, str]] | None = None) -> int:
+        properties = None
+        if props:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.UserProperty = list(props)
+        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties).mid
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, timeout: float = 5.0, retain: bool = False,
+                props: list[tuple[str, str]] | None = None) -> int | None:
         """Publish; for QoS 1 wait for the PUBACK and return its reason code (0 success, 0x87 not authorized)."""
-        info = self.client.publish(topic, payload, qos=qos)
-        if qos == 0:
-            return None
-        return self._wait_ack(info.mid, timeout)
+        mid = self.publish_async(topic, payload, qos, retain, props)
+        return None if qos == 0 else self.wait_ack(mid, timeout)
 
-    def drain(self) -> list[tuple[str, bytes]]:
-        out = []
-        while True:
-            try:
-                out.append(self.messages.get_nowait())
-            except queue.Empty:
-                return out
-
-    def wait_message(self, topic: str, payload: bytes, timeout: float = 5.0) -> list[tuple[str, bytes]]:
-        """Wait until (topic, payload) arrives; returns everything received meanwhile (it included)."""
-        seen = []
-        deadline = time.monotonic() + timeout
+    def wait_message(self, topic: str, payload: bytes, timeout: float = 5.0) -> Msg:
+        """Wait until (topic, payload) arrives; returns it."""
+        seen, deadline = [], time.monotonic() + timeout
         while True:
             try:
                 item = self.messages.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -408,8 +536,8 @@ class MqttSession:
                 raise AssertionError(f"{self.client_id} did not receive {payload!r} on {topic} within {timeout} s; "
                                      f"got {seen}") from None
             seen.append(item)
-            if item == (topic, payload):
-                return seen
+            if (item.topic, item.payload) == (topic, payload):
+                return item
 
     def close(self) -> None:
         if self.connected:
@@ -430,113 +558,16 @@ def sessions(*items: MqttSession) -> Iterator[tuple[MqttSession, ...]]:
 
 
 def session(hub: Hub, dev: Device, client_id: str | None = None, tls: str | None = None) -> MqttSession:
-    """A connected session for `dev` (client id = its device id unless told otherwise)."""
+    """A connected session for `dev` (client id = its principal unless told otherwise)."""
     return MqttSession(hub, dev.chain, dev.key, client_id or dev.id, tls).connect()
 
 
-def exchange(sender: MqttSession, receiver: MqttSession, topic: str, payload: bytes, timeout: float = 5.0) -> None:
+def exchange(sender: MqttSession, receiver: MqttSession, topic: str, payload: bytes, timeout: float = 5.0) -> Msg:
     """sender publishes QoS 1 (PUBACK success) and receiver gets it."""
     rc = sender.publish(topic, payload)
     assert rc == 0, f"{sender.client_id}: PUBACK reason code {rc:#x} for {topic}"
-    receiver.wait_message(topic, payload, timeout)
+    return receiver.wait_message(topic, payload, timeout)
 
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def traffic(hub: Hub) -> dict:
-    """The hub's per-device message counters (what its admin session saw on devices/+/telemetry etc.)."""
-    return admin_call(hub, {"op": "traffic"})
-
-
-def count_of(counters: dict, device_id: str) -> int:
-    return counters.get(device_id, {}).get("messages", 0)
-
-
-def wait_count(hub: Hub, device_id: str, at_least: int, timeout: float = 5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        counters = traffic(hub)
-        if count_of(counters, device_id) >= at_least:
-            return counters
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the hub saw {count_of(counters, device_id)} message(s) from {device_id} within "
-                                 f"{timeout} s, expected >= {at_least}: {counters}")
-        time.sleep(0.05)
-
-
-def issue_with_hub_ca(hub: Hub, device_id: str, workdir: Path, now: dt.datetime,
-                      validity: dt.timedelta) -> Device:
-    """A device certificate from the hub's own device CA (in-process, file key), not via EST/registry."""
-    from hub.ca import load_ca
-    from hub.policy import Policy
-
-    ca = load_ca(hub.dir / "ca")
-    try:
-        key = new_key()
-        cert = ca.issue_device_cert(key.public_key(), device_id, Policy(fleet="acme", validity=validity), now,
-                                    f"https://localhost:{hub.port}/crl/device.crl")
-        chain = write_chain(workdir / f"{device_id}.pem", [cert, ca.device_ca])
-    finally:
-        ca.close()
-    return Device(device_id, chain, write_key(workdir / f"{device_id}.key", key), cert)
-
-
-# --- a twin of the hub's broker ---------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def twin_broker(hub: Hub, workdir: Path) -> Iterator[int]:
-    """A second mosquitto running a copy of the hub's generated config, ACL and CRL on another port.
-
-    Only the listener port and the broker's own state paths (persistence, log, dynsec file) differ. It lets a
-    test use the hub's admin identity (the only one allowed to write fleet/#) without touching the hub's own
-    admin session on the real broker. Yields the port; stopped (and checked gone) on exit.
-    """
-    from tests.helpers import free_port
-
-    src = hub.dir / "broker"
-    workdir.mkdir(parents=True, exist_ok=True)
-    for name in ("acl", "crl.pem", "dynsec.json"):
-        (workdir / name).write_bytes((src / name).read_bytes())
-    port = free_port()
-    conf = broker_conf(hub).read_text()
-    replacements = {
-        f"listener {hub.mqtt_port} {HOST}": f"listener {port} {HOST}",
-        f"persistence_location {src / 'data'}/": f"persistence_location {workdir / 'data'}/",
-        f"log_dest file {src / 'mosquitto.log'}": f"log_dest file {workdir / 'mosquitto.log'}",
-        f"acl_file {src / 'acl'}": f"acl_file {workdir / 'acl'}",
-        f"plugin_opt_config_file {src / 'dynsec.json'}": f"plugin_opt_config_file {workdir / 'dynsec.json'}",
-        f"crlfile {src / 'crl.pem'}": f"crlfile {workdir / 'crl.pem'}",
-    }
-    for old, new in replacements.items():
-        assert old in conf, f"{old!r} not in the hub's mosquitto.conf:\n{conf}"
-        conf = conf.replace(old, new)
-    (workdir / "data").mkdir(exist_ok=True)
-    twin_conf = workdir / "twin.conf"
-    twin_conf.write_text(conf)
-    from tests.integration.hubfixtures import _set_pdeathsig
-
-    with open(workdir / "stdout", "wb") as out:
-        proc = subprocess.Popen(["mosquitto", "-c", str(twin_conf)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=_set_pdeathsig)
-    try:
-        deadline = time.monotonic() + 10
-        while not tcp_open(port):
-            assert proc.poll() is None, f"twin mosquitto exited {proc.returncode}: {(workdir / 'stdout').read_text()}"
-            assert time.monotonic() < deadline, "twin mosquitto did not listen within 10 s"
-            time.sleep(0.02)
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-__all__ = ["NOT_AUTHORIZED", "REFUSED_OR_DROPPED", "ConnectRefused", "Device", "MqttSession", "Probe", "admin_call",
-           "assert_no_broker_left", "audit", "broker_hub", "broker_pid", "broker_pids", "client_context", "count_of",
-           "enroll_device", "exchange", "init_hub", "issue_with_hub_ca", "probe", "probe_cert", "restart", "run_cli",
-           "session", "sessions", "tcp_open", "traffic", "twin_broker", "utcnow", "wait_count", "wait_ready"]

@@ -12,6 +12,7 @@ import pytest
 from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device are fixtures)
     broker_log, hub, make_device, telemetry, wait_until,
 )
+from tests.integration.brokerfixtures import refusals
 
 pytestmark = pytest.mark.integration
 
@@ -20,10 +21,7 @@ MAX_ATTEMPTS = 2      # slow backoff after a refusal: the next retry is uniform 
 
 
 def agent_attempts(log_text: str) -> int:
-    """Connection attempts in the agent's log: each one sets the state to 'connecting' (it logs state changes).
-
-    (The broker log is no measure: the hub itself probes Mosquitto with a revoked canary certificate every 2 s.)
-    """
+    """Connection attempts in the agent's log: each one sets the state to 'connecting' (it logs state changes)."""
     return log_text.count("state: connecting")
 
 
@@ -52,6 +50,9 @@ def test_revoked_device_is_refused_and_stops_cleanly(hub, make_device):
     assert dev.proc.poll() is None, "a revoked agent keeps running (it retries slowly)"
     assert len(telemetry(hub, "rev-1")) == n_tel, "no telemetry gets through after revocation"
     assert " as rev-1 " not in broker_log(hub)[mark:]
+    # the broker's side of it: each attempt in the window was refused by the authz plugin as revoked
+    refused = [r for p, _, r in refusals(hub, mark) if p == "rev-1"]
+    assert len(refused) <= MAX_ATTEMPTS and set(refused) <= {"revoked"}, refused
 
     # status from the CLI
     cli = dev.status()

@@ -1,7 +1,12 @@
 """Revocation: `tessera-hub device revoke` puts the device's certificate on the CRL the hub serves over HTTPS,
-`openssl verify -crl_check` rejects it (and accepts another device's), and the device can never enroll again."""
+`openssl verify -crl_check` rejects it (and accepts another device's), and the device can never enroll again.
+
+The broker decides from the registry; the CRL is for third parties and is published in the background soon after
+the change (hub.live.CrlPublisher), so the tests poll the served CRL for the entry."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 from cryptography import x509
@@ -34,6 +39,18 @@ def fetch_crl(hub, tmp_path, name: str) -> tuple[x509.CertificateRevocationList,
     return x509.load_der_x509_crl(resp.body), pem
 
 
+def wait_crl(hub, tmp_path, name: str, *serials: int, timeout: float = 15.0):
+    """Poll the served CRL until it lists every serial in `serials`; returns (crl, pem path)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        crl, pem = fetch_crl(hub, tmp_path, name)
+        missing = [s for s in serials if crl.get_revoked_certificate_by_serial_number(s) is None]
+        if not missing:
+            return crl, pem
+        assert time.monotonic() < deadline, f"serials {missing} not on the served CRL within {timeout} s"
+        time.sleep(0.2)
+
+
 def crl_verify(hub, tmp_path, crl_pem, cert) -> tuple[int, str]:
     bundle = tmp_path / "root+device-ca.pem"
     bundle.write_bytes(hub.root_pem.read_bytes() + hub.device_ca_pem.read_bytes())
@@ -53,7 +70,7 @@ def test_revoked_certificate_is_on_the_served_crl(hub, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "rev-1: revoked" in proc.stdout and "1 certificate(s) revoked" in one_line(proc.stdout)
 
-    crl, crl_pem = fetch_crl(hub, tmp_path, "after")
+    crl, crl_pem = wait_crl(hub, tmp_path, "after", revoked_leaf.serial_number)
     entry = crl.get_revoked_certificate_by_serial_number(revoked_leaf.serial_number)
     assert entry is not None
     assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == x509.ReasonFlags.key_compromise
@@ -114,3 +131,14 @@ def test_revoking_a_device_without_certificate(hub, tmp_path):
     assert "rev-3: revoked" in proc.stdout
     assert hub.show("rev-3")["device"]["status"] == "revoked"
     assert hub.cli("device", "token", "rev-3").returncode != 0
+
+
+def test_a_burst_of_revocations_all_reach_the_crl(hub, tmp_path):
+    leaves = [enroll_new(hub, f"rev-burst-{i}", tmp_path)[0] for i in range(3)]
+    keep, _ = enroll_new(hub, "rev-burst-keep", tmp_path)
+    for i in range(3):
+        hub.cli_ok("device", "revoke", f"rev-burst-{i}", "--reason", "keyCompromise")
+    crl, _ = wait_crl(hub, tmp_path, "burst", *(leaf.serial_number for leaf in leaves))
+    assert crl.get_revoked_certificate_by_serial_number(keep.serial_number) is None
+    device_ca = x509.load_pem_x509_certificate(hub.device_ca_pem.read_bytes())
+    assert crl.is_signature_valid(device_ca.public_key())
