@@ -1,4 +1,4 @@
-"""`tessera-hub device ...`: add, list, show, suspend, resume, revoke and command devices."""
+"""`tessera-hub device ...`: add, list, show, suspend, resume, revoke, decommission and command devices."""
 
 from __future__ import annotations
 
@@ -13,9 +13,14 @@ from rich.table import Table
 from .cliutil import DirOpt, config, device_id_arg, err, errors, fail, now, out, registry
 from .config import HubConfig
 
-device_app = typer.Typer(help="Add, list, inspect, suspend, resume, revoke and command devices.",
+device_app = typer.Typer(help="Add, list, inspect, suspend, resume, revoke, decommission and command devices.",
                          no_args_is_help=True)
 
+
+
+#: `device list` colours, one per registry status (hub.registry.DEVICE_STATUSES).
+STATUS_COLOURS = {"pending": "cyan", "active": "green", "suspended": "yellow", "revoked": "red",
+                  "decommissioned": "bright_black"}
 
 
 def _parse_labels(labels: list[str]) -> dict[str, str]:
@@ -78,9 +83,8 @@ def device_list(directory: Optional[Path] = DirOpt,
         out.print_json(json.dumps(rows))
         return
     table = Table("device", "status", "online", "last seen", "cert expires", "groups")
-    colors = {"active": "green", "suspended": "yellow", "revoked": "red"}
     for r in rows:
-        table.add_row(r["id"], f"[{colors[r['status']]}]{r['status']}[/]", "yes" if r["online"] else "no",
+        table.add_row(r["id"], f"[{STATUS_COLOURS.get(r['status'], 'default')}]{r['status']}[/]", "yes" if r["online"] else "no",
                       (r["last_seen"] or "-")[:19], (r["cert_expires"] or "-")[:19], ", ".join(r["groups"]))
     out.print(table)
     out.print(f"{len(rows)} device(s)")
@@ -144,6 +148,15 @@ def device_revoke(device_id: str = typer.Argument(...), directory: Optional[Path
                                                                    "superseded, affiliationChanged or free text.")) -> None:
     """Revoke a device for good: its certificates go on the CRL and it can never enroll again."""
     _change_status(directory, device_id, "revoked", reason)
+
+
+@device_app.command("decommission")
+def device_decommission(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
+                        reason: str = typer.Option("decommissioned by operator",
+                                                   help="Why (kept in the audit log).")) -> None:
+    """Retire a device for good: certificates revoked (cessationOfOperation), tokens void; its record and audit
+    trail are kept."""
+    _change_status(directory, device_id, "decommissioned", reason)
 
 
 @device_app.command("send")

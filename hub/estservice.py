@@ -64,12 +64,16 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 
 def credential_status(row: dict | None, device_id: str, now: datetime) -> str:
     """The credential status for a registry row of `_CREDENTIAL_SQL` (None: unknown serial) presented by `device_id`:
-    'suspended' / 'revoked' (the device's status wins), then the certificate's 'revoked' / 'superseded' (also while
+    'suspended' / 'revoked' (the device's status wins; decommissioned reads 'revoked'), then the certificate's 'revoked' / 'superseded' (also while
     its grace lasts: the device holds an old certificate), then 'expired' outside its validity, else 'active'."""
     if row is None or row["id"] != device_id:
         return "unknown"
     if row["device_status"] in ("suspended", "revoked"):
         return row["device_status"]
+    if row["device_status"] == "decommissioned":
+        return "revoked"  # final too; the agent's statuses (agent.estclient.CREDENTIAL_STATUSES) stay as they are
+    if row["device_status"] != "active":  # 'pending' with a certificate cannot happen (enrolling makes it active)
+        return "unknown"
     if row["cert_status"] in ("revoked", "superseded"):
         return row["cert_status"]
     if not datetime.fromisoformat(row["not_before"]) <= now < datetime.fromisoformat(row["not_after"]):

@@ -95,7 +95,8 @@ class LiveHub:
         return {"seq": result.seq, "kicked": result.kicked, "ms": result.seconds * 1000}
 
     def set_status(self, device_id: str, status: str, reason: str, actor: str) -> dict:
-        """Suspend / resume / revoke with immediate effect; returns what happened and how long each step took."""
+        """Suspend / resume / revoke / decommission with immediate effect; returns what happened and how long each
+        step took."""
         t0 = time.monotonic()
         result = self.registry.set_status(device_id, status, self.clock(), actor=actor, reason=reason)
         t_registry = time.monotonic()
@@ -107,7 +108,7 @@ class LiveHub:
             note = f"; broker not confirmed ({exc}); it applies the change on its next tick"
             log.warning("%s %s: %s", device_id, status, note)
         t_sync = time.monotonic()
-        if status in ("revoked", "suspended"):
+        if status in ("revoked", "suspended", "decommissioned"):
             self.registry.mark_presence(device_id, False, self.clock())  # a kick sends no last will
         self.crl.changed()
         timings = {"registry_ms": (t_registry - t0) * 1000, "sync_ms": (t_sync - t_registry) * 1000,

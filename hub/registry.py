@@ -33,21 +33,29 @@ from hub.authz.policy import DEFAULT_ROLES, AuthzError, check_groups, check_labe
 from hub.authz.schema import AUTHZ_SCHEMA, MIGRATE_1_TO_2
 from hub.policy import PolicyError, check_device_id
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: How long a certificate superseded by a renewal keeps connecting (the device switches over in this time).
 SUPERSEDE_GRACE = timedelta(minutes=5)
-DEVICE_STATUSES = ("active", "suspended", "revoked")
+#: pending: registered (a token issued), never enrolled; active: enrolled; suspended: cut off, can come back;
+#: revoked and decommissioned: final (decommissioned: retired, cessationOfOperation; the row and audit stay).
+DEVICE_STATUSES = ("pending", "active", "suspended", "revoked", "decommissioned")
+#: Statuses from which nothing changes any more.
+FINAL_STATUSES = ("revoked", "decommissioned")
+#: Statuses a token enrollment accepts (pending: the first one; active: a re-enrollment with a fresh token).
+ENROLLABLE_STATUSES = ("pending", "active")
 #: Who the audit log names for enroll / reenroll (the enrollment service acting for an unauthenticated claimant).
 EST_ACTOR = "est"
 
+_DEVICES_TABLE = """CREATE TABLE IF NOT EXISTS {name} (
+        id TEXT PRIMARY KEY, fleet TEXT NOT NULL,
+        status TEXT NOT NULL
+            CHECK (status IN ('pending', 'active', 'suspended', 'revoked', 'decommissioned')),
+        labels TEXT NOT NULL DEFAULT '{{}}' CHECK (json_valid(labels)),
+        groups TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(groups)),
+        created TEXT NOT NULL, last_seen TEXT, online INTEGER NOT NULL DEFAULT 0 CHECK (online IN (0, 1)))"""
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS devices (
-        id TEXT PRIMARY KEY, fleet TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('active', 'suspended', 'revoked')),
-        labels TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(labels)),
-        groups TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(groups)),
-        created TEXT NOT NULL, last_seen TEXT, online INTEGER NOT NULL DEFAULT 0 CHECK (online IN (0, 1)))""",
+    _DEVICES_TABLE.format(name="devices"),
     """CREATE TABLE IF NOT EXISTS certificates (
         serial TEXT PRIMARY KEY, device_id TEXT NOT NULL REFERENCES devices(id), subject TEXT NOT NULL,
         not_before TEXT NOT NULL, not_after TEXT NOT NULL, fingerprint_sha256 TEXT NOT NULL,
@@ -180,25 +188,76 @@ class Registry:
         self._closed = False
         db = self._db()
         db.enable_wal()
-        with self._write(db):
-            old = None
-            if self._one(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"):
-                row = self._one(db, "SELECT value FROM meta WHERE key = 'schema_version'")
-                old = row and row["value"]
-            for statement in _SCHEMA:
-                db.execute(statement)
-            if old == "1":
-                for statement in MIGRATE_1_TO_2:
+        # The 2 -> 3 migration rebuilds `devices`: foreign keys must be off for that, and the pragma is a no-op
+        # inside a transaction, so it is decided before BEGIN (and the version re-read under the write lock).
+        rebuild = self._stored_version(db) in ("1", "2")
+        if rebuild:
+            db.execute("PRAGMA foreign_keys = OFF")
+        try:
+            with self._write(db):
+                old = self._stored_version(db)
+                for statement in _SCHEMA:
                     db.execute(statement)
-                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
-            for statement in AUTHZ_SCHEMA:
-                db.execute(statement)
-            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-            self._seed_roles(db)
+                if old == "1":
+                    for statement in MIGRATE_1_TO_2:
+                        db.execute(statement)
+                    old = "2"
+                if old == "2":
+                    if not rebuild:  # another process moved the file back to 2 between the reads: impossible
+                        raise RegistryError(f"{self.path}: schema changed while opening", code="schema_version")
+                    self._migrate_2_to_3(db)
+                if old in ("1", "2"):
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+                for statement in AUTHZ_SCHEMA:
+                    db.execute(statement)
+                db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                           [str(SCHEMA_VERSION)])
+                self._seed_roles(db)
+        finally:
+            if rebuild:
+                db.execute("PRAGMA foreign_keys = ON")
         version = self._one(db, "SELECT value FROM meta WHERE key = 'schema_version'")
         if version is None or int(version["value"]) != SCHEMA_VERSION:
             raise RegistryError(f"{self.path}: schema version {version and version['value']}, this code needs "
                                 f"{SCHEMA_VERSION}", code="schema_version")
+
+    @classmethod
+    def _stored_version(cls, db: Database) -> str | None:
+        if not cls._one(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"):
+            return None
+        row = cls._one(db, "SELECT value FROM meta WHERE key = 'schema_version'")
+        return row and row["value"]
+
+    @classmethod
+    def _migrate_2_to_3(cls, db: Database) -> None:
+        """Schema 2 -> 3: the device lifecycle (pending, decommissioned). SQLite cannot change a CHECK constraint,
+        so `devices` is rebuilt (https://sqlite.org/lang_altertable.html#otheralter): every index, trigger and view
+        that refers to it (the registry's, hub/authz's view, hub/api's triggers and indexes, or anyone's) is saved,
+        dropped, and recreated from its own SQL after the rename; foreign keys are off (the caller), and
+        `foreign_key_check` must be clean before the commit. Devices that never enrolled (no certificate, no used
+        token) and are 'active' become 'pending'; every other device keeps its status."""
+        dependents = list(db.query(
+            "SELECT type, name, sql FROM sqlite_master WHERE type IN ('index', 'trigger', 'view') "
+            "AND sql IS NOT NULL AND (tbl_name = 'devices' OR sql LIKE '%devices%') ORDER BY rowid"))
+        for obj in dependents:
+            if obj["type"] in ("view", "trigger"):  # indexes go with the table
+                db.execute(f'DROP {obj["type"].upper()} IF EXISTS "{obj["name"]}"')
+        db.execute("DROP TABLE IF EXISTS devices_v3")
+        db.execute(_DEVICES_TABLE.format(name="devices_v3"))
+        db.execute("INSERT INTO devices_v3 (id, fleet, status, labels, groups, created, last_seen, online) "
+                   "SELECT id, fleet, CASE WHEN status = 'active' "
+                   "AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.device_id = devices.id) "
+                   "AND NOT EXISTS (SELECT 1 FROM tokens t WHERE t.device_id = devices.id AND t.used_at IS NOT NULL "
+                   "AND COALESCE(t.used_from, '') != 'superseded') THEN 'pending' ELSE status END, "
+                   "labels, groups, created, last_seen, online FROM devices")
+        db.execute("DROP TABLE devices")
+        db.execute("ALTER TABLE devices_v3 RENAME TO devices")
+        for obj in dependents:
+            db.execute(obj["sql"])
+        problems = list(db.query("PRAGMA foreign_key_check"))
+        if problems:
+            raise RegistryError(f"schema 2 -> 3 migration: foreign key check failed: {problems[:5]}",
+                                code="schema_migration")
 
     @staticmethod
     def _seed_roles(db: Database) -> None:
@@ -294,13 +353,13 @@ class Registry:
 
     def add_device(self, device_id: str, fleet: str, now: datetime, labels: Mapping[str, str] | None = None,
                    groups: Sequence[str] | None = None, actor: str = "cli") -> dict[str, Any]:
-        """Register an active device (no certificate yet). Raises InvalidDeviceId, DeviceExists."""
+        """Register a device, 'pending' until it enrolls (no certificate yet). Raises InvalidDeviceId, DeviceExists."""
         _check_id(device_id)
         labels_json, groups_json = _json_meta(labels, groups)
         with self._write() as db:
             if self._one(db, "SELECT 1 FROM devices WHERE id = ?", [device_id]):
                 raise DeviceExists(f"device {device_id!r} already exists")
-            db.table("devices").insert({"id": device_id, "fleet": fleet, "status": "active", "labels": labels_json,
+            db.table("devices").insert({"id": device_id, "fleet": fleet, "status": "pending", "labels": labels_json,
                                         "groups": groups_json, "created": _ts(now), "last_seen": None, "online": 0})
             self._audit_row(db, "device.add", "ok", now, actor, device_id, f"fleet={fleet}")
         return self.require_device(device_id)
@@ -322,11 +381,16 @@ class Registry:
 
     def set_status(self, device_id: str, status: str, now: datetime, actor: str,
                    reason: str = "") -> dict[str, Any]:
-        """Suspend / resume / revoke. Revoked is terminal (DeviceNotActive 'device_revoked' on any change after).
-        Revoking also revokes the device's unexpired active and superseded certificates.
+        """Suspend / resume ('active') / revoke / decommission. Revoked and decommissioned are final
+        (DeviceNotActive 'device_revoked' / 'device_decommissioned' on any change after; a revoked device can still
+        be decommissioned). Revoking also revokes the device's unexpired active and superseded certificates.
+        Resuming a device that never enrolled (no certificate) brings it back to 'pending', not 'active'; a pending
+        device can be suspended and revoked like an active one. 'decommissioned' is `decommission()`.
         Returns {'device': device dict, 'revoked_serials': [hex, ...]}; setting the current status is a no-op."""
-        if status not in DEVICE_STATUSES:
-            raise ValueError(f"status must be one of {DEVICE_STATUSES}, not {status!r}")
+        if status == "decommissioned":
+            return self.decommission(device_id, now, actor, reason)
+        if status not in ("active", "suspended", "revoked"):
+            raise ValueError(f"status must be one of active, suspended, revoked, decommissioned, not {status!r}")
         at = _ts(now)
         revoked: list[str] = []
         with self._write() as db:
@@ -334,20 +398,55 @@ class Registry:
             if row is None:
                 raise UnknownDevice(f"no device {device_id!r}")
             old = row["status"]
-            if old != status:
-                if old == "revoked":
-                    raise DeviceNotActive(f"device {device_id!r} is revoked; revocation is final", "device_revoked")
-                db.execute("UPDATE devices SET status = ? WHERE id = ?", [status, device_id])
+            new = status
+            if status == "active" and not self._one(db, "SELECT 1 FROM certificates WHERE device_id = ? LIMIT 1",
+                                                   [device_id]):
+                new = "pending"  # never enrolled: the truth is 'pending'
+            if old != new:
+                if old in FINAL_STATUSES:
+                    raise DeviceNotActive(f"device {device_id!r} is {old}; that is final", f"device_{old}")
+                db.execute("UPDATE devices SET status = ? WHERE id = ?", [new, device_id])
                 if status == "revoked":
                     revoked = [r["serial"] for r in db.query(
                         "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
                         "WHERE device_id = ? AND status IN ('active', 'superseded') AND not_after > ? "
                         "RETURNING serial", [at, reason or "device revoked", device_id, at])]
-                detail = f"{old} -> {status}" + (f"; reason: {reason}" if reason else "")
+                detail = f"{old} -> {new}" + (f"; reason: {reason}" if reason else "")
                 if revoked:
                     detail += f"; revoked certificates: {', '.join(sorted(revoked))}"
                 self._audit_row(db, f"device.{status}", "ok", now, actor, device_id, detail)
-                self.authz_event(db, device_id, f"device {status}", now)
+                self.authz_event(db, device_id, f"device {new}", now)
+        return {"device": self.require_device(device_id), "revoked_serials": sorted(revoked)}
+
+    def decommission(self, device_id: str, now: datetime, actor: str, reason: str = "") -> dict[str, Any]:
+        """Retire a device for good, in ONE transaction: status 'decommissioned', its unexpired active and
+        superseded certificates revoked (reason cessationOfOperation), its unused tokens invalidated
+        (used_from='decommissioned'), offline, an audit row and an authz event. The row, its certificates and its
+        audit trail are kept (the id stays taken). Final: DeviceNotActive 'device_decommissioned' on any change
+        after; decommissioning a decommissioned device is a no-op. Same return value as set_status()."""
+        at = _ts(now)
+        revoked: list[str] = []
+        with self._write() as db:
+            row = self._one(db, "SELECT status FROM devices WHERE id = ?", [device_id])
+            if row is None:
+                raise UnknownDevice(f"no device {device_id!r}")
+            old = row["status"]
+            if old != "decommissioned":
+                db.execute("UPDATE devices SET status = 'decommissioned', online = 0 WHERE id = ?", [device_id])
+                revoked = [r["serial"] for r in db.query(
+                    "UPDATE certificates SET status = 'revoked', revoked_at = ?, "
+                    "revocation_reason = 'cessationOfOperation' "
+                    "WHERE device_id = ? AND status IN ('active', 'superseded') AND not_after > ? "
+                    "RETURNING serial", [at, device_id, at])]
+                tokens = db.execute("UPDATE tokens SET used_at = ?, used_from = 'decommissioned' "
+                                    "WHERE device_id = ? AND used_at IS NULL", [at, device_id]).rowcount
+                detail = f"{old} -> decommissioned" + (f"; reason: {reason}" if reason else "")
+                if revoked:
+                    detail += f"; revoked certificates: {', '.join(sorted(revoked))}"
+                if tokens:
+                    detail += f"; {tokens} unused token(s) invalidated"
+                self._audit_row(db, "device.decommissioned", "ok", now, actor, device_id, detail)
+                self.authz_event(db, device_id, "device decommissioned", now)
         return {"device": self.require_device(device_id), "revoked_serials": sorted(revoked)}
 
     def mark_presence(self, device_id: str, online: bool, now: datetime) -> None:
@@ -360,11 +459,12 @@ class Registry:
 
     def create_token(self, device_id: str, now: datetime, ttl: timedelta, actor: str = "cli") -> str:
         """A new single-use enrollment token (returned once, stored only as its SHA-256). Invalidates the device's
-        unused older tokens (used_from='superseded'). Raises UnknownDevice, DeviceNotActive."""
+        unused older tokens (used_from='superseded'). Only for a pending or active device.
+        Raises UnknownDevice, DeviceNotActive."""
         if ttl <= timedelta(0):
             raise ValueError("token ttl must be positive")
         with self._write() as db:
-            self._require_active(db, device_id)
+            self._require_status(db, device_id, ENROLLABLE_STATUSES)
             db.execute("UPDATE tokens SET used_at = ?, used_from = 'superseded' "
                        "WHERE device_id = ? AND used_at IS NULL", [_ts(now), device_id])
             token = secrets.token_urlsafe(24)
@@ -405,7 +505,7 @@ class Registry:
                     audits += [(created, actor, "device.add", device_id, f"fleet={fleet}; batch"),
                                (created, actor, "token.create", device_id, f"expires {expires}; batch")]
                 db.conn.executemany("INSERT INTO devices (id, fleet, status, labels, groups, created, online) "
-                                    "VALUES (?, ?, 'active', ?, ?, ?, 0)", devices)
+                                    "VALUES (?, ?, 'pending', ?, ?, ?, 0)", devices)
                 db.conn.executemany("INSERT INTO tokens (device_id, token_hash, created, expires) "
                                     "VALUES (?, ?, ?, ?)", tokens)
                 db.conn.executemany("INSERT INTO audit (at, actor, action, device_id, outcome, detail) "
@@ -416,12 +516,14 @@ class Registry:
 
     # --- enrollment -----------------------------------------------------------------------------------------------
 
-    def _require_active(self, db: Database, device_id: str) -> None:
+    def _require_status(self, db: Database, device_id: str, allowed: Sequence[str] = ("active",)) -> str:
+        """The device's status if it is one of `allowed`; else DeviceNotActive 'device_<status>' (UnknownDevice)."""
         row = self._one(db, "SELECT status FROM devices WHERE id = ?", [device_id])
         if row is None:
             raise UnknownDevice(f"no device {device_id!r}")
-        if row["status"] != "active":
+        if row["status"] not in allowed:
             raise DeviceNotActive(f"device {device_id!r} is {row['status']}", f"device_{row['status']}")
+        return row["status"]
 
     def _insert_cert(self, db: Database, device_id: str, cert: x509.Certificate, now: datetime) -> str:
         serial = serial_hex(cert.serial_number)
@@ -469,9 +571,12 @@ class Registry:
                 raise TokenRejected(f"token {how} ({row['used_at']})", "token_used")
             if row["expires"] <= now_s:
                 raise TokenRejected(f"token expired at {row['expires']}", "token_expired")
-            self._require_active(db, device_id)
+            self._require_status(db, device_id, ENROLLABLE_STATUSES)
             db.execute("UPDATE tokens SET used_at = ?, used_from = ? WHERE id = ? AND used_at IS NULL",
                        [now_s, source, row["id"]])
+            # the first enrollment makes a pending device active (no authz event: a pending device has no
+            # certificate, so no live session to re-check)
+            db.execute("UPDATE devices SET status = 'active' WHERE id = ? AND status = 'pending'", [device_id])
             cert = issue()
             # a token re-enrollment replaces the old credential at once (no grace: it may be why we re-enroll)
             if db.execute("UPDATE certificates SET status = 'superseded', grace_until = ? "
@@ -501,7 +606,7 @@ class Registry:
         if row["not_after"] <= now_s or row["not_before"] > now_s:
             raise CertRejected(f"certificate {serial} is outside its validity "
                                f"({row['not_before']} .. {row['not_after']})", "cert_expired")
-        self._require_active(db, device_id)
+        self._require_status(db, device_id)
         return row
 
     def check_client_cert(self, serial_hex: str, device_id: str, now: datetime) -> dict[str, Any]:

@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from hub.authz.policy import API_PERMISSIONS
+from hub.registry import DEVICE_STATUSES
 
 _STR = {"type": "string"}
 _TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
 _FILTERS = {
-    "status": {"type": "string", "enum": ["active", "suspended", "revoked"]},
+    "status": {"type": "string", "enum": list(DEVICE_STATUSES)},
     "group": _STR, "label": {"type": "string", "description": "key=value"},
     "online": {"oneOf": [{"type": "boolean"}, {"type": "string", "enum": ["true", "false"]}]},
     "id_prefix": _STR, "cert_expires_before": {"type": "string", "format": "date-time"},
@@ -71,11 +72,43 @@ COMPONENTS: dict[str, dict] = {
                        "sessions_cut": {"type": ["integer", "null"]}, "broker_note": {"type": ["string", "null"]},
                        "timings": {"type": "object", "additionalProperties": {"type": "number"}}},
     },
+    "NewDevice": {
+        "type": "object", "required": ["id"], "additionalProperties": False,
+        "properties": {"id": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"},
+                       "groups": {"type": "array", "items": _STR},
+                       "labels": {"type": "object", "additionalProperties": _STR}},
+    },
+    "DeviceCreate": {
+        "oneOf": [{"$ref": "#/components/schemas/NewDevice"},
+                  {"type": "object", "required": ["devices"], "additionalProperties": False,
+                   "properties": {"devices": {"type": "array", "minItems": 1, "maxItems": 10000,
+                                              "items": {"$ref": "#/components/schemas/NewDevice"}}}}],
+    },
+    "DevicesCreated": {
+        "type": "object", "required": ["created", "token_expires", "devices"],
+        "properties": {"created": {"type": "integer"}, "token_expires": {"type": "string", "format": "date-time"},
+                       "devices": {"type": "array", "items": {
+                           "type": "object", "required": ["id", "status", "token"],
+                           "properties": {"id": _STR, "status": _STR,
+                                          "token": {"type": "string", "description": "shown only here"}}}}},
+    },
+    "TokenIssued": {
+        "type": "object", "required": ["id", "token", "token_expires"],
+        "properties": {"id": _STR, "token": _STR, "token_expires": {"type": "string", "format": "date-time"}},
+    },
+    "Decommissioned": {
+        "allOf": [{"$ref": "#/components/schemas/DeviceDetail"},
+                  {"type": "object", "properties": {
+                      "revoked_serials": {"type": "array", "items": _STR},
+                      "sessions_cut": {"type": ["integer", "null"]},
+                      "broker_note": {"type": ["string", "null"]}}}],
+    },
     "Status": {"type": "object", "properties": {"status": _STR}},
     "OpenApiDocument": {"type": "object"},
 }
 _TITLES = {400: "bad input", 403: "not an operator, or the role lacks the permission", 404: "no such device",
-           409: "the confirmed count is no longer the match count", 503: "not ready", 500: "internal error"}
+           409: "conflict: the confirmed count is no longer the match count, the device id exists, or the device's "
+                "status does not allow this", 503: "not ready", 500: "internal error"}
 
 
 def _ref(name: str) -> dict:
@@ -104,7 +137,8 @@ def _operation(route) -> dict[str, Any]:
         content = {"application/json": {"schema": _ref(route.response)}}
     else:
         content = {route.content_type.split(";")[0]: {"schema": {"type": "string"}}}
-    op["responses"] = {"200": {"description": "OK", "content": content},
+    op["responses"] = {str(route.success): {"description": {200: "OK", 201: "Created"}.get(route.success, "OK"),
+                                             "content": content},
                        **{str(s): _problem(s) for s in sorted({*route.errors, 500})}}
     return op
 

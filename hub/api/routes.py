@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from hub.broker import BrokerError
+from hub.registry import DEVICE_STATUSES
 
 from . import actions, queries
 from .queries import MAX_LIMIT, BadRequest, NotFound, Selector
@@ -47,6 +48,7 @@ class Route:
     response: str | None = None  # a component schema name (JSON) ...
     content_type: str = "application/json"  # ... or this media type
     errors: tuple[int, ...] = (403,)
+    success: int = 200  # the status code of a successful answer
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -143,6 +145,39 @@ async def patch_device(api, request: web.Request, principal) -> web.Response:
     return _json(await api.run(_detail, api, device_id))
 
 
+async def create_devices(api, request: web.Request, principal) -> web.Response:
+    body = await _body(request)
+    result = await api.run(actions.create_devices, api.registry, body, api.cfg.fleet, api.clock(),
+                           api.cfg.policy.token_ttl, principal.name)
+    return _json(result, status=201)
+
+
+async def device_token(api, request: web.Request, principal) -> web.Response:
+    result = await api.run(actions.new_token, api.registry, request.match_info["id"], api.clock(),
+                           api.cfg.policy.token_ttl, principal.name)
+    return _json(result, status=201)
+
+
+async def decommission_device(api, request: web.Request, principal) -> web.Response:
+    device_id = request.match_info["id"]
+    q = _query(request)
+    unknown = set(q) - {"reason"}
+    if unknown:
+        raise BadRequest(f"unknown parameters {sorted(unknown)}", sorted(unknown)[0])
+    reason = q.get("reason", "")
+    if not _REASON_RE.fullmatch(reason):
+        raise BadRequest("reason must be at most 200 printable ASCII characters", "reason")
+    before = await api.run(queries.get_device, api.registry, device_id)
+    result = await api.run(actions.decommission, api.registry, device_id, api.clock(), principal.name, reason)
+    kicked, note = None, ""
+    if before is not None and before["status"] != "decommissioned":
+        kicked, note = await _ring(api)  # its live sessions end now
+        if result["revoked_serials"]:
+            api.live.crl.changed()
+    return _json({**(await api.run(_detail, api, device_id)), "revoked_serials": result["revoked_serials"],
+                  "sessions_cut": kicked, "broker_note": note or None})
+
+
 async def _ring(api) -> tuple[int | None, str]:
     """Ask the broker to apply the committed authz events now: (sessions cut, '' or why it was not confirmed).
     Unconfirmed is not lost: the plugin follows the registry's events by itself within a broker tick."""
@@ -225,7 +260,7 @@ def _q(name: str, schema: dict, description: str) -> Param:
 _TIME = {"type": "string", "format": "date-time"}
 _NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}
 FILTER_PARAMS = (
-    _q("status", {"type": "string", "enum": ["active", "suspended", "revoked"]}, "device status"),
+    _q("status", {"type": "string", "enum": list(DEVICE_STATUSES)}, "device status"),
     _q("group", _NAME, "member of this group"),
     _q("label", {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}=.+$"}, "label key=value"),
     _q("online", {"type": "string", "enum": ["true", "false"]}, "connected to the broker now"),
@@ -245,6 +280,18 @@ ROUTES: tuple[Route, ...] = (
                   _q("cursor", {"type": "string"}, "next_cursor of the previous page"),
                   _q("format", {"type": "string", "enum": ["json", "csv"], "default": "json"}, "json or csv")),
           response="DevicePage", errors=(400, 403)),
+    Route("POST", f"{PREFIX}/devices", "devices.create", "act",
+          "Register one device or a batch (at most 10,000, one transaction): each is pending, with a one-time "
+          "enrollment token answered only here", create_devices, body="DeviceCreate", response="DevicesCreated",
+          errors=(400, 403, 409), success=201),
+    Route("POST", f"{PREFIX}/devices/{{id}}/token", "devices.token", "act",
+          "A fresh one-time enrollment token for a pending or active device (its unused older ones stop working)",
+          device_token, params=(_ID,), response="TokenIssued", errors=(403, 404, 409), success=201),
+    Route("DELETE", f"{PREFIX}/devices/{{id}}", "devices.decommission", "admin",
+          "Decommission a device for good: certificates revoked (cessationOfOperation), tokens void, live sessions "
+          "cut; the device row and its audit trail are kept", decommission_device,
+          params=(_ID, _q("reason", {"type": "string", "maxLength": 200}, "why (kept in the audit log)")),
+          response="Decommissioned", errors=(400, 403, 404)),
     Route("GET", f"{PREFIX}/devices/{{id}}", "devices.show", "read", "One device and its certificates",
           show_device, params=(_ID,), response="DeviceDetail", errors=(403, 404)),
     Route("PATCH", f"{PREFIX}/devices/{{id}}", "devices.edit", "act",

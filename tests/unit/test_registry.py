@@ -104,7 +104,7 @@ def denied(reg: Registry, action: str) -> list[dict]:
 
 def test_add_get_list(reg: Registry, clock: Clock, mini_ca: MiniCA) -> None:
     d = reg.add_device("dev-1", "fleet-a", clock.now, labels={"site": "lab"}, groups=["sensors"])
-    assert d["id"] == "dev-1" and d["fleet"] == "fleet-a" and d["status"] == "active"
+    assert d["id"] == "dev-1" and d["fleet"] == "fleet-a" and d["status"] == "pending"
     assert d["labels"] == {"site": "lab"} and d["groups"] == ["sensors"] and d["online"] is False
     assert d["created"] == "2030-01-01T12:00:00.000000+00:00" and d["last_seen"] is None
     assert d["cert_not_after"] is None
@@ -159,7 +159,7 @@ def test_connection_settings(reg: Registry, db_path: Path) -> None:
     assert conn.execute("PRAGMA busy_timeout").fetchone() == (10_000,)
     with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
         conn.execute("INSERT INTO tokens (device_id, token_hash, created, expires) VALUES ('ghost', 'x', 'a', 'b')")
-    assert raw(db_path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
+    assert raw(db_path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
 
 
 def test_presence(reg: Registry, clock: Clock) -> None:
