@@ -1,0 +1,117 @@
+"""schemathesis against the fleet API's served OpenAPI document: a real `tessera-hub serve` over real TLS.
+
+The schema is the document the hub serves at /api/v1/openapi.json (fetched with an `admin` identity's client
+certificate); every request goes through a `requests.Session` with that certificate and the fleet root as the
+trust anchor. Checks: no 5xx, status codes, content types (problem+json for errors) and response bodies as
+documented. Bounded (hypothesis `max_examples`) and derandomized so CI reruns the same cases.
+
+The hub is this module's own (the bulk actions revoke and suspend whatever a generated selector matches): a few
+devices, one enrolled (so certificates and cert_not_after are not empty), in groups with labels.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+requests = pytest.importorskip("requests")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,  # noqa: E402
+                                               status_code_conformance)
+
+from hub.api.routes import ROUTES  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
+from tests.integration.brokerfixtures import BROKER_LIMITS, enroll_device, wait_ready  # noqa: E402
+from tests.integration.hubfixtures import init_hub  # noqa: E402
+
+pytestmark = pytest.mark.integration
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+MAX_EXAMPLES = 60  # per operation; the module takes well under a minute
+
+
+class FuzzHub:
+    def __init__(self, hub, port: int):
+        self.hub, self.port = hub, port
+        self.base_url = f"https://127.0.0.1:{port}"
+        d = hub.dir / "identities" / "fuzz"
+        self.session = requests.Session()
+        self.session.trust_env = False  # else REQUESTS_CA_BUNDLE (set on many machines) overrides `verify`
+        self.session.cert = (str(d / "fuzz.pem"), str(d / "fuzz.key"))
+        self.session.verify = str(hub.root_pem)
+
+
+@pytest.fixture(scope="module")
+def fuzz_hub(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fuzzhub")
+    hub = init_hub(base, **BROKER_LIMITS)
+    hub.api_port = port = free_port()
+    hub.start()
+    try:
+        wait_ready(hub)
+        hub.cli_ok("identity", "add", "fuzz", "--role", "admin")
+        enroll_device(hub, "fz-enrolled", base / "dev", groups=("lab",))
+        for n in range(4):
+            hub.add_device(f"fz-{n}", "--group", "lab" if n % 2 else "field", "--label", f"site=s{n}")
+        f = FuzzHub(hub, port)
+        yield f
+        f.session.close()
+    finally:
+        try:
+            rc = hub.stop()
+        finally:
+            hub.kill()
+        assert rc == 0, hub.stderr_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzz_hub):
+    resp = fuzz_hub.session.get(f"{fuzz_hub.base_url}/api/v1/openapi.json", timeout=30)
+    assert resp.status_code == 200, resp.text
+    return schemathesis.openapi.from_dict(resp.json())
+
+
+def _cases():
+    for route in ROUTES:
+        yield pytest.param(route, GenerationMode.POSITIVE, id=f"{route.method} {route.path} positive")
+        if route.body or any(p.where == "query" for p in route.params):  # a string path id cannot be invalid
+            yield pytest.param(route, GenerationMode.NEGATIVE, id=f"{route.method} {route.path} negative")
+
+
+@pytest.mark.parametrize(("route", "mode"), list(_cases()))
+def test_served_openapi_document_holds(api_schema, fuzz_hub, route, mode):
+    """Generated requests (valid ones, and with `negative` ones the document says are invalid) get documented
+    answers: no 5xx, a documented status, its content type (problem+json for errors) and body schema."""
+    operation = api_schema[route.path][route.method]
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    def check(case):
+        checks = CHECKS
+        if (case.query or {}).get("format") == "csv":  # known: text/csv is undocumented (the xfail test below)
+            checks = [not_a_server_error, status_code_conformance]
+        case.call_and_validate(base_url=fuzz_hub.base_url, session=fuzz_hub.session, checks=checks, timeout=30,
+                              verify=fuzz_hub.session.verify, cert=fuzz_hub.session.cert)  # else its own defaults
+
+    check()
+
+
+# --- what schemathesis found: each a reproducer, xfail until hub/api is fixed ---------------------------------------
+
+def _documented_200_types(api_schema, path: str, method: str) -> set[str]:
+    return set(api_schema.raw_schema["paths"][path][method]["responses"]["200"]["content"])
+
+
+@pytest.mark.xfail(strict=True, reason="hub/api bug (schemathesis ST105 Undocumented Content-Type): GET "
+                   "/api/v1/devices?format=csv answers 200 text/csv, but the served OpenAPI document gives its 200 "
+                   "only application/json (routes.py documents one content type per route; devices.list needs "
+                   "both application/json and text/csv)")
+def test_csv_export_content_type_is_documented(api_schema, fuzz_hub):
+    resp = fuzz_hub.session.get(f"{fuzz_hub.base_url}/api/v1/devices?format=csv", timeout=30)
+    assert resp.status_code == 200
+    media = resp.headers["content-type"].split(";")[0].strip()
+    assert media == "text/csv"
+    assert media in _documented_200_types(api_schema, "/api/v1/devices", "get")
