@@ -84,7 +84,8 @@ def device_list(directory: Optional[Path] = DirOpt,
         return
     table = Table("device", "status", "online", "last seen", "cert expires", "groups")
     for r in rows:
-        table.add_row(r["id"], f"[{STATUS_COLOURS.get(r['status'], 'default')}]{r['status']}[/]", "yes" if r["online"] else "no",
+        colour = STATUS_COLOURS.get(r["status"], "default")
+        table.add_row(r["id"], f"[{colour}]{r['status']}[/]", "yes" if r["online"] else "no",
                       (r["last_seen"] or "-")[:19], (r["cert_expires"] or "-")[:19], ", ".join(r["groups"]))
     out.print(table)
     out.print(f"{len(rows)} device(s)")

@@ -107,7 +107,7 @@ def test_token_create_batch(hub, tmp_path):
     stored = hub.query("SELECT token_hash FROM tokens WHERE device_id LIKE 'fac-%'")
     assert len(stored) == 25 and not {r[1] for r in body} & {s["token_hash"] for s in stored}
     listed = hub.device_list()
-    assert all(listed[f"fac-{n:05d}"]["status"] == "active" for n in range(1, 26))
+    assert all(listed[f"fac-{n:05d}"]["status"] == "pending" for n in range(1, 26))  # never enrolled
 
     for device_id, token in (body[0], body[-1]):
         leaf = est_enroll(hub, device_id, token)
@@ -147,7 +147,7 @@ def test_suspend_blocks_enrollment_and_resume_restores_it(hub):
 
     proc = hub.cli("device", "resume", device_id)
     assert proc.returncode == 0, proc.stderr
-    assert f"{device_id}: active" in proc.stdout
+    assert f"{device_id}: pending" in proc.stdout  # it never enrolled: back to pending
     leaf = est_enroll(hub, device_id, token)  # the refused attempt did not use the token up
     assert leaf.subject.rfc4514_string() == f"CN={device_id},O={FLEET}"
     row = hub.device_list()[device_id]
@@ -171,7 +171,7 @@ def test_device_list_json_fields(hub):
     for row in rows.values():
         assert {"id", "status", "online", "last_seen", "cert_expires"} <= set(row)
     new, enrolled, susp = rows["cli-list-new"], rows["cli-list-enrolled"], rows["cli-list-susp"]
-    assert (new["status"], new["online"], new["last_seen"], new["cert_expires"]) == ("active", False, None, None)
+    assert (new["status"], new["online"], new["last_seen"], new["cert_expires"]) == ("pending", False, None, None)
     assert new["groups"] == ["line-a"] and new["labels"] == {"site": "berlin"}
     assert (enrolled["status"], enrolled["online"], enrolled["last_seen"]) == ("active", False, None)
     assert dt.datetime.fromisoformat(enrolled["cert_expires"]) == leaf.not_valid_after_utc
