@@ -371,19 +371,24 @@ def test_connect_rate_limit(pki: Pki) -> None:
         broker.stop()
 
 
-def test_wills(broker: Broker, pki: Pki, connect) -> None:
-    """A retained will on the device's status is delivered; a non-retained one is not (its properties cannot be
-    replaced: 2.0.11 sends wills without MOSQ_EVT_MESSAGE)."""
+def test_wills_are_refused_and_the_broker_announces_offline(broker: Broker, pki: Pki, connect) -> None:
+    """No will is delivered (2.0.11 sends wills without MOSQ_EVT_MESSAGE: their properties, a forged tessera-role,
+    could not be replaced); instead the plugin publishes the device's retained offline status itself, stamped."""
     watcher = connect(pki.identity("watcher", "service", "telemetry-reader"))
     assert watcher.subscribe("devices/dev-will/status") == watcher.subscribe("devices/dev-will2/telemetry") == 1
     for device_id, topic, retain in (("dev-will", "status", True), ("dev-will2", "telemetry", False)):
         dev = connect(pki.device(device_id), will=(f"devices/{device_id}/{topic}", retain))
         dev.c.loop_stop()
-        dev.c.socket().close()  # no DISCONNECT: the broker sends the will
+        dev.c.socket().close()  # no DISCONNECT: the broker would send the will
     msg = watcher.message()
-    assert (msg.topic, msg.payload) == ("devices/dev-will/status", b"offline")
+    assert (msg.topic, msg.payload) == ("devices/dev-will/status", b'{"state": "offline"}')
+    assert dict(msg.properties.UserProperty) == {"tessera-sender": "dev-will", "tessera-role": "device"}
     with pytest.raises(queue.Empty):
         watcher.message(timeout=0.5)
+    late = connect(pki.identity("late", "service", "telemetry-reader"))
+    assert late.subscribe("devices/dev-will/status") == 1
+    msg = late.message()  # retained, and delivered to a later subscriber
+    assert (msg.topic, msg.payload) == ("devices/dev-will/status", b'{"state": "offline"}')
 
 
 def test_sighup_keeps_sessions(broker: Broker, pki: Pki, connect) -> None:

@@ -172,10 +172,6 @@ def test_client_supplied_identity_properties_are_replaced(hub, devs):
         assert retained.retain and retained.user_props == stamp
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG hub/broker/mosquitto/tessera_authz.c: Mosquitto 2.0.11 publishes a will without MOSQ_EVT_MESSAGE, so the "
-    "plugin never stamps it; on_acl_check lets a retained will through (status has a retain rule), and the "
-    "client's own tessera-sender / tessera-role user properties reach every subscriber (and stay retained)"))
 def test_a_will_cannot_carry_a_forged_identity(hub, devs):
     good = devs["good"]
     with sessions(session(hub, devs["reader"])) as (sr,):
@@ -211,11 +207,6 @@ def test_payload_limit(hub, devs):
     assert_enforcing(hub, devs, trials=1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG hub/broker/mosquitto/__init__.py render_conf: `message_size_limit` makes Mosquitto 2.0.11 answer an "
-    "oversized QoS 1 PUBLISH with PUBACK 0x95, which MQTT v5 does not allow in a PUBACK; paho (the agent's client) "
-    "treats it as a protocol error and drops its own session. Without message_size_limit the plugin's max_payload "
-    "check answers 0x87 (max_packet_size still bounds memory)"))
 def test_oversized_publish_is_refused_without_breaking_a_paho_session(hub, devs):
     with sessions(session(hub, devs["good"])) as (sg,):
         try:
@@ -365,11 +356,6 @@ def test_unreadable_registry_fails_closed(hub, devs, how):
         assert_enforcing(hub, devs, trials=2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG hub/broker/mosquitto/tessera_authz.c credential_lookup(): `q = g.credential` is read before "
-    "registry_ready(), which closes and reopens the registry when the file was moved or replaced, so the lookup "
-    "steps a finalized (or NULL) statement: the broker dies with SIGSEGV (audit broker.died 'exit code -11') and "
-    "every live session is dropped"))
 def test_registry_coming_back_neither_crashes_the_broker_nor_drops_sessions(hub, devs):
     with sessions(session(hub, devs["reader"])) as (sr,):
         for cycle in range(3):

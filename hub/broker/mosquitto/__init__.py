@@ -100,8 +100,10 @@ class MosquittoBroker(BrokerDriver):
             "per_listener_settings false", "allow_anonymous false", "set_tcp_nodelay true",
             f"max_queued_messages {lim.max_queued_messages}", f"max_queued_bytes {lim.max_queued_bytes}",
             "max_inflight_messages 200",
-            # a larger packet is refused while its header is read (never buffered); the payload limit is exact
-            f"max_packet_size {lim.max_payload + 65536}", f"message_size_limit {lim.max_payload}",
+            # a larger packet is refused while its header is read (never buffered); the plugin refuses a payload
+            # over the limit exactly (PUBACK 0x87; message_size_limit would answer 0x95, which MQTT 5 forbids in a
+            # PUBACK and which makes clients such as paho drop the connection)
+            f"max_packet_size {lim.max_payload + 65536}",
             "persistence true", f"persistence_location {self.dir / 'data'}/",
             f"log_dest file {self.logfile}", "log_type error", "log_type warning", "log_type notice",
             "log_type information", "connection_messages true", "log_timestamp_format %Y-%m-%dT%H:%M:%S",

@@ -132,6 +132,7 @@ struct principal {
 	double tokens, refilled;            /* connect token bucket, refilled at monotonic time `refilled` */
 	bool dirty;                         /* named by an authz event: re-check its sessions */
 	bool checking;                      /* being re-checked (dirty when the pass started) */
+	int sessions;                       /* live sessions (at most one: client id = principal; two in a takeover) */
 	UT_hash_handle hh;
 };
 
@@ -445,11 +446,12 @@ static void credential_free(struct credential *c)
 /* CREDENTIAL_QUERY for (issuer, serial): 1 and *c filled, 0 if there is no such row, -1 on a registry error. */
 static int credential_lookup(const char *issuer, const char *serial, struct credential *c)
 {
-	sqlite3_stmt *q = g.credential;
+	sqlite3_stmt *q;
 	int rc, found = -1;
 
 	memset(c, 0, sizeof(*c));
 	if(!registry_ready()) return -1;
+	q = g.credential;   /* only now: registry_ready() may have reopened the registry and re-prepared it */
 	sqlite3_bind_text(q, 1, issuer, -1, SQLITE_TRANSIENT);
 	sqlite3_bind_text(q, 2, serial, -1, SQLITE_TRANSIENT);
 	rc = sqlite3_step(q);
@@ -652,10 +654,42 @@ static struct session *session_find(const struct mosquitto *client)
 	return s;
 }
 
-static void session_drop(struct session *s)
+/*
+ * Presence is the broker's word, not the client's: when a device's last session ends (disconnect, network loss or
+ * kick) the plugin publishes the retained {"state": "offline"} on devices/<id>/status itself, stamped like any
+ * message. Wills are refused (see on_acl_check): Mosquitto 2.0.11 sends them without MOSQ_EVT_MESSAGE, so their
+ * client-supplied properties could never be replaced.
+ */
+static void announce_offline(const struct principal *p)
 {
+	static const char payload[] = "{\"state\": \"offline\"}";
+	mosquitto_property *props = NULL;
+	char topic[NAME_LEN + 32];
+
+	if(strcmp(p->kind, "device") || p->role == NULL) return;
+	snprintf(topic, sizeof(topic), "devices/%s/status", p->name);
+	if(mosquitto_property_add_string_pair(&props, MQTT_PROP_USER_PROPERTY, SENDER_PROPERTY, p->name)
+			|| mosquitto_property_add_string_pair(&props, MQTT_PROP_USER_PROPERTY, ROLE_PROPERTY, p->role)){
+		mosquitto_property_free_all(&props);
+		return;
+	}
+	/* the broker takes ownership of props */
+	mosquitto_broker_publish_copy(NULL, topic, (int)strlen(payload), payload, 1, true, props);
+}
+
+static void session_drop_quietly(struct session *s)
+{
+	s->principal->sessions--;
 	HASH_DEL(g.sessions, s);
 	mosquitto_free(s);
+}
+
+static void session_drop(struct session *s)
+{
+	struct principal *p = s->principal;
+
+	session_drop_quietly(s);
+	if(p->sessions == 0) announce_offline(p);
 }
 
 static void session_set_validity(struct session *s, const struct credential *c)
@@ -911,6 +945,8 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 			reason = "out of memory";
 		}else{
 			s->client = client;
+			s->principal = p;
+			p->sessions++;
 			HASH_ADD_PTR(g.sessions, client, s);
 		}
 	}
@@ -947,12 +983,15 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 		case MOSQ_ACL_WRITE:
 			if(ev->payloadlen > g.max_payload) return MOSQ_ERR_ACL_DENIED;
 			/*
-			 * 2.0.11 sends a will without MOSQ_EVT_MESSAGE, so its client-supplied properties (a forged
-			 * tessera-sender, say) cannot be replaced. A will is a WRITE from a context without a session; only a
-			 * retained one is let through, which needs a retain rule (devices' status: never a command topic).
-			 * The other session-less WRITE check, check_retain_source, is always about a retained message.
+			 * A WRITE from a context without a session is either a will (the real, disconnecting client: it has
+			 * an address) or check_retain_source (a zeroed stand-in for the publisher of a retained message that
+			 * is about to be delivered: no address). Wills are refused: 2.0.11 sends them without
+			 * MOSQ_EVT_MESSAGE, so their client-supplied properties (a forged tessera-role) cannot be replaced;
+			 * the plugin announces a device's offline status itself (announce_offline).
 			 */
-			if(!ev->retain && session_find(ev->client) == NULL) return MOSQ_ERR_ACL_DENIED;
+			if(session_find(ev->client) == NULL && (!ev->retain || mosquitto_client_address(ev->client) != NULL)){
+				return MOSQ_ERR_ACL_DENIED;
+			}
 			if(!topic_allowed(&p->grants[ACT_PUBLISH], ev->topic)) return MOSQ_ERR_ACL_DENIED;
 			if(ev->retain && !topic_allowed(&p->grants[ACT_RETAIN], ev->topic)) return MOSQ_ERR_ACL_DENIED;
 			return MOSQ_ERR_SUCCESS;
@@ -1083,7 +1122,7 @@ static void free_everything(void)
 	struct principal *p, *ptmp;
 	struct session *s, *stmp;
 
-	HASH_ITER(hh, g.sessions, s, stmp) session_drop(s);
+	HASH_ITER(hh, g.sessions, s, stmp) session_drop_quietly(s);
 	HASH_ITER(hh, g.principals, p, ptmp){
 		HASH_DEL(g.principals, p);
 		principal_forget_rights(p);
