@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from .cliutil import DirOpt, config, device_id_arg, err, errors, fail, now, out, registry
 from .config import HubConfig
@@ -82,7 +82,7 @@ def device_list(directory: Optional[Path] = DirOpt,
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table("device", "status", "online", "last seen", "cert expires", "groups")
+    table = Table("device", Column("status", no_wrap=True), "online", "last seen", "cert expires", "groups")
     for r in rows:
         colour = STATUS_COLOURS.get(r["status"], "default")
         table.add_row(r["id"], f"[{colour}]{r['status']}[/]", "yes" if r["online"] else "no",
