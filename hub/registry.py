@@ -404,7 +404,8 @@ class Registry:
                 new = "pending"  # never enrolled: the truth is 'pending'
             if old != new:
                 if old in FINAL_STATUSES:
-                    raise DeviceNotActive(f"device {device_id!r} is {old}; that is final", f"device_{old}")
+                    what = "revocation" if old == "revoked" else "decommissioning"
+                    raise DeviceNotActive(f"device {device_id!r} is {old}; {what} is final", f"device_{old}")
                 db.execute("UPDATE devices SET status = ? WHERE id = ?", [new, device_id])
                 if status == "revoked":
                     revoked = [r["serial"] for r in db.query(

@@ -174,6 +174,8 @@ async def decommission_device(api, request: web.Request, principal) -> web.Respo
         kicked, note = await _ring(api)  # its live sessions end now
         if result["revoked_serials"]:
             api.live.crl.changed()
+        await api.run(api.audit, "device.decommissioned.enforced", "ok" if not note else "error", principal.name,
+                      f"sessions cut: {kicked}{f'; {note}' if note else ''}", device_id, request.remote)
     return _json({**(await api.run(_detail, api, device_id)), "revoked_serials": result["revoked_serials"],
                   "sessions_cut": kicked, "broker_note": note or None})
 

@@ -177,6 +177,9 @@ def test_decommission_cuts_the_live_session_and_keeps_the_audit_trail(api, tmp_p
     row = api.hub.query("SELECT actor, detail FROM audit WHERE device_id = 'dv-retire' "
                         "AND action = 'device.decommissioned'")[0]
     assert row["actor"] == "svc.admin" and "end of life" in row["detail"]
+    enforced = api.hub.query("SELECT detail FROM audit WHERE device_id = 'dv-retire' "
+                             "AND action = 'device.decommissioned.enforced'")
+    assert len(enforced) == 1 and enforced[0]["detail"].startswith("sessions cut: 1")
     again = api.call("DELETE", f"{DEVICES}/dv-retire", who="admin")  # idempotent
     assert again.status == 200 and again.json()["revoked_serials"] == []
     is_problem(api.call("POST", f"{DEVICES}/dv-retire/token", who="operator"), 409)
