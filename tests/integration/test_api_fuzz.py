@@ -17,6 +17,7 @@ schemathesis = pytest.importorskip("schemathesis")
 requests = pytest.importorskip("requests")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,  # noqa: E402
@@ -96,7 +97,10 @@ def test_served_openapi_document_holds(api_schema, fuzz_hub, route, mode):
         case.call_and_validate(base_url=fuzz_hub.base_url, session=fuzz_hub.session, checks=checks, timeout=30,
                               verify=fuzz_hub.session.verify, cert=fuzz_hub.session.cert)  # else its own defaults
 
-    check()
+    try:
+        check()
+    except Unsatisfiable:  # nothing in this operation can be generated wrong (or right): a generation limit
+        pytest.skip(f"schemathesis cannot generate {mode.value} cases for {route.method} {route.path}")
 
 
 # --- what schemathesis found: each a reproducer, xfail until hub/api is fixed ---------------------------------------
@@ -115,3 +119,38 @@ def test_csv_export_content_type_is_documented(api_schema, fuzz_hub):
     media = resp.headers["content-type"].split(";")[0].strip()
     assert media == "text/csv"
     assert media in _documented_200_types(api_schema, "/api/v1/devices", "get")
+
+
+#: (method, path, body) the served document calls valid and the server refuses with 400 (schemathesis ST202,
+#: "schema-valid request rejected", with its positive_data_acceptance check): the document is looser than the API
+_LOOSE = [
+    pytest.param("PATCH", "/api/v1/devices/fz-0", {"groups": ["Not Valid"]}, id="patch-group-name",
+                 marks=pytest.mark.xfail(strict=True, reason="hub/api/openapi.py bug: DevicePatch.groups items (and "
+                                         "labels keys, and POST /devices groups/labels) are any string; the API "
+                                         "takes only names [a-z0-9][a-z0-9-]{0,62} (400)")),
+    pytest.param("POST", "/api/v1/devices/actions/suspend", {"selector": {"ids": ["fz-0"], "status": "active"}},
+                 id="selector-ids-and-filters",
+                 marks=pytest.mark.xfail(strict=True, reason="hub/api/openapi.py bug: Selector allows ids together "
+                                         "with filters; the API refuses 'either ids or filters, not both' (400)")),
+    pytest.param("POST", "/api/v1/devices/actions/suspend", {"selector": {"label": "site"}}, id="selector-label",
+                 marks=pytest.mark.xfail(strict=True, reason="hub/api/openapi.py bug: Selector.label is any string "
+                                         "(the query parameter has the key=value pattern, the body does not); the "
+                                         "API refuses 'label must be key=value' (400)")),
+    pytest.param("POST", "/api/v1/devices/actions/suspend", {"selector": {"ids": ["fz-0"]}, "reason": "caf\u00e9"},
+                 id="bulk-reason-ascii",
+                 marks=pytest.mark.xfail(strict=True, reason="hub/api/openapi.py bug: BulkRequest.reason is any "
+                                         "string of <= 200; the API takes only printable ASCII (400)")),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), _LOOSE)
+def test_schema_valid_requests_are_not_refused(api_schema, fuzz_hub, method, path, body):
+    """A request the served document calls valid is not refused as bad input (dry runs: nothing changes)."""
+    import jsonschema
+
+    doc = api_schema.raw_schema
+    template = "/api/v1/devices/{id}" if path.startswith("/api/v1/devices/fz-") else path
+    ref = doc["paths"][template][method.lower()]["requestBody"]["content"]["application/json"]["schema"]
+    valid = jsonschema.Draft202012Validator({**ref, "components": doc["components"]}).is_valid(body)
+    resp = fuzz_hub.session.request(method, f"{fuzz_hub.base_url}{path}", json=body, timeout=30)
+    assert not (valid and resp.status_code == 400), (valid, resp.status_code, resp.text)
