@@ -55,7 +55,7 @@ def _group_members(cfg, group: str) -> list[str]:
     # fleet is the difference between a few messages a second and the whole fleet's stream. Members added while
     # the watch runs are not followed (start it again).
     rows = registry(cfg).query("SELECT d.id FROM devices d, json_each(d.groups) g WHERE g.value = ? "
-                               "AND d.status != 'revoked' ORDER BY d.id", [group])
+                               "AND d.status NOT IN ('revoked', 'decommissioned') ORDER BY d.id", [group])
     return [r["id"] for r in rows]
 
 

@@ -77,7 +77,7 @@ def test_enroll_with_a_token_key(hub, module_token, tmp_path):
     csr = worker.make_csr(module_token.config, "enr-token-1", common_name=device_id)
     token = hub.add_device(device_id)
     before = hub.device_list()[device_id]
-    assert before["cert_expires"] is None and before["status"] == "active"
+    assert before["cert_expires"] is None and before["status"] == "pending"
 
     certs = est_client(hub).simpleenroll(csr, device_id, token)
 

@@ -55,7 +55,7 @@ def test_filters_and_paging(reg):
     assert queries.count(reg, Selector.parse({"group": "odd"})) == 125
     assert queries.count(reg, Selector.parse({"label": "site=b", "group": "even"})) == 125
     assert queries.count(reg, Selector.parse({"id_prefix": "dev-01"})) == 100
-    assert queries.count(reg, Selector.parse({"online": "false", "status": "active"})) == 250
+    assert queries.count(reg, Selector.parse({"online": "false", "status": "pending"})) == 250
     seen, after = [], None
     while True:
         page, cursor = queries.list_devices(reg, Selector.parse({"group": "all"}), 40, after)
