@@ -62,8 +62,20 @@ class CrlPublisher:
         crl = current_crl(self.cfg.crl_dir, self.ca.device_ca)
         return crl is None or crl_needs_refresh(crl, self.clock())
 
+    def start(self, stop: threading.Event) -> threading.Thread:
+        """Run `step` on a thread of its own until `stop` is set: a CRL of 100k entries takes seconds to build,
+        and must delay neither a status change nor the hub's shutdown (the files are swapped in atomically, so
+        a publication cut short by the end of the process leaves the previous CRL in place)."""
+        def loop() -> None:
+            while not stop.wait(0.5):
+                self.step()
+
+        thread = threading.Thread(target=loop, name="crl-publisher", daemon=True)
+        thread.start()
+        return thread
+
     def step(self) -> None:
-        """Publish if due (called from the hub's background loop; errors keep the previous CRL in place)."""
+        """Publish if due (errors keep the previous CRL in place)."""
         if not self.due():
             return
         self._dirty.clear()
@@ -98,12 +110,13 @@ class LiveHub:
         """Suspend / resume / revoke / decommission with immediate effect; returns what happened and how long each
         step took."""
         t0 = time.monotonic()
+        before = self.registry.authz_seq()
         result = self.registry.set_status(device_id, status, self.clock(), actor=actor, reason=reason)
         t_registry = time.monotonic()
         kicked: int | None = None
         note = ""
         try:
-            kicked = self.broker.sync().kicked
+            kicked = self.broker.sync(after=before).kicked
         except BrokerError as exc:  # the plugin follows the registry by itself within a broker tick
             note = f"; broker not confirmed ({exc}); it applies the change on its next tick"
             log.warning("%s %s: %s", device_id, status, note)

@@ -122,7 +122,7 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
         registry.audit("hub.start", "ok", _now(), actor="hub",
                        detail=f"EST {host}:{server.server_address[1]} MQTT {host}:{mqtt_port} broker pid {broker.pid}")
         announce(f"EST   https://{host}:{server.server_address[1]}/.well-known/est/  (fleet {cfg.fleet})")
-        announce(f"MQTT  mqtts://{host}:{mqtt_port}  (mTLS, device certificates only)")
+        announce(f"MQTT  mqtts://{host}:{mqtt_port}  (mTLS: devices and service identities)")
         announce(f"CRL   https://{host}:{server.server_address[1]}/crl/device.crl")
         announce(api_line)
         announce(f"admin {cfg.admin_socket}")
@@ -130,8 +130,9 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
         # CRLs are for third parties (the broker decides from the registry): published off the request path,
         # so start-up and revocation cost nothing per revoked certificate. Short waits: a SIGTERM delivered to
         # another thread only runs its handler when the main thread wakes.
+        live.crl.start(stop)
         while not stop.wait(0.5):
-            live.crl.step()
+            pass
     finally:
         for undo in reversed(stack):
             try:

@@ -40,8 +40,11 @@ class BrokerDriver(ABC):
         """True while the broker runs and accepts connections."""
 
     @abstractmethod
-    def sync(self, timeout: float = 2.0) -> SyncResult:
+    def sync(self, timeout: float = 2.0, after: int | None = None) -> SyncResult:
         """Make the broker apply every committed authz event now (re-check and cut off live sessions).
+
+        `kicked` counts the sessions cut for events newer than `after` (the authz seq before the caller's commit),
+        also when the broker had already applied them by itself; without `after`, those cut by this call.
 
         Raises BrokerError if the broker did not confirm in time; the broker still applies the events by itself
         (the Mosquitto plugin follows the registry every ~100 ms), so a commit is never lost.

@@ -99,12 +99,14 @@ class AdminClient:
         info = self.client.publish(topic, payload, qos=qos)
         info.wait_for_publish(timeout)
 
-    def sync(self, timeout: float = 2.0) -> tuple[int, int]:
-        """Ring the broker plugin: it applies every committed authz event now. Returns (seq applied, kicked)."""
+    def sync(self, timeout: float = 2.0, after: int | None = None) -> tuple[int, int]:
+        """Ring the broker plugin: it applies every committed authz event now. Returns (seq applied, kicked):
+        kicked counts the sessions cut for events newer than `after` when given (see BrokerDriver.sync)."""
         if not self.connected.wait(timeout):
             raise BrokerError("the hub's admin connection to the broker is down")
         rid = secrets.token_hex(8)
-        info = self.client.publish(CONTROL_TOPIC, f"sync {rid}".encode(), qos=1)
+        request = f"sync {rid}" if after is None else f"sync {rid} {int(after)}"
+        info = self.client.publish(CONTROL_TOPIC, request.encode(), qos=1)
         with self._cond:
             if not self._cond.wait_for(lambda: rid in self._responses, timeout):
                 raise BrokerError(f"the broker did not confirm the authorization sync within {timeout:.1f} s")

@@ -355,6 +355,15 @@ def test_control_doorbell(broker: Broker, pki: Pki, connect) -> None:
     assert dev.subscribe("fleet/groups/g7/#") == 1
     assert hub.publish("$CONTROL/tessera/v1", b"sync bad id!") == 0
     assert hub.message().payload.decode().startswith("- error malformed request")
+    # the tick may apply a commit before the doorbell rings: "sync <id> <after>" still counts its kicks
+    before = pki.reg.authz_seq()
+    victim = connect(pki.device("dev-bell-2"))
+    pki.reg.set_status("dev-bell-2", "suspended", utcnow(), actor="test")
+    assert victim.gone.wait(1.5), "the tick did not cut the session"
+    assert hub.publish("$CONTROL/tessera/v1", b"sync late") == 0
+    assert hub.message().payload.decode() == f"late ok seq={pki.reg.authz_seq()} kicked=0"
+    assert hub.publish("$CONTROL/tessera/v1", f"sync late-2 {before}".encode()) == 0
+    assert hub.message().payload.decode() == f"late-2 ok seq={pki.reg.authz_seq()} kicked=1"
     reader = connect(pki.identity("peeker", "service", "admin"))
     assert reader.publish("$CONTROL/tessera/v1", b"sync r2") == NOT_AUTHORIZED
     with pytest.raises(queue.Empty):

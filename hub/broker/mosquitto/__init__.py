@@ -211,9 +211,9 @@ class MosquittoBroker(BrokerDriver):
                 log.exception("broker supervision failed")
 
     # --- enforcement ------------------------------------------------------------------------------------------------
-    def sync(self, timeout: float = 2.0) -> SyncResult:
+    def sync(self, timeout: float = 2.0, after: int | None = None) -> SyncResult:
         if self._admin is None:
             raise BrokerError("no admin connection to the broker; the plugin applies the change on its next tick")
         started = time.monotonic()
-        seq, kicked = self._admin.sync(timeout)
+        seq, kicked = self._admin.sync(timeout, after)
         return SyncResult(seq=seq, kicked=kicked, seconds=time.monotonic() - started)

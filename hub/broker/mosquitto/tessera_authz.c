@@ -35,9 +35,11 @@
  * Messages (MOSQ_EVT_MESSAGE): every accepted PUBLISH has its properties replaced by the user properties
  * tessera-sender = principal and tessera-role = role, so devices can trust who sent a command.
  *
- * Control: a client of kind 'hub' publishes "sync <request-id>" (1-64 of A-Z a-z 0-9 -) to $CONTROL/tessera/v1;
- * the plugin processes new authz events and answers on $CONTROL/tessera/v1/response, to that client only, with
- * "<request-id> ok seq=<last event seq> kicked=<n>" or "<request-id> error <message>" ("-" for an unreadable id).
+ * Control: a client of kind 'hub' publishes "sync <request-id> [<after-seq>]" (id: 1-64 of A-Z a-z 0-9 -) to
+ * $CONTROL/tessera/v1; the plugin processes new authz events and answers on $CONTROL/tessera/v1/response, to that
+ * client only, with "<request-id> ok seq=<last event seq> kicked=<n>" (n: sessions cut by this pass, or with
+ * <after-seq>, by every recent pass that applied events newer than it, the tick's included) or
+ * "<request-id> error <message>" ("-" for an unreadable id).
  *
  * Log lines (all start with "tessera_authz: "):
  *   refused principal=<p|-> serial=<hex|-> client_id=<id>: <reason>
@@ -780,12 +782,33 @@ static void recheck_dirty(struct strlist *kicks)
 }
 
 /*
+ * How many sessions the processing of recent events cut off, by the newest event seq of each pass. The tick may
+ * apply a commit's events before the hub's doorbell does; `sync <id> <after>` then still reports the kicks of
+ * every pass that applied events newer than <after>.
+ */
+#define KICK_LOG 256
+static struct { sqlite3_int64 seq; int kicked; } kick_log[KICK_LOG];
+static size_t kick_log_next;
+
+static int kicked_after(sqlite3_int64 after)
+{
+	int n = 0;
+
+	for(size_t i = 0; i < KICK_LOG; i++){
+		if(kick_log[i].seq > after) n += kick_log[i].kicked;
+	}
+	return n;
+}
+
+/*
  * Read the authz events after g.seq, mark the principals they name (NULL: all) dirty, re-check those.
  * Returns -1 if the events could not be read. Kicks are added to `kicks`.
  */
 static int poll_events(struct strlist *kicks, bool wait_for_lock)
 {
 	struct principal *p, *ptmp;
+	sqlite3_int64 seq_before = g.seq;
+	size_t kicks_before = kicks->n;
 	int rc;
 
 	if(!registry_ready()) return -1;
@@ -815,6 +838,11 @@ static int poll_events(struct strlist *kicks, bool wait_for_lock)
 	}
 	g.unreadable = (rc != SQLITE_DONE);
 	recheck_dirty(kicks);   /* whatever was read before an error still counts */
+	if(g.seq > seq_before){
+		kick_log[kick_log_next].seq = g.seq;
+		kick_log[kick_log_next].kicked = (int)(kicks->n - kicks_before);
+		kick_log_next = (kick_log_next + 1) % KICK_LOG;
+	}
 	return g.unreadable ? -1 : 0;
 }
 
@@ -1071,8 +1099,9 @@ static int on_control(int event, void *event_data, void *userdata)
 	struct mosquitto_evt_control *ev = event_data;
 	struct session *s = session_find(ev->client);
 	struct strlist kicks = {0};
-	char request[80], client_id[NAME_LEN], response[160], shown[72];
+	char request[96], client_id[NAME_LEN], response[160], shown[72];
 	const char *rid = "-";
+	long long after = -1;
 	size_t len = ev->payloadlen, n;
 	int rc;
 
@@ -1087,20 +1116,28 @@ static int on_control(int event, void *event_data, void *userdata)
 	snprintf(client_id, sizeof(client_id), "%s", s->principal->name);  /* s may be kicked below */
 	if(len > 0 && ((const char *)ev->payload)[len - 1] == '\n') len--;
 	if(len > 0 && ((const char *)ev->payload)[len - 1] == '\r') len--;
-	if(len > 5 && len - 5 <= 64 && !memcmp(ev->payload, "sync ", 5)){
+	/* "sync <request-id>" or "sync <request-id> <after-seq>" */
+	if(len > 5 && len - 5 < sizeof(request) && !memcmp(ev->payload, "sync ", 5)){
 		memcpy(request, (const char *)ev->payload + 5, len - 5);
 		request[len - 5] = '\0';
 		n = strspn(request, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-");
-		if(n == len - 5) rid = request;
+		if(n >= 1 && n <= 64 && request[n] == '\0'){
+			rid = request;
+		}else if(n >= 1 && n <= 64 && request[n] == ' ' && request[n + 1] && strlen(request + n + 1) <= 18
+				&& strspn(request + n + 1, "0123456789") == strlen(request + n + 1)){
+			request[n] = '\0';
+			after = strtoll(request + n + 1, NULL, 10);
+			rid = request;
+		}
 	}
 	if(rid == request){
 		rc = poll_events(&kicks, true);
 		rc = rc ? snprintf(response, sizeof(response), "%s error registry unreadable", rid)
 			: snprintf(response, sizeof(response), "%s ok seq=%lld kicked=%d", rid, (long long)g.seq,
-				(int)kicks.n);
+				after >= 0 ? kicked_after(after) : (int)kicks.n);
 		kick_all(&kicks);
 	}else{
-		rc = snprintf(response, sizeof(response), "- error malformed request: expected 'sync <request-id>'");
+		rc = snprintf(response, sizeof(response), "- error malformed request: expected 'sync <request-id> [<seq>]'");
 	}
 	mosquitto_broker_publish_copy(client_id, CONTROL_RESPONSE, rc, response, 1, false, NULL);
 	return MOSQ_ERR_SUCCESS;
