@@ -11,13 +11,31 @@ from typing import Any
 from hub.authz.policy import API_PERMISSIONS
 from hub.registry import DEVICE_STATUSES
 
+#: what the server takes (hub.authz.policy NAME_RE / check_labels): device ids, group names, label keys ...
+_NAME_RE = "[a-z0-9][a-z0-9-]{0,62}"
+NAME_PATTERN = f"^{_NAME_RE}$"
+#: ... label values: 1-128 printable ASCII characters, no leading or trailing space ...
+_LABEL_VALUE_RE = r"[\x21-\x7e]([\x20-\x7e]{0,126}[\x21-\x7e])?"
+LABEL_VALUE_PATTERN = f"^{_LABEL_VALUE_RE}$"
+#: ... and a label filter, key=value
+LABEL_PATTERN = f"^{_NAME_RE}={_LABEL_VALUE_RE}$"
+
+#: a reason (bulk body, decommission query): printable ASCII, as routes._REASON_RE takes it
+MAX_REASON = 200
+REASON = {"type": "string", "maxLength": MAX_REASON, "pattern": f"^[\\x20-\\x7e]{{0,{MAX_REASON}}}$",
+          "description": f"at most {MAX_REASON} printable ASCII characters (kept in the audit log)"}
+
 _STR = {"type": "string"}
+_NAME = {"type": "string", "pattern": NAME_PATTERN}
+_GROUPS = {"type": "array", "items": _NAME}
+_LABELS = {"type": "object", "propertyNames": _NAME,
+           "additionalProperties": {"type": "string", "pattern": LABEL_VALUE_PATTERN}}
 _TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
 _FILTERS = {
     "status": {"type": "string", "enum": list(DEVICE_STATUSES)},
-    "group": _STR, "label": {"type": "string", "description": "key=value"},
+    "group": _NAME, "label": {"type": "string", "pattern": LABEL_PATTERN, "description": "key=value"},
     "online": {"oneOf": [{"type": "boolean"}, {"type": "string", "enum": ["true", "false"]}]},
-    "id_prefix": _STR, "cert_expires_before": {"type": "string", "format": "date-time"},
+    "id_prefix": _NAME, "cert_expires_before": {"type": "string", "format": "date-time"},
     "last_seen_before": {"type": "string", "format": "date-time"},
 }
 DEVICE = {
@@ -50,17 +68,19 @@ COMPONENTS: dict[str, dict] = {
     },
     "DevicePatch": {
         "type": "object", "minProperties": 1, "additionalProperties": False,
-        "properties": {"groups": {"type": "array", "items": _STR},
-                       "labels": {"type": "object", "additionalProperties": _STR}},
+        "properties": {"groups": _GROUPS, "labels": _LABELS},
     },
     "Selector": {
+        "description": "either ids, or filters (all must hold); not both",
         "type": "object", "minProperties": 1, "additionalProperties": False,
-        "properties": {**_FILTERS, "ids": {"type": "array", "items": _STR, "minItems": 1, "maxItems": 100000}},
+        "properties": {**_FILTERS, "ids": {"type": "array", "items": {"type": "string", "maxLength": 64},
+                                           "minItems": 1, "maxItems": 100000}},
+        "oneOf": [{"required": ["ids"], "maxProperties": 1}, {"not": {"required": ["ids"]}}],
     },
     "BulkRequest": {
         "type": "object", "required": ["selector"], "additionalProperties": False,
         "properties": {"selector": {"$ref": "#/components/schemas/Selector"},
-                       "reason": {"type": "string", "maxLength": 200},
+                       "reason": REASON,
                        "confirm_count": {"type": "integer", "minimum": 0,
                                          "description": "the dry run's matched count; omit for a dry run"}},
     },
@@ -74,9 +94,7 @@ COMPONENTS: dict[str, dict] = {
     },
     "NewDevice": {
         "type": "object", "required": ["id"], "additionalProperties": False,
-        "properties": {"id": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"},
-                       "groups": {"type": "array", "items": _STR},
-                       "labels": {"type": "object", "additionalProperties": _STR}},
+        "properties": {"id": _NAME, "groups": _GROUPS, "labels": _LABELS},
     },
     "DeviceCreate": {
         "oneOf": [{"$ref": "#/components/schemas/NewDevice"},
@@ -107,6 +125,7 @@ COMPONENTS: dict[str, dict] = {
     "OpenApiDocument": {"type": "object"},
 }
 _TITLES = {400: "bad input", 403: "not an operator, or the role lacks the permission", 404: "no such device",
+           413: "the body is too large (8 MiB at most)",
            409: "conflict: the confirmed count is no longer the match count, the device id exists, or the device's "
                 "status does not allow this", 503: "not ready", 500: "internal error"}
 
@@ -137,9 +156,12 @@ def _operation(route) -> dict[str, Any]:
         content = {"application/json": {"schema": _ref(route.response)}}
     else:
         content = {route.content_type.split(";")[0]: {"schema": {"type": "string"}}}
+    for media in route.also:
+        content[media.split(";")[0]] = {"schema": {"type": "string"}}
     op["responses"] = {str(route.success): {"description": {200: "OK", 201: "Created"}.get(route.success, "OK"),
                                              "content": content},
-                       **{str(s): _problem(s) for s in sorted({*route.errors, 500})}}
+                       **{str(s): _problem(s) for s in sorted({*route.errors, *((413,) if route.body else ()),
+                                                                500})}}
     return op
 
 

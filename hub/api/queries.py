@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping
 
+from hub.authz.policy import _LABEL_VALUE_RE as LABEL_VALUE_RE  # the one label value rule (check_labels)
 from hub.authz.policy import AuthzError, check_name
 from hub.registry import DEVICE_STATUSES, Registry, _ts
 
@@ -57,6 +58,9 @@ _COLUMNS = ("SELECT d.id, d.status, d.groups, d.labels, d.online, d.last_seen, d
             "(SELECT c.not_after FROM certificates c WHERE c.device_id = d.id AND c.status = 'active' "
             "ORDER BY c.issued_at DESC LIMIT 1) AS cert_not_after")
 _PREFIX_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+#: a cursor: base64url of {"after": "<device id of at most 63 characters>"}, no padding (100 characters at most)
+CURSOR_RE = re.compile(r"[A-Za-z0-9_-]+")
+MAX_CURSOR = 128
 
 
 class BadRequest(ValueError):
@@ -90,11 +94,14 @@ def parse_time(value: str, param: str) -> str:
     """An ISO 8601 timestamp with a zone ('Z' allowed) as the registry's stored text form."""
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError):
         raise BadRequest(f"{param} must be an ISO 8601 timestamp, e.g. 2027-01-31T00:00:00Z", param) from None
     if when.tzinfo is None:
         raise BadRequest(f"{param} needs a time zone (e.g. a trailing Z)", param)
-    return _ts(when.astimezone(timezone.utc))
+    try:  # a time at the edge of the datetime range with an offset has no UTC form (0001-01-01T00:00:00+01:00)
+        return _ts(when.astimezone(timezone.utc))
+    except (OverflowError, ValueError):
+        raise BadRequest(f"{param} is out of range (years 0001-9999 in UTC)", param) from None
 
 
 @dataclass
@@ -138,6 +145,8 @@ class Selector:
                 k, sep, v = value.partition("=")
                 if not sep or not v:
                     raise BadRequest("label must be key=value", key)
+                if not LABEL_VALUE_RE.fullmatch(v):
+                    raise BadRequest("label value must be 1-128 printable ASCII characters (no edge spaces)", key)
                 sel.label = (_name(k, "label key", key), v)
             elif key == "online":
                 if value not in ("true", "false"):
@@ -215,13 +224,19 @@ def encode_cursor(last_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> str:
-    try:
-        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if isinstance(data, dict) and isinstance(data.get("after"), str):
-            return data["after"]
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        pass
-    raise BadRequest("cursor is not one this API handed out", "cursor")
+    """The device id a cursor (`encode_cursor`) holds: strictly {"after": <a valid device id>}, base64url without
+    padding, at most MAX_CURSOR characters; BadRequest("invalid cursor ...") for anything else."""
+    if isinstance(cursor, str) and len(cursor) <= MAX_CURSOR and CURSOR_RE.fullmatch(cursor):
+        try:
+            data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii"))
+        except (binascii.Error, ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+            data = None
+        if isinstance(data, dict) and set(data) == {"after"}:
+            try:
+                return check_name(data["after"], "device id")
+            except AuthzError:
+                pass
+    raise BadRequest("invalid cursor: use the next_cursor of a previous page", "cursor")
 
 
 def device_row(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,9 +20,11 @@ from hub.broker import BrokerError
 from hub.registry import DEVICE_STATUSES
 
 from . import actions, queries
+from .openapi import LABEL_PATTERN, MAX_REASON, NAME_PATTERN, REASON
 from .queries import MAX_LIMIT, BadRequest, NotFound, Selector
 
-_REASON_RE = re.compile(r"[\x20-\x7e]{0,200}")
+_REASON_RE = re.compile(rf"[\x20-\x7e]{{0,{MAX_REASON}}}")  # as documented (openapi.REASON)
+_LIMIT_RE = re.compile(r"[0-9]{1,7}")  # ASCII digits only (str.isdigit also takes '\u00b2', int() does not)
 PREFIX = "/api/v1"
 
 
@@ -47,6 +49,7 @@ class Route:
     body: str | None = None  # a component schema name
     response: str | None = None  # a component schema name (JSON) ...
     content_type: str = "application/json"  # ... or this media type
+    also: tuple[str, ...] = ()  # other media types a successful answer may have (e.g. text/csv), a string each
     errors: tuple[int, ...] = (403,)
     success: int = 200  # the status code of a successful answer
 
@@ -65,10 +68,14 @@ def _query(request: web.Request) -> dict[str, str]:
 
 
 async def _body(request: web.Request) -> dict:
+    """The JSON object body (UTF-8, whatever charset the request claims); BadRequest for anything else."""
+    raw = await request.read()  # (aiohttp raises 413 past client_max_size)
     try:
-        body = await request.json(loads=json.loads)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the body must be a JSON object", "body") from None
+        body = json.loads(raw.decode("utf-8"))
+    except ValueError:  # (UnicodeDecodeError and json.JSONDecodeError are ValueErrors)
+        raise BadRequest("the body must be a JSON object (UTF-8)", "body") from None
+    except RecursionError:  # e.g. 200,000 '['
+        raise BadRequest("the body is nested too deeply", "body") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object", "body")
     return body
@@ -77,7 +84,7 @@ async def _body(request: web.Request) -> dict:
 def _limit(value: str | None) -> int:
     if value is None:
         return 100
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+    if not _LIMIT_RE.fullmatch(value) or not 1 <= int(value) <= MAX_LIMIT:
         raise BadRequest(f"limit must be an integer 1-{MAX_LIMIT}", "limit")
     return int(value)
 
@@ -207,6 +214,8 @@ def _bulk(action: str) -> Callable:
         confirm = body.get("confirm_count")
         if confirm is None:
             return _json({"matched": await api.run(queries.count, api.registry, sel), "dry_run": True})
+        if isinstance(confirm, float) and confirm.is_integer():  # JSON Schema: 3.0 is an integer
+            confirm = int(confirm)
         if isinstance(confirm, bool) or not isinstance(confirm, int) or confirm < 0:
             raise BadRequest("confirm_count must be a non-negative integer (the dry run's count)", "confirm_count")
         t0 = time.monotonic()
@@ -260,11 +269,11 @@ def _q(name: str, schema: dict, description: str) -> Param:
 
 
 _TIME = {"type": "string", "format": "date-time"}
-_NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}
+_NAME = {"type": "string", "pattern": NAME_PATTERN}
 FILTER_PARAMS = (
     _q("status", {"type": "string", "enum": list(DEVICE_STATUSES)}, "device status"),
     _q("group", _NAME, "member of this group"),
-    _q("label", {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}=.+$"}, "label key=value"),
+    _q("label", {"type": "string", "pattern": LABEL_PATTERN}, "label key=value"),
     _q("online", {"type": "string", "enum": ["true", "false"]}, "connected to the broker now"),
     _q("id_prefix", _NAME, "device id starts with this"),
     _q("cert_expires_before", _TIME, "the active certificate expires before this time"),
@@ -279,9 +288,12 @@ ROUTES: tuple[Route, ...] = (
           "List devices (filters, keyset paging by id; format=csv streams every match)", list_devices,
           params=(*FILTER_PARAMS,
                   _q("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100}, "page size"),
-                  _q("cursor", {"type": "string"}, "next_cursor of the previous page"),
+                  _q("cursor", {"type": "string", "minLength": 1, "maxLength": queries.MAX_CURSOR,
+                              "pattern": "^[A-Za-z0-9_-]+$"},
+                     "next_cursor of the previous page (absent for the first page; an empty or altered cursor is "
+                     "a 400)"),
                   _q("format", {"type": "string", "enum": ["json", "csv"], "default": "json"}, "json or csv")),
-          response="DevicePage", errors=(400, 403)),
+          response="DevicePage", also=("text/csv",), errors=(400, 403)),
     Route("POST", f"{PREFIX}/devices", "devices.create", "act",
           "Register one device or a batch (at most 10,000, one transaction): each is pending, with a one-time "
           "enrollment token answered only here", create_devices, body="DeviceCreate", response="DevicesCreated",
@@ -292,7 +304,7 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", f"{PREFIX}/devices/{{id}}", "devices.decommission", "admin",
           "Decommission a device for good: certificates revoked (cessationOfOperation), tokens void, live sessions "
           "cut; the device row and its audit trail are kept", decommission_device,
-          params=(_ID, _q("reason", {"type": "string", "maxLength": 200}, "why (kept in the audit log)")),
+          params=(_ID, _q("reason", REASON, "why (kept in the audit log)")),
           response="Decommissioned", errors=(400, 403, 404)),
     Route("GET", f"{PREFIX}/devices/{{id}}", "devices.show", "read", "One device and its certificates",
           show_device, params=(_ID,), response="DeviceDetail", errors=(403, 404)),

@@ -135,6 +135,7 @@ class Api:
     def audit(self, action: str, outcome: str, actor: str, detail: str = "", device_id: str | None = None,
               source: str | None = None) -> None:
         try:
+            detail = detail.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate cannot bind
             self.registry.audit(action, outcome, self.clock(), actor=actor, device_id=device_id, detail=detail,
                                 source=source)
         except Exception:  # noqa: BLE001  (an audit failure is logged; the answer is already decided)
@@ -191,18 +192,30 @@ def endpoint(api: Api, route) -> Callable:
 
 @web.middleware
 async def problems(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """Every error, aiohttp's own (404, 405, 413) and unhandled exceptions (500, no details), as problem+json."""
+    """Every error, aiohttp's own (404, 405, 413) and unhandled exceptions (500, no details), as problem+json.
+
+    Whatever a handler raises (any Exception: RecursionError, UnicodeError, OverflowError, ...) answers a 500
+    problem, which every operation documents; nothing but a problem+json leaves here for an error."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return problem(exc.status, exc.reason, {404: f"no resource {request.path}",
-                                                405: f"{request.method} is not allowed on {request.path}"}
-                       .get(exc.status, exc.text or exc.reason))
-    except Exception:
-        log.exception("API %s %s: unhandled error", request.method, request.path)
-        return problem(500, "Internal Server Error", "the hub could not answer this request; see its log")
+        if exc.status == 413:
+            detail = f"the body is larger than {MAX_BODY} bytes"
+        else:
+            detail = {404: f"no resource {request.path}", 405: f"{request.method} is not allowed on {request.path}"
+                      }.get(exc.status, exc.text or exc.reason or "error")
+        return problem(exc.status, exc.reason or "Error", detail)
+    except BadRequest as exc:  # a handler outside `endpoint` (none today)
+        return problem(400, "Bad request", str(exc), "bad_request", **({"param": exc.param} if exc.param else {}))
+    except Exception as exc:  # noqa: BLE001
+        try:
+            log.error("API %s %s: unhandled error", request.method, request.path, exc_info=exc)
+        except Exception:  # noqa: BLE001  (e.g. a RecursionError's traceback): the answer does not depend on it
+            pass
+        return problem(500, "Internal Server Error", "the hub could not answer this request; see its log",
+                       "internal_error")
 
 
 def make_app(api: Api) -> web.Application:

@@ -92,11 +92,8 @@ def test_served_openapi_document_holds(api_schema, fuzz_hub, route, mode):
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
-    def check(case):
-        checks = CHECKS
-        if (case.query or {}).get("format") == "csv":  # known: text/csv is undocumented (the xfail test below)
-            checks = [not_a_server_error, status_code_conformance]
-        case.call_and_validate(base_url=fuzz_hub.base_url, session=fuzz_hub.session, checks=checks, timeout=30,
+    def check(case):  # every check on every answer, CSV exports too (text/csv is a documented 200 type)
+        case.call_and_validate(base_url=fuzz_hub.base_url, session=fuzz_hub.session, checks=CHECKS, timeout=30,
                               verify=fuzz_hub.session.verify, cert=fuzz_hub.session.cert)  # else its own defaults
 
     try:
@@ -105,17 +102,15 @@ def test_served_openapi_document_holds(api_schema, fuzz_hub, route, mode):
         pytest.skip(f"schemathesis cannot generate {mode.value} cases for {route.method} {route.path}")
 
 
-# --- what schemathesis found: each a reproducer, xfail until hub/api is fixed ---------------------------------------
+# --- what schemathesis found: each a reproducer of a fixed bug (they must keep passing) -----------------------------
 
 def _documented_200_types(api_schema, path: str, method: str) -> set[str]:
     return set(api_schema.raw_schema["paths"][path][method]["responses"]["200"]["content"])
 
 
-@pytest.mark.xfail(strict=True, reason="hub/api bug (schemathesis ST105 Undocumented Content-Type): GET "
-                   "/api/v1/devices?format=csv answers 200 text/csv, but the served OpenAPI document gives its 200 "
-                   "only application/json (routes.py documents one content type per route; devices.list needs "
-                   "both application/json and text/csv)")
 def test_csv_export_content_type_is_documented(api_schema, fuzz_hub):
+    """Was schemathesis ST105 (Undocumented Content-Type): the 200 of GET /api/v1/devices documented only
+    application/json, but format=csv answers text/csv (now Route.also)."""
     resp = fuzz_hub.session.get(f"{fuzz_hub.base_url}/api/v1/devices?format=csv", timeout=30)
     assert resp.status_code == 200
     media = resp.headers["content-type"].split(";")[0].strip()
@@ -125,23 +120,17 @@ def test_csv_export_content_type_is_documented(api_schema, fuzz_hub):
 
 #: (method, path, body) the served document calls valid and the server refuses with 400 (schemathesis ST202,
 #: "schema-valid request rejected", with its positive_data_acceptance check): the document is looser than the API
-_LOOSE = [
-    pytest.param("PATCH", "/api/v1/devices/fz-0", {"groups": ["Not Valid"]}, id="patch-group-name",
-                 marks=pytest.mark.xfail(strict=True, reason="hub/api/openapi.py bug: DevicePatch.groups items (and "
-                                         "labels keys, and POST /devices groups/labels) are any string; the API "
-                                         "takes only names [a-z0-9][a-z0-9-]{0,62} (400)")),
+_LOOSE = [  # each was an xfail (the document looser than the API); the document now says "invalid" to each
+    pytest.param("PATCH", "/api/v1/devices/fz-0", {"groups": ["Not Valid"]}, id="patch-group-name"),
+    pytest.param("PATCH", "/api/v1/devices/fz-0", {"labels": {"Site": "s1"}}, id="patch-label-key"),
+    pytest.param("PATCH", "/api/v1/devices/fz-0", {"labels": {"site": " s1"}}, id="patch-label-value"),
+    pytest.param("POST", "/api/v1/devices", {"id": "fz-new", "groups": ["Not Valid"]}, id="create-group-name"),
     pytest.param("POST", "/api/v1/devices/actions/suspend", {"selector": {"ids": ["fz-0"], "status": "active"}},
-                 id="selector-ids-and-filters",
-                 marks=pytest.mark.xfail(strict=True, reason="hub/api/openapi.py bug: Selector allows ids together "
-                                         "with filters; the API refuses 'either ids or filters, not both' (400)")),
-    pytest.param("POST", "/api/v1/devices/actions/suspend", {"selector": {"label": "site"}}, id="selector-label",
-                 marks=pytest.mark.xfail(strict=True, reason="hub/api/openapi.py bug: Selector.label is any string "
-                                         "(the query parameter has the key=value pattern, the body does not); the "
-                                         "API refuses 'label must be key=value' (400)")),
+                 id="selector-ids-and-filters"),
+    pytest.param("POST", "/api/v1/devices/actions/suspend", {"selector": {"label": "site"}}, id="selector-label"),
+    pytest.param("POST", "/api/v1/devices/actions/suspend", {"selector": {"group": "Lab"}}, id="selector-group"),
     pytest.param("POST", "/api/v1/devices/actions/suspend", {"selector": {"ids": ["fz-0"]}, "reason": "caf\u00e9"},
-                 id="bulk-reason-ascii",
-                 marks=pytest.mark.xfail(strict=True, reason="hub/api/openapi.py bug: BulkRequest.reason is any "
-                                         "string of <= 200; the API takes only printable ASCII (400)")),
+                 id="bulk-reason-ascii"),
 ]
 
 
@@ -162,36 +151,29 @@ def _cursor(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _five_hundred(reason: str):
-    return pytest.mark.xfail(strict=True, reason=f"hub/api bug (500 Internal Server Error): {reason}")
-
-
-_OVERFLOW = ("queries.parse_time: datetime.astimezone(utc) raises OverflowError for a time at the edge of the "
-             "datetime range with an offset; only ValueError/AttributeError are caught")
-_NESTED = "a deeply nested JSON value raises RecursionError, which is not caught as bad input"
-#: (method, path, body): inputs that make hub/api answer 500 (found probing past what the fuzz generates; the hub
-#: log shows each exception). Each must become a 4xx problem.
+#: (method, path, body): inputs that made hub/api answer 500 (found probing past what the fuzz generates): an
+#: OverflowError in queries.parse_time (a time at the edge of the datetime range with an offset), str.isdigit taking
+#: '\u00b2' in routes._limit, a cursor of deeply nested JSON (RecursionError) or with a lone surrogate (the SQLite
+#: bind's UnicodeEncodeError), a deeply nested JSON body (RecursionError in routes._body). Each is a 400 problem.
 _CRASHERS = [
     pytest.param("GET", "/api/v1/devices?cert_expires_before=0001-01-01T00:00:00%2B01:00", None,
-                 id="time-underflow", marks=_five_hundred(_OVERFLOW)),
+                 id="time-underflow"),
     pytest.param("GET", "/api/v1/devices?last_seen_before=9999-12-31T23:59:59-01:00", None,
-                 id="time-overflow", marks=_five_hundred(_OVERFLOW)),
+                 id="time-overflow"),
     pytest.param("POST", "/api/v1/devices/actions/suspend",
-                 {"selector": {"cert_expires_before": "0001-01-01T00:00:00+01:00"}}, id="selector-time-underflow",
-                 marks=_five_hundred(_OVERFLOW + " (the bulk selector, a dry run)")),
-    pytest.param("GET", "/api/v1/devices?limit=%C2%B2", None, id="limit-superscript-digit",
-                 marks=_five_hundred("routes._limit checks str.isdigit(), true for '\u00b2', then int('\u00b2') "
-                                     "raises ValueError (not BadRequest)")),
-    pytest.param("GET", "/api/v1/devices?cursor=" + _cursor(b"[" * 5000), None, id="cursor-nested-json",
-                 marks=_five_hundred("queries.decode_cursor: " + _NESTED)),
+                 {"selector": {"cert_expires_before": "0001-01-01T00:00:00+01:00"}}, id="selector-time-underflow"),
+    pytest.param("GET", "/api/v1/devices?limit=%C2%B2", None, id="limit-superscript-digit"),
+    pytest.param("GET", "/api/v1/devices?cursor=" + _cursor(b"[" * 5000), None, id="cursor-nested-json"),
     pytest.param("GET", "/api/v1/devices?cursor=" + _cursor(b'{"after": "\\ud800"}'), None,
-                 id="cursor-lone-surrogate",
-                 marks=_five_hundred("queries.decode_cursor accepts an 'after' holding a lone surrogate; binding it "
-                                     "in SQLite raises UnicodeEncodeError")),
-    pytest.param("POST", "/api/v1/devices/actions/suspend", b"[" * 200_000, id="body-nested-json",
-                 marks=_five_hundred("routes._body: " + _NESTED + " (every JSON-body route)")),
-    pytest.param("PATCH", "/api/v1/devices/fz-0", b"[" * 200_000, id="patch-body-nested-json",
-                 marks=_five_hundred("routes._body: " + _NESTED + " (every JSON-body route)")),
+                 id="cursor-lone-surrogate"),
+    pytest.param("POST", "/api/v1/devices/actions/suspend", b"[" * 200_000, id="body-nested-json"),
+    pytest.param("PATCH", "/api/v1/devices/fz-0", b"[" * 200_000, id="patch-body-nested-json"),
+    pytest.param("POST", "/api/v1/devices", b"[" * 200_000, id="create-body-nested-json"),
+    pytest.param("GET", "/api/v1/devices?cursor=", None, id="cursor-empty"),
+    pytest.param("GET", "/api/v1/devices?cursor=" + _cursor(b'{"after": "fz-0", "x": 1}'), None,
+                 id="cursor-extra-key"),
+    pytest.param("POST", "/api/v1/devices/actions/suspend", {"selector": {"label": "site=\ud800"}},
+                 id="selector-label-lone-surrogate"),
 ]
 
 
@@ -200,5 +182,7 @@ def test_bad_input_is_a_problem_not_a_crash(fuzz_hub, method, path, body):
     kwargs = ({"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes)
               else {"json": body} if body is not None else {})
     resp = fuzz_hub.session.request(method, f"{fuzz_hub.base_url}{path}", timeout=30, **kwargs)
-    assert 400 <= resp.status_code < 500, (resp.status_code, resp.text)
+    assert resp.status_code == 400, (resp.status_code, resp.text)
     assert resp.headers["content-type"].startswith("application/problem+json")
+    detail = resp.json()["detail"]
+    assert detail and "\n" not in detail and len(detail) < 200, detail

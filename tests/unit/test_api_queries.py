@@ -122,3 +122,81 @@ def test_openapi_lists_every_route():
 def test_openapi_document_is_valid_openapi_3_1():
     validator = pytest.importorskip("openapi_spec_validator")
     validator.validate(document(ROUTES))
+
+
+# --- fuzz findings (tests/integration/test_api_fuzz.py) at the unit level -------------------------------------------
+
+@pytest.mark.parametrize("value", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "2026-13-01T00:00Z",
+                                   "not a time", "2026-01-01T00:00:00"])
+def test_parse_time_refuses_out_of_range_and_invalid_times(value):
+    with pytest.raises(BadRequest) as exc:
+        queries.parse_time(value, "last_seen_before")
+    assert exc.value.param == "last_seen_before" and "\n" not in str(exc.value)
+
+
+def test_parse_time_keeps_the_edges_of_the_range_in_utc():
+    assert queries.parse_time("0001-01-01T00:00:00Z", "t").startswith("0001-01-01T00:00:00")
+    assert queries.parse_time("9999-12-31T23:59:59+00:00", "t").startswith("9999-12-31T23:59:59")
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("cursor", [
+    "", "====", "a b", "\u00b2", _b64(b"[" * 90), _b64(b"[" * 5000), _b64(b'{"after": "\\ud800"}'),
+    _b64(b'{"after": "Dev-1"}'), _b64(b'{"after": ""}'), _b64(b'{"after": 1}'), _b64(b'{"after": "dev-1", "x": 1}'),
+    _b64(b'["dev-1"]'), _b64('{"after": "d\u00e9v"}'.encode()), _b64(b"\xff\xfe"),
+])
+def test_decode_cursor_is_strict(cursor):
+    with pytest.raises(BadRequest, match="invalid cursor") as exc:
+        queries.decode_cursor(cursor)
+    assert exc.value.param == "cursor"
+
+
+def test_decode_cursor_takes_what_encode_cursor_hands_out():
+    longest = "d" * 63
+    assert queries.decode_cursor(queries.encode_cursor("dev-0001")) == "dev-0001"
+    assert queries.decode_cursor(queries.encode_cursor(longest)) == longest
+    assert len(queries.encode_cursor(longest)) <= queries.MAX_CURSOR
+
+
+@pytest.mark.parametrize("label", ["site=\ud800", "site=caf\u00e9", "site= a", "site=a\n", "site=" + "a" * 129])
+def test_label_filter_values_are_printable_ascii(label):
+    with pytest.raises(BadRequest, match="label value"):
+        Selector.parse({"label": label})
+
+
+def test_selector_time_overflow_is_bad_input():
+    with pytest.raises(BadRequest, match="out of range"):
+        Selector.parse({"cert_expires_before": "0001-01-01T00:00:00+01:00"}, allow_ids=True)
+
+
+def _schema(doc, name):
+    import jsonschema
+
+    return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": doc["components"]})
+
+
+def test_openapi_schemas_carry_the_servers_constraints():
+    doc = document(ROUTES)
+    patch, selector, bulk = (_schema(doc, n) for n in ("DevicePatch", "Selector", "BulkRequest"))
+    assert patch.is_valid({"groups": ["lab-1"], "labels": {"site": "s 1"}})
+    for bad in ({"groups": ["Lab"]}, {"labels": {"Site": "x"}}, {"labels": {"site": ""}}, {"labels": {"s": " x"}},
+                {"labels": {"s": "x" * 129}}, {"labels": {"s": "caf\u00e9"}}):
+        assert not patch.is_valid(bad), bad
+    assert selector.is_valid({"ids": ["a"]}) and selector.is_valid({"status": "active", "label": "site=s1"})
+    for bad in ({"ids": ["a"], "status": "active"}, {"label": "site"}, {"group": "Lab"}, {"id_prefix": "-"}, {}):
+        assert not selector.is_valid(bad), bad
+    assert bulk.is_valid({"selector": {"ids": ["a"]}, "reason": "r" * 200})
+    for bad in ("caf\u00e9", "a\tb", "r" * 201):
+        assert not bulk.is_valid({"selector": {"ids": ["a"]}, "reason": bad}), bad
+    listing = doc["paths"]["/api/v1/devices"]["get"]
+    assert set(listing["responses"]["200"]["content"]) == {"application/json", "text/csv"}
+    cursor = next(p for p in listing["parameters"] if p["name"] == "cursor")["schema"]
+    assert cursor["minLength"] == 1  # an empty cursor is a 400, and documented so
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            assert ("413" in op["responses"]) == ("requestBody" in op), (method, path)
