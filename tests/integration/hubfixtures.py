@@ -304,9 +304,11 @@ def init_hub(base: Path, **settings: Any) -> Hub:
 
 
 @contextlib.contextmanager
-def running_hub(base: Path, **settings: Any):
-    """An initialised, running hub; on exit SIGTERM and assert a clean exit 0 within 10 s."""
+def running_hub(base: Path, api_port: int | None = 0, **settings: Any):
+    """An initialised, running hub (`serve --api-port api_port`, None: no option); on exit SIGTERM and assert a
+    clean exit 0 within 10 s."""
     hub = init_hub(base, **settings)
+    hub.api_port = api_port
     hub.start()
     try:
         yield hub

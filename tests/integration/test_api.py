@@ -23,7 +23,7 @@ from hub.api.routes import ROUTES
 from tests.helpers import free_port
 from tests.integration.brokerfixtures import (BROKER_LIMITS, add_identity, enroll_device, exchange, session,
                                               sessions, wait_ready)
-from tests.integration.hubfixtures import ForeignCA, init_hub
+from tests.integration.hubfixtures import ForeignCA, running_hub
 
 pytestmark = pytest.mark.integration
 ROLES = ("viewer", "operator", "admin")
@@ -80,10 +80,8 @@ class ApiHub:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     base = tmp_path_factory.mktemp("apihub")
-    hub = init_hub(base, **BROKER_LIMITS)
-    hub.api_port = port = free_port()
-    hub.start()
-    try:
+    port = free_port()
+    with running_hub(base, api_port=port, **BROKER_LIMITS) as hub:
         wait_ready(hub)
         assert re.search(rf"(?m)^API\s+https://127\.0\.0\.1:{port}/api/v1/$", hub.stdout_text()), hub.stdout_text()
         a = ApiHub(hub, port)
@@ -91,12 +89,6 @@ def api(tmp_path_factory):
             a.identity(role, role)
         a.identity("reader", "telemetry-reader")
         yield a
-    finally:
-        try:
-            rc = hub.stop()
-        finally:
-            hub.kill()
-        assert rc == 0, hub.stderr_path.read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -370,17 +362,8 @@ def test_calls_are_audited_with_the_principal(api):
 def test_serve_without_api_settings_still_runs(tmp_path):
     """No [api] in fleet.toml: the default port 8444; if that is taken (another hub here), serve runs on without
     the API and says so (an explicitly configured port that is taken stops serve instead)."""
-    hub = init_hub(tmp_path, **BROKER_LIMITS)
-    hub.api_port = None
-    hub.start()
-    try:
+    with running_hub(tmp_path, api_port=None, **BROKER_LIMITS) as hub:
         wait_ready(hub)
         line = next(x for x in hub.stdout_text().splitlines() if x.startswith("API "))
         assert re.fullmatch(r"API\s+(https://127\.0\.0\.1:8444/api/v1/|not started: port 8444 unavailable .*)",
                             line), line
-    finally:
-        try:
-            rc = hub.stop()
-        finally:
-            hub.kill()
-        assert rc == 0, hub.stderr_path.read_text(errors="replace")

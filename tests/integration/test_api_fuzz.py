@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, respons
 from hub.api.routes import ROUTES  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
 from tests.integration.brokerfixtures import BROKER_LIMITS, enroll_device, wait_ready  # noqa: E402
-from tests.integration.hubfixtures import init_hub  # noqa: E402
+from tests.integration.hubfixtures import running_hub  # noqa: E402
 
 pytestmark = pytest.mark.integration
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -49,10 +49,8 @@ class FuzzHub:
 @pytest.fixture(scope="module")
 def fuzz_hub(tmp_path_factory):
     base = tmp_path_factory.mktemp("fuzzhub")
-    hub = init_hub(base, **BROKER_LIMITS)
-    hub.api_port = port = free_port()
-    hub.start()
-    try:
+    port = free_port()
+    with running_hub(base, api_port=port, **BROKER_LIMITS) as hub:
         wait_ready(hub)
         hub.cli_ok("identity", "add", "fuzz", "--role", "admin")
         enroll_device(hub, "fz-enrolled", base / "dev", groups=("lab",))
@@ -61,12 +59,6 @@ def fuzz_hub(tmp_path_factory):
         f = FuzzHub(hub, port)
         yield f
         f.session.close()
-    finally:
-        try:
-            rc = hub.stop()
-        finally:
-            hub.kill()
-        assert rc == 0, hub.stderr_path.read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")
