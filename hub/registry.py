@@ -450,11 +450,14 @@ class Registry:
                 self.authz_event(db, device_id, "device decommissioned", now)
         return {"device": self.require_device(device_id), "revoked_serials": sorted(revoked)}
 
-    def mark_presence(self, device_id: str, online: bool, now: datetime) -> None:
-        cur = self._db().execute("UPDATE devices SET online = ?, last_seen = ? WHERE id = ?",
-                                 [int(online), _ts(now), device_id])
-        if cur.rowcount == 0:
+    def mark_presence(self, device_id: str, online: bool, now: datetime) -> bool:
+        """Record presence; an 'offline' for a device already offline writes nothing (a clean stop is announced
+        twice: by the agent and by the broker). Returns whether anything was written."""
+        cur = self._db().execute("UPDATE devices SET online = ?, last_seen = ? WHERE id = ? AND (online != ? OR ?)",
+                                 [int(online), _ts(now), device_id, int(online), int(online)])
+        if cur.rowcount == 0 and self._one(self._db(), "SELECT 1 FROM devices WHERE id = ?", [device_id]) is None:
             raise UnknownDevice(f"no device {device_id!r}")
+        return cur.rowcount > 0
 
     # --- tokens ---------------------------------------------------------------------------------------------------
 

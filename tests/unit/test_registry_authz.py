@@ -109,3 +109,16 @@ def test_prune_keeps_the_newest_event(reg, db_path, clock, mini_ca):
     reg.set_status("dev-1", "active", clock.now, actor="t")
     assert reg.prune_authz_events(clock.now + timedelta(days=2)) == 1
     assert reg.authz_seq() == 2
+
+
+def test_a_repeated_offline_writes_nothing(reg, db_path, clock, mini_ca):
+    from hub.registry import UnknownDevice
+
+    enrolled(reg, mini_ca, clock)
+    assert reg.mark_presence("dev-1", True, clock.now) and reg.mark_presence("dev-1", True, clock.advance(seconds=1))
+    assert reg.mark_presence("dev-1", False, clock.advance(seconds=1))
+    seen = reg.get_device("dev-1")["last_seen"]
+    assert not reg.mark_presence("dev-1", False, clock.advance(seconds=1))
+    assert reg.get_device("dev-1")["last_seen"] == seen and reg.get_device("dev-1")["online"] is False
+    with pytest.raises(UnknownDevice):
+        reg.mark_presence("ghost", False, clock.now)
