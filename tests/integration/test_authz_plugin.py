@@ -387,6 +387,9 @@ def test_wills_are_refused_and_the_broker_announces_offline(broker: Broker, pki:
     assert watcher.subscribe("devices/dev-will/status") == watcher.subscribe("devices/dev-will2/telemetry") == 1
     for device_id, topic, retain in (("dev-will", "status", True), ("dev-will2", "telemetry", False)):
         dev = connect(pki.device(device_id), will=(f"devices/{device_id}/{topic}", retain))
+        if retain:  # a device that announced its presence gets its offline announced by the broker
+            assert dev.publish(f"devices/{device_id}/status", b'{"state": "online"}', retain=True) == 0
+            assert watcher.message().payload == b'{"state": "online"}'
         dev.c.loop_stop()
         dev.c.socket().close()  # no DISCONNECT: the broker would send the will
     msg = watcher.message()

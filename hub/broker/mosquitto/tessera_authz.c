@@ -135,6 +135,7 @@ struct principal {
 	bool dirty;                         /* named by an authz event: re-check its sessions */
 	bool checking;                      /* being re-checked (dirty when the pass started) */
 	int sessions;                       /* live sessions (at most one: client id = principal; two in a takeover) */
+	bool presence;                      /* it published its status: announce offline when its last session ends */
 	UT_hash_handle hh;
 };
 
@@ -657,9 +658,9 @@ static struct session *session_find(const struct mosquitto *client)
 }
 
 /*
- * Presence is the broker's word, not the client's: when a device's last session ends (disconnect, network loss or
- * kick) the plugin publishes the retained {"state": "offline"} on devices/<id>/status itself, stamped like any
- * message. Wills are refused (see on_acl_check): Mosquitto 2.0.11 sends them without MOSQ_EVT_MESSAGE, so their
+ * Presence is the broker's word, not the client's: when the last session of a device that published its status
+ * ends (disconnect, network loss or kick) the plugin publishes the retained {"state": "offline"} on
+ * devices/<id>/status itself, stamped like any message. Wills are refused (see on_acl_check): Mosquitto 2.0.11 sends them without MOSQ_EVT_MESSAGE, so their
  * client-supplied properties could never be replaced.
  */
 static void announce_offline(const struct principal *p)
@@ -691,7 +692,10 @@ static void session_drop(struct session *s)
 	struct principal *p = s->principal;
 
 	session_drop_quietly(s);
-	if(p->sessions == 0) announce_offline(p);
+	if(p->sessions == 0 && p->presence){
+		p->presence = false;
+		announce_offline(p);
+	}
 }
 
 static void session_set_validity(struct session *s, const struct credential *c)
@@ -1042,6 +1046,11 @@ static int on_message(int event, void *event_data, void *userdata)
 	UNUSED(event);
 	UNUSED(userdata);
 	if(s == NULL || !s->principal->allowed) return MOSQ_ERR_ACL_DENIED;
+	if(!strcmp(s->principal->kind, "device") && !strncmp(ev->topic, "devices/", 8)
+			&& !strncmp(ev->topic + 8, s->principal->name, strlen(s->principal->name))
+			&& !strcmp(ev->topic + 8 + strlen(s->principal->name), "/status")){
+		s->principal->presence = true;
+	}
 	mosquitto_property_free_all(&ev->properties);
 	if(mosquitto_property_add_string_pair(&ev->properties, MQTT_PROP_USER_PROPERTY, SENDER_PROPERTY,
 				s->principal->name)
