@@ -1,8 +1,9 @@
 """The device CRL: build its contents, validate it, write it atomically (DER + PEM), decide when to re-issue.
 
 Files in crl_dir: ``device.crl`` (DER, served over HTTP at the CRL distribution point) and ``device.crl.pem``
-(PEM, Mosquitto's ``crlfile``). Both are replaced with os.replace() only after the bytes on disk have been read
-back and validated, so a broker reload never sees a half-written, foreign or expired CRL.
+(PEM, for third parties; the broker decides from the registry, not from a CRL). Both are replaced with
+os.replace() only after the bytes on disk have been read back and validated, so no reader ever sees a
+half-written, foreign or expired CRL.
 """
 
 from __future__ import annotations

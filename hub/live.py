@@ -20,7 +20,7 @@ from .broker import BrokerDriver, BrokerError
 from .ca import FleetCA
 from .config import HubConfig
 from .crl import crl_needs_refresh, current_crl
-from .registry import Registry
+from .registry import Registry, UnknownDevice
 from .revocation import publish_crl, publish_service_crl
 
 log = logging.getLogger("tessera.hub")
@@ -180,8 +180,12 @@ class LiveHub:
     def on_status(self, device_id: str, payload: bytes) -> None:
         """Presence from devices/<id>/status (retained; the agent's last will says offline)."""
         online = parse_presence(payload)
-        if online is not None and self.registry.get_device(device_id) is not None:
+        if online is None:
+            return
+        try:  # one write (none for a repeated offline); no lookup first
             self.registry.mark_presence(device_id, online, self.clock())
+        except UnknownDevice:
+            pass
 
 
 def parse_presence(payload: bytes) -> bool | None:

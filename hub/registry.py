@@ -394,10 +394,7 @@ class Registry:
         at = _ts(now)
         revoked: list[str] = []
         with self._write() as db:
-            row = self._one(db, "SELECT status FROM devices WHERE id = ?", [device_id])
-            if row is None:
-                raise UnknownDevice(f"no device {device_id!r}")
-            old = row["status"]
+            old = self._status(db, device_id)
             new = status
             if status == "active" and not self._one(db, "SELECT 1 FROM certificates WHERE device_id = ? LIMIT 1",
                                                    [device_id]):
@@ -428,10 +425,7 @@ class Registry:
         at = _ts(now)
         revoked: list[str] = []
         with self._write() as db:
-            row = self._one(db, "SELECT status FROM devices WHERE id = ?", [device_id])
-            if row is None:
-                raise UnknownDevice(f"no device {device_id!r}")
-            old = row["status"]
+            old = self._status(db, device_id)
             if old != "decommissioned":
                 db.execute("UPDATE devices SET status = 'decommissioned', online = 0 WHERE id = ?", [device_id])
                 revoked = [r["serial"] for r in db.query(
@@ -520,14 +514,19 @@ class Registry:
 
     # --- enrollment -----------------------------------------------------------------------------------------------
 
-    def _require_status(self, db: Database, device_id: str, allowed: Sequence[str] = ("active",)) -> str:
-        """The device's status if it is one of `allowed`; else DeviceNotActive 'device_<status>' (UnknownDevice)."""
+    def _status(self, db: Database, device_id: str) -> str:
+        """The device's status; UnknownDevice if there is no such device."""
         row = self._one(db, "SELECT status FROM devices WHERE id = ?", [device_id])
         if row is None:
             raise UnknownDevice(f"no device {device_id!r}")
-        if row["status"] not in allowed:
-            raise DeviceNotActive(f"device {device_id!r} is {row['status']}", f"device_{row['status']}")
         return row["status"]
+
+    def _require_status(self, db: Database, device_id: str, allowed: Sequence[str] = ("active",)) -> str:
+        """The device's status if it is one of `allowed`; else DeviceNotActive 'device_<status>' (UnknownDevice)."""
+        status = self._status(db, device_id)
+        if status not in allowed:
+            raise DeviceNotActive(f"device {device_id!r} is {status}", f"device_{status}")
+        return status
 
     def _insert_cert(self, db: Database, device_id: str, cert: x509.Certificate, now: datetime) -> str:
         serial = serial_hex(cert.serial_number)

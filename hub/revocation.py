@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Iterable
-
 from cryptography.hazmat.primitives import serialization
 
 from .ca import FleetCA
@@ -29,11 +27,10 @@ def device_crl_entries(registry: Registry, now: datetime) -> list[tuple[int, dat
     return entries
 
 
-def publish_crl(ca: FleetCA, registry: Registry, crl_dir: Path, now: datetime,
-                extra: Iterable[tuple[int, datetime, str]] = ()) -> Path:
-    """Regenerate the device CRL from the registry (plus `extra`) and install it; returns the DER path."""
+def publish_crl(ca: FleetCA, registry: Registry, crl_dir: Path, now: datetime) -> Path:
+    """Regenerate the device CRL from the registry and install it; returns the DER path."""
     crl_dir.mkdir(parents=True, exist_ok=True)
-    crl = ca.build_crl([*device_crl_entries(registry, now), *extra], now, next_update=CRL_LIFETIME,
+    crl = ca.build_crl(device_crl_entries(registry, now), now, next_update=CRL_LIFETIME,
                        crl_number=next_crl_number(crl_dir))
     return write_crl_atomically(crl, crl_dir, ca.device_ca, now)
 
