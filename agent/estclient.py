@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
 TIMEOUT = 20.0
-CREDENTIAL_PATH = "/tessera/v1/credential"   # hub.estservice.CREDENTIAL_PATH
+CREDENTIAL_PATH = "/tessera/v1/credential"   # hub.est.service.CREDENTIAL_PATH
 CREDENTIAL_STATUSES = ("active", "suspended", "revoked", "superseded", "expired", "unknown")
 MAX_CREDENTIAL_BODY = 4096
 

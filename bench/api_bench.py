@@ -9,7 +9,7 @@ Setup (bench/fleet.py): a fleet from ``tessera-hub init`` with lenient rate limi
 ``tenk`` of 10,000 devices is made with ``Registry.create_devices_with_tokens`` (one transaction); a handful of
 them (8, quick 4) are enrolled through EST with their tokens. The hub is stopped and its registry filled with
 1M devices (quick 100k) with an active certificate each: bench/broker_bench.py's ``build_big_registry`` (plain
-SQL, executemany in one transaction, hub/registry.py's column formats), then one in a hundred of them set
+SQL, executemany in one transaction, hub/registry/store.py's column formats), then one in a hundred of them set
 suspended (so ``status=active`` is a real filter; not more: a suspended device's certificate is a certificateHold
 CRL entry, and the hub's CRL publication takes about 20 s per 100k entries, during which `serve` does not stop on
 SIGTERM). Then ``serve`` starts again on that registry.
@@ -224,7 +224,7 @@ def measure(quick: bool = False, s: Settings | None = None) -> Report:
     tmp = Path(tempfile.mkdtemp(prefix="tessera-api-bench-"))
     hub_proc: HubProcess | None = None
     try:
-        from hub.registry import Registry
+        from hub.registry.store import Registry
 
         hub_dir, control_rows = make_fleet(tmp, 1, FLEET, "ctl", MQTT_LIMITS)
         api_port = free_port()

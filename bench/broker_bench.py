@@ -26,7 +26,7 @@ brokers are pinned to the same CPU (with 2 CPUs, a broker sharing one with a bus
    c b a, ...; a warm-up slot each first). Goal: hub / bare >= 0.95, median of the per-round ratios.
 3. Registry size: a sqlite3 backup of the hub's registry after 1 (so it holds the bench's devices) gets 1M devices
    (quick 100k) with an active certificate each and 100k (quick 10k) of them an older revoked one: plain SQL,
-   executemany in one transaction, the column formats of hub/registry.py (random 159-bit serials in hex, inserted
+   executemany in one transaction, the column formats of hub/registry/store.py (random 159-bit serials in hex, inserted
    in ascending order; validity, subject and PEM copied from a real row). Only the registry (and the hub's own
    session, which only the hub's broker has) differ between the big broker and the hub's. Broker CPU (utime +
    stime, /proc/<pid>/stat) per connection over the slots of 2: big / hub, median of the per-round ratios, goal
@@ -180,7 +180,7 @@ def build_big_registry(src: Path, dest: Path, devices: int, revoked: int) -> dic
     """Copy the registry `src` to `dest` (sqlite3 backup), then add `devices` active devices with one active
     certificate each, and an older revoked certificate to the first `revoked` of them, in one transaction.
 
-    Every value has the format hub/registry.py writes (timestamps, validity, subject and PEM are copied from a
+    Every value has the format hub/registry/store.py writes (timestamps, validity, subject and PEM are copied from a
     real certificate row of `src`; ids big-NNNNNNN; serials format(random 159-bit int, "x"), inserted in ascending
     order like the device ids, so every index grows at its end). Returns {"seconds", "bytes"}."""
     t0 = time.monotonic()
@@ -345,7 +345,7 @@ def bench_revocation(hub: HubProcess, devs: list[Dev], via_cli: bool) -> dict:
     the refused reconnect) or with `tessera-hub device revoke` (process start to the cut). Times in ms."""
     import paho.mqtt.client as mqtt
 
-    from hub import admin
+    from hub.serve import admin
 
     cafile = str(hub.dir / "ca" / "root.pem")
     out: dict[str, list] = {k: [] for k in ("cuts", "refusals", "total", "registry", "sync", "cli_exit", "errors")}

@@ -557,12 +557,12 @@ def _scaling(fn, n: int) -> float:
 
 def micro_pass(hub_dir: Path, work: Path, n: int) -> list[Micro]:
     import est
-    from hub import estserver
-    from hub.ca import load_ca
+    from hub.est import server as estserver
+    from hub.ca.authority import load_ca
     from hub.config import load_config
-    from hub.estservice import EstRequest, EstService
-    from hub.ratelimit import RateLimiter
-    from hub.registry import Registry
+    from hub.est.service import EstRequest, EstService
+    from hub.est.ratelimit import RateLimiter
+    from hub.registry.store import Registry
 
     cfg = load_config(hub_dir)
     ca = load_ca(cfg.ca_dir, cfg.ca_token)
@@ -711,8 +711,8 @@ def micro_pass(hub_dir: Path, work: Path, n: int) -> list[Micro]:
                      "(busy_timeout sleeps on the write lock)"))
     reg.close()
 
-    # the HTTP layer alone: hub.estserver's handler on a plain socketpair, service stubbed (no TLS, no work)
-    from hub.estservice import EstResponse
+    # the HTTP layer alone: hub.est.server's handler on a plain socketpair, service stubbed (no TLS, no work)
+    from hub.est.service import EstResponse
 
     canned = EstResponse(200, est.certs_only_response([certs[0], ca.device_ca]), est.CT_PKCS7_CERTS_ONLY,
                          {"Content-Transfer-Encoding": "base64"})

@@ -27,7 +27,7 @@ def hub_cmd() -> list[str]:
     if exe.exists():
         return [str(exe)]
     found = shutil.which("tessera-hub")
-    return [found] if found else [sys.executable, "-m", "hub.cli"]
+    return [found] if found else [sys.executable, "-m", "hub.cli.main"]
 
 
 def env() -> dict[str, str]:

@@ -59,7 +59,7 @@ class Demo:
         return proc
 
     def admin(self, req: dict):
-        from hub import admin
+        from hub.serve import admin
 
         return admin.call(self.hub_dir / "admin.sock", req, timeout=10)
 
@@ -106,7 +106,7 @@ class Demo:
                                             ddir / "agent.log")
 
     def table(self, note: str = "") -> Table:
-        from hub.registry import Registry
+        from hub.registry.store import Registry
 
         reg = Registry(self.hub_dir / "registry.sqlite3")
         try:

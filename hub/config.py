@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hsm.token import TokenConfig
 
-from .policy import Policy
+from hub.ca.policy import Policy
 
 DEFAULT_DIR = "tessera-hub"
 

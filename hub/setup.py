@@ -13,12 +13,12 @@ from cryptography.hazmat.primitives import serialization
 
 from hsm.uri import UriError, parse
 
-from .authz.identities import ensure_hub_identity
-from .ca import CaError, FleetCA, create_hierarchy, new_file_key
-from .config import ConfigError, HubConfig
-from .policy import Policy
-from .registry import Registry
-from .revocation import publish_crl
+from hub.authz.identities import ensure_hub_identity
+from hub.ca.authority import CaError, FleetCA, create_hierarchy, new_file_key
+from hub.config import ConfigError, HubConfig
+from hub.ca.policy import Policy
+from hub.registry.store import Registry
+from hub.ca.revocation import publish_crl
 
 
 def _write_pem(path: Path, data: bytes) -> None:
@@ -81,8 +81,8 @@ def create_fleet(root: Path, fleet: str, now: datetime, *, validity_days: int = 
     for d in (cfg.crl_dir, cfg.log_dir, cfg.broker_dir):
         d.mkdir(exist_ok=True, mode=0o700)
     try:  # the broker's authorization plugin: a missing compiler or header is found now, not at `serve`
-        from .broker import BrokerError
-        from .broker.mosquitto.build import plugin_path
+        from hub.broker import BrokerError
+        from hub.broker.mosquitto.build import plugin_path
 
         plugin_path(cfg.broker_dir)
     except BrokerError as exc:

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, Mapping
 
 from hub.authz.policy import AuthzError, check_groups, check_labels
-from hub.registry import (DeviceExists, DeviceNotActive, InvalidDeviceId, InvalidName, Registry, UnknownDevice,
+from hub.registry.store import (DeviceExists, DeviceNotActive, InvalidDeviceId, InvalidName, Registry, UnknownDevice,
                           _ts)
 
 from .queries import BadRequest, Conflict, NotFound, Selector, count

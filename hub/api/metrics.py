@@ -12,7 +12,7 @@ from datetime import timedelta
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from hub.registry import DEVICE_STATUSES, _ts
+from hub.registry.store import DEVICE_STATUSES, _ts
 
 EXPIRY_WINDOWS = (7, 30)
 

@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the fleet API, generated from the route table the server itself uses.
 
-Nothing here lists endpoints: `document(ROUTES)` walks hub/api/routes.py's table, so the served document and the
+Nothing here lists endpoints: `document(all_routes())` walks the one route table (hub/api/routes.py), so the served document and the
 served routes cannot drift. Schemas the routes name are the components below.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from hub.authz.policy import API_PERMISSIONS
-from hub.registry import DEVICE_STATUSES
+from hub.registry.store import DEVICE_STATUSES
 
 #: what the server takes (hub.authz.policy NAME_RE / check_labels): device ids, group names, label keys ...
 _NAME_RE = "[a-z0-9][a-z0-9-]{0,62}"
@@ -165,8 +165,14 @@ def _operation(route) -> dict[str, Any]:
     return op
 
 
-def document(routes) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for `routes` (hub.api.routes.ROUTES)."""
+def document(routes=None, schemas: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for `routes` and the component `schemas` they name besides COMPONENTS (default:
+    the whole API, hub.api.routes.all_routes() and all_schemas())."""
+    if routes is None or schemas is None:
+        from .routes import all_routes, all_schemas
+
+        routes = all_routes() if routes is None else routes
+        schemas = all_schemas() if schemas is None else schemas
     paths: dict[str, dict] = {}
     for route in routes:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
@@ -176,7 +182,7 @@ def document(routes) -> dict[str, Any]:
                  "description": "Operators authenticate with a service identity's client certificate (service "
                                 "CA); its role decides every endpoint. Errors are application/problem+json."},
         "paths": paths,
-        "components": {"schemas": COMPONENTS,
+        "components": {"schemas": {**COMPONENTS, **schemas},
                        "securitySchemes": {"clientCertificate": {"type": "mutualTLS",
                                                                  "description": "a service identity certificate"}}},
         "security": [{"clientCertificate": []}],

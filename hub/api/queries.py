@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping
 
 from hub.authz.policy import _LABEL_VALUE_RE as LABEL_VALUE_RE  # the one label value rule (check_labels)
 from hub.authz.policy import AuthzError, check_name
-from hub.registry import DEVICE_STATUSES, Registry, _ts
+from hub.registry.store import DEVICE_STATUSES, Registry, _ts
 
 API_SCHEMA = (
     """CREATE INDEX IF NOT EXISTS devices_status_id ON devices(status, id)""",

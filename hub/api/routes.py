@@ -1,109 +1,38 @@
-"""The fleet API's route table and handlers: ONE list (`ROUTES`) that both the server and the OpenAPI document use.
-
-Each route says its method, path, the permission it needs (`read`, `act`, `admin`; None: no authentication beyond
-TLS), a summary, its parameters and its request/response schemas (names in hub/api/openapi.py's components).
-"""
+"""The fleet API's device routes (list, show, add, edit, tokens, decommission, bulk actions, health) and the ONE
+route table (`ROUTES`) that joins every route module's routes for the server and the OpenAPI document."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
-import re
 import time
-from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Callable
 
 from aiohttp import web
 
 from hub.broker import BrokerError
-from hub.registry import DEVICE_STATUSES
+from hub.registry.store import DEVICE_STATUSES
 
 from . import actions, queries
-from .openapi import LABEL_PATTERN, MAX_REASON, NAME_PATTERN, REASON
+from .openapi import LABEL_PATTERN, NAME_PATTERN, REASON
 from .queries import MAX_LIMIT, BadRequest, NotFound, Selector
-
-_REASON_RE = re.compile(rf"[\x20-\x7e]{{0,{MAX_REASON}}}")  # as documented (openapi.REASON)
-_LIMIT_RE = re.compile(r"[0-9]{1,7}")  # ASCII digits only (str.isdigit also takes '\u00b2', int() does not)
-PREFIX = "/api/v1"
-
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    where: str  # 'query' or 'path'
-    schema: dict
-    description: str
-    required: bool = False
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    name: str
-    permission: str | None
-    summary: str
-    handler: Callable[..., Awaitable[web.StreamResponse]]
-    params: tuple[Param, ...] = ()
-    body: str | None = None  # a component schema name
-    response: str | None = None  # a component schema name (JSON) ...
-    content_type: str = "application/json"  # ... or this media type
-    also: tuple[str, ...] = ()  # other media types a successful answer may have (e.g. text/csv), a string each
-    errors: tuple[int, ...] = (403,)
-    success: int = 200  # the status code of a successful answer
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(data), content_type="application/json")
-
-
-def _query(request: web.Request) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in request.query.items():
-        if key in out:
-            raise BadRequest(f"parameter {key!r} given twice", key)
-        out[key] = value
-    return out
-
-
-async def _body(request: web.Request) -> dict:
-    """The JSON object body (UTF-8, whatever charset the request claims); BadRequest for anything else."""
-    raw = await request.read()  # (aiohttp raises 413 past client_max_size)
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except ValueError:  # (UnicodeDecodeError and json.JSONDecodeError are ValueErrors)
-        raise BadRequest("the body must be a JSON object (UTF-8)", "body") from None
-    except RecursionError:  # e.g. 200,000 '['
-        raise BadRequest("the body is nested too deeply", "body") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object", "body")
-    return body
-
-
-def _limit(value: str | None) -> int:
-    if value is None:
-        return 100
-    if not _LIMIT_RE.fullmatch(value) or not 1 <= int(value) <= MAX_LIMIT:
-        raise BadRequest(f"limit must be an integer 1-{MAX_LIMIT}", "limit")
-    return int(value)
-
+from .routing import PREFIX, REASON_RE, Param, Route, json_body, json_response, page_limit, q, query_params
 
 # --- handlers -------------------------------------------------------------------------------------------------------
 
 async def list_devices(api, request: web.Request, principal) -> web.StreamResponse:
-    q = _query(request)
+    q = query_params(request)
     fmt = q.pop("format", "json")
     if fmt not in ("json", "csv"):
         raise BadRequest("format must be json or csv", "format")
-    limit = _limit(q.pop("limit", None))
+    limit = page_limit(q.pop("limit", None))
     cursor = q.pop("cursor", None)
     after = queries.decode_cursor(cursor) if cursor is not None else None
     sel = Selector.parse(q)
     if fmt == "csv":
         return await _csv(api, request, sel, after)
     items, next_cursor = await api.run(queries.list_devices, api.registry, sel, limit, after)
-    return _json({"items": items, "next_cursor": next_cursor})
+    return json_response({"items": items, "next_cursor": next_cursor})
 
 
 async def _csv(api, request: web.Request, sel: Selector, after: str | None) -> web.StreamResponse:
@@ -139,40 +68,40 @@ def _detail(api, device_id: str) -> dict:
 
 
 async def show_device(api, request: web.Request, principal) -> web.Response:
-    return _json(await api.run(_detail, api, request.match_info["id"]))
+    return json_response(await api.run(_detail, api, request.match_info["id"]))
 
 
 async def patch_device(api, request: web.Request, principal) -> web.Response:
     device_id = request.match_info["id"]
-    body = await _body(request)
+    body = await json_body(request)
     done = await api.run(actions.patch_device, api.registry, device_id, body, api.clock(), principal.name,
                          request.remote)
     if done["groups_changed"]:
         await _ring(api)
-    return _json(await api.run(_detail, api, device_id))
+    return json_response(await api.run(_detail, api, device_id))
 
 
 async def create_devices(api, request: web.Request, principal) -> web.Response:
-    body = await _body(request)
+    body = await json_body(request)
     result = await api.run(actions.create_devices, api.registry, body, api.cfg.fleet, api.clock(),
                            api.cfg.policy.token_ttl, principal.name)
-    return _json(result, status=201)
+    return json_response(result, status=201)
 
 
 async def device_token(api, request: web.Request, principal) -> web.Response:
     result = await api.run(actions.new_token, api.registry, request.match_info["id"], api.clock(),
                            api.cfg.policy.token_ttl, principal.name)
-    return _json(result, status=201)
+    return json_response(result, status=201)
 
 
 async def decommission_device(api, request: web.Request, principal) -> web.Response:
     device_id = request.match_info["id"]
-    q = _query(request)
+    q = query_params(request)
     unknown = set(q) - {"reason"}
     if unknown:
         raise BadRequest(f"unknown parameters {sorted(unknown)}", sorted(unknown)[0])
     reason = q.get("reason", "")
-    if not _REASON_RE.fullmatch(reason):
+    if not REASON_RE.fullmatch(reason):
         raise BadRequest("reason must be at most 200 printable ASCII characters", "reason")
     before = await api.run(queries.get_device, api.registry, device_id)
     result = await api.run(actions.decommission, api.registry, device_id, api.clock(), principal.name, reason)
@@ -183,7 +112,7 @@ async def decommission_device(api, request: web.Request, principal) -> web.Respo
             api.live.crl.changed()
         await api.run(api.audit, "device.decommissioned.enforced", "ok" if not note else "error", principal.name,
                       f"sessions cut: {kicked}{f'; {note}' if note else ''}", device_id, request.remote)
-    return _json({**(await api.run(_detail, api, device_id)), "revoked_serials": result["revoked_serials"],
+    return json_response({**(await api.run(_detail, api, device_id)), "revoked_serials": result["revoked_serials"],
                   "sessions_cut": kicked, "broker_note": note or None})
 
 
@@ -198,7 +127,7 @@ async def _ring(api) -> tuple[int | None, str]:
 
 def _bulk(action: str) -> Callable:
     async def handler(api, request: web.Request, principal) -> web.Response:
-        body = await _body(request)
+        body = await json_body(request)
         unknown = set(body) - {"selector", "reason", "confirm_count"}
         if unknown:
             raise BadRequest(f"unknown fields {sorted(unknown)}", "body")
@@ -209,11 +138,11 @@ def _bulk(action: str) -> Callable:
         if sel.empty():
             raise BadRequest("the selector needs at least one filter or ids", "selector")
         reason = body.get("reason", "")
-        if not isinstance(reason, str) or not _REASON_RE.fullmatch(reason):
+        if not isinstance(reason, str) or not REASON_RE.fullmatch(reason):
             raise BadRequest("reason must be at most 200 printable ASCII characters", "reason")
         confirm = body.get("confirm_count")
         if confirm is None:
-            return _json({"matched": await api.run(queries.count, api.registry, sel), "dry_run": True})
+            return json_response({"matched": await api.run(queries.count, api.registry, sel), "dry_run": True})
         if isinstance(confirm, float) and confirm.is_integer():  # JSON Schema: 3.0 is an integer
             confirm = int(confirm)
         if isinstance(confirm, bool) or not isinstance(confirm, int) or confirm < 0:
@@ -230,7 +159,7 @@ def _bulk(action: str) -> Callable:
         await api.run(api.audit, f"devices.{action}.enforced", "ok" if not note else "error", principal.name,
                       f"{len(result['changed'])} devices; sessions cut: {kicked}; {total_ms:.0f} ms {note}".strip(),
                       None, request.remote)
-        return _json({"matched": result["matched"], "changed": len(result["changed"]), "skipped": result["skipped"],
+        return json_response({"matched": result["matched"], "changed": len(result["changed"]), "skipped": result["skipped"],
                       "revoked_certificates": result["revoked_certificates"], "dry_run": False,
                       "sessions_cut": kicked, "broker_note": note or None,
                       "timings": {"registry_ms": (t_registry - t0) * 1000, "total_ms": total_ms}})
@@ -240,7 +169,7 @@ def _bulk(action: str) -> Callable:
 async def openapi(api, request: web.Request, principal) -> web.Response:
     from .openapi import document
 
-    return _json(document(ROUTES))
+    return json_response(document(all_routes()))
 
 
 async def metrics(api, request: web.Request, principal) -> web.Response:
@@ -251,48 +180,44 @@ async def metrics(api, request: web.Request, principal) -> web.Response:
 
 
 async def healthz(api, request: web.Request, principal) -> web.Response:
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(api, request: web.Request, principal) -> web.Response:
     from .server import problem
 
     if await api.run(api.live.broker.healthy):
-        return _json({"status": "ready"})
+        return json_response({"status": "ready"})
     return problem(503, "Service Unavailable", "the broker is not running", "not_ready")
 
 
 # --- the table ------------------------------------------------------------------------------------------------------
 
-def _q(name: str, schema: dict, description: str) -> Param:
-    return Param(name, "query", schema, description)
-
-
 _TIME = {"type": "string", "format": "date-time"}
 _NAME = {"type": "string", "pattern": NAME_PATTERN}
 FILTER_PARAMS = (
-    _q("status", {"type": "string", "enum": list(DEVICE_STATUSES)}, "device status"),
-    _q("group", _NAME, "member of this group"),
-    _q("label", {"type": "string", "pattern": LABEL_PATTERN}, "label key=value"),
-    _q("online", {"type": "string", "enum": ["true", "false"]}, "connected to the broker now"),
-    _q("id_prefix", _NAME, "device id starts with this"),
-    _q("cert_expires_before", _TIME, "the active certificate expires before this time"),
-    _q("last_seen_before", _TIME, "last seen before this time (never-seen devices do not match)"),
+    q("status", {"type": "string", "enum": list(DEVICE_STATUSES)}, "device status"),
+    q("group", _NAME, "member of this group"),
+    q("label", {"type": "string", "pattern": LABEL_PATTERN}, "label key=value"),
+    q("online", {"type": "string", "enum": ["true", "false"]}, "connected to the broker now"),
+    q("id_prefix", _NAME, "device id starts with this"),
+    q("cert_expires_before", _TIME, "the active certificate expires before this time"),
+    q("last_seen_before", _TIME, "last seen before this time (never-seen devices do not match)"),
 )
 _ID = Param("id", "path", {"type": "string"}, "device id", required=True)
 
-ROUTES: tuple[Route, ...] = (
+DEVICE_ROUTES: tuple[Route, ...] = (
     Route("GET", f"{PREFIX}/openapi.json", "openapi", "read", "This OpenAPI document", openapi,
           response="OpenApiDocument"),
     Route("GET", f"{PREFIX}/devices", "devices.list", "read",
           "List devices (filters, keyset paging by id; format=csv streams every match)", list_devices,
           params=(*FILTER_PARAMS,
-                  _q("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100}, "page size"),
-                  _q("cursor", {"type": "string", "minLength": 1, "maxLength": queries.MAX_CURSOR,
+                  q("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100}, "page size"),
+                  q("cursor", {"type": "string", "minLength": 1, "maxLength": queries.MAX_CURSOR,
                               "pattern": "^[A-Za-z0-9_-]+$"},
                      "next_cursor of the previous page (absent for the first page; an empty or altered cursor is "
                      "a 400)"),
-                  _q("format", {"type": "string", "enum": ["json", "csv"], "default": "json"}, "json or csv")),
+                  q("format", {"type": "string", "enum": ["json", "csv"], "default": "json"}, "json or csv")),
           response="DevicePage", also=("text/csv",), errors=(400, 403)),
     Route("POST", f"{PREFIX}/devices", "devices.create", "act",
           "Register one device or a batch (at most 10,000, one transaction): each is pending, with a one-time "
@@ -304,7 +229,7 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", f"{PREFIX}/devices/{{id}}", "devices.decommission", "admin",
           "Decommission a device for good: certificates revoked (cessationOfOperation), tokens void, live sessions "
           "cut; the device row and its audit trail are kept", decommission_device,
-          params=(_ID, _q("reason", REASON, "why (kept in the audit log)")),
+          params=(_ID, q("reason", REASON, "why (kept in the audit log)")),
           response="Decommissioned", errors=(400, 403, 404)),
     Route("GET", f"{PREFIX}/devices/{{id}}", "devices.show", "read", "One device and its certificates",
           show_device, params=(_ID,), response="DeviceDetail", errors=(403, 404)),
@@ -322,3 +247,13 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/readyz", "readyz", None, "The broker is running (TLS only)", readyz, response="Status",
           errors=(503,)),
 )
+
+
+def all_routes() -> tuple[Route, ...]:
+    """Every route of the API: the device routes here, then each route module's `ROUTES` (one table)."""
+    return DEVICE_ROUTES
+
+
+def all_schemas() -> dict:
+    """The OpenAPI component schemas route modules declare (`SCHEMAS`) besides hub/api/openapi.py's COMPONENTS."""
+    return {}

@@ -36,7 +36,7 @@ from aiohttp import web
 from cryptography import x509
 
 from hub.authz.policy import API_PERMISSIONS
-from hub.registry import Registry, _ts, serial_hex
+from hub.registry.store import Registry, _ts, serial_hex
 
 from .queries import BadRequest, Conflict, NotFound, apply_schema
 
@@ -219,10 +219,10 @@ async def problems(request: web.Request, handler: Callable) -> web.StreamRespons
 
 
 def make_app(api: Api) -> web.Application:
-    from .routes import ROUTES
+    from .routes import all_routes
 
     app = web.Application(middlewares=[problems], client_max_size=MAX_BODY)
-    for route in ROUTES:
+    for route in all_routes():
         app.router.add_route(route.method, route.path, endpoint(api, route))
     return app
 

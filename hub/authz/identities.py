@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from hub.registry import Registry, RegistryError, _ts, serial_hex
+from hub.registry.store import Registry, RegistryError, _ts, serial_hex
 
 from .policy import DEFAULT_ROLES, GRANTABLE_ROLES, HUB_PRINCIPAL, AuthzError, check_name, service_principal
 

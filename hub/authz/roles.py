@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Iterable
 
-from hub.registry import Registry, RegistryError
+from hub.registry.store import Registry, RegistryError
 
 from .policy import AuthzError, check_name, check_rules
 

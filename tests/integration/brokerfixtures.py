@@ -131,7 +131,7 @@ def audit(hub: Hub, limit: int = 500) -> list[dict]:
 
 
 def admin_call(hub: Hub, request: dict, timeout: float = 30.0) -> Any:
-    from hub import admin
+    from hub.serve import admin
 
     return admin.call(hub.dir / "admin.sock", request, timeout=timeout)
 
@@ -176,7 +176,7 @@ def wait_refusal(hub: Hub, since: int, client_id: str, timeout: float = 3.0) -> 
 @contextlib.contextmanager
 def registry(hub: Hub):
     """The hub's registry opened by this process (as another tool or operator would)."""
-    from hub.registry import Registry
+    from hub.registry.store import Registry
 
     reg = Registry(hub.registry_path)
     try:
@@ -219,7 +219,7 @@ def add_identity(hub: Hub, name: str, role: str, workdir: Path) -> Device:
     """A service identity svc.<name> with `role`: a certificate from the hub's service CA, registered in the
     registry (hub.authz.identities.add_identity); chain = leaf + ca/service-ca.pem, key 0600."""
     from hub.authz.identities import add_identity as register
-    from hub.ca import load_ca
+    from hub.ca.authority import load_ca
 
     principal = f"svc.{name}"
     ca = load_ca(hub.dir / "ca")
@@ -243,8 +243,8 @@ def issue_with_hub_ca(hub: Hub, device_id: str, workdir: Path, now: dt.datetime,
     """A device certificate from the hub's own device CA (in-process, file key), not via EST. With `register`
     the device is added (`device add`) and the certificate recorded as its enrollment (Registry.enroll), so the
     registry knows it exactly as it knows an EST-issued one."""
-    from hub.ca import load_ca
-    from hub.policy import Policy
+    from hub.ca.authority import load_ca
+    from hub.ca.policy import Policy
 
     ca = load_ca(hub.dir / "ca")
     try:

@@ -320,7 +320,7 @@ def running_hub(base: Path, api_port: int | None = 0, **settings: Any):
         assert rc == 0, f"tessera-hub serve exited {rc} on SIGTERM:\n{hub.stderr_path.read_text(errors='replace')}"
         if hub.sigterm_redelivered:
             warnings.warn(f"tessera-hub serve ignored a process-directed SIGTERM for {SIGTERM_GRACE} s; it stopped "
-                          "once the signal was sent to its main thread (hub/serve.py regression, see "
+                          "once the signal was sent to its main thread (hub/serve/supervisor.py regression, see "
                           "test_sigterm_received_by_another_thread_stops_the_hub)", stacklevel=1)
         assert "hub stopped" in hub.stdout_text()
 

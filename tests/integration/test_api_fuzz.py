@@ -25,7 +25,7 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,  # noqa: E402
                                                status_code_conformance)
 
-from hub.api.routes import ROUTES  # noqa: E402
+from hub.api.routes import all_routes  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
 from tests.integration.brokerfixtures import BROKER_LIMITS, enroll_device, wait_ready  # noqa: E402
 from tests.integration.hubfixtures import running_hub  # noqa: E402
@@ -69,7 +69,7 @@ def api_schema(fuzz_hub):
 
 
 def _cases():
-    for route in ROUTES:
+    for route in all_routes():
         yield pytest.param(route, GenerationMode.POSITIVE, id=f"{route.method} {route.path} positive")
         if route.body or any(p.where == "query" for p in route.params):  # a string path id cannot be invalid
             yield pytest.param(route, GenerationMode.NEGATIVE, id=f"{route.method} {route.path} negative")
@@ -145,8 +145,8 @@ def _cursor(raw: bytes) -> str:
 
 #: (method, path, body): inputs that made hub/api answer 500 (found probing past what the fuzz generates): an
 #: OverflowError in queries.parse_time (a time at the edge of the datetime range with an offset), str.isdigit taking
-#: '\u00b2' in routes._limit, a cursor of deeply nested JSON (RecursionError) or with a lone surrogate (the SQLite
-#: bind's UnicodeEncodeError), a deeply nested JSON body (RecursionError in routes._body). Each is a 400 problem.
+#: '\u00b2' in routing.page_limit, a cursor of deeply nested JSON (RecursionError) or with a lone surrogate (the SQLite
+#: bind's UnicodeEncodeError), a deeply nested JSON body (RecursionError in routing.json_body). Each is a 400 problem.
 _CRASHERS = [
     pytest.param("GET", "/api/v1/devices?cert_expires_before=0001-01-01T00:00:00%2B01:00", None,
                  id="time-underflow"),

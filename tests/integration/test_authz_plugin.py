@@ -1,8 +1,8 @@
 """The Mosquitto authorization plugin (hub/broker/mosquitto/tessera_authz.c) in a bare broker.
 
 Real parts only: `mosquitto -c <conf>` on a free loopback port loading the plugin built by
-hub.broker.mosquitto.build, a registry made by hub.registry.Registry (devices enrolled through its own methods,
-service identities inserted with SQL), certificates from hub.ca with file keys, and paho-mqtt 2.x MQTT v5 clients
+hub.broker.mosquitto.build, a registry made by hub.registry.store.Registry (devices enrolled through its own methods,
+service identities inserted with SQL), certificates from hub.ca.authority with file keys, and paho-mqtt 2.x MQTT v5 clients
 over mTLS. One broker serves the module; the fail-closed tests start their own.
 """
 
@@ -30,9 +30,9 @@ from paho.mqtt.packettypes import PacketTypes
 
 from hub.authz import schema
 from hub.broker.mosquitto.build import SOURCE, plugin_path
-from hub.ca import create_hierarchy
-from hub.policy import Policy
-from hub.registry import Registry, _ts, serial_hex
+from hub.ca.authority import create_hierarchy
+from hub.ca.policy import Policy
+from hub.registry.store import Registry, _ts, serial_hex
 from tests.helpers import free_port, stop_process
 
 pytestmark = pytest.mark.integration

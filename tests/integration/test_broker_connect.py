@@ -155,7 +155,7 @@ def leaf(ca_cert: x509.Certificate, ca_key, cn: str, path: Path, serial: int | N
 def forge_with_ca(hub, ca_role: str, cn: str, workdir: Path, serial: int | None = None) -> Device:
     """Signed directly with the hub's `ca_role` ("device" or "service") CA key file, bypassing every check
     FleetCA makes (reserved names, the registry)."""
-    from hub.ca import load_key_file
+    from hub.ca.authority import load_key_file
 
     ca_cert = x509.load_pem_x509_certificate((hub.dir / "ca" / f"{ca_role}-ca.pem").read_bytes())
     return leaf(ca_cert, load_key_file(hub.dir / "ca" / f"{ca_role}-ca.key"), cn, workdir / f"forged-{ca_role}-{cn}",

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from hub.registry import DeviceNotActive
+from hub.registry.store import DeviceNotActive
 from tests.integration.brokerfixtures import (ADMINISTRATIVE_ACTION, BROKER_LIMITS, NOT_AUTHORIZED, ConnectRefused,
                                               MqttSession, add_identity, admin_call, assert_no_broker_left, audit,
                                               broker_hub, enroll_device, exchange, init_hub, issue_with_hub_ca, kicks,

@@ -1,8 +1,8 @@
-"""The fleet CA hierarchy with its three keys in a SoftHSM token (hub.ca with token=..., hub.crl).
+"""The fleet CA hierarchy with its three keys in a SoftHSM token (hub.ca.authority with token=..., hub.ca.crl).
 
 All token work runs in spawned children (hsm.worker.run_isolated) running the child_* functions below: python-pkcs11
 initialises the PKCS#11 module once per process with the SOFTHSM2_CONF it sees first. The children hand PEM/DER
-bytes back and the parent checks them with `openssl verify` and hub.crl.validate_crl.
+bytes back and the parent checks them with `openssl verify` and hub.ca.crl.validate_crl.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hsm.uri import parse
 from hsm.worker import run_isolated
-from hub.ca import TOKEN_LABELS, CaError, load_ca
-from hub.crl import validate_crl
+from hub.ca.authority import TOKEN_LABELS, CaError, load_ca
+from hub.ca.crl import validate_crl
 
 pytestmark = pytest.mark.integration
 
@@ -38,9 +38,9 @@ def _pem(cert: x509.Certificate) -> bytes:
 
 def child_create(cfg, ca_dir: str, now: datetime, key_type: str, device_pub: bytes) -> dict[str, bytes]:
     """Create a token-backed hierarchy, issue two device certs, revoke the first in a CRL written to ca_dir/crl."""
-    from hub.ca import create_hierarchy
-    from hub.crl import write_crl_atomically
-    from hub.policy import Policy
+    from hub.ca.authority import create_hierarchy
+    from hub.ca.crl import write_crl_atomically
+    from hub.ca.policy import Policy
 
     pub = serialization.load_pem_public_key(device_pub)
     with create_hierarchy(Path(ca_dir), FLEET, now, key_type=key_type, token=cfg) as ca:
@@ -57,8 +57,8 @@ def child_create(cfg, ca_dir: str, now: datetime, key_type: str, device_pub: byt
 
 def child_load_and_issue(cfg, ca_dir: str, now: datetime, device_pub: bytes, threads: int) -> list[bytes]:
     """Load the token-backed hierarchy in a fresh process and issue device certs from several threads at once."""
-    from hub.ca import load_ca
-    from hub.policy import Policy
+    from hub.ca.authority import load_ca
+    from hub.ca.policy import Policy
 
     pub = serialization.load_pem_public_key(device_pub)
     ca = load_ca(Path(ca_dir), token=cfg)
@@ -74,7 +74,7 @@ def child_load_and_issue(cfg, ca_dir: str, now: datetime, device_pub: bytes, thr
 
 def child_create_again(cfg, ca_dir: str, now: datetime) -> str:
     """Try to create a second hierarchy on the same token; return the error message."""
-    from hub.ca import CaError, create_hierarchy
+    from hub.ca.authority import CaError, create_hierarchy
 
     try:
         create_hierarchy(Path(ca_dir), FLEET, now, token=cfg).close()

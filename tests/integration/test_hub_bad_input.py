@@ -133,7 +133,7 @@ def use_token(hub, device_id, token):
 
 def expire_token(hub, device_id, token):
     """A token that expired yesterday, made with the registry API on the hub's own database."""
-    from hub.registry import Registry
+    from hub.registry.store import Registry
 
     reg = Registry(hub.registry_path)
     try:

@@ -2,7 +2,7 @@
 TLS client certificate a device presents (the broker refuses every connection with the same CONNACK code, so a
 refused agent asks here). Read-only: never audited, but rate limited per source.
 
-The first tests check hub.estservice.credential_status (pure) on registry rows.
+The first tests check hub.est.service.credential_status (pure) on registry rows.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.estclient import Credential, EstClient, client_context
-from hub.estservice import CREDENTIAL_PATH, credential_status
+from hub.est.service import CREDENTIAL_PATH, credential_status
 from tests.integration.hubfixtures import (  # noqa: F401  (hub is a fixture)
     EST_PREFIX, FLEET, ForeignCA, b64_body, enroll, hub, make_csr, new_key, parse_pkcs7, request, running_hub,
     write_key, write_pem,

@@ -2,7 +2,7 @@
 `openssl verify -crl_check` rejects it (and accepts another device's), and the device can never enroll again.
 
 The broker decides from the registry; the CRL is for third parties and is published in the background soon after
-the change (hub.live.CrlPublisher), so the tests poll the served CRL for the entry."""
+the change (hub.serve.live.CrlPublisher), so the tests poll the served CRL for the entry."""
 
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def test_any_exception_is_a_500_problem():
 
 def test_json_bodies_refuse_nesting_and_bad_encodings_as_400():
     from hub.api.queries import BadRequest
-    from hub.api.routes import _body
+    from hub.api.routing import json_body as _body
 
     async def handler(request):
         try:
@@ -108,7 +108,7 @@ def test_limit_takes_ascii_digits_only():
     import pytest
 
     from hub.api.queries import BadRequest
-    from hub.api.routes import _limit
+    from hub.api.routing import page_limit as _limit
 
     assert _limit(None) == 100 and _limit("1") == 1 and _limit("1000") == 1000
     for bad in ("\u00b2", "\u0661", "\uff11", "0", "1001", "-1", "+1", " 1", "1.0", "", "99999999999999999999"):
@@ -117,7 +117,7 @@ def test_limit_takes_ascii_digits_only():
 
 
 def test_a_body_past_the_limit_is_a_413_problem():
-    from hub.api.routes import _body
+    from hub.api.routing import json_body as _body
 
     async def handler(request):
         return web.json_response(await _body(request))

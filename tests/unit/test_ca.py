@@ -1,4 +1,4 @@
-"""Fleet CA hierarchy with file keys and the device CRL, checked with `openssl verify` (hub.ca, hub.crl)."""
+"""Fleet CA hierarchy with file keys and the device CRL, checked with `openssl verify` (hub.ca.authority, hub.ca.crl)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-import hub.crl
-from hub.ca import CaError, FleetCA, create_hierarchy, load_ca, load_key_file, new_file_key
-from hub.crl import (CrlError, crl_needs_refresh, current_crl, next_crl_number, reason_flag, validate_crl,
+import hub.ca.crl
+from hub.ca.authority import CaError, FleetCA, create_hierarchy, load_ca, load_key_file, new_file_key
+from hub.ca.crl import (CrlError, crl_needs_refresh, current_crl, next_crl_number, reason_flag, validate_crl,
                      write_crl_atomically)
-from hub.policy import Policy, PolicyError
+from hub.ca.policy import Policy, PolicyError
 
 FLEET = "acme"
 CRL_URL = "http://hub.acme.test:8080/crl/device.crl"
@@ -464,8 +464,8 @@ def test_what_is_validated_is_what_is_on_disk(ca, tmp_path, monkeypatch):
     crl_dir = tmp_path / "crl"
     write_crl_atomically(ca.build_crl([], NOW, crl_number=1), crl_dir, ca.device_ca, NOW)
     before = _files(crl_dir)
-    real = hub.crl._encode
-    monkeypatch.setattr(hub.crl, "_encode", lambda crl, enc: real(crl, enc)[:-10])  # a short write
+    real = hub.ca.crl._encode
+    monkeypatch.setattr(hub.ca.crl, "_encode", lambda crl, enc: real(crl, enc)[:-10])  # a short write
     with pytest.raises(CrlError):
         write_crl_atomically(ca.build_crl([], NOW, crl_number=2), crl_dir, ca.device_ca, NOW)
     assert _files(crl_dir) == before

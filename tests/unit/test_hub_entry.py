@@ -1,4 +1,4 @@
-"""hub.entry: only a well-formed suspend/resume/revoke with a hub running takes the fast path; the rest is typer's."""
+"""hub.cli.entry: only a well-formed suspend/resume/revoke with a hub running takes the fast path; the rest is typer's."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from hub.entry import status_fast_path
+from hub.cli.entry import status_fast_path
 
 
 @pytest.mark.parametrize("argv", [
@@ -22,7 +22,7 @@ def test_anything_else_goes_to_typer(argv):
 
 
 def test_no_running_hub_goes_to_typer(tmp_path):
-    subprocess.run([sys.executable, "-m", "hub.cli", "init", "--fleet", "f", "--dir", str(tmp_path / "h")],
+    subprocess.run([sys.executable, "-m", "hub.cli.main", "init", "--fleet", "f", "--dir", str(tmp_path / "h")],
                    check=True, capture_output=True)
     assert status_fast_path(["device", "suspend", "dev-1", "--dir", str(tmp_path / "h")]) is None
 
@@ -34,7 +34,7 @@ def test_bad_device_id_is_one_clean_line(tmp_path, capsys):
 
 
 def test_the_fast_path_does_not_load_the_cli_framework():
-    code = ("import sys; from hub.entry import status_fast_path; status_fast_path(['device', 'revoke', 'x', "
+    code = ("import sys; from hub.cli.entry import status_fast_path; status_fast_path(['device', 'revoke', 'x', "
             "'--reason', 'r', '--dir', '/nonexistent']); "
             "print(sorted(m for m in ('typer', 'rich', 'cryptography', 'sqlite_utils', 'pydantic') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -1,4 +1,4 @@
-"""Tests for hub.registry on real SQLite files, with real certificates from a small CA made here and a fake clock."""
+"""Tests for hub.registry.store on real SQLite files, with real certificates from a small CA made here and a fake clock."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from hub.policy import PolicyError
-from hub.registry import (CertRejected, DeviceExists, DeviceNotActive, InvalidDeviceId, Registry, RegistryError,
+from hub.ca.policy import PolicyError
+from hub.registry.store import (CertRejected, DeviceExists, DeviceNotActive, InvalidDeviceId, Registry, RegistryError,
                           TokenRejected, UnknownDevice, serial_hex, token_hash)
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)

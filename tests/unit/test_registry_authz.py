@@ -10,7 +10,7 @@ import pytest
 
 from hub.authz.policy import DEFAULT_ROLES
 from hub.authz.schema import CREDENTIAL_QUERY
-from hub.registry import InvalidName, Registry, serial_hex
+from hub.registry.store import InvalidName, Registry, serial_hex
 from tests.unit.test_registry import Clock, MiniCA, TTL, enrolled, raw  # noqa: F401 (fixtures below)
 from tests.unit.test_registry import clock, db_path, mini_ca, reg  # noqa: F401
 
@@ -112,7 +112,7 @@ def test_prune_keeps_the_newest_event(reg, db_path, clock, mini_ca):
 
 
 def test_a_repeated_offline_writes_nothing(reg, db_path, clock, mini_ca):
-    from hub.registry import UnknownDevice
+    from hub.registry.store import UnknownDevice
 
     enrolled(reg, mini_ca, clock)
     assert reg.mark_presence("dev-1", True, clock.now) and reg.mark_presence("dev-1", True, clock.advance(seconds=1))

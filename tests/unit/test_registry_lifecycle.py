@@ -12,8 +12,8 @@ import pytest
 from hub.api import actions, queries
 from hub.api.queries import Selector
 from hub.authz.schema import CREDENTIAL_QUERY
-from hub.estservice import credential_status
-from hub.registry import (DEVICE_STATUSES, SCHEMA_VERSION, CertRejected, DeviceExists, DeviceNotActive, Registry,
+from hub.est.service import credential_status
+from hub.registry.store import (DEVICE_STATUSES, SCHEMA_VERSION, CertRejected, DeviceExists, DeviceNotActive, Registry,
                           TokenRejected, serial_hex, token_hash)
 from tests.unit.test_registry import T0, TTL, Clock, MiniCA, enrolled, raw  # noqa: F401 (fixtures below)
 from tests.unit.test_registry import clock, db_path, mini_ca, reg  # noqa: F401

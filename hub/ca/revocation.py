@@ -2,7 +2,7 @@
 
 The device CRL lists revoked certificates and, as certificateHold, the certificates of suspended devices
 (resuming a device takes them off again). The service CRL lists revoked service identity certificates. Both are
-built, signed, validated on disk and swapped in atomically, in the background (hub.live.CrlPublisher).
+built, signed, validated on disk and swapped in atomically, in the background (hub.serve.live.CrlPublisher).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
-from .ca import FleetCA
-from .crl import CrlError, crl_needs_refresh, crl_number, next_crl_number, validate_crl, write_crl_atomically
-from .registry import Registry
+from hub.ca.authority import FleetCA
+from hub.ca.crl import CrlError, crl_needs_refresh, crl_number, next_crl_number, validate_crl, write_crl_atomically
+from hub.registry.store import Registry
 
 CRL_LIFETIME = timedelta(days=7)
 SERVICE_CRL = "service.crl.pem"
@@ -50,7 +50,7 @@ def publish_service_crl(ca: FleetCA, registry: Registry | None, crl_dir: Path, n
         pass
     entries = []
     if registry is not None:
-        from .authz.identities import revoked_identity_certificates
+        from hub.authz.identities import revoked_identity_certificates
 
         entries = [(int(r["serial"], 16), datetime.fromisoformat(r["revoked_at"]), r["reason"] or "unspecified")
                    for r in revoked_identity_certificates(registry, now)]

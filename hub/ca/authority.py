@@ -35,8 +35,8 @@ from hsm.errors import HsmError, KeyNotFound
 from hsm.secretfile import PrivateFileError, read_private_file
 from hsm.token import TokenConfig
 
-from .crl import crl_builder
-from .policy import Policy, check_device_id
+from hub.ca.crl import crl_builder
+from hub.ca.policy import Policy, check_device_id
 
 CA_KEY_TYPES = ("ec-p256", "ec-p384", "rsa-3072")
 FILE_KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
@@ -244,7 +244,7 @@ class FleetCA:
                           crl_url: str) -> x509.Certificate:
         """A device client certificate from the device CA; every field is decided here, none comes from a CSR.
 
-        Raises hub.policy.PolicyError for an invalid device id, CaError for an unacceptable key or setting.
+        Raises hub.ca.policy.PolicyError for an invalid device id, CaError for an unacceptable key or setting.
         """
         check_device_id(device_id)
         if policy.fleet != self.fleet:

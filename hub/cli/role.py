@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cliutil import DirOpt, config, errors, fail, now, out, registry
+from hub.cli.util import DirOpt, config, errors, fail, now, out, registry
 
 role_app = typer.Typer(help="MQTT roles: topic rules with {id} and {group} placeholders, enforced by the broker.",
                        no_args_is_help=True)
@@ -20,7 +20,7 @@ role_app = typer.Typer(help="MQTT roles: topic rules with {id} and {group} place
 def role_list(directory: Optional[Path] = DirOpt,
               as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Every role with its number of rules and of service identities holding it."""
-    from .authz.roles import list_roles
+    from hub.authz.roles import list_roles
 
     reg = registry(config(directory))
     rows = list_roles(reg)
@@ -37,7 +37,7 @@ def role_list(directory: Optional[Path] = DirOpt,
 def role_show(name: str = typer.Argument(..., help="Role name."), directory: Optional[Path] = DirOpt,
               as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """A role's rules, one `action:pattern` per line."""
-    from .authz.roles import get_role
+    from hub.authz.roles import get_role
 
     reg = registry(config(directory))
     try:
@@ -60,8 +60,8 @@ def role_set(
     directory: Optional[Path] = DirOpt,
 ) -> None:
     """Create a role or replace all its rules. Live sessions holding it get the new rights at once."""
-    from . import admin
-    from .authz.roles import parse_rule, set_role
+    from hub.serve import admin
+    from hub.authz.roles import parse_rule, set_role
 
     cfg = config(directory)
     reg = registry(cfg)

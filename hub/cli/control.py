@@ -1,6 +1,6 @@
 """Device status changes from the CLI: through the running hub (immediate effect) or, offline, directly.
 
-The online path imports nothing heavy (it is the revoke command's hot path: see hub.entry); the offline one loads
+The online path imports nothing heavy (it is the revoke command's hot path: see hub.cli.entry); the offline one loads
 the registry and the CA only when no hub answers.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from . import admin
-from .config import HubConfig
+from hub.serve import admin
+from hub.config import HubConfig
 
 
 def apply_status_change(cfg: HubConfig, device_id: str, status: str, reason: str, now: datetime,
@@ -33,9 +33,9 @@ def apply_status_change(cfg: HubConfig, device_id: str, status: str, reason: str
 
 
 def _offline(cfg: HubConfig, device_id: str, status: str, reason: str, now: datetime, actor: str) -> str:
-    from .ca import load_ca
-    from .registry import Registry
-    from .revocation import publish_crl
+    from hub.ca.authority import load_ca
+    from hub.registry.store import Registry
+    from hub.ca.revocation import publish_crl
 
     registry = Registry(cfg.registry_path)
     try:

@@ -1,4 +1,4 @@
-"""The hub's EST service logic: one request in, one response out, no sockets (the HTTP server is hub.estserver).
+"""The hub's EST service logic: one request in, one response out, no sockets (the HTTP server is hub.est.server).
 
 It ties the EST message layer (est/), the issuance policy, the CA and the registry together and decides every
 answer: 200 with a certs-only PKCS#7, or a precise 4xx with an audit entry and nothing issued.
@@ -24,10 +24,10 @@ from cryptography import x509
 import est
 from est.errors import EstError, Forbidden, PayloadTooLarge, Unauthorized
 
-from .ca import FleetCA
-from .policy import Policy, PolicyError, check_device_id
-from .ratelimit import RateLimiter
-from .registry import SUPERSEDE_GRACE, CertRejected, DeviceNotActive, Registry, RegistryError, TokenRejected
+from hub.ca.authority import FleetCA
+from hub.ca.policy import Policy, PolicyError, check_device_id
+from hub.est.ratelimit import RateLimiter
+from hub.registry.store import SUPERSEDE_GRACE, CertRejected, DeviceNotActive, Registry, RegistryError, TokenRejected
 
 log = logging.getLogger("tessera.hub.est")
 

@@ -31,7 +31,7 @@ from sqlite_utils import Database
 
 from hub.authz.policy import DEFAULT_ROLES, AuthzError, check_groups, check_labels
 from hub.authz.schema import AUTHZ_SCHEMA, MIGRATE_1_TO_2
-from hub.policy import PolicyError, check_device_id
+from hub.ca.policy import PolicyError, check_device_id
 
 SCHEMA_VERSION = 3
 #: How long a certificate superseded by a renewal keeps connecting (the device switches over in this time).

@@ -10,8 +10,8 @@ from datetime import datetime
 
 from hsm.token import TokenConfig, open_session
 
-from .ca import KEYS_FORMAT, TOKEN_LABELS, CaError, CaPaths, load_ca, load_key_file
-from .config import HubConfig
+from hub.ca.authority import KEYS_FORMAT, TOKEN_LABELS, CaError, CaPaths, load_ca, load_key_file
+from hub.config import HubConfig
 
 
 def _shred(path) -> None:

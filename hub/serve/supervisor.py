@@ -13,16 +13,18 @@ from typing import Callable
 
 from cryptography import x509
 
-from . import admin, estserver
-from .authz.identities import ensure_hub_identity
-from .broker.mosquitto import Limits, MosquittoBroker
-from .broker.mqttadmin import AdminClient
-from .ca import load_ca
-from .config import HubConfig
-from .estservice import EstService
-from .live import LiveHub
-from .ratelimit import RateLimiter
-from .registry import Registry
+from hub.serve import admin
+
+from hub.est import server as estserver
+from hub.authz.identities import ensure_hub_identity
+from hub.broker.mosquitto import Limits, MosquittoBroker
+from hub.broker.mqttadmin import AdminClient
+from hub.ca.authority import load_ca
+from hub.config import HubConfig
+from hub.est.service import EstService
+from hub.serve.live import LiveHub
+from hub.est.ratelimit import RateLimiter
+from hub.registry.store import Registry
 
 log = logging.getLogger("tessera.hub")
 
@@ -101,7 +103,7 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
         server, thread = estserver.start(service, host, est_port, tls)
         stack.append(lambda: (server.shutdown(), server.server_close(), thread.join(timeout=5)))
 
-        from .api.server import configured_port, start_api
+        from hub.api.server import configured_port, start_api
 
         api_port, api_explicit = (api_port, True) if api_port is not None else configured_port(cfg)
         try:

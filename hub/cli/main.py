@@ -11,13 +11,13 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .cliutil import DirOpt, config, device_id_arg, err, errors, fail, now, out, registry, safe
-from .config import hub_dir
-from .devicecli import device_app
-from .identitycli import identity_app
-from .rolecli import role_app
-from .watchcli import watch
-from .policy import PolicyError
+from hub.cli.util import DirOpt, config, device_id_arg, err, errors, fail, now, out, registry, safe
+from hub.config import hub_dir
+from hub.cli.device import device_app
+from hub.cli.identity import identity_app
+from hub.cli.role import role_app
+from hub.cli.watch import watch
+from hub.ca.policy import PolicyError
 
 app = typer.Typer(
     name="tessera-hub",
@@ -57,7 +57,7 @@ def init(
     mqtt_port: int = typer.Option(8883, help="MQTT mTLS port."),
 ) -> None:
     """Create a fleet: root, device and service CAs, the hub's TLS certificate, an empty registry."""
-    from .setup import create_fleet
+    from hub.setup import create_fleet
 
     root = hub_dir(directory)
     try:
@@ -81,7 +81,7 @@ def serve(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Run the hub: EST enrollment, the MQTT broker with its authorization plugin, the fleet API, CRL publishing."""
-    from .serve import run
+    from hub.serve.supervisor import run
 
     cfg = config(directory)
     try:
@@ -94,8 +94,8 @@ def serve(
 @app.command()
 def crl(directory: Optional[Path] = DirOpt) -> None:
     """Re-issue the device CRL now from the registry and show what it holds."""
-    from .ca import load_ca
-    from .revocation import publish_crl
+    from hub.ca.authority import load_ca
+    from hub.ca.revocation import publish_crl
 
     cfg = config(directory)
     try:
@@ -192,7 +192,7 @@ def bundle(
     """Turn a token batch into per-device bundles (agent.toml, fleet root, one-time token) for the factory."""
     from rich.progress import Progress
 
-    from .bundle import BundleError, write_bundles
+    from hub.est.bundle import BundleError, write_bundles
 
     cfg = config(directory)
     try:
@@ -222,8 +222,8 @@ def ca_move_to_token(
     """
     from hsm.token import TokenConfig
 
-    from . import admin
-    from .camove import move_keys_to_token
+    from hub.serve import admin
+    from hub.ca.move import move_keys_to_token
 
     cfg = config(directory)
     try:
@@ -240,3 +240,7 @@ def ca_move_to_token(
     for role, uri in uris.items():
         out.print(f"{role:8} {uri}")
     out.print("CA keys now live in the token; the key files were overwritten and removed")
+
+
+if __name__ == "__main__":
+    app()

@@ -18,9 +18,9 @@ from typing import Any, NoReturn, Optional
 import typer
 from rich.markup import escape
 
-from .cliutil import DirOpt, config, err, errors, now, out, registry
-from .cliutil import fail as _fail_markup
-from .config import HubConfig
+from hub.cli.util import DirOpt, config, err, errors, now, out, registry
+from hub.cli.util import fail as _fail_markup
+from hub.config import HubConfig
 
 identity_app = typer.Typer(help="Service identities: client certificates from the service CA for back ends and "
                                 "operators (principal svc.<name>, one role).", no_args_is_help=True)
@@ -138,7 +138,7 @@ def _write_files(tmp: Path, name: str, principal: str, cfg: HubConfig, cert, key
     from cryptography.hazmat.primitives.serialization import pkcs12
     from cryptography.x509 import load_pem_x509_certificate
 
-    from .ca import _write_new
+    from hub.ca.authority import _write_new
 
     pem = serialization.Encoding.PEM
     service_ca = (cfg.ca_dir / "service-ca.pem").read_bytes()
@@ -187,8 +187,8 @@ def identity_add(
     directory: Optional[Path] = DirOpt,
 ) -> None:
     """Issue a service identity's client certificate from the service CA and write its files."""
-    from .authz.identities import add_identity, check_identity_name, check_role
-    from .authz.policy import service_principal
+    from hub.authz.identities import add_identity, check_identity_name, check_role
+    from hub.authz.policy import service_principal
 
     cfg = config(directory)
     reg = registry(cfg)
@@ -235,7 +235,7 @@ def _issue(cfg: HubConfig, principal: str, days: int, token: _TokenKey | None):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-    from .ca import load_ca
+    from hub.ca.authority import load_ca
 
     ca = load_ca(cfg.ca_dir, cfg.ca_token)
     try:
@@ -263,7 +263,7 @@ def _forget_token_key(token: _TokenKey) -> None:
 
 
 def _report(name: str, principal: str, role: str, cert, dest: Path, token: _TokenKey | None, as_json: bool) -> None:
-    from hub.registry import serial_hex
+    from hub.registry.store import serial_hex
 
     files = {n: str(dest / n) for n in _describe(name, bool(token))}
     expires = cert.not_valid_after_utc
@@ -291,7 +291,7 @@ def identity_list(directory: Optional[Path] = DirOpt,
     """List service identities (and the hub's own): principal, role, status, certificate expiry."""
     from rich.table import Table
 
-    from .authz.identities import list_identities
+    from hub.authz.identities import list_identities
 
     rows = list_identities(registry(config(directory)))
     for r in rows:
@@ -324,7 +324,7 @@ def identity_show(name: str = typer.Argument(...), directory: Optional[Path] = D
     """Everything about one identity: role, status, certificates, recent audit entries."""
     from rich.table import Table
 
-    from .authz.identities import get_identity
+    from hub.authz.identities import get_identity
 
     reg = registry(config(directory))
     try:
@@ -354,8 +354,8 @@ def identity_revoke(name: str = typer.Argument(...), directory: Optional[Path] =
                     reason: str = typer.Option("", "--reason", help="keyCompromise, cessationOfOperation, "
                                                                     "superseded or free text (audit log, CRL).")) -> None:
     """Revoke a service identity for good: the broker cuts its sessions and refuses its certificates."""
-    from . import admin
-    from .authz.identities import revoke_identity
+    from hub.serve import admin
+    from hub.authz.identities import revoke_identity
 
     cfg = config(directory)
     reg = registry(cfg)
@@ -378,8 +378,8 @@ def identity_revoke(name: str = typer.Argument(...), directory: Optional[Path] =
 
 def _publish_service_crl(cfg: HubConfig, reg) -> None:
     """Offline: re-issue the service CRL now (for third parties; a running hub does this in the background)."""
-    from .ca import load_ca
-    from .revocation import publish_service_crl
+    from hub.ca.authority import load_ca
+    from hub.ca.revocation import publish_service_crl
 
     try:
         ca = load_ca(cfg.ca_dir, cfg.ca_token)

@@ -3,7 +3,7 @@
 Cutting a stolen device off is the one command where start-up time is the operator's latency: typer (with
 pydantic), rich, cryptography and sqlite-utils cost about half a second before the first byte reaches the hub.
 With a hub running, `device suspend|resume|revoke ID [--reason R] [--dir D]` needs only the admin socket; anything
-else (help, bad arguments, no hub running: the offline path) goes through the typer CLI in hub.cli, unchanged.
+else (help, bad arguments, no hub running: the offline path) goes through the typer CLI in hub.cli.main, unchanged.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def status_fast_path(argv: list[str]) -> int | None:
     reason = default_reason if argv[1] == "resume" else (args.reason or default_reason)
     if unknown or reason is None or (argv[1] == "resume" and args.reason is not None):
         return None  # typer says what is wrong
-    from . import admin
-    from .config import ConfigError, hub_dir, load_config
-    from .control import apply_status_change
-    from .policy import PolicyError, check_device_id
+    from hub.serve import admin
+    from hub.config import ConfigError, hub_dir, load_config
+    from hub.cli.control import apply_status_change
+    from hub.ca.policy import PolicyError, check_device_id
 
     os.umask(0o077)
     try:
@@ -57,7 +57,7 @@ def main() -> None:
     code = status_fast_path(sys.argv[1:])
     if code is not None:
         raise SystemExit(code)
-    from .cli import app
+    from hub.cli.main import app
 
     app()
 

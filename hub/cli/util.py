@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .config import ConfigError, HubConfig, hub_dir, load_config
-from .policy import PolicyError, check_device_id
+from hub.config import ConfigError, HubConfig, hub_dir, load_config
+from hub.ca.policy import PolicyError, check_device_id
 
 # soft_wrap: errors and status lines stay one line each when the output is not a terminal (logs, scripts)
 out = Console(soft_wrap=True)
@@ -46,7 +46,7 @@ def config(directory: Optional[Path]) -> HubConfig:
 
 
 def registry(cfg: HubConfig):
-    from .registry import Registry
+    from hub.registry.store import Registry
 
     return Registry(cfg.registry_path)
 
@@ -62,9 +62,9 @@ def errors():
     """Exception types the CLI turns into one clean error line."""
     from hsm.errors import HsmError
 
-    from .admin import AdminError
-    from .ca import CaError
-    from .crl import CrlError
-    from .registry import RegistryError
+    from hub.serve.admin import AdminError
+    from hub.ca.authority import CaError
+    from hub.ca.crl import CrlError
+    from hub.registry.store import RegistryError
 
     return (RegistryError, CaError, CrlError, HsmError, PolicyError, ConfigError, AdminError, OSError)

@@ -1,4 +1,4 @@
-"""The EST HTTPS server: stdlib ThreadingHTTPServer with TLS >= 1.2; all decisions are in hub.estservice.
+"""The EST HTTPS server: stdlib ThreadingHTTPServer with TLS >= 1.2; all decisions are in hub.est.service.
 
 The TLS handshake runs in a worker thread (a slow client never blocks accept(); I/O times out after 10 s). Client
 certificates are optional at the TLS layer (simpleenroll uses a bootstrap token) but, when sent, must chain to
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from est.messages import MAX_CSR_BODY
 
-from .estservice import EstRequest, EstService
+from hub.est.service import EstRequest, EstService
 
 log = logging.getLogger("tessera.hub.est")
 

@@ -10,15 +10,15 @@ from typing import Optional
 import typer
 from rich.table import Column, Table
 
-from .cliutil import DirOpt, config, device_id_arg, err, errors, fail, now, out, registry
-from .config import HubConfig
+from hub.cli.util import DirOpt, config, device_id_arg, err, errors, fail, now, out, registry
+from hub.config import HubConfig
 
 device_app = typer.Typer(help="Add, list, inspect, suspend, resume, revoke, decommission and command devices.",
                          no_args_is_help=True)
 
 
 
-#: `device list` colours, one per registry status (hub.registry.DEVICE_STATUSES).
+#: `device list` colours, one per registry status (hub.registry.store.DEVICE_STATUSES).
 STATUS_COLOURS = {"pending": "cyan", "active": "green", "suspended": "yellow", "revoked": "red",
                   "decommissioned": "bright_black"}
 
@@ -119,7 +119,7 @@ def device_show(device_id: str = typer.Argument(...), directory: Optional[Path] 
 
 
 def _change_status(directory: Optional[Path], device_id: str, status: str, reason: str) -> None:
-    from .control import apply_status_change
+    from hub.cli.control import apply_status_change
 
     cfg = config(directory)
     device_id_arg(device_id)
@@ -171,7 +171,7 @@ def device_send(
     """Send a command to a connected device through the running hub and print its acknowledgement."""
     import time
 
-    from . import admin
+    from hub.serve import admin
 
     cfg = config(directory)
     device_id_arg(device_id)

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .policy import check_device_id
+from hub.ca.policy import check_device_id
 
 AGENT_TOML = """\
 # Tessera agent configuration for {device_id} (factory bundle). See agent/config.py for every key.

@@ -20,8 +20,8 @@ from typing import NoReturn, Optional
 import typer
 from rich.markup import escape
 
-from .cliutil import DirOpt, config, err, registry
-from .cliutil import fail as _fail_markup
+from hub.cli.util import DirOpt, config, err, registry
+from hub.cli.util import fail as _fail_markup
 
 KINDS = ("telemetry", "events", "status")
 SUBSCRIBE_BATCH = 100  # topic filters per SUBSCRIBE packet
@@ -60,7 +60,7 @@ def _group_members(cfg, group: str) -> list[str]:
 
 
 def _identity_files(cfg, name: str) -> tuple[Path, Path, Path]:
-    from .authz.identities import IdentityError, check_identity_name, get_identity
+    from hub.authz.identities import IdentityError, check_identity_name, get_identity
 
     try:
         check_identity_name(name)
@@ -176,7 +176,7 @@ def watch(
     directory: Optional[Path] = DirOpt,
 ) -> None:
     """Follow telemetry, events and presence live: one line per message (time in UTC, device, kind, payload)."""
-    from .authz.policy import AuthzError, check_name, service_principal
+    from hub.authz.policy import AuthzError, check_name, service_principal
 
     cfg = config(directory)
     if device and group:

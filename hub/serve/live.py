@@ -16,12 +16,12 @@ import uuid
 from datetime import datetime, timezone
 from typing import Callable
 
-from .broker import BrokerDriver, BrokerError
-from .ca import FleetCA
-from .config import HubConfig
-from .crl import crl_needs_refresh, current_crl
-from .registry import Registry, UnknownDevice
-from .revocation import publish_crl, publish_service_crl
+from hub.broker import BrokerDriver, BrokerError
+from hub.ca.authority import FleetCA
+from hub.config import HubConfig
+from hub.ca.crl import crl_needs_refresh, current_crl
+from hub.registry.store import Registry, UnknownDevice
+from hub.ca.revocation import publish_crl, publish_service_crl
 
 log = logging.getLogger("tessera.hub")
 

@@ -1,0 +1,1 @@
+"""The device registry: schema, migrations and every read and write of device, certificate and audit state."""
