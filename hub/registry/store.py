@@ -29,101 +29,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from sqlite_utils import Database
 
-from hub.authz.policy import DEFAULT_ROLES, AuthzError, check_groups, check_labels
-from hub.authz.schema import AUTHZ_SCHEMA, MIGRATE_1_TO_2
+from hub.authz.policy import AuthzError, check_groups, check_labels
 from hub.ca.policy import PolicyError, check_device_id
 
-SCHEMA_VERSION = 3
-#: How long a certificate superseded by a renewal keeps connecting (the device switches over in this time).
-SUPERSEDE_GRACE = timedelta(minutes=5)
-#: pending: registered (a token issued), never enrolled; active: enrolled; suspended: cut off, can come back;
-#: revoked and decommissioned: final (decommissioned: retired, cessationOfOperation; the row and audit stay).
-DEVICE_STATUSES = ("pending", "active", "suspended", "revoked", "decommissioned")
-#: Statuses from which nothing changes any more.
-FINAL_STATUSES = ("revoked", "decommissioned")
-#: Statuses a token enrollment accepts (pending: the first one; active: a re-enrollment with a fresh token).
-ENROLLABLE_STATUSES = ("pending", "active")
-#: Who the audit log names for enroll / reenroll (the enrollment service acting for an unauthenticated claimant).
-EST_ACTOR = "est"
-
-_DEVICES_TABLE = """CREATE TABLE IF NOT EXISTS {name} (
-        id TEXT PRIMARY KEY, fleet TEXT NOT NULL,
-        status TEXT NOT NULL
-            CHECK (status IN ('pending', 'active', 'suspended', 'revoked', 'decommissioned')),
-        labels TEXT NOT NULL DEFAULT '{{}}' CHECK (json_valid(labels)),
-        groups TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(groups)),
-        created TEXT NOT NULL, last_seen TEXT, online INTEGER NOT NULL DEFAULT 0 CHECK (online IN (0, 1)))"""
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
-    _DEVICES_TABLE.format(name="devices"),
-    """CREATE TABLE IF NOT EXISTS certificates (
-        serial TEXT PRIMARY KEY, device_id TEXT NOT NULL REFERENCES devices(id), subject TEXT NOT NULL,
-        not_before TEXT NOT NULL, not_after TEXT NOT NULL, fingerprint_sha256 TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('active', 'superseded', 'revoked')),
-        revoked_at TEXT, revocation_reason TEXT, issued_at TEXT NOT NULL, pem TEXT NOT NULL,
-        grace_until TEXT)""",
-    """CREATE INDEX IF NOT EXISTS certificates_device ON certificates(device_id)""",
-    # Invariant: a device has at most one active certificate.
-    """CREATE UNIQUE INDEX IF NOT EXISTS certificates_one_active ON certificates(device_id)
-        WHERE status = 'active'""",
-    """CREATE TABLE IF NOT EXISTS tokens (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL REFERENCES devices(id),
-        token_hash TEXT NOT NULL UNIQUE, created TEXT NOT NULL, expires TEXT NOT NULL,
-        used_at TEXT, used_from TEXT)""",
-    """CREATE INDEX IF NOT EXISTS tokens_device ON tokens(device_id)""",
-    # No foreign key on device_id: denied attempts for unknown devices are logged too.
-    """CREATE TABLE IF NOT EXISTS audit (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
-        device_id TEXT, outcome TEXT NOT NULL CHECK (outcome IN ('ok', 'denied', 'error')),
-        detail TEXT NOT NULL DEFAULT '', source TEXT)""",
-    """CREATE INDEX IF NOT EXISTS audit_device ON audit(device_id, id)""",
-    """CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-        BEGIN SELECT RAISE(ABORT, 'audit log is append-only: rows cannot be updated'); END""",
-    """CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-        BEGIN SELECT RAISE(ABORT, 'audit log is append-only: rows cannot be deleted'); END""",
-)
+from .errors import (CertRejected, DeviceExists, DeviceNotActive, InvalidDeviceId, InvalidName,  # noqa: F401
+                     RegistryError, TokenRejected, UnknownDevice)
+from .schema import (DEVICE_STATUSES, ENROLLABLE_STATUSES, EST_ACTOR, FINAL_STATUSES,  # noqa: F401
+                     SCHEMA_VERSION, SUPERSEDE_GRACE, open_schema)
 
 #: One factory-batch row: (device_id, labels, groups).
 _Row = tuple[str, Mapping[str, str] | None, Sequence[str] | None]
 _DEVICE_SELECT = """SELECT d.*, (SELECT c.not_after FROM certificates c
     WHERE c.device_id = d.id AND c.status = 'active' ORDER BY c.issued_at DESC LIMIT 1) AS cert_not_after
     FROM devices d"""
-
-
-class RegistryError(Exception):
-    """A registry operation refused; `code` is a short machine-readable reason."""
-
-    code = "registry_error"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-
-
-class InvalidDeviceId(RegistryError, PolicyError):
-    code = "invalid_device_id"
-
-
-class DeviceExists(RegistryError):
-    code = "device_exists"
-
-
-class UnknownDevice(RegistryError):
-    code = "unknown_device"
-
-
-class DeviceNotActive(RegistryError):
-    code = "device_not_active"  # 'device_suspended' or 'device_revoked'
-
-
-class TokenRejected(RegistryError):
-    code = "unknown_token"  # 'unknown_token', 'token_used', 'token_expired' or 'token_device_mismatch'
-
-
-class CertRejected(RegistryError):
-    """code: 'unknown_cert', 'cert_revoked', 'cert_superseded', 'cert_expired' or 'cert_device_mismatch'."""
-    code = "unknown_cert"
 
 
 def _ts(now: datetime) -> str:
@@ -159,10 +77,6 @@ def _device(row: dict[str, Any]) -> dict[str, Any]:
             "online": bool(row["online"])}
 
 
-class InvalidName(RegistryError, PolicyError):
-    code = "invalid_name"
-
-
 def _json_meta(labels: Mapping[str, str] | None, groups: Sequence[str] | None) -> tuple[str, str]:
     """Labels and groups as stored JSON, validated like device ids (they end up in topic rules)."""
     if isinstance(groups, str):
@@ -186,86 +100,7 @@ class Registry:
         # BEGIN IMMEDIATE + busy_timeout.
         self._write_lock = threading.RLock()
         self._closed = False
-        db = self._db()
-        db.enable_wal()
-        # The 2 -> 3 migration rebuilds `devices`: foreign keys must be off for that, and the pragma is a no-op
-        # inside a transaction, so it is decided before BEGIN (and the version re-read under the write lock).
-        rebuild = self._stored_version(db) in ("1", "2")
-        if rebuild:
-            db.execute("PRAGMA foreign_keys = OFF")
-        try:
-            with self._write(db):
-                old = self._stored_version(db)
-                for statement in _SCHEMA:
-                    db.execute(statement)
-                if old == "1":
-                    for statement in MIGRATE_1_TO_2:
-                        db.execute(statement)
-                    old = "2"
-                if old == "2":
-                    if not rebuild:  # another process moved the file back to 2 between the reads: impossible
-                        raise RegistryError(f"{self.path}: schema changed while opening", code="schema_version")
-                    self._migrate_2_to_3(db)
-                if old in ("1", "2"):
-                    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
-                for statement in AUTHZ_SCHEMA:
-                    db.execute(statement)
-                db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                           [str(SCHEMA_VERSION)])
-                self._seed_roles(db)
-        finally:
-            if rebuild:
-                db.execute("PRAGMA foreign_keys = ON")
-        version = self._one(db, "SELECT value FROM meta WHERE key = 'schema_version'")
-        if version is None or int(version["value"]) != SCHEMA_VERSION:
-            raise RegistryError(f"{self.path}: schema version {version and version['value']}, this code needs "
-                                f"{SCHEMA_VERSION}", code="schema_version")
-
-    @classmethod
-    def _stored_version(cls, db: Database) -> str | None:
-        if not cls._one(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"):
-            return None
-        row = cls._one(db, "SELECT value FROM meta WHERE key = 'schema_version'")
-        return row and row["value"]
-
-    @classmethod
-    def _migrate_2_to_3(cls, db: Database) -> None:
-        """Schema 2 -> 3: the device lifecycle (pending, decommissioned). SQLite cannot change a CHECK constraint,
-        so `devices` is rebuilt (https://sqlite.org/lang_altertable.html#otheralter): every index, trigger and view
-        that refers to it (the registry's, hub/authz's view, hub/api's triggers and indexes, or anyone's) is saved,
-        dropped, and recreated from its own SQL after the rename; foreign keys are off (the caller), and
-        `foreign_key_check` must be clean before the commit. Devices that never enrolled (no certificate, no used
-        token) and are 'active' become 'pending'; every other device keeps its status."""
-        dependents = list(db.query(
-            "SELECT type, name, sql FROM sqlite_master WHERE type IN ('index', 'trigger', 'view') "
-            "AND sql IS NOT NULL AND (tbl_name = 'devices' OR sql LIKE '%devices%') ORDER BY rowid"))
-        for obj in dependents:
-            if obj["type"] in ("view", "trigger"):  # indexes go with the table
-                db.execute(f'DROP {obj["type"].upper()} IF EXISTS "{obj["name"]}"')
-        db.execute("DROP TABLE IF EXISTS devices_v3")
-        db.execute(_DEVICES_TABLE.format(name="devices_v3"))
-        db.execute("INSERT INTO devices_v3 (id, fleet, status, labels, groups, created, last_seen, online) "
-                   "SELECT id, fleet, CASE WHEN status = 'active' "
-                   "AND NOT EXISTS (SELECT 1 FROM certificates c WHERE c.device_id = devices.id) "
-                   "AND NOT EXISTS (SELECT 1 FROM tokens t WHERE t.device_id = devices.id AND t.used_at IS NOT NULL "
-                   "AND COALESCE(t.used_from, '') != 'superseded') THEN 'pending' ELSE status END, "
-                   "labels, groups, created, last_seen, online FROM devices")
-        db.execute("DROP TABLE devices")
-        db.execute("ALTER TABLE devices_v3 RENAME TO devices")
-        for obj in dependents:
-            db.execute(obj["sql"])
-        problems = list(db.query("PRAGMA foreign_key_check"))
-        if problems:
-            raise RegistryError(f"schema 2 -> 3 migration: foreign key check failed: {problems[:5]}",
-                                code="schema_migration")
-
-    @staticmethod
-    def _seed_roles(db: Database) -> None:
-        """Built-in roles that are missing get their default rules (an edited role is left as it is)."""
-        for name, rules in DEFAULT_ROLES.items():
-            if db.execute("INSERT OR IGNORE INTO roles (name, description) VALUES (?, 'built-in')", [name]).rowcount:
-                db.conn.executemany("INSERT OR IGNORE INTO role_rules (role, action, pattern) VALUES (?, ?, ?)",
-                                    [(name, a, p) for a, p in rules])
+        open_schema(self._db(), self.path)
 
     @staticmethod
     def authz_event(db: Database, principal: str | None, reason: str, now: datetime) -> None:
