@@ -60,14 +60,14 @@ REVOKE_PATH = "/api/v1/devices/actions/revoke"
 class Settings:
     big_devices: int = 1_000_000
     group: int = 10_000
-    connected: int = 8  # enrolled members of the group with a live session
+    connected: int = 1000  # enrolled members of the group with a live session (each one cut is timed)
     requests: int = 1000
     connections: int = 4
 
 
 def _settings(quick: bool) -> Settings:
     if quick:
-        return Settings(big_devices=100_000, connected=4, requests=300)
+        return Settings(big_devices=100_000, connected=200, requests=300)
     return Settings()
 
 
