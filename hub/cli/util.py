@@ -1,7 +1,13 @@
-"""Shared pieces of the `tessera-hub` commands: consoles, --dir, config/registry loading, one-line errors."""
+"""Shared pieces of the `tessera-hub` commands: consoles, options (--dir, --hub, --json), config/registry loading,
+one-line errors, JSON and 80-column table output, the API client for a command."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import sys
+import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -18,6 +24,14 @@ err = Console(stderr=True, soft_wrap=True)
 
 DirOpt = typer.Option(None, "--dir", help="Hub directory [default: $TESSERA_HUB_DIR, else ./tessera-hub].",
                       show_default=False)
+HubOpt = typer.Option(None, "--hub", envvar="TESSERA_HUB", show_default=False,
+                      help="Fleet API of a remote hub, e.g. https://hub.example:8444 (credential from "
+                           "~/.config/tessera/cli.toml) [default: $TESSERA_HUB, cli.toml's hub, else the local hub].")
+ProfileOpt = typer.Option(None, "--profile", envvar="TESSERA_PROFILE", show_default=False,
+                          help="A [profiles.NAME] table of ~/.config/tessera/cli.toml (hub, cert, key, ca).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON.")
+
+TABLE_WIDTH = 80
 
 
 def safe(value: object) -> "Text":
@@ -68,3 +82,111 @@ def errors():
     from hub.registry.store import RegistryError
 
     return (RegistryError, CaError, CrlError, HsmError, PolicyError, ConfigError, AdminError, OSError)
+
+
+# --- output -------------------------------------------------------------------------------------------------------
+
+def print_json(data: object) -> None:
+    """JSON on stdout (indented; parseable whatever the terminal)."""
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _clean(value: object) -> str:
+    """A cell: one line, control and bidi characters as escapes (attacker-influenced text reaches a terminal)."""
+    text = "-" if value is None or value == "" else str(value)
+    return "".join(c if c.isprintable() and not 0x202a <= ord(c) <= 0x202e and not 0x2066 <= ord(c) <= 0x2069
+                   else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _width(text: str) -> int:
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _cut(text: str, width: int) -> str:
+    if _width(text) <= width:
+        return text + " " * (width - _width(text))
+    out, used = [], 0
+    for c in text:
+        w = _width(c)
+        if used + w > width - 1:
+            break
+        out.append(c)
+        used += w
+    return "".join(out) + "\u2026" + " " * (width - 1 - used)
+
+
+def table_lines(rows: list[dict], columns: list[tuple[str, str]], width: int = TABLE_WIDTH) -> list[str]:
+    """Rows as aligned text lines of at most `width` columns: the widest columns give way first, cut cells end
+    in an ellipsis; a cell never wraps onto a second line."""
+    cells = [[_clean(r.get(key)) for key, _ in columns] for r in rows]
+    heads = [h for _, h in columns]
+    widths = [max([_width(h), *(_width(row[i]) for row in cells)]) for i, h in enumerate(heads)]
+    budget = width - 2 * (len(columns) - 1)
+    floor = [min(w, max(4, _width(h))) for w, h in zip(widths, heads)]
+    while sum(widths) > budget:
+        i = max(range(len(widths)), key=lambda n: (widths[n] - floor[n], widths[n]))
+        if widths[i] <= floor[i]:
+            floor = [max(1, f - 1) for f in floor]
+            if all(w <= 1 for w in widths):
+                break
+            continue
+        widths[i] -= 1
+    lines = []
+    for row in [heads, *cells]:
+        lines.append("  ".join(_cut(c, w) for c, w in zip(row, widths)).rstrip())
+    return lines
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    """A plain text table on stdout, every line at most 80 columns (whatever the terminal)."""
+    width = TABLE_WIDTH
+    if sys.stdout.isatty():
+        with contextlib.suppress(OSError):
+            width = min(width, os.get_terminal_size(sys.stdout.fileno()).columns)
+    sys.stdout.write("\n".join(table_lines(rows, columns, width)) + "\n")
+    sys.stdout.flush()
+
+
+def say(text: str) -> None:
+    """One plain line on stdout (escaped: it can hold names from the registry)."""
+    sys.stdout.write(_clean(text) + "\n")
+    sys.stdout.flush()
+
+
+# --- the fleet API ------------------------------------------------------------------------------------------------
+
+def api_fail(exc: Exception) -> None:
+    """An ApiError (or a credential problem) as the CLI's one error line; exit 1."""
+    err.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(_clean(text))
+
+
+@contextlib.contextmanager
+def api_errors():
+    """Turn an ApiError raised inside into the one-line error + exit 1."""
+    from hub.cli.client import ApiError
+
+    try:
+        yield
+    except ApiError as exc:
+        api_fail(exc)
+
+
+@contextlib.contextmanager
+def api(directory: Optional[Path], hub: Optional[str], profile: Optional[str] = None):
+    """The API client for a command (closed afterwards; its errors are one line + exit 1)."""
+    from hub.cli.client import connect
+
+    with api_errors():
+        client = connect(directory, hub, profile)
+        try:
+            yield client
+        finally:
+            client.close()
