@@ -4,8 +4,9 @@ Every filter maps onto an index (added by `API_SCHEMA`, applied when the API sta
 status -> devices(status, id), online -> devices(online, id), last_seen_before -> devices(last_seen),
 id_prefix -> the primary key range, cert_expires_before -> certificates(not_after) over active certificates,
 group / label -> the side tables `device_groups` / `device_labels`, kept equal to the devices' JSON columns by
-triggers (so whoever writes `devices`, the CLI or another hub process, keeps them right). Paging is keyset on the
-device id (`id > last ORDER BY id LIMIT n`), never OFFSET.
+triggers (so whoever writes `devices`, the CLI or another hub process, keeps them right). Paging is keyset, never
+OFFSET: on the device id (`id > last ORDER BY id LIMIT n`), or for another sort order (`SORTS`) on (sort key, id)
+over its own index, e.g. `(COALESCE(last_seen, ''), id) < (?, ?) ORDER BY 1 DESC, 2 DESC` for `-last_seen`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ API_SCHEMA = (
     """CREATE INDEX IF NOT EXISTS devices_status_id ON devices(status, id)""",
     """CREATE INDEX IF NOT EXISTS devices_online_id ON devices(online, id)""",
     """CREATE INDEX IF NOT EXISTS devices_last_seen ON devices(last_seen)""",
+    """CREATE INDEX IF NOT EXISTS devices_last_seen_sort ON devices(COALESCE(last_seen, ''), id)""",
+    """CREATE INDEX IF NOT EXISTS devices_created_sort ON devices(created, id)""",
+    # status is the filter nearly every listing has: sorted pages under it walk these, not a sort of every match
+    """CREATE INDEX IF NOT EXISTS devices_status_last_seen ON devices(status, COALESCE(last_seen, ''), id)""",
+    """CREATE INDEX IF NOT EXISTS devices_status_created ON devices(status, created, id)""",
     """CREATE INDEX IF NOT EXISTS certificates_active_expiry ON certificates(not_after, device_id)
         WHERE status = 'active'""",
     """CREATE TABLE IF NOT EXISTS device_groups (grp TEXT NOT NULL, device_id TEXT NOT NULL,
@@ -58,9 +64,16 @@ _COLUMNS = ("SELECT d.id, d.status, d.groups, d.labels, d.online, d.last_seen, d
             "(SELECT c.not_after FROM certificates c WHERE c.device_id = d.id AND c.status = 'active' "
             "ORDER BY c.issued_at DESC LIMIT 1) AS cert_not_after")
 _PREFIX_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-#: a cursor: base64url of {"after": "<device id of at most 63 characters>"}, no padding (100 characters at most)
+#: a cursor: base64url (no padding) of {"after": "<device id>"} or, for another sort than id,
+#: {"after": "<device id>", "sort": "<sort>", "key": "<stored timestamp or ''>"}
 CURSOR_RE = re.compile(r"[A-Za-z0-9_-]+")
-MAX_CURSOR = 128
+MAX_CURSOR = 256
+#: sort orders: name -> (key expression, source override or None); '-' in front: descending. cert_expires lists only
+#: devices with an active certificate (a device without one has no expiry to sort by).
+SORT_KEYS = {"id": None, "created": "d.created", "last_seen": "COALESCE(d.last_seen, '')",
+             "cert_expires": "c.not_after"}
+SORTS = tuple(name for key in SORT_KEYS for name in (key, f"-{key}"))
+_STORED_TS_RE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00)?")
 
 
 class BadRequest(ValueError):
@@ -165,16 +178,27 @@ class Selector:
     def empty(self) -> bool:
         return self.ids is None and all(getattr(self, f) is None for f in FILTERS)
 
-    def sql(self) -> tuple[str, str, list[Any], str]:
-        """(FROM clause, WHERE conditions, parameters, keyset column), each condition served by an index. A group
-        or label filter drives the query from its side table's primary key, so paging is a key range there."""
+    def sql(self, sort: str = "id") -> tuple[str, str, list[Any], str]:
+        """(FROM clause, WHERE conditions, parameters, keyset column), each condition served by an index. Sorted by
+        id, a group or label filter drives the query from its side table's primary key, so paging is a key range
+        there; another sort order walks its own index and checks group and label through their side tables."""
         conds, params = [], []
         source, key = "devices d", "d.id"
-        if self.group is not None:
+        if sort.lstrip("-") != "id":
+            if sort.lstrip("-") == "cert_expires":
+                source, key = "certificates c JOIN devices d ON d.id = c.device_id", "c.device_id"
+                conds.append("c.status = 'active'")
+            if self.group is not None:
+                conds.append("d.id IN (SELECT device_id FROM device_groups WHERE grp = ?)")
+                params.append(self.group)
+            if self.label is not None:
+                conds.append("d.id IN (SELECT device_id FROM device_labels WHERE key = ? AND value = ?)")
+                params += list(self.label)
+        elif self.group is not None:
             source, key = "device_groups g JOIN devices d ON d.id = g.device_id", "g.device_id"
             conds.append("g.grp = ?")
             params.append(self.group)
-        if self.label is not None:
+        if self.label is not None and sort.lstrip("-") == "id":
             if self.group is None:
                 source, key = "device_labels l JOIN devices d ON d.id = l.device_id", "l.device_id"
                 conds.append("l.key = ? AND l.value = ?")
@@ -219,24 +243,43 @@ def _parse_ids(value: Any) -> list[str]:
     return list(dict.fromkeys(value))
 
 
-def encode_cursor(last_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after": last_id}).encode()).decode().rstrip("=")
+def encode_cursor(last_id: str, sort: str = "id", key: str | None = None) -> str:
+    data: dict[str, str] = {"after": last_id}
+    if sort != "id":
+        data.update(sort=sort, key=key or "")
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> str:
-    """The device id a cursor (`encode_cursor`) holds: strictly {"after": <a valid device id>}, base64url without
-    padding, at most MAX_CURSOR characters; BadRequest("invalid cursor ...") for anything else."""
+#: Where a page starts: after this device id (sort by id) or after this (sort key, device id).
+Position = str | tuple[str, str]
+
+
+def decode_cursor(cursor: str, sort: str = "id") -> Position:
+    """The position a cursor (`encode_cursor`) holds, for the same `sort`: strictly {"after": <a valid device id>}
+    (sort by id) or that plus the sort's name and a stored timestamp (or '': never seen), base64url without padding,
+    at most MAX_CURSOR characters; BadRequest("invalid cursor ...") for anything else."""
     if isinstance(cursor, str) and len(cursor) <= MAX_CURSOR and CURSOR_RE.fullmatch(cursor):
         try:
             data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii"))
         except (binascii.Error, ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
             data = None
-        if isinstance(data, dict) and set(data) == {"after"}:
+        fields = {"after"} if sort == "id" else {"after", "sort", "key"}
+        if isinstance(data, dict) and set(data) == fields and (sort == "id" or (
+                data["sort"] == sort and isinstance(data["key"], str) and _STORED_TS_RE.fullmatch(data["key"]))):
             try:
-                return check_name(data["after"], "device id")
+                after = check_name(data["after"], "device id")
+                return after if sort.lstrip("-") == "id" else (data["key"], after)
             except AuthzError:
                 pass
-    raise BadRequest("invalid cursor: use the next_cursor of a previous page", "cursor")
+    raise BadRequest("invalid cursor: use the next_cursor of a previous page (with the same sort)", "cursor")
+
+
+def parse_sort(value: str | None) -> str:
+    if value is None:
+        return "id"
+    if value not in SORTS:
+        raise BadRequest(f"sort must be one of {', '.join(SORTS)}", "sort")
+    return value
 
 
 def device_row(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -254,26 +297,41 @@ def plan(registry: Registry, sel: Selector) -> None:
         sel.dense_last_seen = n >= DENSE_PROBE
 
 
-def list_devices(registry: Registry, sel: Selector, limit: int, after: str | None) -> tuple[list[dict], str | None]:
-    """One page of devices by id after `after`; the cursor for the next page (None on the last one)."""
+def list_devices(registry: Registry, sel: Selector, limit: int, after: Position | None,
+                 sort: str = "id") -> tuple[list[dict], str | None]:
+    """One page of devices in `sort` order after `after`; the cursor for the next page (None on the last one)."""
     plan(registry, sel)
-    source, where, params, key = sel.sql()
-    if after is not None:
-        where += f" AND {key} > ?"
-        params.append(after)
-    rows = registry.query(f"{_COLUMNS} FROM {source} WHERE {where} ORDER BY {key} LIMIT ?", [*params, limit + 1])
+    source, where, params, key = sel.sql(sort)
+    name, desc = sort.lstrip("-"), sort.startswith("-")
+    expr = SORT_KEYS[name]
+    op, order = ("<", "DESC") if desc else (">", "ASC")
+    if expr is None:
+        if after is not None:
+            where += f" AND {key} {op} ?"
+            params.append(after)
+        order_by, select = f"{key} {order}", _COLUMNS
+    else:
+        if after is not None:
+            where += f" AND ({expr}, {key}) {op} (?, ?)"
+            params += list(after)
+        order_by, select = f"{expr} {order}, {key} {order}", f"{_COLUMNS}, {expr} AS sort_key"
+    rows = registry.query(f"{select} FROM {source} WHERE {where} ORDER BY {order_by} LIMIT ?", [*params, limit + 1])
     page = [device_row(r) for r in rows[:limit]]
-    return page, (encode_cursor(page[-1]["id"]) if len(rows) > limit else None)
+    if len(rows) <= limit:
+        return page, None
+    last = rows[limit - 1]
+    return page, encode_cursor(last["id"], sort, last["sort_key"] if expr is not None else None)
 
 
-def iter_devices(registry: Registry, sel: Selector, after: str | None = None, page: int = 1000) -> Iterator[dict]:
-    """Every matching device by id, fetched a keyset page at a time (for streamed exports)."""
+def iter_devices(registry: Registry, sel: Selector, after: Position | None = None, page: int = 1000,
+                 sort: str = "id") -> Iterator[dict]:
+    """Every matching device in `sort` order, fetched a keyset page at a time (for streamed exports)."""
     while True:
-        items, cursor = list_devices(registry, sel, page, after)
+        items, cursor = list_devices(registry, sel, page, after, sort)
         yield from items
         if cursor is None:
             return
-        after = items[-1]["id"]
+        after = decode_cursor(cursor, sort)
 
 
 def count(registry: Registry, sel: Selector) -> int:
