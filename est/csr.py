@@ -62,6 +62,8 @@ def load_csr(body: bytes, *, max_size: int = MAX_CSR_BODY) -> x509.CertificateSi
     der = decode_base64_body(body, max_size=max_size, pem_labels=PEM_CSR_LABELS)
     try:
         csr = x509.load_der_x509_csr(der)
+    except x509.InvalidVersion:  # not a ValueError: PKCS#10 defines version 0 (v1) only
+        raise BadRequest("bad_csr", "CSR version is not v1 (0)") from None
     except ValueError:
         raise BadRequest("bad_csr", "body is not a DER-encoded PKCS#10 CertificationRequest") from None
     try:

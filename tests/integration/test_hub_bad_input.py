@@ -71,6 +71,12 @@ def bad_signature_csr(device_id: str) -> bytes:
     return bytes(der)
 
 
+def bad_version_csr(device_id: str) -> bytes:
+    der = good_csr(device_id)
+    at = der.index(b"\x02\x01\x00")  # CertificationRequestInfo.version, INTEGER 0
+    return der[:at + 2] + b"\x05" + der[at + 3:]
+
+
 def rsa1024_csr(device_id: str) -> bytes:
     return make_csr(rsa.generate_private_key(65537, 1024), device_id)
 
@@ -165,6 +171,7 @@ CASES = {
     "body-40KiB": Case(413, "body_too_large", actual_body(40 * 1024), audit_device=False, audit_action="request"),
     "body-20KiB": Case(413, "body_too_large", actual_body(20 * 1024)),
     "invalid-signature": Case(400, "bad_csr_signature", post_csr(bad_signature_csr)),
+    "csr-version-5": Case(400, "bad_csr", post_csr(bad_version_csr)),  # once a 500 (InvalidVersion escaped)
     "rsa-1024": Case(400, "weak_key", post_csr(rsa1024_csr)),
     "ec-p192": Case(400, "weak_key", post_csr(p192_csr)),
     "ed25519": Case(400, "unsupported_key", post_csr(ed25519_csr)),

@@ -108,6 +108,17 @@ def test_load_csr_refuses_flipped_signature_byte():
     assert err.status == 400
 
 
+@pytest.mark.parametrize("version", [1, 2, 5, 0x7f])
+def test_load_csr_refuses_other_versions_as_bad_request(version):
+    """PKCS#10 has version 0 only; cryptography raises InvalidVersion (not a ValueError) for the others, which
+    once escaped as a 500 from simpleenroll."""
+    der = make_csr().public_bytes(DER)
+    at = der.index(b"\x02\x01\x00")  # CertificationRequestInfo.version INTEGER 0, the first INTEGER
+    flipped = der[:at + 2] + bytes([version]) + der[at + 3:]
+    err = raises(errors.BadRequest, "bad_csr", load_csr, base64.b64encode(flipped))
+    assert err.status == 400 and "version" in str(err)
+
+
 def test_load_csr_refuses_tampered_subject():
     csr = make_csr("rsa2048", cn="dev-0001")
     der = csr.public_bytes(DER).replace(b"dev-0001", b"dev-0002")
