@@ -92,6 +92,9 @@ def create_fleet(root: Path, fleet: str, now: datetime, *, validity_days: int = 
         issue_hub_identities(cfg, ca, now)
         registry = Registry(cfg.registry_path)
         ensure_hub_identity(registry, x509.load_pem_x509_certificate((cfg.tls_dir / "admin.pem").read_bytes()), now)
+        from hub.api.identityroutes import ensure_local_operator
+
+        ensure_local_operator(cfg, ca, registry, now)  # svc.local-admin: the CLI on this machine, an API operator
         registry.audit("fleet.init", "ok", now, actor="cli",
                        detail=f"fleet={fleet} ca={'pkcs11' if token else 'file'} key={key_type}")
         publish_crl(ca, registry, cfg.crl_dir, now)

@@ -254,9 +254,13 @@ DEVICE_ROUTES: tuple[Route, ...] = (
 
 def all_routes() -> tuple[Route, ...]:
     """Every route of the API: the device routes here, then each route module's `ROUTES` (one table)."""
-    return DEVICE_ROUTES
+    from . import auditroutes, identityroutes, statusroutes
+
+    return DEVICE_ROUTES + statusroutes.ROUTES + identityroutes.ROUTES + auditroutes.ROUTES
 
 
 def all_schemas() -> dict:
     """The OpenAPI component schemas route modules declare (`SCHEMAS`) besides hub/api/openapi.py's COMPONENTS."""
-    return {}
+    from . import auditroutes, identityroutes, statusroutes
+
+    return {**statusroutes.SCHEMAS, **identityroutes.SCHEMAS, **auditroutes.SCHEMAS}

@@ -230,9 +230,13 @@ class ApiClient:
         return self._conn
 
     def _go_offline(self) -> None:
-        from hub.cli.offline import OfflineHub
+        try:
+            from hub.cli.offline import OfflineHub
 
-        self.offline = OfflineHub(self.target.local_dir)
+            self.offline = OfflineHub(self.target.local_dir)
+        except Exception as exc:  # noqa: BLE001  (CA, token or registry trouble: one line for the operator)
+            raise HubUnavailable(f"the hub is not running, and its API could not start here: "
+                                 f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
         self._host, self._port = "127.0.0.1", self.offline.port
 
     def close(self) -> None:

@@ -1,53 +1,38 @@
-"""Device status changes from the CLI: through the running hub (immediate effect) or, offline, directly.
+"""Device status changes from the CLI (suspend / resume / revoke): one call of the fleet API, one summary line.
 
-The online path imports nothing heavy (it is the revoke command's hot path: see hub.cli.entry); the offline one loads
-the registry and the CA only when no hub answers.
+Lean on purpose (the revoke command's hot path, hub.cli.entry): only the stdlib client is imported. With no hub
+running locally the client answers in-process (hub.cli.offline), and the summary says what that means.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from typing import Any
 
-from hub.serve import admin
-from hub.config import HubConfig
+from hub.cli.client import ApiClient
+
+ACTIONS = {"suspend": "suspended by operator", "resume": "", "revoke": None}  # action -> default reason
+NOT_RUNNING_NOTE = "the hub is not running: recorded; the broker enforces it from the registry when it starts"
 
 
-def apply_status_change(cfg: HubConfig, device_id: str, status: str, reason: str, now: datetime,
-                        actor: str = "cli") -> str:
-    """Suspend / resume / revoke. Returns a one-line summary for the operator."""
-    try:
-        result = admin.call(cfg.admin_socket, {"op": "set_status", "device": device_id, "status": status,
-                                               "reason": reason, "actor": actor})
-    except admin.AdminUnavailable:
-        return _offline(cfg, device_id, status, reason, now, actor)
-    t = result["timings"]
-    summary = f"{device_id}: {result['device']['status']}"
+def status_change(client: ApiClient, device_id: str, action: str, reason: str) -> dict[str, Any]:
+    """POST /api/v1/devices/{id}/status: the API's answer (device, changed, revoked_serials, sessions_cut,
+    broker_note, timings). ApiError for a problem (404 no device, 409 a final status)."""
+    return client.post(f"/api/v1/devices/{device_id}/status", {"action": action, "reason": reason})
+
+
+def summary(result: dict[str, Any], hub_running: bool) -> str:
+    """One line for the operator: the new status, what was revoked, and how (or whether) it was enforced."""
+    device = result["device"]
+    line = f"{device['id']}: {device['status']}"
     if result["revoked_serials"]:
-        summary += f"; {len(result['revoked_serials'])} certificate(s) revoked"
-    summary += f"; enforced by the running hub in {t['total_ms']:.0f} ms"
-    if result["kicked"] is None:
-        summary += " (broker not confirmed; it applies the change on its next tick)"
-    elif result["kicked"]:
-        summary += f" ({result['kicked']} live session(s) cut)"
-    return summary
-
-
-def _offline(cfg: HubConfig, device_id: str, status: str, reason: str, now: datetime, actor: str) -> str:
-    from hub.ca.authority import load_ca
-    from hub.registry.store import Registry
-    from hub.ca.revocation import publish_crl
-
-    registry = Registry(cfg.registry_path)
-    try:
-        result = registry.set_status(device_id, status, now, actor=actor, reason=reason)
-        ca = load_ca(cfg.ca_dir, cfg.ca_token)
-        try:
-            publish_crl(ca, registry, cfg.crl_dir, now)
-        finally:
-            ca.close()
-    finally:
-        registry.close()
-    summary = f"{device_id}: {result['device']['status']}"
-    if result["revoked_serials"]:
-        summary += f"; {len(result['revoked_serials'])} certificate(s) revoked"
-    return summary + "; the hub is not running: recorded, the broker enforces it from the registry when it starts"
+        line += f"; {len(result['revoked_serials'])} certificate(s) revoked"
+    if not result.get("changed", True):
+        return line + " (unchanged)"
+    if not hub_running:
+        return line + "; " + NOT_RUNNING_NOTE
+    line += f"; enforced by the running hub in {result['timings']['total_ms']:.0f} ms"
+    if result["sessions_cut"] is None:
+        line += f" (broker not confirmed: {result['broker_note']}; it applies the change on its next tick)"
+    elif result["sessions_cut"]:
+        line += f" ({result['sessions_cut']} live session(s) cut)"
+    return line

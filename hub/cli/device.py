@@ -1,29 +1,27 @@
-"""`tessera-hub device ...`: add, list, show, suspend, resume, revoke, decommission and command devices."""
+"""`tessera-hub device ...`: add, list, show, edit, token, suspend, resume, revoke, decommission, send — each a thin
+client of the fleet API (hub/cli/client.py: the local hub by default, `--hub URL` for a remote one)."""
 
 from __future__ import annotations
 
-import json
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Column, Table
 
-from hub.cli.util import DirOpt, config, device_id_arg, err, errors, fail, now, out, registry
-from hub.config import HubConfig
+from hub.cli.util import (DirOpt, HubOpt, JsonOpt, ProfileOpt, api, api_errors, device_id_arg, fail, print_json,
+                          print_table, say)
 
-device_app = typer.Typer(help="Add, list, inspect, suspend, resume, revoke, decommission and command devices.",
+device_app = typer.Typer(help="Add, list, inspect, edit, suspend, resume, revoke, decommission and command devices.",
                          no_args_is_help=True)
 
+DEVICES = "/api/v1/devices"
+LIST_COLUMNS = [("id", "device", 12), ("status", "status", 14), ("online", "online"),
+                ("last_seen", "last seen", 16), ("cert_expires", "cert expires", 16), ("groups", "groups")]
 
 
-#: `device list` colours, one per registry status (hub.registry.store.DEVICE_STATUSES).
-STATUS_COLOURS = {"pending": "cyan", "active": "green", "suspended": "yellow", "revoked": "red",
-                  "decommissioned": "bright_black"}
-
-
-def _parse_labels(labels: list[str]) -> dict[str, str]:
+def parse_labels(labels: list[str]) -> dict[str, str]:
     result = {}
     for item in labels:
         key, sep, value = item.partition("=")
@@ -33,131 +31,242 @@ def _parse_labels(labels: list[str]) -> dict[str, str]:
     return result
 
 
+def _row(d: dict) -> dict:
+    """A device as the CLI shows it (`cert_expires`: the active certificate's notAfter)."""
+    return {"id": d["id"], "status": d["status"], "online": d["online"], "last_seen": d["last_seen"],
+            "cert_expires": d.get("cert_not_after"), "created": d.get("created"), "groups": d["groups"],
+            "labels": d["labels"]}
+
+
+def _cells(r: dict) -> dict:
+    return {**r, "online": "yes" if r["online"] else "no", "last_seen": (r["last_seen"] or "-")[:16],
+            "cert_expires": (r["cert_expires"] or "-")[:16], "groups": ", ".join(r["groups"]) or "-"}
+
+
 @device_app.command("add")
 def device_add(
     device_id: str = typer.Argument(..., help="Device id: a-z, 0-9 and '-', up to 63 characters."),
     directory: Optional[Path] = DirOpt,
     label: list[str] = typer.Option([], "--label", help="key=value label (repeatable)."),
     group: list[str] = typer.Option([], "--group", help="Group membership (repeatable)."),
+    hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt,
 ) -> None:
     """Register a device and print its one-time enrollment token (alone, on stdout)."""
-    cfg = config(directory)
     device_id_arg(device_id)
-    reg = registry(cfg)
-    try:
-        reg.add_device(device_id, cfg.fleet, now(), labels=_parse_labels(label), groups=list(group))
-        token = reg.create_token(device_id, now(), cfg.policy.token_ttl)
-    except errors() as exc:
-        fail(str(exc))
-    sys.stdout.write(token + "\n")
+    body = {"id": device_id, "groups": list(group), "labels": parse_labels(label)}
+    with api(directory, hub, profile) as client:
+        result = client.post(DEVICES, body)
+    if as_json:
+        print_json(result["devices"][0] | {"token_expires": result["token_expires"]})
+        return
+    sys.stdout.write(result["devices"][0]["token"] + "\n")
 
 
 @device_app.command("token")
-def device_token(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt) -> None:
+def device_token(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
+                 hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt) -> None:
     """Issue a fresh one-time enrollment token for an existing device (the previous unused one stops working)."""
-    cfg = config(directory)
     device_id_arg(device_id)
+    with api(directory, hub, profile) as client:
+        result = client.post(f"{DEVICES}/{device_id}/token")
+    if as_json:
+        print_json(result)
+        return
+    sys.stdout.write(result["token"] + "\n")
+
+
+def _time_opt(value: Optional[str], option: str) -> Optional[str]:
+    if value is None:
+        return None
     try:
-        token = registry(cfg).create_token(device_id, now(), cfg.policy.token_ttl)
-    except errors() as exc:
-        fail(str(exc))
-    sys.stdout.write(token + "\n")
-
-
-def _device_rows(cfg: HubConfig) -> list[dict]:
-    rows = []
-    for d in registry(cfg).list_devices():
-        rows.append({"id": d["id"], "status": d["status"], "online": bool(d["online"]),
-                     "last_seen": d["last_seen"], "cert_expires": d.get("cert_not_after"),
-                     "groups": d["groups"], "labels": d["labels"]})
-    return rows
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        fail(f"{option} must be an ISO 8601 date or time, e.g. 2027-01-31 or 2027-01-31T00:00:00Z")
+    return (when if when.tzinfo else when.replace(tzinfo=__import__("datetime").timezone.utc)).isoformat()
 
 
 @device_app.command("list")
-def device_list(directory: Optional[Path] = DirOpt,
-                as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List devices: status, online, last seen, certificate expiry."""
-    cfg = config(directory)
-    rows = _device_rows(cfg)
-    if as_json:
-        out.print_json(json.dumps(rows))
+def device_list(
+    directory: Optional[Path] = DirOpt,
+    status: Optional[str] = typer.Option(None, "--status", help="pending, active, suspended, revoked or "
+                                                                "decommissioned."),
+    group: Optional[str] = typer.Option(None, "--group", help="Members of this group."),
+    label: Optional[str] = typer.Option(None, "--label", help="key=value label."),
+    online: Optional[bool] = typer.Option(None, "--online/--offline", help="Connected to the broker now, or not.",
+                                          show_default=False),
+    id_prefix: Optional[str] = typer.Option(None, "--id-prefix", help="Device ids starting with this."),
+    expires_before: Optional[str] = typer.Option(None, "--expires-before",
+                                                 help="Active certificate expires before this date/time."),
+    limit: int = typer.Option(100, "--limit", min=1, max=1000, help="Devices per page."),
+    cursor: Optional[str] = typer.Option(None, "--cursor", help="Continue after a previous page (its hint)."),
+    every: bool = typer.Option(False, "--all", help="Every matching device (all pages)."),
+    as_csv: bool = typer.Option(False, "--csv", help="CSV of every matching device (streamed)."),
+    hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt,
+) -> None:
+    """List devices (filters; a page at a time, --all for every page): status, online, last seen, cert expiry."""
+    params = {"status": status, "group": group, "label": label, "online": online, "id_prefix": id_prefix,
+              "cert_expires_before": _time_opt(expires_before, "--expires-before")}
+    if as_csv:
+        with api(directory, hub, profile) as client:
+            for chunk in client.stream(DEVICES, {**params, "format": "csv", "cursor": cursor}):
+                sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
         return
-    table = Table("device", Column("status", no_wrap=True), "online", "last seen", "cert expires", "groups")
-    for r in rows:
-        colour = STATUS_COLOURS.get(r["status"], "default")
-        table.add_row(r["id"], f"[{colour}]{r['status']}[/]", "yes" if r["online"] else "no",
-                      (r["last_seen"] or "-")[:19], (r["cert_expires"] or "-")[:19], ", ".join(r["groups"]))
-    out.print(table)
-    out.print(f"{len(rows)} device(s)")
+    rows: list[dict] = []
+    shown = 0
+    with api(directory, hub, profile) as client:
+        while True:
+            page = client.get(DEVICES, {**params, "limit": limit, "cursor": cursor})
+            batch = [_row(d) for d in page["items"]]
+            cursor = page["next_cursor"]
+            if as_json:
+                rows += batch
+            elif every:  # a page at a time: memory stays flat at 1M devices
+                _print_page(batch, header=shown == 0)
+            else:
+                rows = batch
+            shown += len(batch)
+            if not every or cursor is None:
+                break
+    if as_json:
+        print_json(rows)
+    elif not every:
+        _print_page(rows, header=True)
+    if not as_json:
+        say(f"{shown} device(s)")
+    if cursor is not None and not every:
+        sys.stderr.write(f"more: --cursor {cursor} (or --all)\n")
+
+
+def _print_page(rows: list[dict], header: bool) -> None:
+    if header:
+        print_table([_cells(r) for r in rows], LIST_COLUMNS)
+    elif rows:
+        from hub.cli.util import table_lines
+
+        lines = table_lines([_cells(r) for r in rows], LIST_COLUMNS)[1:]
+        sys.stdout.write("\n".join(lines) + "\n")
 
 
 @device_app.command("show")
 def device_show(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
-                as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+                hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt) -> None:
     """Everything about one device: status, certificates, recent audit entries."""
-    cfg = config(directory)
     device_id_arg(device_id)
-    reg = registry(cfg)
-    try:
-        dev = reg.require_device(device_id)
-    except errors() as exc:
-        fail(str(exc))
-    certs = reg.certificates_of(device_id)
-    events = reg.audit_log(limit=10, device_id=device_id)
+    with api(directory, hub, profile) as client:
+        detail = client.get(f"{DEVICES}/{device_id}")
+        events = client.get("/api/v1/audit", {"device": device_id, "limit": 10})["items"]
+    certs = detail.pop("certificates", [])
     if as_json:
-        out.print_json(json.dumps({"device": dev, "certificates": certs, "audit": events}))
+        print_json({"device": detail, "certificates": certs, "audit": events})
         return
-    t = Table(show_header=False, box=None)
-    for key in ("id", "fleet", "status", "online", "last_seen", "created", "groups", "labels"):
-        t.add_row(f"[bold]{key}[/]", str(dev.get(key)))
-    out.print(t)
-    ct = Table("serial", "status", "not before", "not after", "sha256")
-    for c in certs:
-        ct.add_row(c["serial"][:16] + "…", c["status"], c["not_before"][:19], c["not_after"][:19],
-                   c["fingerprint_sha256"][:16] + "…")
-    out.print(ct)
+    print_table([{"key": k, "value": ", ".join(v) if isinstance(v, list) else
+                  ", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else v}
+                 for k, v in detail.items()], [("key", "device"), ("value", "")])
+    if certs:
+        print_table([{**c, "not_after": c["not_after"][:16].replace("T", " ")} for c in certs],
+                    [("serial", "certificate serial", 16), ("status", "status", 10), ("not_after", "not after", 16),
+                     ("revocation_reason", "revocation reason")])
+    if events:
+        print_table([{**e, "at": e["at"][:19].replace("T", " ")} for e in events],
+                    [("at", "at", 19), ("actor", "actor", 12), ("action", "action", 14), ("outcome", "outcome", 6),
+                     ("detail", "detail")])
 
 
-def _change_status(directory: Optional[Path], device_id: str, status: str, reason: str) -> None:
-    from hub.cli.control import apply_status_change
-
-    cfg = config(directory)
+@device_app.command("edit")
+def device_edit(
+    device_id: str = typer.Argument(...),
+    directory: Optional[Path] = DirOpt,
+    group: list[str] = typer.Option([], "--group", help="The device's groups: replaces them (repeatable)."),
+    no_groups: bool = typer.Option(False, "--no-groups", help="Remove the device from every group."),
+    label: list[str] = typer.Option([], "--label", help="The device's key=value labels: replaces them "
+                                                        "(repeatable)."),
+    no_labels: bool = typer.Option(False, "--no-labels", help="Remove every label."),
+    hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt,
+) -> None:
+    """Replace a device's groups and/or labels (group rights change in its live sessions at once)."""
     device_id_arg(device_id)
-    try:
-        result = apply_status_change(cfg, device_id, status, reason, now())
-    except errors() as exc:
-        fail(str(exc))
-    out.print(result)
+    body: dict = {}
+    if group and no_groups or label and no_labels:
+        fail("--group goes without --no-groups, --label without --no-labels")
+    if group or no_groups:
+        body["groups"] = list(group)
+    if label or no_labels:
+        body["labels"] = parse_labels(label)
+    if not body:
+        fail("nothing to change: give --group/--no-groups and/or --label/--no-labels")
+    with api(directory, hub, profile) as client:
+        detail = client.patch(f"{DEVICES}/{device_id}", body)
+    if as_json:
+        print_json(detail)
+        return
+    say(f"{device_id}: groups {', '.join(detail['groups']) or '-'}; labels "
+        f"{', '.join(f'{k}={v}' for k, v in detail['labels'].items()) or '-'}")
+
+
+def _change_status(directory: Optional[Path], hub: Optional[str], profile: Optional[str], device_id: str,
+                   action: str, reason: str, as_json: bool) -> None:
+    from hub.cli.control import status_change, summary
+
+    device_id_arg(device_id)
+    with api(directory, hub, profile) as client:
+        result = status_change(client, device_id, action, reason)
+        running = client.hub_running
+    if as_json:
+        print_json({**result, "hub_running": running})
+    else:
+        say(summary(result, running))
 
 
 @device_app.command("suspend")
 def device_suspend(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
-                   reason: str = typer.Option("suspended by operator", help="Why (kept in the audit log).")) -> None:
+                   reason: str = typer.Option("suspended by operator", help="Why (kept in the audit log)."),
+                   hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt) -> None:
     """Suspend a device: it can neither enroll nor connect until resumed."""
-    _change_status(directory, device_id, "suspended", reason)
+    _change_status(directory, hub, profile, device_id, "suspend", reason, as_json)
 
 
 @device_app.command("resume")
-def device_resume(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt) -> None:
+def device_resume(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
+                  hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt) -> None:
     """Undo a suspension."""
-    _change_status(directory, device_id, "active", "resumed by operator")
+    _change_status(directory, hub, profile, device_id, "resume", "resumed by operator", as_json)
 
 
 @device_app.command("revoke")
 def device_revoke(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
                   reason: str = typer.Option(..., "--reason", help="keyCompromise, cessationOfOperation, "
-                                                                   "superseded, affiliationChanged or free text.")) -> None:
+                                                                   "superseded, affiliationChanged or free text."),
+                  hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt) -> None:
     """Revoke a device for good: its certificates go on the CRL and it can never enroll again."""
-    _change_status(directory, device_id, "revoked", reason)
+    _change_status(directory, hub, profile, device_id, "revoke", reason, as_json)
 
 
 @device_app.command("decommission")
 def device_decommission(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
                         reason: str = typer.Option("decommissioned by operator",
-                                                   help="Why (kept in the audit log).")) -> None:
+                                                   help="Why (kept in the audit log)."),
+                        hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt,
+                        as_json: bool = JsonOpt) -> None:
     """Retire a device for good: certificates revoked (cessationOfOperation), tokens void; its record and audit
     trail are kept."""
-    _change_status(directory, device_id, "decommissioned", reason)
+    from hub.cli.control import NOT_RUNNING_NOTE
+
+    device_id_arg(device_id)
+    with api(directory, hub, profile) as client:
+        result = client.delete(f"{DEVICES}/{device_id}", {"reason": reason})
+        running = client.hub_running
+    if as_json:
+        print_json({**result, "hub_running": running})
+        return
+    line = f"{device_id}: {result['status']}"
+    if result["revoked_serials"]:
+        line += f"; {len(result['revoked_serials'])} certificate(s) revoked"
+    if not running:
+        line += "; " + NOT_RUNNING_NOTE
+    elif result["sessions_cut"]:
+        line += f"; {result['sessions_cut']} live session(s) cut"
+    say(line)
 
 
 @device_app.command("send")
@@ -166,34 +275,27 @@ def device_send(
     command: str = typer.Argument(..., help="ping, report or renew (what the agent implements)."),
     directory: Optional[Path] = DirOpt,
     arg: list[str] = typer.Option([], "--arg", help="key=value argument (repeatable)."),
-    wait: float = typer.Option(10.0, help="Seconds to wait for the device's acknowledgement (0: don't)."),
+    wait: float = typer.Option(10.0, help="Seconds to wait for the device's acknowledgement (0: don't; at most "
+                                          "30)."),
+    hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt,
 ) -> None:
-    """Send a command to a connected device through the running hub and print its acknowledgement."""
-    import time
+    """Send a command to a connected device through the running hub and print its acknowledgement (JSON)."""
+    import json
 
-    from hub.serve import admin
-
-    cfg = config(directory)
     device_id_arg(device_id)
     args = {k: (v.lower() == "true" if v.lower() in ("true", "false") else v)
-            for k, v in _parse_labels(arg).items()}
-    try:
-        cid = admin.call(cfg.admin_socket, {"op": "send", "device": device_id, "command": command, "args": args})["id"]
-        deadline = time.monotonic() + wait
-        ack = None
-        while wait and time.monotonic() < deadline:
-            ack = admin.call(cfg.admin_socket, {"op": "ack", "id": cid})
-            if ack:
-                break
-            time.sleep(0.1)
-    except admin.AdminUnavailable:
-        fail("the hub is not running (commands need a live broker)")
-    except admin.AdminError as exc:
-        fail(str(exc))
+            for k, v in parse_labels(arg).items()}
+    if not 0 <= wait <= 30:
+        fail("--wait must be between 0 and 30 seconds")
+    with api(directory, hub, profile) as client:
+        result = client.post(f"{DEVICES}/{device_id}/commands", {"command": command, "args": args, "wait_s": wait})
+        if not client.hub_running:
+            fail("the hub is not running (commands need a live broker)")
+    ack = result.get("ack") if isinstance(result, dict) else None
     if not wait:
-        out.print(f"sent {command} to {device_id} (id {cid})")
+        say(f"sent {command} to {device_id} (id {result.get('id')})")
     elif ack is None:
-        fail(f"no acknowledgement from {device_id} within {wait:.0f} s (command id {cid})")
+        fail(f"no acknowledgement from {device_id} within {wait:.0f} s (command id {result.get('id')})")
     else:
         sys.stdout.write(json.dumps(ack) + "\n")
         if not ack.get("ok"):

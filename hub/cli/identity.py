@@ -1,14 +1,16 @@
-"""`tessera-hub identity ...`: service identities (back ends, operators) — add, list, show and revoke them.
+"""`tessera-hub identity ...`: service identities (back ends, operators) — add, list, show and revoke them, as
+thin clients of the fleet API (/api/v1/identities; writes need the admin role).
 
 A service identity is the principal `svc.<name>` with one role and a client certificate from the service CA.
-`add` never leaves half an identity behind: every check runs first, the files are written to a private temporary
-directory, the certificate is recorded in the registry, and only then are the files moved into place (an
-existing file is never overwritten). Everything shown is escaped: names, subjects and reasons reach a terminal.
+`add` makes the key here (a file key in memory, or in a PKCS#11 token with --key-uri) and sends only a CSR: the
+private key never crosses the network (the hub decides every field of the certificate). It never leaves half an
+identity behind: every local check runs first, the files are written to a private temporary directory, the hub
+issues and records the certificate, and only then are the files moved into place (an existing file is never
+overwritten). Everything shown is escaped: names, subjects and reasons reach a terminal.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -18,9 +20,8 @@ from typing import Any, NoReturn, Optional
 import typer
 from rich.markup import escape
 
-from hub.cli.util import DirOpt, config, err, errors, now, out, registry
+from hub.cli.util import DirOpt, HubOpt, JsonOpt, ProfileOpt, api, err, print_json, print_table, say
 from hub.cli.util import fail as _fail_markup
-from hub.config import HubConfig
 
 identity_app = typer.Typer(help="Service identities: client certificates from the service CA for back ends and "
                                 "operators (principal svc.<name>, one role).", no_args_is_help=True)
@@ -29,7 +30,7 @@ MAX_DAYS = 3650
 
 
 def _say(text: str) -> None:
-    out.print(escape(text), highlight=False)
+    say(text)
 
 
 def fail(message: str) -> NoReturn:
@@ -131,7 +132,7 @@ def _token_key(name: str, key_uri: str, pin_source: str, module: str, softhsm_co
     return _TokenKey(cfg, uri.object or f"svc.{name}", uri.id)
 
 
-def _write_files(tmp: Path, name: str, principal: str, cfg: HubConfig, cert, key, token: _TokenKey | None) -> None:
+def _write_files(tmp: Path, name: str, principal: str, issued: dict, key, token: _TokenKey | None) -> None:
     import secrets
 
     from cryptography.hazmat.primitives import serialization
@@ -140,13 +141,13 @@ def _write_files(tmp: Path, name: str, principal: str, cfg: HubConfig, cert, key
 
     from hub.ca.authority import _write_new
 
-    pem = serialization.Encoding.PEM
-    service_ca = (cfg.ca_dir / "service-ca.pem").read_bytes()
-    root = (cfg.ca_dir / "root.pem").read_bytes()
+    service_ca, root = issued["chain"].encode(), issued["root"].encode()
+    cert = load_pem_x509_certificate(issued["certificate"].encode())
     if token is None:
-        _write_new(tmp / f"{name}.key", key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+        _write_new(tmp / f"{name}.key", key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
                                                           serialization.NoEncryption()), 0o600)
-    _write_new(tmp / f"{name}.pem", cert.public_bytes(pem) + service_ca, 0o644)
+    _write_new(tmp / f"{name}.pem", issued["certificate"].encode() + service_ca, 0o644)
     _write_new(tmp / "ca.pem", root, 0o644)
     if token is not None:
         _write_new(tmp / f"{name}.key-uri", (token.uri() + "\n").encode(), 0o644)
@@ -169,6 +170,15 @@ def _describe(name: str, token: bool) -> dict[str, str]:
             f"{name}.p12.pass": "the PKCS#12 passphrase (0600)"}
 
 
+def _check_name(name: str) -> None:
+    from hub.authz.identities import IdentityError, check_identity_name
+
+    try:
+        check_identity_name(name)
+    except IdentityError as exc:
+        fail(str(exc))
+
+
 @identity_app.command("add")
 def identity_add(
     name: str = typer.Argument(..., help="Identity name (a-z, 0-9, '-'); the principal is svc.NAME."),
@@ -183,74 +193,83 @@ def identity_add(
                                                             "env:NAME."),
     module: str = typer.Option("", "--module", help="PKCS#11 module for --key-uri [default: SoftHSM2]."),
     softhsm_conf: str = typer.Option("", envvar="SOFTHSM2_CONF", help="SoftHSM2 config (token directory)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = JsonOpt,
     directory: Optional[Path] = DirOpt,
+    hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt,
 ) -> None:
-    """Issue a service identity's client certificate from the service CA and write its files."""
-    from hub.authz.identities import add_identity, check_identity_name, check_role
+    """Issue a service identity's client certificate from the service CA (for a key made here) and write its files."""
     from hub.authz.policy import service_principal
+    from hub.config import hub_dir
 
-    cfg = config(directory)
-    reg = registry(cfg)
-    try:
-        check_identity_name(name)
-        check_role(reg, role)
-    except errors() as exc:
-        fail(str(exc))
+    _check_name(name)
     if not 1 <= days <= MAX_DAYS:
         fail(f"--days must be between 1 and {MAX_DAYS}")
-    if reg.query("SELECT 1 FROM identities WHERE name = ?", [name]):
-        fail(f"identity {name!r} already exists")
     if (pin_source or module) and not key_uri:
         fail("--pin-source and --module go with --key-uri")
     token = _token_key(name, key_uri, pin_source, module, softhsm_conf) if key_uri else None
     principal = service_principal(name)
-    target = _Target((out_dir or cfg.root / "identities" / name).absolute(), list(_describe(name, bool(token))))
-    target.check()
+    if out_dir is None and hub:
+        fail("with --hub, say where the files go: --out DIR")
+    dest = (out_dir or hub_dir(directory) / "identities" / name).absolute()
+    target = _Target(dest, list(_describe(name, bool(token))))
 
     recorded = False
+    with api(directory, hub, profile) as client:
+        if _exists(client, name):
+            fail(f"identity {name!r} already exists")
+        target.check()
+        try:
+            key, csr = _key_and_csr(principal, token)
+            issued = client.post("/api/v1/identities", {"name": name, "role": role, "days": days, "csr": csr})
+            recorded = True
+            _write_files(target.open(), name, principal, issued, key, token)
+            target.install()
+        except BaseException as exc:
+            if recorded:
+                fail(f"identity {name!r} is recorded, but its files could not be written to {target.dest}: {exc}"
+                     + (f"; they are in {target.tmp}" if target.tmp else ""))
+            target.discard()
+            if token is not None and token.info is not None:
+                _forget_token_key(token)
+            from hub.ca.authority import CaError
+            from hsm.errors import HsmError
+
+            if isinstance(exc, (CaError, HsmError, OSError)):
+                fail(str(exc))
+            raise
+    _report(name, issued, target.dest, token, as_json)
+
+
+def _exists(client, name: str) -> bool:
+    from hub.cli.client import ApiError
+
     try:
-        cert, key = _issue(cfg, principal, days, token)
-        _write_files(target.open(), name, principal, cfg, cert, key, token)
-        add_identity(reg, name, role, cert, now(), actor="cli")
-        recorded = True
-        target.install()
-    except BaseException as exc:
-        if recorded:
-            fail(f"identity {name!r} is recorded, but its files could not be moved to {target.dest}: {exc}; "
-                 f"they are in {target.tmp}")
-        target.discard()
-        if token is not None and token.info is not None:
-            _forget_token_key(token)
-        if isinstance(exc, errors()):
-            fail(str(exc))
+        client.get(f"/api/v1/identities/{name}")
+        return True
+    except ApiError as exc:
+        if exc.status == 404:
+            return False
         raise
-    _report(name, principal, role, cert, target.dest, token, as_json)
 
 
-def _issue(cfg: HubConfig, principal: str, days: int, token: _TokenKey | None):
-    """The key (a file key in memory, or a new token key) and its certificate from the service CA."""
-    from datetime import timedelta
-
+def _key_and_csr(principal: str, token: _TokenKey | None):
+    """The identity's key (a file key in memory, or a new token key) and a PEM CSR proving possession of it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    from cryptography.x509.oid import NameOID
 
-    from hub.ca.authority import load_ca
+    if token is None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, principal)]))
+               .sign(key, hashes.SHA256()))
+        return key, csr.public_bytes(serialization.Encoding.PEM).decode()
+    from hsm import worker
 
-    ca = load_ca(cfg.ca_dir, cfg.ca_token)
-    try:
-        if token is None:
-            key = ec.generate_private_key(ec.SECP256R1())
-            public = key.public_key()
-        else:
-            from hsm import worker
-
-            key = None
-            token.info = worker.generate_key(token.config, token.label, "ec-p256", token.key_id)
-            public = load_pem_public_key(token.info.public_key_pem.encode())
-        return ca.issue_identity_cert(public, principal, now(), timedelta(days=days)), key
-    finally:
-        ca.close()
+    token.info = worker.generate_key(token.config, token.label, "ec-p256", token.key_id)
+    der = worker.make_csr(token.config, token.label, token.info.id, principal)
+    return None, x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _forget_token_key(token: _TokenKey) -> None:
@@ -262,20 +281,18 @@ def _forget_token_key(token: _TokenKey) -> None:
         err.print(escape(f"warning: could not delete the new token key {token.info.uri}: {exc}"), highlight=False)
 
 
-def _report(name: str, principal: str, role: str, cert, dest: Path, token: _TokenKey | None, as_json: bool) -> None:
-    from hub.registry.store import serial_hex
-
+def _report(name: str, issued: dict, dest: Path, token: _TokenKey | None, as_json: bool) -> None:
     files = {n: str(dest / n) for n in _describe(name, bool(token))}
-    expires = cert.not_valid_after_utc
+    principal, role = issued["principal"], issued["role"]
     if as_json:
-        out.print_json(json.dumps({"name": name, "principal": principal, "client_id": principal, "role": role,
-                                   "serial": serial_hex(cert.serial_number), "subject": cert.subject.rfc4514_string(),
-                                   "not_after": expires.isoformat(), "dir": str(dest), "files": files,
-                                   "key_uri": token.uri() if token else None}))
+        print_json({"name": name, "principal": principal, "client_id": principal, "role": role,
+                    "serial": issued["serial"], "subject": issued["subject"],
+                    "not_after": _iso(issued["not_after"]), "dir": str(dest), "files": files,
+                    "key_uri": token.uri() if token else None})
         return
     _say(f"identity {name}: principal {principal}, role {role}")
     _say(f"  MQTT client id: {principal}")
-    _say(f"  certificate {serial_hex(cert.serial_number)} expires {expires:%Y-%m-%d %H:%M}Z")
+    _say(f"  certificate {issued['serial']} expires {_when(issued['not_after'])}Z")
     if token is not None:
         _say(f"  key in the token: {token.uri()}")
     _say(f"  files in {dest}:")
@@ -283,28 +300,26 @@ def _report(name: str, principal: str, role: str, cert, dest: Path, token: _Toke
         _say(f"    {n:<{max(map(len, files)) + 2}}{what}")
 
 
+def _iso(ts: str) -> str:
+    from datetime import datetime
+
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).isoformat()
+
+
 # --- list, show, revoke ------------------------------------------------------------------------------------------
 
 @identity_app.command("list")
-def identity_list(directory: Optional[Path] = DirOpt,
-                  as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def identity_list(directory: Optional[Path] = DirOpt, hub: Optional[str] = HubOpt,
+                  profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt) -> None:
     """List service identities (and the hub's own): principal, role, status, certificate expiry."""
-    from rich.table import Table
-
-    from hub.authz.identities import list_identities
-
-    rows = list_identities(registry(config(directory)))
-    for r in rows:
-        r["principal"] = r["name"] if r["kind"] == "hub" else f"svc.{r['name']}"
+    with api(directory, hub, profile) as client:
+        rows = client.get("/api/v1/identities")["items"]
     if as_json:
-        out.print_json(json.dumps(rows))
+        print_json(rows)
         return
-    table = Table("principal", "role", "status", "cert expires")
-    for r in rows:
-        table.add_row(*(escape(str(v)) for v in (r["principal"], r["role"], r["status"],
-                                                  _when(r["cert_not_after"]))),
-                      style="red" if r["status"] != "active" else "")
-    out.print(table)
+    print_table([{**r, "cert_not_after": _when(r["cert_not_after"])} for r in rows],
+                [("principal", "principal"), ("role", "role"), ("status", "status"),
+                 ("cert_not_after", "cert expires")])
     _say(f"{len(rows)} identit{'y' if len(rows) == 1 else 'ies'}")
 
 
@@ -312,81 +327,49 @@ def _when(iso: str | None) -> str:
     return iso[:16].replace("T", " ") if iso else "-"
 
 
-def _audit_of(reg, principal: str, limit: int = 20) -> list[dict]:
-    # identity audit rows name the principal at the start of their detail (names hold no LIKE wildcards)
-    return reg.query("SELECT * FROM audit WHERE action LIKE 'identity.%' AND (detail LIKE ? OR detail LIKE ?) "
-                     "ORDER BY id DESC LIMIT ?", [f"identity={principal} %", f"identity={principal};%", limit])
-
-
 @identity_app.command("show")
 def identity_show(name: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
-                  as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+                  hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt,
+                  as_json: bool = JsonOpt) -> None:
     """Everything about one identity: role, status, certificates, recent audit entries."""
-    from rich.table import Table
-
-    from hub.authz.identities import get_identity
-
-    reg = registry(config(directory))
-    try:
-        ident = get_identity(reg, name)
-    except errors() as exc:
-        fail(str(exc))
-    ident["audit"] = _audit_of(reg, ident["principal"])
+    if name != "tessera-hub":
+        _check_name(name)
+    with api(directory, hub, profile) as client:
+        ident = client.get(f"/api/v1/identities/{name}")
     if as_json:
-        out.print_json(json.dumps(ident))
+        print_json(ident)
         return
     certs = ident["certificates"]
-    t = Table(show_header=False, box=None)
     fields = {**{k: ident.get(k) for k in ("name", "principal", "kind", "role", "status", "created", "revoked_at",
                                            "description")}, "subject": certs[0]["subject"] if certs else None}
-    for key, value in fields.items():
-        t.add_row(f"[bold]{key}[/]", escape(str(value or "-")))
-    out.print(t)
-    ct = Table("serial", "status", "not before", "not after")
-    for c in certs:
-        ct.add_row(*(escape(v) for v in (c["serial"][:20] + "…", c["status"], _when(c["not_before"]),
-                                         _when(c["not_after"]))))
-    out.print(ct)
+    print_table([{"key": k, "value": v} for k, v in fields.items()], [("key", "identity"), ("value", "")])
+    print_table([{**c, "not_before": _when(c["not_before"]), "not_after": _when(c["not_after"])} for c in certs],
+                [("serial", "serial"), ("status", "status"), ("not_before", "not before"),
+                 ("not_after", "not after")])
 
 
 @identity_app.command("revoke")
 def identity_revoke(name: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
                     reason: str = typer.Option("", "--reason", help="keyCompromise, cessationOfOperation, "
-                                                                    "superseded or free text (audit log, CRL).")) -> None:
+                                                                    "superseded or free text (audit log, CRL)."),
+                    hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt,
+                    as_json: bool = JsonOpt) -> None:
     """Revoke a service identity for good: the broker cuts its sessions and refuses its certificates."""
-    from hub.serve import admin
-    from hub.authz.identities import revoke_identity
+    from hub.cli.control import NOT_RUNNING_NOTE
 
-    cfg = config(directory)
-    reg = registry(cfg)
-    try:
-        ident = revoke_identity(reg, name, now(), actor="cli", reason=reason)
-    except errors() as exc:
-        fail(str(exc))
-    n = sum(1 for c in ident["certificates"] if c["revoked_at"] == ident["revoked_at"])
-    summary = f"{ident['principal']}: revoked; {n} certificate(s) revoked"
-    try:  # the doorbell: the plugin also finds the change by itself within about 100 ms
-        sync = admin.call(cfg.admin_socket, {"op": "authz_sync"}, timeout=5)
-        summary += f"; enforced by the running broker in {sync['ms']:.0f} ms ({sync['kicked']} live session(s) cut)"
-    except admin.AdminUnavailable:
-        summary += "; the hub is not running: recorded, the broker enforces it from the registry when it starts"
-        _publish_service_crl(cfg, reg)
-    except admin.AdminError as exc:
-        summary += f"; the running hub did not confirm ({exc}): the broker applies it on its next tick"
+    _check_name(name)
+    with api(directory, hub, profile) as client:
+        ident = client.post(f"/api/v1/identities/{name}/revoke", {"reason": reason})
+        running = client.hub_running
+    if as_json:
+        print_json({**ident, "hub_running": running})
+        return
+    summary = f"{ident['principal']}: revoked; {ident['revoked_certificates']} certificate(s) revoked"
+    if not running:
+        summary += "; " + NOT_RUNNING_NOTE
+    elif ident["sessions_cut"] is None:
+        summary += f"; the running hub did not confirm ({ident['broker_note']}): the broker applies it on its next tick"
+    else:
+        summary += (f"; enforced by the running broker in {ident['sync_ms']:.0f} ms "
+                    f"({ident['sessions_cut']} live session(s) cut)")
     _say(summary)
-
-
-def _publish_service_crl(cfg: HubConfig, reg) -> None:
-    """Offline: re-issue the service CRL now (for third parties; a running hub does this in the background)."""
-    from hub.ca.authority import load_ca
-    from hub.ca.revocation import publish_service_crl
-
-    try:
-        ca = load_ca(cfg.ca_dir, cfg.ca_token)
-        try:
-            publish_service_crl(ca, reg, cfg.crl_dir, now(), force=True)
-        finally:
-            ca.close()
-    except errors() as exc:
-        err.print(escape(f"warning: the service CRL was not re-issued ({exc}); the hub does it when it starts"),
-                  highlight=False)

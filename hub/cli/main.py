@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
-
-from hub.cli.util import DirOpt, config, device_id_arg, err, errors, fail, now, out, registry, safe
+from hub.cli.util import (DirOpt, HubOpt, JsonOpt, ProfileOpt, api, config, device_id_arg, err, errors, fail, now,
+                          out, print_json, print_table, registry)
 from hub.config import hub_dir
 from hub.cli.device import device_app
 from hub.cli.identity import identity_app
@@ -26,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+BATCH = 10_000  # devices per POST /api/v1/devices (the API's limit, one transaction each)
 token_app = typer.Typer(help="Enrollment tokens for factory batches.", no_args_is_help=True)
 ca_app = typer.Typer(help="Certificate authority maintenance.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
@@ -113,22 +113,30 @@ def crl(directory: Optional[Path] = DirOpt) -> None:
 @app.command()
 def audit(
     directory: Optional[Path] = DirOpt,
-    device: str = typer.Option("", help="Only this device."),
-    limit: int = typer.Option(50, help="How many entries (newest first)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    device: Optional[str] = typer.Option(None, help="Only rows about this device."),
+    actor: Optional[str] = typer.Option(None, help="Only rows by this principal (e.g. svc.alice, est, hub)."),
+    action: Optional[str] = typer.Option(None, help="Only rows of this action (e.g. device.revoked)."),
+    since: Optional[str] = typer.Option(None, help="Only rows at or after this time (ISO 8601, e.g. 2027-01-31)."),
+    limit: int = typer.Option(50, min=1, max=1000, help="How many entries (newest first)."),
+    cursor: Optional[str] = typer.Option(None, "--cursor", help="Continue with older rows (the hint)."),
+    hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt,
 ) -> None:
-    """Show the audit log: every enroll, renew, revoke and denial."""
-    cfg = config(directory)
-    rows = registry(cfg).audit_log(limit=limit, device_id=device or None)
+    """Show the audit log: every API call, enroll, renew, revoke and denial (newest first)."""
+    from hub.cli.device import _time_opt
+
+    params = {"device": device, "actor": actor, "action": action, "since": _time_opt(since, "--since"),
+              "limit": limit, "cursor": cursor}
+    with api(directory, hub, profile) as client:
+        page = client.get("/api/v1/audit", params)
+    rows = page["items"]
     if as_json:
-        out.print_json(json.dumps(rows))
-        return
-    table = Table("at", "actor", "action", "device", "outcome", "detail", "source")
-    for r in rows:
-        style = "red" if r["outcome"] != "ok" else ""
-        table.add_row(*(safe(v) for v in (r["at"][:19], r["actor"], r["action"], r["device_id"], r["outcome"],
-                                           r["detail"], r["source"])), style=style)
-    out.print(table)
+        print_json(rows)
+    else:
+        print_table([{**r, "at": r["at"][:19].replace("T", " ")} for r in rows],
+                    [("at", "at", 19), ("actor", "actor", 12), ("action", "action", 14), ("device_id", "device", 8),
+                     ("outcome", "outcome", 6), ("detail", "detail")])
+    if page["next_cursor"]:
+        sys.stderr.write(f"more: --cursor {page['next_cursor']}\n")
 
 
 app.command("watch")(watch)
@@ -144,35 +152,55 @@ def token_create(
     directory: Optional[Path] = DirOpt,
     group: list[str] = typer.Option([], "--group", help="Group for every device of the batch (repeatable)."),
     start: int = typer.Option(1, help="First number."),
+    hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt,
 ) -> None:
-    """Register a factory batch of devices with one-time tokens, written to a 0600 CSV."""
+    """Register a factory batch of devices with one-time tokens, written to a 0600 CSV (10,000 per API call)."""
     from rich.progress import Progress
 
-    cfg = config(directory)
+    from hub.cli.client import ApiError
+
     width = max(5, len(str(start + count - 1)))
     ids = [f"{prefix}-{n:0{width}d}" for n in range(start, start + count)]
     for device_id in (ids[0], ids[-1]):
         device_id_arg(device_id)
     if out_file.exists():
         fail(f"{out_file} exists; refusing to overwrite a token file")
-    reg = registry(cfg)
     tmp = out_file.with_name(out_file.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh, Progress(console=err) as progress:
-            task = progress.add_task("creating devices and tokens", total=count)
-            writer = csv.writer(fh)
-            writer.writerow(["device_id", "token"])
-            rows = ((i, {}, list(group)) for i in ids)
-            for device_id, token in reg.create_devices_with_tokens(
-                    rows, cfg.fleet, now(), cfg.policy.token_ttl, actor="cli",
-                    progress=lambda n: progress.update(task, completed=n)):
-                writer.writerow([device_id, token])
+    done = 0
+    expires = None
+    with api(directory, hub, profile) as client:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            fail(f"{tmp}: {exc.strerror or exc}")
+        try:
+            with os.fdopen(fd, "w", newline="") as fh, Progress(console=err, transient=True) as progress:
+                task = progress.add_task("creating devices and tokens", total=count)
+                writer = csv.writer(fh)
+                writer.writerow(["device_id", "token"])
+                for n in range(0, count, BATCH):
+                    batch = [{"id": i, "groups": list(group)} for i in ids[n:n + BATCH]]
+                    result = client.post("/api/v1/devices", {"devices": batch})
+                    expires = result["token_expires"]
+                    writer.writerows([d["id"], d["token"]] for d in result["devices"])
+                    fh.flush()
+                    done += result["created"]
+                    progress.update(task, completed=done)
+        except (ApiError, OSError) as exc:
+            if not done:
+                tmp.unlink(missing_ok=True)
+                fail(str(exc))
+            os.replace(tmp, out_file)
+            fail(f"{exc}; {done} of {count} devices were registered before, their tokens are in {out_file}")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, out_file)
-    except errors() as exc:
-        tmp.unlink(missing_ok=True)
-        fail(str(exc))
-    out.print(f"{count} devices registered; tokens in {out_file} (mode 0600)")
+    if as_json:
+        print_json({"created": done, "file": str(out_file), "first": ids[0], "last": ids[-1],
+                    "token_expires": expires})
+        return
+    out.print(f"{count} devices registered; tokens in {out_file} (mode 0600)", highlight=False)
 
 
 if __name__ == "__main__":

@@ -116,14 +116,15 @@ def _cut(text: str, width: int) -> str:
     return "".join(out) + "\u2026" + " " * (width - 1 - used)
 
 
-def table_lines(rows: list[dict], columns: list[tuple[str, str]], width: int = TABLE_WIDTH) -> list[str]:
-    """Rows as aligned text lines of at most `width` columns: the widest columns give way first, cut cells end
-    in an ellipsis; a cell never wraps onto a second line."""
-    cells = [[_clean(r.get(key)) for key, _ in columns] for r in rows]
-    heads = [h for _, h in columns]
+def table_lines(rows: list[dict], columns: list[tuple], width: int = TABLE_WIDTH) -> list[str]:
+    """Rows as aligned text lines of at most `width` columns: the widest columns give way first (not below a
+    column's optional third element, its minimum width, while others can), cut cells end in an ellipsis; a cell
+    never wraps onto a second line. `columns`: (row key, header[, minimum width])."""
+    cells = [[_clean(r.get(col[0])) for col in columns] for r in rows]
+    heads = [col[1] for col in columns]
     widths = [max([_width(h), *(_width(row[i]) for row in cells)]) for i, h in enumerate(heads)]
     budget = width - 2 * (len(columns) - 1)
-    floor = [min(w, max(4, _width(h))) for w, h in zip(widths, heads)]
+    floor = [min(w, col[2] if len(col) > 2 else max(4, _width(h))) for w, h, col in zip(widths, heads, columns)]
     while sum(widths) > budget:
         i = max(range(len(widths)), key=lambda n: (widths[n] - floor[n], widths[n]))
         if widths[i] <= floor[i]:
@@ -138,7 +139,7 @@ def table_lines(rows: list[dict], columns: list[tuple[str, str]], width: int = T
     return lines
 
 
-def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+def print_table(rows: list[dict], columns: list[tuple]) -> None:
     """A plain text table on stdout, every line at most 80 columns (whatever the terminal)."""
     width = TABLE_WIDTH
     if sys.stdout.isatty():

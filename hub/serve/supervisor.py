@@ -76,6 +76,9 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
                        _now(), actor="hub", detail=detail)
 
     ensure_hub_identity(registry, x509.load_pem_x509_certificate((tls_dir / "admin.pem").read_bytes()), _now())
+    from hub.api.identityroutes import ensure_local_operator
+
+    ensure_local_operator(cfg, ca, registry, _now())  # the local CLI's operator identity (older hub directories)
     registry.prune_authz_events(_now() - AUTHZ_EVENTS_KEPT)
     limits = Limits(max_payload=cfg.max_payload, max_queued_bytes=cfg.max_queued_bytes,
                     connect_rate=cfg.connect_rate, connect_burst=cfg.connect_burst)
@@ -109,6 +112,8 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
         try:
             api = start_api(cfg, live, host, api_port)
             stack.append(api)
+            (cfg.root / "api.addr").write_text(f"{host} {api.port}\n")  # where the local CLI finds the API
+            stack.append(lambda: (cfg.root / "api.addr").unlink(missing_ok=True))
             api_line = f"API   https://{host}:{api.port}/api/v1/"
         except OSError as exc:  # the default port taken (e.g. another hub on this machine): run without the API
             if api_explicit:

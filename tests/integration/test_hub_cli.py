@@ -182,10 +182,13 @@ def test_device_list_json_fields(hub):
 
 
 def test_audit_json_records_cli_actions(hub):
+    """The CLI is a client of the fleet API: its rows name the hub directory's operator identity, not "cli"."""
     hub.add_device("cli-audit-1")
     rows = hub.cli_json("audit", "--device", "cli-audit-1")
-    assert [(r["action"], r["outcome"], r["actor"]) for r in rows] == [("token.create", "ok", "cli"),
-                                                                      ("device.add", "ok", "cli")]
+    assert [(r["action"], r["outcome"], r["actor"]) for r in rows] == [("token.create", "ok", "svc.local-admin"),
+                                                                      ("device.add", "ok", "svc.local-admin")]
+    calls = hub.cli_json("audit", "--actor", "svc.local-admin", "--action", "api.devices.create", "--limit", "1")
+    assert [(r["action"], r["outcome"]) for r in calls] == [("api.devices.create", "ok")]
 
 
 # --- the serve process --------------------------------------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""The fleet API's audit log route: GET /api/v1/audit, newest first, filtered by device, actor, action and time.
+
+Every filter is served by an index (`AUDIT_SCHEMA`, applied by `apply_schema`; idempotent): device -> the registry's
+audit(device_id, id), actor -> audit(actor, id), action -> audit(action, id), since -> audit(at) bounding the id
+range. Paging is keyset on the row id (`id < last ORDER BY id DESC LIMIT n`), never OFFSET.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+
+from aiohttp import web
+
+from hub.registry.store import Registry
+
+from .queries import BadRequest, parse_time
+from .routing import PREFIX, Route, json_response, q, query_params
+
+AUDIT_SCHEMA = (
+    """CREATE INDEX IF NOT EXISTS audit_actor ON audit(actor, id)""",
+    """CREATE INDEX IF NOT EXISTS audit_action ON audit(action, id)""",
+    """CREATE INDEX IF NOT EXISTS audit_at ON audit(at)""",
+)
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 50
+_TEXT_RE = re.compile(r"[\x21-\x7e]{1,128}")
+_DEVICE_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_LIMIT_RE = re.compile(r"[0-9]{1,7}")
+_CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_applied: set[int] = set()
+
+
+def apply_schema(registry: Registry) -> None:
+    """The audit route's indexes (idempotent; once per registry object)."""
+    if id(registry) in _applied:
+        return
+    with registry.write() as db:
+        for statement in AUDIT_SCHEMA:
+            db.execute(statement)
+    _applied.add(id(registry))
+
+
+def encode_cursor(before_id: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"before": before_id}).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    if _CURSOR_RE.fullmatch(cursor):
+        try:
+            data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii"))
+        except (binascii.Error, ValueError, RecursionError):
+            data = None
+        if isinstance(data, dict) and set(data) == {"before"} and type(data["before"]) is int \
+                and 0 < data["before"] < 2 ** 62:
+            return data["before"]
+    raise BadRequest("invalid cursor: use the next_cursor of a previous page", "cursor")
+
+
+def query_audit(registry: Registry, params: dict[str, str]) -> dict:
+    """One page of audit rows, newest first; the cursor for the next (older) page, None on the last."""
+    unknown = set(params) - {"device", "actor", "action", "since", "limit", "cursor"}
+    if unknown:
+        raise BadRequest(f"unknown parameter {sorted(unknown)[0]!r} (device, actor, action, since, limit, cursor)",
+                         sorted(unknown)[0])
+    conds, args = [], []
+    if "device" in params:
+        if not _DEVICE_RE.fullmatch(params["device"]):
+            raise BadRequest("device must be a device id (a-z, 0-9 and '-', up to 63 characters)", "device")
+        conds.append("device_id = ?")
+        args.append(params["device"])
+    for key, column in (("actor", "actor"), ("action", "action")):
+        if key in params:
+            if not _TEXT_RE.fullmatch(params[key]):
+                raise BadRequest(f"{key} must be 1-128 printable ASCII characters without spaces", key)
+            conds.append(f"{column} = ?")
+            args.append(params[key])
+    if "since" in params:
+        since = parse_time(params["since"], "since")
+        conds.append("id >= coalesce((SELECT id FROM audit WHERE at >= ? ORDER BY at LIMIT 1), 9223372036854775807)")
+        args.append(since)
+    limit = DEFAULT_LIMIT
+    if "limit" in params:
+        if not _LIMIT_RE.fullmatch(params["limit"]) or not 1 <= int(params["limit"]) <= MAX_LIMIT:
+            raise BadRequest(f"limit must be an integer 1-{MAX_LIMIT}", "limit")
+        limit = int(params["limit"])
+    if "cursor" in params:
+        conds.append("id < ?")
+        args.append(decode_cursor(params["cursor"]))
+    where = " AND ".join(conds) or "1"
+    rows = registry.query(f"SELECT id, at, actor, action, device_id, outcome, detail, source FROM audit "
+                          f"WHERE {where} ORDER BY id DESC LIMIT ?", [*args, limit + 1])
+    page = rows[:limit]
+    return {"items": page, "next_cursor": encode_cursor(page[-1]["id"]) if len(rows) > limit else None}
+
+
+async def audit(api, request: web.Request, principal) -> web.Response:
+    params = query_params(request)
+    await api.run(apply_schema, api.registry)
+    return json_response(await api.run(query_audit, api.registry, params))
+
+
+_NULLABLE = {"type": ["string", "null"]}
+SCHEMAS: dict[str, dict] = {
+    "AuditEntry": {"type": "object", "required": ["id", "at", "actor", "action", "outcome"],
+                   "properties": {"id": {"type": "integer"}, "at": {"type": "string"}, "actor": {"type": "string"},
+                                  "action": {"type": "string"}, "device_id": _NULLABLE,
+                                  "outcome": {"type": "string"}, "detail": _NULLABLE, "source": _NULLABLE}},
+    "AuditPage": {"type": "object", "required": ["items", "next_cursor"],
+                  "properties": {"items": {"type": "array", "items": {"$ref": "#/components/schemas/AuditEntry"}},
+                                 "next_cursor": _NULLABLE}},
+}
+_PRINTABLE = {"type": "string", "pattern": "^[\\x21-\\x7e]{1,128}$"}
+ROUTES: tuple[Route, ...] = (
+    Route("GET", f"{PREFIX}/audit", "audit.list", "read",
+          "The audit log, newest first (keyset paging by row id): every API call, enroll, renew, revoke, denial",
+          audit, params=(
+              q("device", {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}, "rows about this device"),
+              q("actor", _PRINTABLE, "rows by this principal (e.g. svc.alice, tessera-hub, est)"),
+              q("action", _PRINTABLE, "rows of this action (e.g. device.revoked, api.devices.list)"),
+              q("since", {"type": "string", "format": "date-time"}, "rows at or after this time"),
+              q("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+                "page size"),
+              q("cursor", {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "next_cursor of the previous page")),
+          response="AuditPage", errors=(400, 403)),
+)
