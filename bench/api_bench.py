@@ -7,12 +7,11 @@ real TLS, authenticated with an ``admin`` service identity's client certificate 
 Setup (bench/fleet.py): a fleet from ``tessera-hub init`` with lenient rate limits and one ``token create`` device
 (a control: enrolled and connected, in no group), the API on a free port (fleet.toml ``[api] port``). A group
 ``tenk`` of 10,000 devices is made with ``Registry.create_devices_with_tokens`` (one transaction); a handful of
-them (8, quick 4) are enrolled through EST with their tokens. The hub is stopped and its registry filled with
+them (1,000, quick 200) are enrolled through EST with their tokens. The hub is stopped and its registry filled with
 1M devices (quick 100k) with an active certificate each: bench/broker_bench.py's ``build_big_registry`` (plain
 SQL, executemany in one transaction, hub/registry/store.py's column formats), then one in a hundred of them set
-suspended (so ``status=active`` is a real filter; not more: a suspended device's certificate is a certificateHold
-CRL entry, and the hub's CRL publication takes about 20 s per 100k entries, during which `serve` does not stop on
-SIGTERM). Then ``serve`` starts again on that registry.
+suspended (so ``status=active`` is a real filter; a suspended device's certificate is a certificateHold CRL entry:
+10k entries). Then ``serve`` starts again on that registry.
 
 1. ``GET /api/v1/devices?status=active&limit=100`` (1000 requests, quick 300) over 4 keep-alive HTTPS
    connections in turn, one at a time; each: request sent to the whole body read (100 devices). Nearest-rank

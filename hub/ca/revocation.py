@@ -21,7 +21,7 @@ SERVICE_CRL = "service.crl.pem"
 
 def device_crl_entries(registry: Registry, now: datetime) -> list[tuple[int, datetime, str]]:
     entries = [(int(r["serial"], 16), datetime.fromisoformat(r["revoked_at"]), r["reason"] or "unspecified")
-               for r in registry.revoked_certificates()]
+               for r in registry.revoked_certificates(now)]
     entries += [(int(r["serial"], 16), datetime.fromisoformat(r["held_at"]), "certificateHold")
                 for r in registry.held_certificates(now)]
     return entries

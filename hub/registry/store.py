@@ -473,10 +473,13 @@ class Registry:
 
         return self._issuing("reenroll", device_id, now, source, body)
 
-    def revoked_certificates(self) -> list[dict[str, Any]]:
-        """Every revoked certificate, for the CRL: [{'serial': hex, 'revoked_at': iso, 'reason': str}]."""
+    def revoked_certificates(self, now: datetime | None = None) -> list[dict[str, Any]]:
+        """Revoked certificates, for the CRL: [{'serial': hex, 'revoked_at': iso, 'reason': str}], in revocation
+        order (index `certificates_revoked`). With `now`, those already expired are left out: RFC 5280 lets a CRL
+        drop an entry once the certificate has expired, and nothing accepts it any more anyway."""
+        where, params = ("AND not_after > ?", [_ts(now)]) if now is not None else ("", [])
         return list(self._db().query("SELECT serial, revoked_at, revocation_reason AS reason FROM certificates "
-                                     "WHERE status = 'revoked' ORDER BY revoked_at, serial"))
+                                     f"WHERE status = 'revoked' {where} ORDER BY revoked_at, serial", params))
 
     def certificates_of(self, device_id: str) -> list[dict[str, Any]]:
         """A device's certificates, newest first (without the PEM)."""

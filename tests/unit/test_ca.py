@@ -422,6 +422,21 @@ def test_crl_contents(ca):
         ca.build_crl([], NOW, crl_number=0)
 
 
+@pytest.mark.parametrize("entries", [0, 1, 3, 1000])  # DER lengths: short, 48-byte line edges, several KB
+def test_pem_armor_is_exactly_cryptographys_pem(ca, entries):
+    from hub.ca.crl import pem_armor
+
+    crl = ca.build_crl([(100 + i, NOW, "keyCompromise") for i in range(entries)], NOW, crl_number=7)
+    assert pem_armor(crl.public_bytes(serialization.Encoding.DER)) == crl.public_bytes(serialization.Encoding.PEM)
+    assert x509.load_pem_x509_crl(pem_armor(crl.public_bytes(serialization.Encoding.DER))) == crl
+
+
+def test_crl_builder_takes_entries_in_one_go_in_order(ca):
+    entries = [(5000 - i, NOW - timedelta(minutes=i), "superseded") for i in range(2000)]
+    crl = ca.build_crl(entries, NOW, crl_number=8)
+    assert [e.serial_number for e in crl] == [serial for serial, _, _ in entries]
+
+
 def _files(crl_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(crl_dir.iterdir())}
 

@@ -419,6 +419,22 @@ def test_revoke_is_terminal_and_revokes_certs(reg: Registry, clock: Clock, mini_
     assert "stolen" in reg.audit_log(device_id="dev-1", limit=1)[0]["detail"]
 
 
+def test_crl_entries_leave_once_the_certificate_expired(reg: Registry, clock: Clock, mini_ca: MiniCA) -> None:
+    short = enrolled(reg, mini_ca, clock, "dev-1", days=1)
+    enrolled(reg, mini_ca, clock, "dev-2", days=30)
+    for device in ("dev-1", "dev-2"):
+        reg.set_status(device, "revoked", clock.now, actor="ops", reason="keyCompromise")
+    assert len(reg.revoked_certificates(clock.now)) == 2
+    later = clock.advance(days=2)
+    listed = reg.revoked_certificates(later)
+    assert len(listed) == 1 and listed[0]["serial"] != serial_hex(short.serial_number)
+    assert len(reg.revoked_certificates()) == 2  # the record stays; only the CRL leaves it out
+    plan = " ".join(r[3] for r in raw(reg.path, "EXPLAIN QUERY PLAN SELECT serial FROM certificates "
+                                               "WHERE status = 'revoked' AND not_after > ? ORDER BY revoked_at, serial",
+                                      ("x",)))
+    assert "certificates_revoked" in plan and "TEMP B-TREE" not in plan, plan
+
+
 def test_revoke_skips_expired_certs(reg: Registry, clock: Clock, mini_ca: MiniCA) -> None:
     enrolled(reg, mini_ca, clock, days=1)
     out = reg.set_status("dev-1", "revoked", clock.advance(days=2), actor="ops")
