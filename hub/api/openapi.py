@@ -160,6 +160,9 @@ def _operation(route) -> dict[str, Any]:
         content[media.split(";")[0]] = {"schema": {"type": "string"}}
     op["responses"] = {str(route.success): {"description": {200: "OK", 201: "Created"}.get(route.success, "OK"),
                                              "content": content},
+                       **{str(status): {"description": {200: "OK", 201: "Created", 202: "Accepted"}.get(status, "OK"),
+                                        "content": {"application/json": {"schema": _ref(schema)}}}
+                          for status, schema in route.more},
                        **{str(s): _problem(s) for s in sorted({*route.errors, *((413,) if route.body else ()),
                                                                 500})}}
     return op

@@ -256,11 +256,15 @@ def all_routes() -> tuple[Route, ...]:
     """Every route of the API: the device routes here, then each route module's `ROUTES` (one table)."""
     from . import auditroutes, identityroutes, statusroutes
 
-    return DEVICE_ROUTES + statusroutes.ROUTES + identityroutes.ROUTES + auditroutes.ROUTES
+    from . import jobroutes
+
+    return DEVICE_ROUTES + statusroutes.ROUTES + identityroutes.ROUTES + auditroutes.ROUTES + jobroutes.ROUTES
 
 
 def all_schemas() -> dict:
     """The OpenAPI component schemas route modules declare (`SCHEMAS`) besides hub/api/openapi.py's COMPONENTS."""
     from . import auditroutes, identityroutes, statusroutes
 
-    return {**statusroutes.SCHEMAS, **identityroutes.SCHEMAS, **auditroutes.SCHEMAS}
+    from . import jobroutes
+
+    return {**statusroutes.SCHEMAS, **identityroutes.SCHEMAS, **auditroutes.SCHEMAS, **jobroutes.SCHEMAS}

@@ -48,6 +48,7 @@ class Route:
     also: tuple[str, ...] = ()  # other media types a successful answer may have (e.g. text/csv), a string each
     errors: tuple[int, ...] = (403,)
     success: int = 200  # the status code of a successful answer
+    more: tuple[tuple[int, str], ...] = ()  # other successful answers: (status, component schema name)
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -37,6 +37,7 @@ from cryptography import x509
 
 from hub.authz.policy import API_PERMISSIONS
 from hub.registry.store import Registry, _ts, serial_hex
+from hub.tlsposture import harden
 
 from .queries import BadRequest, Conflict, NotFound, apply_schema
 
@@ -67,12 +68,10 @@ def problem(status: int, title: str, detail: str, code: str | None = None, **ext
 
 
 def tls_context(cfg) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     ctx.load_cert_chain(str(cfg.tls_dir / "est.pem"), str(cfg.tls_dir / "est.key"))
     ctx.load_verify_locations(cafile=str(cfg.ca_dir / "root.pem"))
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.options |= ssl.OP_NO_RENEGOTIATION
     return ctx
 
 

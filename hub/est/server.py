@@ -18,6 +18,7 @@ from pathlib import Path
 from est.messages import MAX_CSR_BODY
 
 from hub.est.service import EstRequest, EstService
+from hub.tlsposture import harden
 
 log = logging.getLogger("tessera.hub.est")
 
@@ -28,15 +29,13 @@ WORKERS = 64  # concurrent connections being served; more wait in the accept bac
 
 def server_context(cert_chain: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
     """Server TLS: our service cert; optional client certs verified against the device CA chain only."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     ctx.load_cert_chain(str(cert_chain), str(key))
     # Only the device CA is a trust anchor here (partial chain): a certificate from the service CA, or from any
     # other CA under the fleet root, is not a device certificate and fails the handshake.
     ctx.load_verify_locations(cafile=str(client_ca))
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.verify_mode = ssl.CERT_OPTIONAL
-    ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.num_tickets = 0  # EST clients make one request per connection; tickets only cost a signature each
     return ctx
 

@@ -98,6 +98,7 @@ class LiveHub:
         self._stats_lock = threading.Lock()
         self._sink = None
         self.admin = None  # the AdminClient, set by serve
+        self.ack_listeners: list[Callable[[str, dict], None]] = []  # (device id, ack), e.g. the job runner
 
     # --- enforcement --------------------------------------------------------------------------------------------------
     def authz_sync(self) -> dict:
@@ -138,6 +139,7 @@ class LiveHub:
     def on_device_message(self, device_id: str, kind: str, payload: bytes) -> None:
         """A device published telemetry, an event or a command ack (seen through the admin subscription)."""
         now = self.clock()
+        ack = None
         with self._stats_lock:
             c = self._counters.setdefault(device_id, {"messages": 0, "last": None, "by_kind": {}})
             c["messages"] += 1
@@ -150,6 +152,8 @@ class LiveHub:
                         self._acks[ack["id"]] = ack
                         if len(self._acks) > 10_000:
                             self._acks.pop(next(iter(self._acks)))
+                    else:
+                        ack = None
                 except ValueError:
                     pass
             if self.cfg.telemetry_log:
@@ -157,6 +161,11 @@ class LiveHub:
                     self._sink = open(self.cfg.log_dir / "device-messages.jsonl", "a", buffering=1)
                 self._sink.write(json.dumps({"at": now.isoformat(), "device": device_id, "kind": kind,
                                              "payload": payload.decode("utf-8", "replace")}) + "\n")
+        for listener in self.ack_listeners if ack is not None else ():
+            try:
+                listener(device_id, ack)
+            except Exception:  # noqa: BLE001
+                log.exception("ack listener failed")
 
     def traffic(self) -> dict:
         with self._stats_lock:

@@ -108,6 +108,10 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
 
         from hub.api.server import configured_port, start_api
 
+        from hub.jobs import schema as jobs_schema
+        from hub.jobs.runner import JobRunner
+
+        jobs_schema.apply_schema(registry)
         api_port, api_explicit = (api_port, True) if api_port is not None else configured_port(cfg)
         try:
             api = start_api(cfg, live, host, api_port)
@@ -121,6 +125,11 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
             log.error("fleet API not started: %s:%d: %s (set [api] port in fleet.toml)", host, api_port, exc)
             registry.audit("api.start", "error", _now(), actor="hub", detail=f"{host}:{api_port}: {exc}")
             api_line = f"API   not started: port {api_port} unavailable ({exc.strerror or exc})"
+
+        jobs = JobRunner(live)  # running jobs resume (acks of commands sent before a restart still match)
+        live.ack_listeners.append(jobs.on_ack)
+        jobs.start()
+        stack.append(jobs.stop)
 
         sock_server, _ = admin.serve(cfg.admin_socket, _dispatch(live))
         stack.append(lambda: (sock_server.shutdown(), sock_server.server_close(),

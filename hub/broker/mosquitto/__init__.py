@@ -28,14 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from hub.tlsposture import CIPHERS  # TLS 1.2 suites on the MQTT listener: the hub's one posture
+
 from .. import BrokerDriver, BrokerError, SyncResult
 
 log = logging.getLogger("tessera.hub.broker")
 
 WATCH_EVERY = 0.2  # seconds between checks that the broker is alive
-#: TLS 1.2 suites offered on the MQTT listener (ECDHE + AEAD only; TLS 1.3 suites are OpenSSL's defaults).
-CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:" \
-          "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305"
 
 
 @dataclass(frozen=True)
