@@ -21,6 +21,7 @@ from hub.ca.authority import FleetCA
 from hub.config import HubConfig
 from hub.ca.crl import crl_needs_refresh, current_crl
 from hub.registry.store import Registry, UnknownDevice
+from hub.serve import stats
 from hub.ca.revocation import publish_crl, publish_service_crl
 
 log = logging.getLogger("tessera.hub")
@@ -122,6 +123,7 @@ class LiveHub:
             note = f"; broker not confirmed ({exc}); it applies the change on its next tick"
             log.warning("%s %s: %s", device_id, status, note)
         t_sync = time.monotonic()
+        stats.of(self.registry).enforced(status, t_sync - t_registry, kicked is not None)
         if status in ("revoked", "suspended", "decommissioned"):
             self.registry.mark_presence(device_id, False, self.clock())  # a kick sends no last will
         self.crl.changed()
