@@ -1,45 +1,265 @@
-"""Prometheus metrics of the fleet (prometheus-client): computed from the registry at each scrape, indexed counts.
+"""Prometheus metrics of the hub (prometheus-client), at a cost per scrape that does not grow with the fleet.
 
-tessera_devices{status}               devices by status
-tessera_devices_online                devices connected now (presence from the broker)
-tessera_certificates_expiring{within} active device certificates expiring within 7 and 30 days (not yet expired)
+tessera_devices{status}                 devices by status                         } counts kept by triggers in
+tessera_devices_online                  devices connected now (broker presence)   } `metrics_counts`: O(1)
+tessera_certificates_expiring{within}   active certificates expiring within 7 / 30 days (not yet expired):
+                                        hourly buckets (`metrics_expiry`, kept by triggers) summed for the whole
+                                        hours inside the window, the two partial hours at its ends counted exactly
+                                        on the active-expiry index: O(hours in the window + certificates in 2 hours)
+tessera_enrollments_total, tessera_renewals_total, tessera_est_denials_total{reason},
+tessera_revocation_seconds{action}, tessera_revocation_unconfirmed_total{action}
+                                        the hub's event counters (hub/serve/stats.py)
+tessera_broker_connections              clients connected to the broker now: Mosquitto's own
+                                        `$SYS/broker/clients/connected` (every client: devices, service identities
+                                        and the hub's session; refreshed by the broker every sys_interval, 10 s),
+                                        read by the hub's admin MQTT session; no sample while that is unknown
+tessera_crl_age_seconds{crl}, tessera_crl_next_update_seconds{crl}
+                                        the published device / service CRL: now - lastUpdate, nextUpdate - now
+                                        (negative: overdue); parsed again only when the file changes
+tessera_job_devices{job,state}          devices of each running job by state (hub/jobs tables; none if absent)
+
+Why triggers: a GROUP BY over a 1M-row index costs ~90 ms, the two expiry windows ~150 ms more, every scrape
+(bench/metrics_bench.py). Triggers keep the counts exact whoever writes the registry (serve, the CLI, another
+process); each status or presence change costs one more small row write.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+import logging
+import os
+import sqlite3
+import threading
+from datetime import datetime, timedelta
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from hub.registry.store import DEVICE_STATUSES, _ts
+from hub.broker.mqttadmin import SYS_CLIENTS
+from hub.registry.store import DEVICE_STATUSES, Registry, _ts
+from hub.serve import stats
+
+log = logging.getLogger("tessera.api")
 
 EXPIRY_WINDOWS = (7, 30)
+CRL_FILES = {"device": "device.crl", "service": "service.crl.pem"}
+HUB_ROLE = "hub"
+#: the hub's own broker rights this module needs (the hub role is fixed: nobody else edits it)
+HUB_RULES = (("subscribe", SYS_CLIENTS), ("receive", SYS_CLIENTS))
+
+_HOUR = "substr({}, 1, 13)"  # '2027-01-31T05' of a stored timestamp (fixed ISO format: text order = time order)
+METRICS_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS metrics_counts (key TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS metrics_expiry (hour TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID""",
+    """CREATE TRIGGER IF NOT EXISTS metrics_devices_insert AFTER INSERT ON devices BEGIN
+        INSERT INTO metrics_counts VALUES ('status:' || NEW.status, 1) ON CONFLICT(key) DO UPDATE SET n = n + 1;
+        INSERT INTO metrics_counts VALUES ('online', NEW.online) ON CONFLICT(key) DO UPDATE SET n = n + NEW.online;
+        END""",
+    """CREATE TRIGGER IF NOT EXISTS metrics_devices_delete AFTER DELETE ON devices BEGIN
+        UPDATE metrics_counts SET n = n - 1 WHERE key = 'status:' || OLD.status;
+        UPDATE metrics_counts SET n = n - OLD.online WHERE key = 'online'; END""",
+    """CREATE TRIGGER IF NOT EXISTS metrics_devices_status AFTER UPDATE OF status ON devices
+        WHEN OLD.status IS NOT NEW.status BEGIN
+        UPDATE metrics_counts SET n = n - 1 WHERE key = 'status:' || OLD.status;
+        INSERT INTO metrics_counts VALUES ('status:' || NEW.status, 1) ON CONFLICT(key) DO UPDATE SET n = n + 1;
+        END""",
+    """CREATE TRIGGER IF NOT EXISTS metrics_devices_online AFTER UPDATE OF online ON devices
+        WHEN OLD.online IS NOT NEW.online BEGIN
+        INSERT INTO metrics_counts VALUES ('online', NEW.online - OLD.online)
+            ON CONFLICT(key) DO UPDATE SET n = n + NEW.online - OLD.online; END""",
+    f"""CREATE TRIGGER IF NOT EXISTS metrics_certs_insert AFTER INSERT ON certificates
+        WHEN NEW.status = 'active' BEGIN
+        INSERT INTO metrics_expiry VALUES ({_HOUR.format('NEW.not_after')}, 1)
+            ON CONFLICT(hour) DO UPDATE SET n = n + 1; END""",
+    f"""CREATE TRIGGER IF NOT EXISTS metrics_certs_delete AFTER DELETE ON certificates
+        WHEN OLD.status = 'active' BEGIN
+        UPDATE metrics_expiry SET n = n - 1 WHERE hour = {_HOUR.format('OLD.not_after')}; END""",
+    f"""CREATE TRIGGER IF NOT EXISTS metrics_certs_leave AFTER UPDATE OF status, not_after ON certificates
+        WHEN OLD.status = 'active' BEGIN
+        UPDATE metrics_expiry SET n = n - 1 WHERE hour = {_HOUR.format('OLD.not_after')}; END""",
+    f"""CREATE TRIGGER IF NOT EXISTS metrics_certs_enter AFTER UPDATE OF status, not_after ON certificates
+        WHEN NEW.status = 'active' BEGIN
+        INSERT INTO metrics_expiry VALUES ({_HOUR.format('NEW.not_after')}, 1)
+            ON CONFLICT(hour) DO UPDATE SET n = n + 1; END""",
+)
+_BACKFILL = (
+    "DELETE FROM metrics_counts",
+    "DELETE FROM metrics_expiry",
+    "INSERT INTO metrics_counts SELECT 'status:' || status, COUNT(*) FROM devices GROUP BY status",
+    "INSERT INTO metrics_counts SELECT 'online', COUNT(*) FROM devices WHERE online = 1",
+    f"INSERT INTO metrics_expiry SELECT {_HOUR.format('not_after')}, COUNT(*) FROM certificates "
+    "WHERE status = 'active' GROUP BY 1",
+)
+_EXACT = "SELECT COUNT(*) AS n FROM certificates WHERE status = 'active' AND not_after > ? AND not_after <= ?"
+
+
+def apply_schema(registry: Registry, now: datetime) -> bool:
+    """The count tables and their triggers (filled once, in the transaction that creates them), and the hub
+    role's right to read the broker's client count. Idempotent; True if the hub role's rules were added now
+    (the broker must then re-read the hub's rights)."""
+    with registry.write() as db:
+        fresh = not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'metrics_counts'").fetchall()
+        for statement in METRICS_SCHEMA:
+            db.execute(statement)
+        if fresh:
+            for statement in _BACKFILL:
+                db.execute(statement)
+        added = 0
+        if db.execute("SELECT 1 FROM roles WHERE name = ?", [HUB_ROLE]).fetchall():
+            for action, pattern in HUB_RULES:
+                added += db.execute("INSERT OR IGNORE INTO role_rules (role, action, pattern) VALUES (?, ?, ?)",
+                                    [HUB_ROLE, action, pattern]).rowcount
+        if added:
+            from hub.authz.policy import HUB_PRINCIPAL
+
+            Registry.authz_event(db, HUB_PRINCIPAL, "hub rights: the broker's client count", now)
+    return bool(added)
+
+
+def prepare(live) -> None:
+    """At API start (hub/api/server.py start_api): this schema and the expiry report's index (hub/reports), then
+    the admin session follows the broker's client count (once the broker applied the hub's new rights, when they
+    were just added)."""
+    from hub.reports.expiry import apply_schema as apply_report_schema
+
+    apply_report_schema(live.registry)
+    if apply_schema(live.registry, live.clock()):
+        try:
+            live.broker.sync()
+        except Exception as exc:  # noqa: BLE001  (the plugin applies the rights on its next tick anyway)
+            log.warning("broker did not confirm the hub's new rights: %s", exc)
+    if live.admin is not None:
+        live.admin.watch_broker_clients()
+
+
+def _hour_start(at: datetime) -> datetime:
+    return at.replace(minute=0, second=0, microsecond=0)
+
+
+def expiring(registry: Registry, start: datetime, end: datetime) -> int:
+    """Active certificates with start < not_after <= end: whole hours from the buckets, the partial hours at the
+    two ends counted exactly (index range)."""
+    first_full, last_start = _hour_start(start) + timedelta(hours=1), _hour_start(end)
+    exact = lambda a, b: int(registry.query(_EXACT, [_ts(a), _ts(b)])[0]["n"])  # noqa: E731
+    if first_full > last_start:  # the window is inside one or two hours
+        return exact(start, end)
+    n = exact(start, first_full - timedelta(microseconds=1)) + exact(last_start - timedelta(microseconds=1), end)
+    if first_full < last_start:
+        n += int(registry.query("SELECT COALESCE(SUM(n), 0) AS n FROM metrics_expiry WHERE hour >= ? AND hour < ?",
+                                [_ts(first_full)[:13], _ts(last_start)[:13]])[0]["n"])
+    return n
+
+
+class _CrlTimes:
+    """lastUpdate / nextUpdate of a CRL file, parsed again only when its (mtime, size, inode) changes."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[tuple, datetime, datetime | None]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: os.PathLike) -> tuple[datetime, datetime | None] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        with self._lock:
+            hit = self._cache.get(str(path))
+            if hit is not None and hit[0] == key:
+                return hit[1], hit[2]
+        from cryptography import x509
+
+        try:
+            data = open(path, "rb").read()
+            crl = (x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----BEGIN")
+                   else x509.load_der_x509_crl(data))
+            times = (crl.last_update_utc, crl.next_update_utc)
+        except (OSError, ValueError) as exc:
+            log.warning("metrics: CRL %s unreadable: %s", path, exc)
+            return None
+        with self._lock:
+            self._cache[str(path)] = (key, *times)
+        return times
 
 
 class FleetCollector:
+    """Registry-backed gauges, computed at scrape time from the count tables and indexes."""
+
     def __init__(self, api):
         self.api = api
+        self.crls = _CrlTimes()
 
     def describe(self):
         return []  # no collection at registration time
 
     def collect(self):
         reg, now = self.api.registry, self.api.clock()
+        counts = {r["key"]: r["n"] for r in reg.query("SELECT key, n FROM metrics_counts")}
         by_status = GaugeMetricFamily("tessera_devices", "Devices by status", labels=["status"])
-        counts = {r["status"]: r["n"] for r in reg.query("SELECT status, COUNT(*) AS n FROM devices GROUP BY status")}
         for status in DEVICE_STATUSES:
-            by_status.add_metric([status], counts.get(status, 0))
+            by_status.add_metric([status], counts.get(f"status:{status}", 0))
         yield by_status
-        online = reg.query("SELECT COUNT(*) AS n FROM devices WHERE online = 1")[0]["n"]
-        yield GaugeMetricFamily("tessera_devices_online", "Devices connected now", value=online)
-        expiring = GaugeMetricFamily("tessera_certificates_expiring",
-                                     "Active device certificates expiring within N days", labels=["within"])
+        yield GaugeMetricFamily("tessera_devices_online", "Devices connected now", value=counts.get("online", 0))
+        exp = GaugeMetricFamily("tessera_certificates_expiring",
+                                "Active device certificates expiring within N days (not yet expired)",
+                                labels=["within"])
         for days in EXPIRY_WINDOWS:
-            n = reg.query("SELECT COUNT(*) AS n FROM certificates WHERE status = 'active' AND not_after > ? "
-                          "AND not_after <= ?", [_ts(now), _ts(now + timedelta(days=days))])[0]["n"]
-            expiring.add_metric([f"{days}d"], n)
-        yield expiring
+            exp.add_metric([f"{days}d"], expiring(reg, now, now + timedelta(days=days)))
+        yield exp
+        yield self._broker()
+        yield from self._crl(now)
+        yield self._jobs(reg)
+
+    def _broker(self) -> GaugeMetricFamily:
+        fam = GaugeMetricFamily("tessera_broker_connections",
+                                "Clients connected to the broker now (Mosquitto $SYS/broker/clients/connected, "
+                                "refreshed every sys_interval; absent while unknown)")
+        admin = getattr(self.api.live, "admin", None)
+        value = getattr(admin, "broker_clients", None)
+        if value is not None and admin.connected.is_set():
+            fam.add_metric([], value)
+        return fam
+
+    def _crl(self, now: datetime):
+        age = GaugeMetricFamily("tessera_crl_age_seconds", "Seconds since the published CRL's lastUpdate",
+                                labels=["crl"])
+        nxt = GaugeMetricFamily("tessera_crl_next_update_seconds",
+                                "Seconds until the published CRL's nextUpdate (negative: overdue)", labels=["crl"])
+        for name, filename in CRL_FILES.items():
+            times = self.crls.get(self.api.cfg.crl_dir / filename)
+            if times is None:
+                continue
+            age.add_metric([name], (now - times[0]).total_seconds())
+            if times[1] is not None:
+                nxt.add_metric([name], (times[1] - now).total_seconds())
+        yield age
+        yield nxt
+
+    def _jobs(self, reg: Registry) -> GaugeMetricFamily:
+        fam = GaugeMetricFamily("tessera_job_devices", "Devices of each running job by state", labels=["job", "state"])
+        try:
+            if len(reg.query("SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('jobs', "
+                             "'job_devices')")) < 2:
+                return fam
+            for row in reg.query("SELECT j.id AS job, jd.state AS state, COUNT(*) AS n FROM jobs j "
+                                 "JOIN job_devices jd ON jd.job_id = j.id WHERE j.state = 'running' "
+                                 "GROUP BY j.id, jd.state"):
+                fam.add_metric([str(row["job"]), str(row["state"])], row["n"])
+        except sqlite3.Error as exc:  # another shape of the jobs tables than expected: no job metrics
+            log.warning("metrics: job counts unavailable: %s", exc)
+        return fam
+
+
+class _HubCounters:
+    """The hub's event counters (hub/serve/stats.py) inside this exposition."""
+
+    def __init__(self, registry: Registry):
+        self.stats = stats.of(registry)
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        return self.stats.registry.collect()
 
 
 def render(api) -> tuple[bytes, str]:
@@ -48,5 +268,6 @@ def render(api) -> tuple[bytes, str]:
     if registry is None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(FleetCollector(api))
+        registry.register(_HubCounters(api.registry))
         api._metrics_registry = registry
     return generate_latest(registry), CONTENT_TYPE_LATEST

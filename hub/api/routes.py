@@ -12,6 +12,7 @@ from aiohttp import web
 
 from hub.broker import BrokerError
 from hub.registry.store import DEVICE_STATUSES
+from hub.serve import stats
 
 from . import actions, queries
 from .openapi import LABEL_PATTERN, NAME_PATTERN, REASON
@@ -108,7 +109,9 @@ async def decommission_device(api, request: web.Request, principal) -> web.Respo
     result = await api.run(actions.decommission, api.registry, device_id, api.clock(), principal.name, reason)
     kicked, note = None, ""
     if before is not None and before["status"] != "decommissioned":
+        t_commit = time.monotonic()
         kicked, note = await _ring(api, seq_before)  # its live sessions end now
+        stats.of(api.registry).enforced("decommissioned", time.monotonic() - t_commit, not note)
         if result["revoked_serials"]:
             api.live.crl.changed()
         await api.run(api.audit, "device.decommissioned.enforced", "ok" if not note else "error", principal.name,
@@ -157,6 +160,7 @@ def _bulk(action: str) -> Callable:
         kicked, note = None, ""
         if result["changed"]:
             kicked, note = await _ring(api, seq_before)  # ONE broker sync for the whole batch
+            stats.of(api.registry).enforced(actions.ACTIONS[action], time.monotonic() - t_registry, not note)
             api.live.crl.changed()  # one CRL publication (coalesced by the publisher)
         total_ms = (time.monotonic() - t0) * 1000
         await api.run(api.audit, f"devices.{action}.enforced", "ok" if not note else "error", principal.name,
@@ -258,7 +262,10 @@ def all_routes() -> tuple[Route, ...]:
 
     from . import jobroutes
 
-    return DEVICE_ROUTES + statusroutes.ROUTES + identityroutes.ROUTES + auditroutes.ROUTES + jobroutes.ROUTES
+    from . import reportroutes
+
+    return DEVICE_ROUTES + statusroutes.ROUTES + identityroutes.ROUTES + auditroutes.ROUTES + jobroutes.ROUTES \
+        + reportroutes.ROUTES
 
 
 def all_schemas() -> dict:
@@ -267,4 +274,7 @@ def all_schemas() -> dict:
 
     from . import jobroutes
 
-    return {**statusroutes.SCHEMAS, **identityroutes.SCHEMAS, **auditroutes.SCHEMAS, **jobroutes.SCHEMAS}
+    from . import reportroutes
+
+    return {**statusroutes.SCHEMAS, **identityroutes.SCHEMAS, **auditroutes.SCHEMAS, **jobroutes.SCHEMAS,
+            **reportroutes.SCHEMAS}

@@ -250,6 +250,7 @@ def start_api(cfg, live, host: str, port: int) -> ApiServer:
     """Start the API on host:port (0: any free port) in its own thread and event loop; returns the stop callable.
     Binding errors (OSError) are raised here, before anything runs."""
     apply_schema(live.registry)
+    from .metrics import prepare; prepare(live)  # noqa: E702  (metrics and expiry report schemas, $SYS)
     api = Api(cfg, live)
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(make_app(api), access_log=None, handle_signals=False)

@@ -26,6 +26,7 @@ STATUS_TOPIC = "devices/+/status"
 DEVICE_TOPICS = ("devices/+/telemetry", "devices/+/events", "devices/+/commands/ack")
 _RESPONSE_RE = re.compile(r"([A-Za-z0-9-]{1,64}) (ok seq=(\d+) kicked=(\d+)|error (.*))", re.S)
 SESSION_EXPIRY = 3600  # seconds the broker keeps the hub's subscriptions and queue while it is away
+SYS_CLIENTS = "$SYS/broker/clients/connected"  # Mosquitto's own count, retained, refreshed every sys_interval
 
 
 class AdminClient:
@@ -40,6 +41,8 @@ class AdminClient:
         ctx.load_cert_chain(str(certfile), str(keyfile))
         self.on_status, self.on_device_message = on_status, on_device_message
         self.connected = threading.Event()
+        self.broker_clients: int | None = None  # SYS_CLIENTS once watch_broker_clients() (None: not known now)
+        self._sys = False
         self._responses: dict[str, re.Match] = {}
         self._cond = threading.Condition()
         c = self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=CLIENT_ID, protocol=mqtt.MQTTv5)
@@ -70,14 +73,24 @@ class AdminClient:
         sock = client.socket()
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.subscribe([(STATUS_TOPIC, 1), (CONTROL_RESPONSE, 1), *((t, 1) for t in DEVICE_TOPICS)])
+        client.subscribe([(STATUS_TOPIC, 1), (CONTROL_RESPONSE, 1), *((t, 1) for t in DEVICE_TOPICS),
+                          *([(SYS_CLIENTS, 0)] if self._sys else [])])
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        self.broker_clients = None
         log.info("admin connection lost (%s); paho reconnects", reason_code)
 
+    def watch_broker_clients(self) -> None:
+        """Follow the broker's connected-clients count (the hub role must be allowed to read SYS_CLIENTS)."""
+        self._sys = True
+        self.client.subscribe(SYS_CLIENTS, 0)
+
     def _on_message(self, client, userdata, msg) -> None:
+        if msg.topic == SYS_CLIENTS:
+            self.broker_clients = int(msg.payload) if msg.payload.strip().isdigit() else None
+            return
         if msg.topic == CONTROL_RESPONSE:
             match = _RESPONSE_RE.fullmatch(msg.payload.decode("utf-8", "replace"))
             if match:

@@ -15,6 +15,7 @@ from hub.config import hub_dir
 from hub.cli.device import device_app
 from hub.cli.identity import identity_app
 from hub.cli.role import role_app
+from hub.cli.report import report_app
 from hub.cli.watch import watch
 from hub.ca.policy import PolicyError
 
@@ -33,6 +34,7 @@ app.add_typer(token_app, name="token")
 app.add_typer(ca_app, name="ca")
 app.add_typer(identity_app, name="identity")
 app.add_typer(role_app, name="role")
+app.add_typer(report_app, name="report")
 
 
 @app.callback()

@@ -27,6 +27,7 @@ from est.errors import EstError, Forbidden, PayloadTooLarge, Unauthorized
 from hub.ca.authority import FleetCA
 from hub.ca.policy import Policy, PolicyError, check_device_id
 from hub.est.ratelimit import RateLimiter
+from hub.serve import stats
 from hub.registry.store import SUPERSEDE_GRACE, CertRejected, DeviceNotActive, Registry, RegistryError, TokenRejected
 
 log = logging.getLogger("tessera.hub.est")
@@ -132,6 +133,7 @@ class EstService:
         """The error response; counts a failure for the source and writes a 'denied' audit row if `audit` (False
         where the registry has audited the refusal itself, and for the never-audited credential status)."""
         self.limiter.fail(req.source, self.monotonic())
+        stats.of(self.registry).denied(exc.code, exc.status)
         if audit:
             self.registry.audit(action, "denied", self.clock(), actor=device_id or "anonymous",
                                 device_id=device_id, detail=f"{exc.code}: {exc.message}", source=req.source)
@@ -176,6 +178,7 @@ class EstService:
         except RegistryError as exc:
             return self._deny("enroll", req, Forbidden(getattr(exc, "code", "registry"), str(exc)), device_id)
         log.info("enrolled %s from %s (serial %x)", device_id, req.source, cert.serial_number)
+        stats.of(self.registry).enrolled()
         return self._issued(cert)
 
     @staticmethod
@@ -228,4 +231,5 @@ class EstService:
         except RegistryError as exc:
             return self._deny("reenroll", req, Forbidden(getattr(exc, "code", "registry"), str(exc)), device_id)
         log.info("re-enrolled %s from %s (serial %x)", device_id, req.source, cert.serial_number)
+        stats.of(self.registry).renewed()
         return self._issued(cert)
