@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from hub.broker import BrokerError
-from hub.jobs import store
+from hub.jobs import schema, store
 from hub.jobs.engine import DEVICE_STATES, JOB_STATES, OFFLINE_POLICIES
 
 from . import queries
@@ -172,7 +172,15 @@ def _only(q: dict, allowed: set[str]) -> None:
 
 # --- handlers -------------------------------------------------------------------------------------------------------
 
+async def _tables(api) -> None:
+    """The jobs tables exist (serve creates them at start; an in-process API, hub.cli.offline, here, once)."""
+    if not getattr(api, "jobs_schema_ready", False):
+        await api.run(schema.apply_schema, api.registry)
+        api.jobs_schema_ready = True
+
+
 async def _create(api, request: web.Request, principal, body: dict, spec: dict) -> web.Response:
+    await _tables(api)
     sel, raw = _selector(body)
     confirm = _confirm(body)
     if confirm is None:
@@ -220,11 +228,13 @@ async def list_jobs(api, request: web.Request, principal) -> web.Response:
     state = q.get("state")
     if state is not None and state not in JOB_STATES:
         raise BadRequest(f"state must be one of {', '.join(JOB_STATES)}", "state")
+    await _tables(api)
     items, last = await api.run(store.list_jobs, api.registry, limit, before, state)
     return json_response({"items": items, "next_cursor": encode_job_cursor(last) if last is not None else None})
 
 
 async def show_job(api, request: web.Request, principal) -> web.Response:
+    await _tables(api)
     return json_response(await api.run(store.get_job, api.registry, _job_id(request)))
 
 
@@ -237,6 +247,7 @@ async def job_devices(api, request: web.Request, principal) -> web.Response:
     state = q.get("state")
     if state is not None and state not in DEVICE_STATES:
         raise BadRequest(f"state must be one of {', '.join(DEVICE_STATES)}", "state")
+    await _tables(api)
     items, last = await api.run(store.list_job_devices, api.registry, job_id, limit, after, state)
     return json_response({"items": items, "next_cursor": queries.encode_cursor(last) if last is not None else None})
 
@@ -244,6 +255,7 @@ async def job_devices(api, request: web.Request, principal) -> web.Response:
 def _transition(action: str):
     async def handler(api, request: web.Request, principal) -> web.Response:
         job_id = _job_id(request)
+        await _tables(api)
         return json_response(await api.run(store.operator_action, api.registry, job_id, action, principal.name,
                                            api.clock(), request.remote))
     return handler

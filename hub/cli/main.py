@@ -14,6 +14,7 @@ from hub.cli.util import (DirOpt, HubOpt, JsonOpt, ProfileOpt, api, config, devi
 from hub.config import hub_dir
 from hub.cli.device import device_app
 from hub.cli.identity import identity_app
+from hub.cli.job import job_app
 from hub.cli.role import role_app
 from hub.cli.report import report_app
 from hub.cli.watch import watch
@@ -35,6 +36,7 @@ app.add_typer(ca_app, name="ca")
 app.add_typer(identity_app, name="identity")
 app.add_typer(role_app, name="role")
 app.add_typer(report_app, name="report")
+app.add_typer(job_app, name="job")
 
 
 @app.callback()

@@ -299,6 +299,26 @@ def test_jobs_list_newest_first_with_cursor(fleet):
     assert fleet.call("GET", "/api/v1/jobs/abc/devices").status == 404
 
 
+def test_the_cli_is_a_client_of_the_jobs_api(fleet):
+    hub = fleet.hub
+    dry = hub.cli_ok("job", "create", "cli ping", "--command", "ping", "--id", "jb-1,jb-2", "--rate", "600")
+    assert "2 devices match" in dry and "--confirm-count 2" in dry
+    stale = hub.cli("job", "create", "cli ping", "--command", "ping", "--id", "jb-1,jb-2", "--confirm-count", "3")
+    assert stale.returncode == 1 and "matches 2 devices now, not 3" in " ".join(stale.stderr.split())
+    job = json.loads(hub.cli_ok("job", "create", "cli ping", "--command", "ping", "--id", "jb-1", "--id", "jb-2",
+                                "--rate", "600", "--yes", "--json"))
+    assert job["total"] == 2 and job["created_by"] == "svc.local-admin"
+    done = wait_until(lambda: (j := json.loads(hub.cli_ok("job", "show", str(job["id"]), "--json")))["state"]
+                      == "completed" and j, 30, "the CLI's job completed")
+    assert done["counts"]["acked"] == 2
+    rows = json.loads(hub.cli_ok("job", "devices", str(job["id"]), "--json"))
+    assert [(r["device_id"], r["state"]) for r in rows] == [("jb-1", "acked"), ("jb-2", "acked")]
+    table = hub.cli_ok("job", "list")
+    assert all(len(line) <= 80 for line in table.splitlines()) and "cli ping" in table
+    again = hub.cli("job", "cancel", str(job["id"]))
+    assert again.returncode == 1 and "completed" in again.stderr
+
+
 # --- last: a hub restart mid-job --------------------------------------------------------------------------------
 
 def _restart_on_the_same_ports(hub) -> None:
