@@ -22,7 +22,6 @@ from .queries import BadRequest, Conflict, NotFound, Selector, count
 ACTIONS = {"revoke": "revoked", "suspend": "suspended", "resume": "active"}
 #: action -> the statuses it changes (everything else it matches is skipped; revoked/decommissioned are final)
 _CHANGES = {"revoke": ("pending", "active", "suspended"), "suspend": ("pending", "active"), "resume": ("suspended",)}
-_AUDIT = "INSERT INTO audit (at, actor, action, device_id, outcome, detail, source) VALUES (?, ?, ?, ?, ?, ?, ?)"
 
 
 def patch_device(registry: Registry, device_id: str, body: Mapping[str, Any], now: datetime, actor: str,
@@ -61,7 +60,7 @@ def patch_device(registry: Registry, device_id: str, body: Mapping[str, Any], no
             db.execute("UPDATE devices SET labels = ? WHERE id = ?", [json.dumps(labels, sort_keys=True), device_id])
             changes.append(f"labels {old_labels} -> {labels}")
         if changes:
-            db.execute(_AUDIT, [at, actor, "device.edit", device_id, "ok", "; ".join(changes), source])
+            registry.append_audit(db, [(at, actor, "device.edit", device_id, "ok", "; ".join(changes), source)])
     return {"changed": bool(changes), "groups_changed": groups is not None and groups != old_groups}
 
 
@@ -111,7 +110,7 @@ def bulk_status(registry: Registry, action: str, sel: Selector, confirm_count: i
                 detail += f"; revoked certificates: {', '.join(sorted(revoked[device_id]))}"
             audits.append((at, actor, f"device.{status}", device_id, "ok", detail, source))
             events.append((at, device_id, f"device {new_status[device_id]}"))
-        db.conn.executemany(_AUDIT, audits)
+        registry.append_audit(db, audits)
         db.conn.executemany("INSERT INTO authz_events (at, principal, reason) VALUES (?, ?, ?)", events)
         db.execute("DELETE FROM temp.api_batch")
     return {"matched": matched, "changed": ids, "skipped": matched - len(ids),

@@ -20,7 +20,7 @@ from hub.authz.schema import AUTHZ_SCHEMA, MIGRATE_1_TO_2
 
 from .errors import RegistryError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: How long a certificate superseded by a renewal keeps connecting (the device switches over in this time).
 SUPERSEDE_GRACE = timedelta(minutes=5)
 #: pending: registered (a token issued), never enrolled; active: enrolled; suspended: cut off, can come back;
@@ -64,7 +64,7 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS audit (
         id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
         device_id TEXT, outcome TEXT NOT NULL CHECK (outcome IN ('ok', 'denied', 'error')),
-        detail TEXT NOT NULL DEFAULT '', source TEXT)""",
+        detail TEXT NOT NULL DEFAULT '', source TEXT, mac TEXT)""",
     """CREATE INDEX IF NOT EXISTS audit_device ON audit(device_id, id)""",
     """CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
         BEGIN SELECT RAISE(ABORT, 'audit log is append-only: rows cannot be updated'); END""",
@@ -110,12 +110,14 @@ def open_schema(db: Database, path: Path) -> None:
                 if not rebuild:  # another process moved the file back to 2 between the reads: impossible
                     raise RegistryError(f"{path}: schema changed while opening", code="schema_version")
                 _migrate_2_to_3(db)
-            if old in ("1", "2"):
+            if old in ("1", "2", "3"):
+                _migrate_3_to_4(db)
                 db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
             for statement in AUTHZ_SCHEMA:
                 db.execute(statement)
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                        [str(SCHEMA_VERSION)])
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('audit_chain_from', '1')")
             _seed_roles(db)
     finally:
         if rebuild:
@@ -162,6 +164,15 @@ def _migrate_2_to_3(db: Database) -> None:
     if problems:
         raise RegistryError(f"schema 2 -> 3 migration: foreign key check failed: {problems[:5]}",
                             code="schema_migration")
+
+
+def _migrate_3_to_4(db: Database) -> None:
+    """Schema 3 -> 4: the audit log's HMAC chain (hub/registry/audit.py). Rows already there stay as they are,
+    without a mac; `audit_chain_from` in meta says where the chain begins."""
+    if not any(c["name"] == "mac" for c in db.query("PRAGMA table_info(audit)")):
+        db.execute("ALTER TABLE audit ADD COLUMN mac TEXT")
+    start = _one(db, "SELECT COALESCE(MAX(id), 0) + 1 AS n FROM audit")["n"]
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('audit_chain_from', ?)", [str(start)])
 
 
 def _seed_roles(db: Database) -> None:

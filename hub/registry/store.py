@@ -32,6 +32,7 @@ from sqlite_utils import Database
 from hub.authz.policy import AuthzError, check_groups, check_labels
 from hub.ca.policy import PolicyError, check_device_id
 
+from . import audit as audit_chain
 from .errors import (CertRejected, DeviceExists, DeviceNotActive, InvalidDeviceId, InvalidName,  # noqa: F401
                      RegistryError, TokenRejected, UnknownDevice)
 from .schema import (DEVICE_STATUSES, ENROLLABLE_STATUSES, EST_ACTOR, FINAL_STATUSES,  # noqa: F401
@@ -100,6 +101,7 @@ class Registry:
         # BEGIN IMMEDIATE + busy_timeout.
         self._write_lock = threading.RLock()
         self._closed = False
+        self._audit_key: bytes | None = None
         open_schema(self._db(), self.path)
 
     @staticmethod
@@ -167,11 +169,22 @@ class Registry:
 
     # --- audit ----------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _audit_row(db: Database, action: str, outcome: str, now: datetime, actor: str, device_id: str | None,
+    def _audit_row(self, db: Database, action: str, outcome: str, now: datetime, actor: str, device_id: str | None,
                    detail: str = "", source: str | None = None) -> None:
-        db.table("audit").insert({"at": _ts(now), "actor": actor, "action": action, "device_id": device_id,
-                                  "outcome": outcome, "detail": detail, "source": source})
+        self.append_audit(db, [(_ts(now), actor, action, device_id, outcome, detail, source)])
+
+    def append_audit(self, db: Database, rows: Iterable[audit_chain.Row]) -> int:
+        """Audit rows (at, actor, action, device_id, outcome, detail, source) in the caller's write transaction:
+        escaped and chained (hub/registry/audit.py). The only way rows enter the audit log."""
+        if self._audit_key is None:
+            self._audit_key = audit_chain.load_key(self.path)
+        return audit_chain.append(db, self._audit_key, rows)
+
+    def verify_audit(self) -> audit_chain.Verdict:
+        """Recompute the audit log's chain (see hub/registry/audit.py)."""
+        if self._audit_key is None:
+            self._audit_key = audit_chain.load_key(self.path)
+        return audit_chain.verify(self._db(), self._audit_key)
 
     def audit(self, action: str, outcome: str, now: datetime, actor: str = "hub", device_id: str | None = None,
               detail: str = "", source: str | None = None) -> None:
@@ -335,14 +348,13 @@ class Registry:
                     out.append((device_id, token))
                     devices.append((device_id, fleet, *_json_meta(labels, groups), created))
                     tokens.append((device_id, token_hash(token), created, expires))
-                    audits += [(created, actor, "device.add", device_id, f"fleet={fleet}; batch"),
-                               (created, actor, "token.create", device_id, f"expires {expires}; batch")]
+                    audits += [(created, actor, "device.add", device_id, "ok", f"fleet={fleet}; batch", None),
+                               (created, actor, "token.create", device_id, "ok", f"expires {expires}; batch", None)]
                 db.conn.executemany("INSERT INTO devices (id, fleet, status, labels, groups, created, online) "
                                     "VALUES (?, ?, 'pending', ?, ?, ?, 0)", devices)
                 db.conn.executemany("INSERT INTO tokens (device_id, token_hash, created, expires) "
                                     "VALUES (?, ?, ?, ?)", tokens)
-                db.conn.executemany("INSERT INTO audit (at, actor, action, device_id, outcome, detail) "
-                                    "VALUES (?, ?, ?, ?, 'ok', ?)", audits)
+                self.append_audit(db, audits)
                 if progress:
                     progress(len(out))
         return out

@@ -159,7 +159,7 @@ def test_connection_settings(reg: Registry, db_path: Path) -> None:
     assert conn.execute("PRAGMA busy_timeout").fetchone() == (10_000,)
     with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
         conn.execute("INSERT INTO tokens (device_id, token_hash, created, expires) VALUES ('ghost', 'x', 'a', 'b')")
-    assert raw(db_path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+    assert raw(db_path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]
 
 
 def test_presence(reg: Registry, clock: Clock) -> None:

@@ -45,7 +45,7 @@ def test_schema_1_is_migrated(db_path, clock, mini_ca):
         conn.execute("ALTER TABLE certificates DROP COLUMN grace_until")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     Registry(db_path).close()
-    assert raw(db_path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+    assert raw(db_path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]
     rows = raw(db_path, "SELECT status, grace_until IS NOT NULL FROM certificates ORDER BY issued_at")
     assert sorted(rows) == [("active", 0), ("superseded", 1)]
     assert raw(db_path, "SELECT COUNT(*) FROM roles") == [(len(DEFAULT_ROLES),)]

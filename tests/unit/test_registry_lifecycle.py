@@ -102,7 +102,7 @@ def test_schema_2_file_is_migrated_and_everything_around_devices_still_works(tmp
         path, "SELECT sql FROM sqlite_master WHERE name = 'devices'")[0][0]
     reg = Registry(path)
     try:
-        assert raw(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)] == [("3",)]
+        assert raw(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)] == [("4",)]
         assert dict(raw(path, "SELECT id, status FROM devices")) == {
             "never": "pending", "resent": "pending", "enrolled": "active", "held": "suspended", "gone": "revoked",
             "bare": "pending"}
@@ -137,14 +137,14 @@ def test_schema_2_file_is_migrated_and_everything_around_devices_still_works(tmp
     finally:
         reg.close()
     Registry(path).close()  # a second open changes nothing
-    assert raw(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+    assert raw(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]
 
 
 def test_schema_2_file_without_the_api_objects_is_migrated(tmp_path):
     path = tmp_path / "v2.sqlite3"
     make_schema_2(path, SCHEMA_2_NO_API)
     Registry(path).close()
-    assert raw(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+    assert raw(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]
     assert raw(path, "SELECT status FROM devices WHERE id = 'never'") == [("pending",)]
     assert "authz_credentials" in names(path, "view") and raw(path, "PRAGMA foreign_key_check") == []
     reg = Registry(path)
