@@ -18,7 +18,8 @@ if str(ROOT) not in sys.path:
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 MODULES = {"hsm": "bench.hsm_bench", "est": "bench.est_bench", "broker": "bench.broker_bench",
-           "agent": "bench.agent_bench", "api": "bench.api_bench", "crl": "bench.crl_bench"}
+           "agent": "bench.agent_bench", "api": "bench.api_bench", "crl": "bench.crl_bench",
+           "metrics": "bench.metrics_bench"}
 
 
 def fmt(value) -> str:

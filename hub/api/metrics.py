@@ -16,7 +16,8 @@ tessera_broker_connections              clients connected to the broker now: Mos
 tessera_crl_age_seconds{crl}, tessera_crl_next_update_seconds{crl}
                                         the published device / service CRL: now - lastUpdate, nextUpdate - now
                                         (negative: overdue); parsed again only when the file changes
-tessera_job_devices{job,state}          devices of each running job by state (hub/jobs tables; none if absent)
+tessera_job_devices{job,state}          devices of each running job (label job: its id) by state, from the job
+                                        row's per-state counters (hub/jobs/schema.py); none without those tables
 
 Why triggers: a GROUP BY over a 1M-row index costs ~90 ms, the two expiry windows ~150 ms more, every scrape
 (bench/metrics_bench.py). Triggers keep the counts exact whoever writes the registry (serve, the CLI, another
@@ -240,10 +241,14 @@ class FleetCollector:
             if len(reg.query("SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('jobs', "
                              "'job_devices')")) < 2:
                 return fam
-            for row in reg.query("SELECT j.id AS job, jd.state AS state, COUNT(*) AS n FROM jobs j "
-                                 "JOIN job_devices jd ON jd.job_id = j.id WHERE j.state = 'running' "
-                                 "GROUP BY j.id, jd.state"):
-                fam.add_metric([str(row["job"]), str(row["state"])], row["n"])
+            running = reg.query("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")
+            for job in running:
+                counters = {k[2:]: v for k, v in job.items() if k.startswith("n_")}
+                if not counters:  # no per-state counters on the job row: count its devices (an index range)
+                    counters = {r["state"]: r["n"] for r in reg.query(
+                        "SELECT state, COUNT(*) AS n FROM job_devices WHERE job_id = ? GROUP BY state", [job["id"]])}
+                for state, n in sorted(counters.items()):
+                    fam.add_metric([str(job["id"]), str(state)], n)
         except sqlite3.Error as exc:  # another shape of the jobs tables than expected: no job metrics
             log.warning("metrics: job counts unavailable: %s", exc)
         return fam

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from hub.broker import BrokerError
 from hub.registry.store import DeviceNotActive, UnknownDevice
+from hub.serve import stats
 
 from .openapi import REASON
 from .queries import BadRequest, Conflict, NotFound, get_device
@@ -56,6 +57,7 @@ async def change_status(api, request: web.Request, principal) -> web.Response:
             kicked = (await api.run(lambda: api.live.broker.sync(after=seq))).kicked
         except BrokerError as exc:  # the plugin follows the registry's events by itself within a broker tick
             note = str(exc)
+        stats.of(api.registry).enforced(status, time.monotonic() - t_registry, not note)
         if status != "active":
             await api.run(api.registry.mark_presence, device_id, False, api.clock())  # a kick sends no will
         api.live.crl.changed()

@@ -16,10 +16,17 @@ agent configured with another fraction renews at another time, which the hub can
 
 For a fleet manager the report is a to-do list: by default it lists only the first three verdicts, the devices
 that lose (or lost) their certificate without action; `include_due` lists renewal_due ones too (every device in
-the window). The default listing is served by the covering index `certificates_expiry_report` (not_after,
-device_id, not_before over active certificates): the window is walked in expiry order and the renewal point is
-tested on the index entries, so a page never loads the certificate rows it skips; paging is keyset on
-(not_after, device id).
+the window).
+
+Indexed (`REPORT_SCHEMA`), keyset paging on (not_after, device id), never OFFSET. Two access paths:
+  include_due   `certificates_expiry_report` (not_after, device_id, not_before) over active certificates: the
+                window walked in expiry order, a page reads only its own rows.
+  default       in a healthy fleet most of the window renews by itself, so walking it would cost O(window) per
+                page; instead `certificates_renewal_point`, an index on the agent's renewal point (an expression
+                of not_before and not_after), yields only the certificates past it, O(those) per page plus a
+                sort. A bounded probe (`SPARSE_PROBE`) first: when that many or more are past their renewal point
+                (a fleet-wide failure), the window walk is cheaper and is used, with the renewal point tested on
+                the index entries (a skipped row's certificate is never loaded).
 """
 
 from __future__ import annotations
@@ -43,16 +50,23 @@ OVERDUE_GRACE = timedelta(hours=1)
 RENEW_FRACTION = 2 / 3  # agent.config RenewalConfig.fraction's default
 MAX_DAYS = 3650
 INDEX = "certificates_expiry_report"
+RENEW_INDEX = "certificates_renewal_point"
+#: past-renewal-point certificates at which the default listing walks the window instead (see the docstring)
+SPARSE_PROBE = 20_000
+#: the agent's renewal point (agent.renewal.decide) in julian days: min(nb + F * L, max(na - 1 min, nb + L / 2));
+#: the exact test is `classify`. The same text in the index and the queries (SQLite matches index expressions).
+_RENEW_JD = ("min(julianday({c}not_before) + (julianday({c}not_after) - julianday({c}not_before)) * "
+             f"{RENEW_FRACTION!r}, max(julianday({{c}}not_after) - 60.0 / 86400, "
+             "(julianday({c}not_before) + julianday({c}not_after)) / 2))")
 REPORT_SCHEMA = (
     f"""CREATE INDEX IF NOT EXISTS {INDEX} ON certificates(not_after, device_id, not_before)
         WHERE status = 'active'""",
+    f"""CREATE INDEX IF NOT EXISTS {RENEW_INDEX} ON certificates({_RENEW_JD.format(c='')}, not_after, device_id)
+        WHERE status = 'active'""",
 )
-#: the agent's renewal point (agent.renewal.decide) in julian days, for the SQL prefilter: min(nb + F * L,
-#: max(na - 1 min, nb + L / 2)); the exact test is `classify`
-_RENEW_JD = ("min(julianday(c.not_before) + (julianday(c.not_after) - julianday(c.not_before)) * {f}, "
-             "max(julianday(c.not_after) - 60.0 / 86400, (julianday(c.not_before) + julianday(c.not_after)) / 2))")
+_PAST = f"{_RENEW_JD.format(c='c.')} <= julianday(?)"
 _COLUMNS = ("SELECT c.device_id, c.serial, c.not_before, c.not_after, d.online, d.last_seen, d.groups "
-            f"FROM certificates c INDEXED BY {INDEX} JOIN devices d ON d.id = c.device_id")
+            "FROM certificates c INDEXED BY {index} JOIN devices d ON d.id = c.device_id")
 #: rows read per query while filling a page (a page whose rows are filtered out in Python asks again)
 BATCH = 500
 
@@ -128,21 +142,33 @@ def _row(r: dict[str, Any], now: datetime, include_due: bool) -> dict[str, Any] 
             "renew_at": _ts(v.renew_at), "reason": v.reason}
 
 
+def past_renewal_sparse(registry: Registry, now: datetime, probe: int = SPARSE_PROBE) -> bool:
+    """Fewer than `probe` active certificates are past their renewal point (a bounded index range count)."""
+    n = registry.query(f"SELECT COUNT(*) AS n FROM (SELECT 1 FROM certificates c INDEXED BY {RENEW_INDEX} "
+                       f"WHERE c.status = 'active' AND {_PAST} LIMIT ?)", [_ts(now), probe])[0]["n"]
+    return n < probe
+
+
 def expiring(registry: Registry, now: datetime, days: int, limit: int, after: tuple[str, str] | None = None,
-             include_due: bool = False, batch: int = BATCH) -> tuple[list[dict[str, Any]], str | None]:
+             include_due: bool = False, batch: int = BATCH,
+             probe: int = SPARSE_PROBE) -> tuple[list[dict[str, Any]], str | None]:
     """One page of the report (at most `limit` rows, expiry order) after the keyset position `after`; the cursor
     of the next page (None on the last one). Rows are read `batch` at a time until the page is full."""
     until = _ts(now + timedelta(days=days))
     conds = ["c.status = 'active'", "c.not_after <= ?", "d.status = 'active'"]
     params: list[Any] = [until]
+    index = INDEX
     if not include_due:  # past the (earliest possible) renewal point; `classify` decides exactly
-        conds.append(f"{_RENEW_JD.format(f=repr(RENEW_FRACTION))} <= julianday(?)")
+        conds.append(_PAST)
         params.append(_ts(now))
+        if past_renewal_sparse(registry, now, probe):
+            index = RENEW_INDEX
     page: list[dict[str, Any]] = []
     position = after
     while True:
         where = " AND ".join(conds + (["(c.not_after, c.device_id) > (?, ?)"] if position else []))
-        rows = registry.query(f"{_COLUMNS} WHERE {where} ORDER BY c.not_after, c.device_id LIMIT ?",
+        rows = registry.query(f"{_COLUMNS.format(index=index)} WHERE {where} ORDER BY c.not_after, c.device_id "
+                              "LIMIT ?",
                               [*params, *(position or ()), batch])
         for r in rows:
             item = _row(r, now, include_due)

@@ -157,6 +157,26 @@ def test_revocations_are_timed_commit_to_broker_confirmation(mh, tmp_path):
     assert total is not None and 0 < total < 10
 
 
+def test_a_single_device_status_change_is_timed(mh, tmp_path):
+    import json
+
+    dev = enroll_device(mh.hub, "met-single", tmp_path)
+    count = lambda action: mh.value("tessera_revocation_seconds_count", action=action)  # noqa: E731
+    before = {action: count(action) for action in ("revoke", "suspend")}
+    with sessions(session(mh.hub, dev)):
+        status, body = mh.call("POST", f"/api/v1/devices/{dev.id}/status", who="admin",
+                               body=json.dumps({"action": "suspend"}).encode())
+        assert status == 200 and json.loads(body)["changed"] is True, body
+    assert count("suspend") == before["suspend"] + 1
+    status, body = mh.call("POST", f"/api/v1/devices/{dev.id}/status", who="admin",
+                           body=json.dumps({"action": "resume"}).encode())  # resume: not a revocation
+    status, body = mh.call("POST", f"/api/v1/devices/{dev.id}/status", who="admin",
+                           body=json.dumps({"action": "resume"}).encode())  # no change: nothing timed
+    assert status == 200 and json.loads(body)["changed"] is False
+    assert mh.hub.cli("device", "revoke", dev.id, "--reason", "stolen").returncode == 0  # the CLI's one-device path
+    assert (count("suspend"), count("revoke")) == (before["suspend"] + 1, before["revoke"] + 1)
+
+
 def test_broker_connections_follow_a_device_session(mh, tmp_path):
     dev = enroll_device(mh.hub, "met-conn", tmp_path)
     base = wait_for(lambda: mh.value("tessera_broker_connections"), 30, "a broker client count")
@@ -210,7 +230,7 @@ def test_crl_age_and_next_update(mh):
 
 # --- the collector over a registry file (no hub), with and without the jobs tables ---------------------------------
 
-def _collect(tmp_path, jobs: bool) -> dict:
+def _collect(tmp_path, jobs: str | None) -> dict:
     from hub.api.metrics import FleetCollector, apply_schema
     from hub.api.queries import apply_schema as apply_api_schema
     from hub.registry.store import Registry
@@ -220,7 +240,17 @@ def _collect(tmp_path, jobs: bool) -> dict:
     try:
         apply_api_schema(reg)
         apply_schema(reg, now)
-        if jobs:
+        if jobs == "hub.jobs":  # the jobs engine's own tables: per-state counters on the job row
+            from hub.jobs.schema import apply_schema as apply_jobs_schema
+
+            apply_jobs_schema(reg)
+            with reg.write() as db:
+                for state, n_acked in (("running", 5), ("completed", 9)):
+                    db.execute("INSERT INTO jobs (name, command, selector, rate_per_minute, timeout_s, abort_percent, "
+                               "offline, state, total, n_queued, n_sent, n_acked, created_by, created) VALUES "
+                               "('r', 'reboot', '{}', 60, 30, 10, 'fail', ?, 10, 3, 2, ?, 'test', '2026-12-01')",
+                               [state, n_acked])
+        elif jobs == "minimal":  # another shape: the devices are counted
             with reg.write() as db:
                 db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT, state TEXT)")
                 db.execute("CREATE TABLE job_devices (job_id INTEGER, device_id TEXT, state TEXT)")
@@ -235,12 +265,19 @@ def _collect(tmp_path, jobs: bool) -> dict:
 
 
 def test_job_devices_without_the_jobs_tables(tmp_path):
-    families = _collect(tmp_path, jobs=False)
+    families = _collect(tmp_path, jobs=None)
     assert families["tessera_job_devices"].samples == []
     assert families["tessera_broker_connections"].samples == []  # unknown: no sample, not a made-up 0
 
 
-def test_job_devices_of_running_jobs(tmp_path):
-    samples = _collect(tmp_path, jobs=True)["tessera_job_devices"].samples
+def test_job_devices_from_the_job_counters(tmp_path):
+    samples = _collect(tmp_path, jobs="hub.jobs")["tessera_job_devices"].samples
+    assert {(s.labels["job"], s.labels["state"]): s.value for s in samples} == {
+        ("1", "queued"): 3, ("1", "sent"): 2, ("1", "acked"): 5, ("1", "failed"): 0, ("1", "timed_out"): 0,
+        ("1", "offline"): 0}
+
+
+def test_job_devices_counted_without_counters(tmp_path):
+    samples = _collect(tmp_path, jobs="minimal")["tessera_job_devices"].samples
     assert sorted((s.labels["job"], s.labels["state"], s.value) for s in samples) == [("1", "acked", 2),
                                                                                      ("1", "sent", 1)]

@@ -141,8 +141,28 @@ def test_pages_skip_filtered_rows_beyond_one_batch(reg):
     assert [i["device"] for i in items] == ["g-offline2", "c-failing"] and cursor is None
 
 
-def test_the_query_walks_the_report_index(reg):
-    plan = " ".join(r["detail"] for r in reg.query(
-        f"EXPLAIN QUERY PLAN {expiry._COLUMNS} WHERE c.status = 'active' AND c.not_after <= ? "
-        "AND (c.not_after, c.device_id) > (?, ?) ORDER BY c.not_after, c.device_id LIMIT 5", ["x", "y", "z"]))
-    assert f"USING INDEX {expiry.INDEX}" in plan and "TEMP B-TREE" not in plan
+def _plan(reg, index: str, past: bool) -> str:
+    return " ".join(r["detail"] for r in reg.query(
+        f"EXPLAIN QUERY PLAN {expiry._COLUMNS.format(index=index)} WHERE c.status = 'active' AND c.not_after <= ? "
+        f"{'AND ' + expiry._PAST if past else ''} AND (c.not_after, c.device_id) > (?, ?) "
+        "ORDER BY c.not_after, c.device_id LIMIT 5", ["x", *(["y"] if past else []), "y", "z"]))
+
+
+def test_the_window_walk_needs_no_sort(reg):
+    plan = _plan(reg, expiry.INDEX, past=False)
+    assert f"SEARCH c USING INDEX {expiry.INDEX} ((not_after,device_id)>(?,?)" in plan and "TEMP B-TREE" not in plan
+
+
+def test_the_default_listing_searches_the_renewal_point_index(reg):
+    assert f"SEARCH c USING INDEX {expiry.RENEW_INDEX} (<expr><?)" in _plan(reg, expiry.RENEW_INDEX, past=True)
+
+
+@pytest.mark.parametrize("days", [0, 14, 30])
+def test_both_access_paths_list_the_same(reg, days):
+    assert expiry.past_renewal_sparse(reg, NOW) and not expiry.past_renewal_sparse(reg, NOW, probe=4)
+    walk = expiry.expiring(reg, NOW, days, 2, probe=0)  # probe 0: never sparse, the window walk
+    indexed = expiry.expiring(reg, NOW, days, 2)
+    assert walk == indexed
+    if walk[1]:
+        assert expiry.expiring(reg, NOW, days, 5, expiry.decode_cursor(walk[1]), probe=0) == \
+            expiry.expiring(reg, NOW, days, 5, expiry.decode_cursor(walk[1]))
