@@ -10,7 +10,8 @@ STAMP="$VENV/.tessera-stamp"
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl ca-certificates softhsm2 opensc mosquitto
               mosquitto-clients libengine-pkcs11-openssl curl procps shellcheck systemd
-              libsqlite3-dev libssl-dev mosquitto-dev libmosquitto-dev uthash-dev)
+              libsqlite3-dev libssl-dev mosquitto-dev libmosquitto-dev uthash-dev
+              chromium)  # chromium: the console's browser tests (Playwright drives it, downloads no browser)
 
 log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
 
@@ -71,7 +72,7 @@ install_venv() {
   fi
   log "pip: installing tessera (editable) and test tools"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
   echo "$want" > "$STAMP"
 }
 

@@ -125,7 +125,7 @@ COMPONENTS: dict[str, dict] = {
     "OpenApiDocument": {"type": "object"},
 }
 _TITLES = {400: "bad input", 403: "not an operator, or the role lacks the permission", 404: "no such device",
-           413: "the body is too large (8 MiB at most)",
+           413: "the body is too large (8 MiB at most)", 415: "the body is not application/json",
            409: "conflict: the confirmed count is no longer the match count, the device id exists, or the device's "
                 "status does not allow this", 503: "not ready", 500: "internal error"}
 
@@ -163,7 +163,7 @@ def _operation(route) -> dict[str, Any]:
                        **{str(status): {"description": {200: "OK", 201: "Created", 202: "Accepted"}.get(status, "OK"),
                                         "content": {"application/json": {"schema": _ref(schema)}}}
                           for status, schema in route.more},
-                       **{str(s): _problem(s) for s in sorted({*route.errors, *((413,) if route.body else ()),
+                       **{str(s): _problem(s) for s in sorted({*route.errors, *((413, 415) if route.body else ()),
                                                                 500})}}
     return op
 

@@ -141,6 +141,22 @@ class Api:
             log.exception("API audit row failed")
 
 
+def cross_site(request: web.Request) -> tuple[int, str] | None:
+    """CSRF guard for state-changing requests: a browser attaches the operator's client certificate to a
+    cross-site request too, so a non-GET request whose Origin is another origin (or `Sec-Fetch-Site: cross-site`)
+    is refused (403), and a body must be JSON (415: no form or text/plain post from another page)."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return None
+    if request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
+        return 403, "cross-site request refused (Sec-Fetch-Site: cross-site)"
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"https://{request.host}":
+        return 403, f"cross-origin request refused (Origin {origin[:100]!r} is not this hub)"
+    if request.body_exists and request.content_type != "application/json":
+        return 415, "the body must be application/json"
+    return None
+
+
 def endpoint(api: Api, route) -> Callable:
     """The aiohttp handler for a route: authenticate, check the route's permission, run it, audit the call."""
 
@@ -160,6 +176,11 @@ def endpoint(api: Api, route) -> Callable:
             detail = f"role {principal.role!r} does not have the {route.permission!r} permission"
             await api.run(api.audit, action, "denied", principal.name, detail, None, source)
             return problem(403, "Forbidden", detail, "forbidden")
+        refused = cross_site(request)
+        if refused is not None:
+            await api.run(api.audit, action, "denied", principal.name, refused[1], None, source)
+            return problem(refused[0], "Forbidden" if refused[0] == 403 else "Unsupported Media Type", refused[1],
+                           "cross_site" if refused[0] == 403 else "unsupported_media_type")
         device_id = request.match_info.get("id")
         try:
             response = await route.handler(api, request, principal)
@@ -220,9 +241,12 @@ async def problems(request: web.Request, handler: Callable) -> web.StreamRespons
 def make_app(api: Api) -> web.Application:
     from .routes import all_routes
 
+    from . import console
+
     app = web.Application(middlewares=[problems], client_max_size=MAX_BODY)
-    for route in all_routes():
+    for route in (*all_routes(), *console.ROUTES):  # the console is served here, not in the API's route table
         app.router.add_route(route.method, route.path, endpoint(api, route))
+    console.attach(app, api)
     return app
 
 

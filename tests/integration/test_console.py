@@ -1,0 +1,371 @@
+"""The fleet console end to end: a real `tessera-hub serve`, real agents (SoftHSM keys, MQTT sessions), headless
+Chromium (Debian's, driven by Playwright) logged in with the operator's PKCS#12 as its client certificate.
+
+Screenshots of the main pages go to $TESSERA_SCREENSHOTS (default: a pytest tmp directory; the path is printed).
+"""
+
+from __future__ import annotations
+
+import csv
+import http.client
+import io
+import json
+import os
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import free_port
+from tests.integration.agentfixtures import new_device, wait_until
+from tests.integration.brokerfixtures import enroll_device, session, wait_ready
+from tests.integration.browserfixtures import PHONE, chromium, context_for, operator_files
+from tests.integration.hubfixtures import LENIENT_LIMITS, running_hub
+
+pytestmark = pytest.mark.integration
+AGENTS = ("lab-01", "lab-02", "lab-03")
+XSS = "<img src=x onerror=alert(1)>"
+SCRIPT = "<script>alert(2)</script>"
+
+
+class Fleet:
+    def __init__(self, hub, port: int, shots: Path):
+        self.hub, self.port, self.shots = hub, port, shots
+        self.origin = f"https://127.0.0.1:{port}"
+        self.agents: list = []
+
+    def identity(self, name: str, role: str):
+        self.hub.cli_ok("identity", "add", name, "--role", role)
+        return operator_files(self.hub, name)
+
+    def call(self, method: str, path: str, body=None, who: str = "ops", headers: dict | None = None,
+             raw: bytes | None = None) -> tuple[int, dict, bytes]:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=str(self.hub.root_pem))
+        d = self.hub.dir / "identities" / who
+        ctx.load_cert_chain(str(d / f"{who}.pem"), str(d / f"{who}.key"))
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=30)
+        try:
+            data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+            hdrs = {"Content-Type": "application/json"} if data is not None else {}
+            hdrs.update(headers or {})
+            conn.request(method, path, body=data, headers=hdrs)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def shot(self, page, name: str) -> Path:
+        path = self.shots / f"{name}.png"
+        page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    base = tmp_path_factory.mktemp("console")
+    shots = Path(os.environ.get("TESSERA_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    print(f"\nconsole screenshots: {shots}")
+    port = free_port()
+    with running_hub(base, api_port=port, **LENIENT_LIMITS) as hub:
+        wait_ready(hub)
+        f = Fleet(hub, port, shots)
+        f.ops, f.viewer = f.identity("ops", "operator"), f.identity("eve", "viewer")
+        try:
+            for device_id in AGENTS:
+                token = hub.add_device(device_id, "--group", "lab")
+                dev, _ = new_device(hub, base / "agents", device_id, interval=2.0, register=False)
+                dev.enroll_ok(token)
+                dev.start()
+                f.agents.append(dev)
+            for dev in f.agents:
+                dev.wait_state("online", 60)
+            with chromium(hub.root_pem) as browser:
+                f.browser = browser
+                yield f
+        finally:
+            for dev in f.agents:
+                dev.destroy()
+
+
+def page_for(fleet, op, viewport=None):
+    ctx = context_for(fleet.browser, fleet.origin, op, viewport)
+    page = ctx.new_page()
+    page.set_default_timeout(20_000)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.dialogs = dialogs
+    return ctx, page
+
+
+def wait_online(fleet, device_id: str) -> None:
+    wait_until(lambda: fleet.hub.query("SELECT online FROM devices WHERE id = ?", (device_id,))[0]["online"], 30,
+               f"{device_id} online in the registry")
+
+
+# --- login -------------------------------------------------------------------------------------------------------
+
+def test_a_browser_without_a_client_certificate_gets_no_page(fleet):
+    ctx, page = page_for(fleet, None)
+    try:
+        with pytest.raises(Exception) as err:
+            page.goto(fleet.origin + "/console/")
+        # a network error (the TLS handshake: no certificate to present), never an HTTP answer
+        assert "net::ERR_" in str(err.value), err.value
+        print(str(err.value).splitlines()[0])
+    finally:
+        ctx.close()
+
+
+def test_security_headers_and_csrf_guard(fleet):
+    status, headers, body = fleet.call("GET", "/console/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    csp = headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+    assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+    assert headers["referrer-policy"] == "no-referrer"
+    sel = {"selector": {"ids": ["lab-03"]}, "reason": "csrf"}
+    before = fleet.hub.state()
+    path = "/api/v1/devices/actions/revoke"
+    for extra in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
+        status, _, body = fleet.call("POST", path, {**sel, "confirm_count": 1}, headers=extra)
+        assert status == 403 and json.loads(body)["type"].endswith("cross_site"), (extra, body)
+    status, _, body = fleet.call("POST", path, raw=json.dumps({**sel, "confirm_count": 1}).encode(),
+                                 headers={"Content-Type": "text/plain"})
+    assert status == 415, body
+    status, _, body = fleet.call("POST", path, raw=b"selector=x", headers={"Content-Type":
+                                                                          "application/x-www-form-urlencoded"})
+    assert status == 415, body
+    assert fleet.hub.state() == before  # nothing changed
+    rows = fleet.hub.query("SELECT actor, outcome, detail FROM audit WHERE action = 'api.devices.revoke' "
+                           "ORDER BY id DESC LIMIT 5")
+    assert {r["actor"] for r in rows} == {"svc.ops"} and {r["outcome"] for r in rows} == {"denied"}
+    # the same request from this hub's own origin is served (a dry run: nothing changes)
+    status, _, body = fleet.call("POST", path, sel, headers={"Origin": fleet.origin, "Sec-Fetch-Site": "same-origin"})
+    assert status == 200 and json.loads(body) == {"matched": 1, "dry_run": True}
+
+
+# --- the operator's way: find, revoke, watch it go offline -------------------------------------------------------------
+
+def test_operator_finds_a_device_and_revokes_it_live(fleet):
+    ctx, page = page_for(fleet, fleet.ops)
+    try:
+        page.goto(fleet.origin + "/")  # -> /console/
+        assert page.url.endswith("/console/")
+        page.locator("header .who").wait_for()
+        assert "svc.ops" in page.locator("header .who").inner_text()
+        assert int(page.locator("#count-online").inner_text()) >= len(AGENTS)
+        page.wait_for_function("() => document.body.dataset.live === 'open'")
+        fleet.shot(page, "overview")
+
+        with page.expect_navigation():
+            page.click("nav >> text=Devices")
+        page.fill("#f-id-prefix", "lab-0")
+        with page.expect_navigation():
+            page.click("#f-apply")
+        rows = page.locator("table.devices tbody tr")
+        assert rows.count() == len(AGENTS)
+        fleet.shot(page, "device-list")
+        page.fill("#f-id-prefix", "lab-02")
+        with page.expect_navigation():
+            page.click("#f-apply")
+        assert rows.count() == 1
+        with page.expect_navigation():
+            page.click("table.devices >> text=lab-02")
+        assert page.url.endswith("/console/devices/lab-02")
+        presence = page.locator("h1 [data-presence='lab-02']")
+        assert presence.inner_text() == "online"
+        page.wait_for_function("() => document.body.dataset.live === 'open'")
+        assert page.locator("table >> text=active").count() >= 1  # the certificate history
+        fleet.shot(page, "device-detail")
+
+        page.evaluate("window.__sameDocument = true")  # gone if the page reloads
+        page.click("#revoke")
+        dialog = page.locator("dialog#confirm[open]")
+        assert "Revoke device lab-02?" in dialog.inner_text() and "final" in dialog.inner_text()
+        page.click("dialog#confirm >> text=Cancel")  # a cancelled confirmation changes nothing
+        assert fleet.hub.query("SELECT status FROM devices WHERE id = 'lab-02'")[0]["status"] == "active"
+        page.click("#revoke")
+        page.fill("#confirm-reason", "stolen from the lab")
+        page.click("#confirm-ok")
+        page.wait_for_function("() => document.querySelector(\"h1 [data-presence='lab-02']\").textContent === 'offline'",
+                               timeout=15_000)
+        assert page.evaluate("window.__sameDocument === true"), "the page reloaded instead of updating live"
+        assert page.locator("h1 [data-status='lab-02']").inner_text() == "revoked"
+        assert page.locator("tr[data-serial] .cert-status").first.inner_text() == "revoked"
+        assert page.locator("#device-actions button, #command-panel").count() == 0  # nothing left to do
+        page.locator("#audit-live >> text=device.revoked").first.wait_for(timeout=10_000)
+        fleet.shot(page, "device-revoked")
+    finally:
+        ctx.close()
+    dev = fleet.hub.query("SELECT status, online FROM devices WHERE id = 'lab-02'")[0]
+    assert dev == {"status": "revoked", "online": 0}
+    rows = fleet.hub.query("SELECT actor FROM audit WHERE action = 'device.revoked' AND device_id = 'lab-02'")
+    assert [r["actor"] for r in rows] == ["svc.ops"]
+    api = fleet.hub.query("SELECT actor, outcome FROM audit WHERE action = 'api.devices.status' AND device_id = 'lab-02'")
+    assert api == [{"actor": "svc.ops", "outcome": "ok"}]
+    agent = next(d for d in fleet.agents if d.id == "lab-02")
+    wait_until(lambda: agent.status_file().get("state") != "online", 30, "the revoked agent's session to end")
+
+
+def test_send_a_command_and_see_its_acknowledgement(fleet):
+    ctx, page = page_for(fleet, fleet.ops)
+    try:
+        page.goto(fleet.origin + "/console/devices/lab-01")
+        page.fill("[data-form=command] [name=command]", "ping")
+        page.click("#command-send")
+        result = page.locator("#command-result")
+        result.filter(has_text="acknowledged").wait_for(timeout=15_000)
+        assert '"pong": true' in result.inner_text()
+    finally:
+        ctx.close()
+    rows = fleet.hub.query("SELECT actor FROM audit WHERE action = 'api.devices.send' AND device_id = 'lab-01'")
+    assert [r["actor"] for r in rows] == ["svc.ops"]
+
+
+def test_viewer_sees_no_action_and_the_api_refuses_them_anyway(fleet):
+    ctx, page = page_for(fleet, fleet.viewer)
+    try:
+        for path in ("/console/devices", "/console/devices/lab-01", "/console/jobs", "/console/tokens"):
+            page.goto(fleet.origin + path)
+            assert "svc.eve" in page.locator("header .who").inner_text()
+            assert page.locator("button[data-action], form[data-form], #bulk, dialog#confirm").count() == 0, path
+        page.goto(fleet.origin + "/console/devices/lab-01")
+        assert page.locator("button").count() == 0  # not one button: no action at all
+        answer = page.evaluate("""async () => {
+            const r = await fetch('/api/v1/devices/lab-01/status', {method: 'POST',
+                headers: {'Content-Type': 'application/json'}, body: JSON.stringify({action: 'revoke'})});
+            return [r.status, await r.text()]; }""")
+        assert answer[0] == 403 and "permission" in answer[1]
+    finally:
+        ctx.close()
+    assert fleet.hub.query("SELECT status FROM devices WHERE id = 'lab-01'")[0]["status"] == "active"
+
+
+def test_a_job_started_from_the_ui_completes_with_live_progress(fleet):
+    ctx, page = page_for(fleet, fleet.ops)
+    try:
+        page.goto(fleet.origin + "/console/jobs")
+        page.fill("#job-form [name=name]", "ping the lab")
+        page.fill("#job-form [name=group]", "lab")
+        page.select_option("#job-form [name=status]", "active")
+        page.fill("#job-form [name=rate_per_minute]", "30")
+        page.click("#job-start")
+        page.locator("dialog#confirm[open]").wait_for()  # after the API's dry run
+        assert "to 2 devices" in page.locator("#confirm-text").inner_text()  # lab-02 is revoked
+        page.click("#confirm-ok")
+        page.wait_for_url("**/console/jobs/*")
+        page.evaluate("""() => { window.__seen = [];
+            new MutationObserver(() => window.__seen.push(document.querySelector('#job-done').textContent))
+                .observe(document.querySelector('#job-done'), {childList: true, characterData: true, subtree: true}); }""")
+        page.wait_for_function("() => document.querySelector('#job-state').textContent === 'completed'", timeout=60_000)
+        assert page.locator("#jc-acked").inner_text() == "2"
+        assert page.locator("#job-done").inner_text() == "2"
+        seen = page.evaluate("window.__seen")
+        assert seen and seen[-1] == "2", seen  # the count moved on the open page (server-sent events)
+        page.locator("#job-devices td:text-is('acked')").nth(1).wait_for(timeout=10_000)  # the table follows too
+        fleet.shot(page, "job")
+        job_id = int(page.url.rsplit("/", 1)[1])
+    finally:
+        ctx.close()
+    job = fleet.hub.query("SELECT state, created_by, n_acked FROM jobs WHERE id = ?", (job_id,))[0]
+    assert job == {"state": "completed", "created_by": "svc.ops", "n_acked": 2}
+
+
+def test_markup_in_a_label_and_in_telemetry_renders_as_text(fleet, tmp_path):
+    dev = enroll_device(fleet.hub, "xss-dev", tmp_path)
+    status, _, body = fleet.call("PATCH", "/api/v1/devices/xss-dev", {"labels": {"note": XSS, "more": SCRIPT}})
+    assert status == 200, body
+    payload = json.dumps({"temp": 21.5, "msg": XSS + SCRIPT, "</pre>": "<b>bold</b>"})
+    live = session(fleet.hub, dev)
+    try:
+        assert live.publish("devices/xss-dev/telemetry", payload.encode()) == 0
+        ctx, page = page_for(fleet, fleet.ops)
+        try:
+            def shown():
+                page.goto(fleet.origin + "/console/devices/xss-dev")
+                return page.locator("#telemetry").count() > 0
+            wait_until(shown, 20, "the telemetry on the device page", interval=0.5)
+            assert XSS in page.locator("#labels").inner_text() and SCRIPT in page.locator("#labels").inner_text()
+            text = page.locator("#telemetry").inner_text()
+            assert XSS in text and SCRIPT in text and "<b>bold</b>" in text
+            assert page.locator("main img, main script, main b").count() == 0
+            page.goto(fleet.origin + "/console/devices?id_prefix=xss")
+            assert XSS in page.locator("table.devices").inner_text()
+            assert page.locator("main img, main script").count() == 0
+            page.goto(fleet.origin + "/console/audit?device=xss-dev")
+            page.goto(fleet.origin + "/console/")
+            page.wait_for_timeout(1500)  # a live audit row or two about xss-dev arrives through the stream
+            assert page.locator("main img, main script").count() == 0
+            assert page.dialogs == [], page.dialogs
+        finally:
+            ctx.close()
+    finally:
+        live.close()
+
+
+def test_tokens_batch_csv_downloads_once_and_audit_exports(fleet):
+    ctx, page = page_for(fleet, fleet.ops, viewport=PHONE)
+    try:
+        page.goto(fleet.origin + "/console/tokens")
+        page.fill("#token-form [name=prefix]", "line3-")
+        page.fill("#token-form [name=count]", "3")
+        page.fill("#token-form [name=group]", "line3")
+        page.click("#token-create")
+        page.locator("#token-download").wait_for()
+        with page.expect_download() as info:
+            page.click("#token-download")
+        rows = list(csv.reader(io.StringIO(Path(info.value.path()).read_text())))
+        assert rows[0] == ["device_id", "token", "token_expires"] and [r[0] for r in rows[1:]] == \
+            ["line3-1", "line3-2", "line3-3"]
+        assert all(len(r[1]) >= 20 for r in rows[1:])
+        page.wait_for_function("() => !document.querySelector('#token-download').getAttribute('href')")
+        assert rows[1][1] not in page.content()  # the tokens left the page
+        fleet.shot(page, "tokens-phone")
+        page.goto(fleet.origin + "/console/devices?group=line3")
+        assert page.locator("table.devices tbody tr").count() == 3
+        fleet.shot(page, "device-list-phone")
+    finally:
+        ctx.close()
+    status, headers, body = fleet.call("GET", "/console/audit.csv?actor=svc.ops")
+    assert status == 200 and headers["content-type"].startswith("text/csv")
+    exported = list(csv.DictReader(io.StringIO(body.decode())))
+    assert any(r["action"] == "api.devices.create" for r in exported) and {r["actor"] for r in exported} == {"svc.ops"}
+
+
+def test_paging_and_a_live_stream_ends_with_the_hub(fleet):
+    from datetime import datetime, timedelta, timezone
+
+    from hub.registry.store import Registry
+
+    reg = Registry(fleet.hub.registry_path)
+    try:
+        reg.create_devices_with_tokens([(f"bulk-{n:04d}", {}, ["bulk"]) for n in range(120)], "acme",
+                                       datetime.now(timezone.utc), timedelta(days=1))
+    finally:
+        reg.close()
+    status, _, body = fleet.call("GET", "/console/devices?group=bulk")
+    html = body.decode()
+    assert status == 200 and html.count('class="sel"') == 50 and "bulk-0049" in html and "bulk-0050" not in html
+    assert 'id="next-page"' in html
+    status, _, body = fleet.call("GET", "/console/devices?status=nonsense")
+    assert status == 200 and "status must be one of" in body.decode()
+    # an open event stream gets a first line at once and ends when the hub stops (SIGTERM: exit 0 within 10 s)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(fleet.hub.root_pem))
+    d = fleet.hub.dir / "identities" / "ops"
+    ctx.load_cert_chain(str(d / "ops.pem"), str(d / "ops.key"))
+    conn = http.client.HTTPSConnection("127.0.0.1", fleet.port, context=ctx, timeout=20)
+    conn.request("GET", "/console/events?presence=1&audit=1")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+    assert resp.readline() == b"retry: 3000\n"
+    t0 = time.monotonic()
+    for dev in fleet.agents:
+        dev.stop()
+    assert fleet.hub.stop() == 0
+    rest = resp.read()
+    assert b"event: bye" in rest and time.monotonic() - t0 < 15
+    conn.close()
