@@ -295,9 +295,24 @@ def test_markup_in_a_label_and_in_telemetry_renders_as_text(fleet, tmp_path):
             page.goto(fleet.origin + "/console/devices?id_prefix=xss")
             assert XSS in page.locator("table.devices").inner_text()
             assert page.locator("main img, main script").count() == 0
-            page.goto(fleet.origin + "/console/audit?device=xss-dev")
+            # an audit row carrying markup, streamed live into the open overview (server-sent event -> textContent)
             page.goto(fleet.origin + "/console/")
-            page.wait_for_timeout(1500)  # a live audit row or two about xss-dev arrives through the stream
+            page.wait_for_function("() => document.body.dataset.live === 'open'")
+            from datetime import datetime, timezone
+
+            from hub.registry.store import Registry
+
+            reg = Registry(fleet.hub.registry_path)
+            try:
+                reg.audit("test.markup", "denied", datetime.now(timezone.utc), actor=XSS, device_id="xss-dev",
+                          detail=SCRIPT + XSS)
+            finally:
+                reg.close()
+            row = page.locator("#audit-live tr.fresh", has_text="test.markup")
+            row.wait_for(timeout=10_000)
+            assert XSS in row.inner_text() and SCRIPT in row.inner_text()
+            page.goto(fleet.origin + "/console/audit?device=xss-dev")  # and server-rendered
+            assert page.locator("#audit-live", has_text="test.markup").count() == 1
             assert page.locator("main img, main script").count() == 0
             assert page.dialogs == [], page.dialogs
         finally:
@@ -333,6 +348,87 @@ def test_tokens_batch_csv_downloads_once_and_audit_exports(fleet):
     assert status == 200 and headers["content-type"].startswith("text/csv")
     exported = list(csv.DictReader(io.StringIO(body.decode())))
     assert any(r["action"] == "api.devices.create" for r in exported) and {r["actor"] for r in exported} == {"svc.ops"}
+
+
+def test_bulk_selection_uses_the_dry_run_count_and_a_confirmation(fleet):
+    """line3-1..3 (from the token test): two picked by hand are suspended, then every match of the filter resumed."""
+    ctx, page = page_for(fleet, fleet.ops)
+    try:
+        page.goto(fleet.origin + "/console/devices?group=line3")
+        page.check("input.sel[value='line3-1']")
+        page.check("input.sel[value='line3-3']")
+        assert page.locator("#bulk-count").inner_text() == "2 selected"
+        page.click("#bulk button[data-op=suspend]")
+        page.locator("dialog#confirm[open]").wait_for()
+        assert page.locator("#confirm-text").inner_text() == "Suspend 2 devices?"
+        page.fill("#confirm-reason", "audit of line 3")
+        with page.expect_navigation():  # the list reloads after the change
+            page.click("#confirm-ok")
+        statuses = {r["id"]: r["status"] for r in fleet.hub.query(
+            "SELECT id, status FROM devices WHERE id LIKE 'line3-%'")}
+        assert statuses == {"line3-1": "suspended", "line3-2": "pending", "line3-3": "suspended"}
+        assert page.locator("[data-status='line3-1']").inner_text() == "suspended"
+
+        page.goto(fleet.origin + "/console/devices?group=line3&status=suspended")
+        page.check("#bulk-all-matching")
+        page.click("#bulk button[data-op=resume]")
+        page.locator("dialog#confirm[open]").wait_for()
+        assert page.locator("#confirm-text").inner_text() == "Resume 2 devices?"
+        with page.expect_navigation():
+            page.click("#confirm-ok")
+    finally:
+        ctx.close()
+    rows = fleet.hub.query("SELECT id, status FROM devices WHERE id LIKE 'line3-%' AND status != 'pending'")
+    assert rows == []  # never enrolled: resumed to pending
+    bulk = fleet.hub.query("SELECT action, actor, detail FROM audit WHERE action IN ('api.devices.suspend', "
+                           "'api.devices.resume') AND outcome = 'ok' ORDER BY id")
+    assert [(r["action"], r["actor"]) for r in bulk] == [("api.devices.suspend", "svc.ops")] * 2 + \
+        [("api.devices.resume", "svc.ops")] * 2  # each: the dry run, then the confirmed run
+
+
+def test_a_job_can_be_aborted_from_its_page(fleet):
+    """A job waiting for offline devices (the pending line3 batch never connects) runs until it is aborted."""
+    ctx, page = page_for(fleet, fleet.ops)
+    try:
+        page.goto(fleet.origin + "/console/jobs")
+        page.fill("#job-form [name=name]", "wait for line 3")
+        page.fill("#job-form [name=group]", "line3")
+        page.select_option("#job-form [name=offline]", "wait")
+        page.click("#job-start")
+        page.locator("dialog#confirm[open]").wait_for()
+        assert "to 3 devices" in page.locator("#confirm-text").inner_text()
+        page.click("#confirm-ok")
+        page.wait_for_url("**/console/jobs/*")
+        assert page.locator("#job-state").inner_text() == "running"
+        page.click("#job-actions button[data-op=cancel]")
+        page.locator("dialog#confirm[open]").wait_for()
+        page.click("#confirm-ok")
+        page.locator("#job-state:text-is('cancelled')").wait_for(timeout=15_000)
+        job_id = int(page.url.rsplit("/", 1)[1])
+    finally:
+        ctx.close()
+    job = fleet.hub.query("SELECT state FROM jobs WHERE id = ?", (job_id,))[0]
+    assert job["state"] == "cancelled"
+    assert fleet.hub.query("SELECT actor FROM audit WHERE action = 'api.jobs.cancel' AND outcome = 'ok'") == \
+        [{"actor": "svc.ops"}]
+
+
+def test_renew_from_the_device_page_issues_a_new_certificate(fleet):
+    before = fleet.hub.cert_count("lab-03")
+    ctx, page = page_for(fleet, fleet.ops)
+    try:
+        page.goto(fleet.origin + "/console/devices/lab-03")
+        page.click("button[data-action=renew]")
+        page.locator("dialog#confirm[open]").wait_for()
+        assert "1 device" in page.locator("#confirm-text").inner_text()
+        page.click("#confirm-ok")
+        page.wait_for_url("**/console/jobs/*")
+        page.locator("#job-state:text-is('completed')").wait_for(timeout=60_000)
+        wait_until(lambda: fleet.hub.cert_count("lab-03") == before + 1, 30, "the renewed certificate")
+        page.goto(fleet.origin + "/console/devices/lab-03")
+        assert page.locator("tr[data-serial]").count() == before + 1
+    finally:
+        ctx.close()
 
 
 def test_paging_and_a_live_stream_ends_with_the_hub(fleet):
