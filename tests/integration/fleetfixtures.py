@@ -60,7 +60,7 @@ PROVISION_PARALLEL = 3          # children at once (2 cores; a child also waits 
 TELEMETRY_INTERVAL = 600.0      # s: one message at start, then almost nothing
 KEY_LABEL = "device-key"
 OPERATOR = "fleet-ops"
-STOP_TIMEOUT = 15.0
+STOP_TIMEOUT = 60.0             # s for the whole fleet to exit on SIGTERM (200 interpreters tearing down at once)
 ONLINE_TIMEOUT = 240.0
 #: fleet.toml for the fleet hub: every agent talks from 127.0.0.1 (EST and MQTT per-source limits raised)
 FLEET_SETTINGS = dict(BROKER_LIMITS)
@@ -292,6 +292,13 @@ class Fleet:
                                      f"{late[:1] and late[0].status_file()}\n{late[:1] and late[0].log_tail()}")
             time.sleep(0.5)
 
+    def ensure_hub(self) -> None:
+        """Start the hub again if an earlier test left it stopped (or it died), then wait for every agent."""
+        if self.hub.proc is None or self.hub.proc.poll() is not None:
+            self.hub.proc = None
+            self.hub.start()
+        self.wait_online()
+
     def restart_hub(self) -> float:
         """SIGTERM the hub (clean exit asserted), serve again on the same directory and ports; returns the gap in
         seconds between the SIGTERM and "hub ready" of the new process."""
@@ -303,6 +310,7 @@ class Fleet:
 
     # teardown
     def stop_agents(self) -> list[str]:
+        t0 = time.monotonic()
         problems = []
         running = [a for a in self.agents if a.proc is not None and a.proc.poll() is None]
         for a in running:
@@ -313,10 +321,12 @@ class Fleet:
             try:
                 a.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                problems.append(f"{a.id} did not exit within {STOP_TIMEOUT} s of SIGTERM (killed)")
+                problems.append(f"{a.id} did not exit within {STOP_TIMEOUT} s of the SIGTERM to the fleet (killed)")
                 with contextlib.suppress(ProcessLookupError):
                     a.proc.kill()
                 a.proc.wait(timeout=10)
+        self.times["agents_stop_s"] = time.monotonic() - t0
+        print(f"\n{len(running)} agents stopped in {self.times['agents_stop_s']:.1f} s", flush=True)
         return problems
 
     def leftovers(self) -> list[int]:
@@ -379,10 +389,23 @@ def running_fleet(base: Path, n: int, group: str = GROUP) -> Iterator[Fleet]:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory) -> Iterator[Fleet]:
-    """fleet_size() (200) real agents in group 'fleet', shared by a test module."""
-    with running_fleet(tmp_path_factory.mktemp("fleet"), fleet_size()) as f:
-        yield f
+def fleet(request) -> Iterator[Fleet]:
+    """fleet_size() (200) real agents in group 'fleet', shared by a test module.
+
+    The fleet lives in a private temporary directory, not pytest's numbered tmp_path: the fleet runs for minutes,
+    and a pytest session started meanwhile on the same machine prunes older numbered directories (under the agents'
+    feet). It is removed afterwards unless a test failed (then its path is printed: logs are under it)."""
+    base = Path(tempfile.mkdtemp(prefix="tessera-fleet-"))
+    failed_before, clean = request.session.testsfailed, False
+    try:
+        with running_fleet(base, fleet_size()) as f:
+            yield f
+        clean = True
+    finally:
+        if clean and request.session.testsfailed == failed_before and not os.environ.get("TESSERA_KEEP_FLEET"):
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            print(f"\nfleet directory kept: {base}", flush=True)
 
 
 # --- the provisioning child ------------------------------------------------------------------------------------------

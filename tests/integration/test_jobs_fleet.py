@@ -27,6 +27,7 @@ JOBS = "/api/v1/jobs"
 PING_RATE = 300.0          # devices a minute: 200 devices in ~40 s
 PING_TIMEOUT_S = 30.0
 ABORT_RATE = 600.0
+IN_FLIGHT_S = 10.0         # a command sent this long before the SIGTERM may still have been lost with the hub
 COUNT_STATES = ("queued", "sent", "acked", "failed", "timed_out", "offline")
 
 
@@ -112,6 +113,7 @@ def assert_rate(sent: list[datetime], rate_per_minute: float, restarts: int) -> 
 
 def test_ping_job_over_the_fleet_survives_a_hub_restart(fleet):  # noqa: F811
     n = fleet.n
+    fleet.ensure_hub()
     pids = {a.id: a.proc.pid for a in fleet.agents}
     body = {"name": "ping the fleet", "command": "ping", "args": {}, "selector": {"group": GROUP},
             "rate_per_minute": PING_RATE, "timeout_s": PING_TIMEOUT_S, "abort_percent": 20, "offline": "wait"}
@@ -156,9 +158,11 @@ def test_ping_job_over_the_fleet_survives_a_hub_restart(fleet):  # noqa: F811
         assert stamp(r["sent_at"]) <= stamp(r["finished_at"]), r
     # a device may time out only if its command went out while the hub was going down or its session was not
     # back yet (sent by the old hub in its last moments, or by the new one before the device reconnected)
+    lost = []
     for r in by_state.get("timed_out", []):
         sent_at = stamp(r["sent_at"])
-        assert stop_at - timedelta(seconds=5) <= sent_at <= back_at, \
+        lost.append(f"{(sent_at - stop_at).total_seconds():+.1f}")
+        assert stop_at - timedelta(seconds=IN_FLIGHT_S) <= sent_at <= back_at, \
             f"{r['device_id']} timed out but was sent at {sent_at}, not around the restart ({stop_at}..{back_at})"
     # the job went on after the restart: devices were first sent by the new hub process
     assert any(stamp(r["sent_at"]) > ready_at for r in rows), "nothing was sent after the restart"
@@ -169,12 +173,12 @@ def test_ping_job_over_the_fleet_survives_a_hub_restart(fleet):  # noqa: F811
           f"(enroll {fleet.times['provision_enroll_s']:.1f}, agents {fleet.times['agents_up_s']:.1f}) "
           f"job_wall_s={wall:.1f} restart_gap_s={gap:.1f} reconnect_s={back_s:.1f} "
           f"mean_send_rate={rate * 60:.0f}/min (limit {PING_RATE:g}) acked={counts['acked']} "
-          f"timed_out={counts['timed_out']}", flush=True)
+          f"timed_out={counts['timed_out']} (sent at {', '.join(lost) or '-'} s from the SIGTERM)", flush=True)
 
 
 def test_failing_command_job_aborts_early(fleet):  # noqa: F811
     n = fleet.n
-    fleet.wait_online(timeout=60)
+    fleet.ensure_hub()
     body = {"name": "a command no agent knows", "command": "no-such-command", "args": {},
             "selector": {"group": GROUP}, "rate_per_minute": ABORT_RATE, "timeout_s": 30, "abort_percent": 20,
             "offline": "fail"}
