@@ -181,6 +181,10 @@ def test_operator_finds_a_device_and_revokes_it_live(fleet):
         assert page.locator("table >> text=active").count() >= 1  # the certificate history
         fleet.shot(page, "device-detail")
 
+        overview = ctx.new_page()
+        overview.goto(fleet.origin + "/console/")
+        overview.wait_for_function("() => document.body.dataset.live === 'open'")
+        online_before = int(overview.locator("#count-online").inner_text())
         page.evaluate("window.__sameDocument = true")  # gone if the page reloads
         page.click("#revoke")
         dialog = page.locator("dialog#confirm[open]")
@@ -195,9 +199,12 @@ def test_operator_finds_a_device_and_revokes_it_live(fleet):
         assert page.evaluate("window.__sameDocument === true"), "the page reloaded instead of updating live"
         assert page.locator("h1 [data-status='lab-02']").inner_text() == "revoked"
         assert page.locator("tr[data-serial] .cert-status").first.inner_text() == "revoked"
+        assert page.locator("#timeline li").first.inner_text().startswith("offline")  # presence history, live
         assert page.locator("#device-actions button, #command-panel").count() == 0  # nothing left to do
         page.locator("#audit-live >> text=device.revoked").first.wait_for(timeout=10_000)
         fleet.shot(page, "device-revoked")
+        overview.locator(f"#count-online:text-is('{online_before - 1}')").wait_for(timeout=10_000)  # live too
+        assert overview.locator("#count-revoked").inner_text() == "1"
     finally:
         ctx.close()
     dev = fleet.hub.query("SELECT status, online FROM devices WHERE id = 'lab-02'")[0]

@@ -91,3 +91,29 @@ def test_telemetry_tap_keeps_the_newest_payload_per_device_bounded(monkeypatch):
         tap.put(dev, f"{n}".encode() + b"\xff" + b"x" * 10000, now)
     assert tap.get("b") is None and tap.get("a")["payload"].startswith("2\ufffd")
     assert len(tap.get("c")["payload"]) == data.TAP_BYTES  # bytes cut, then decoded
+
+
+@pytest.mark.parametrize("method, headers, body, expected", [
+    ("GET", {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}, b"", None),  # reads pass
+    ("POST", {"Sec-Fetch-Site": "cross-site", "Content-Type": "application/json"}, b"{}", 403),
+    ("POST", {"Origin": "https://evil.example", "Content-Type": "application/json"}, b"{}", 403),
+    ("POST", {"Origin": "https://hub:8444", "Content-Type": "application/json"}, b"{}", 403),  # another port
+    ("PATCH", {"Origin": "null", "Content-Type": "application/json"}, b"{}", 403),
+    ("POST", {"Content-Type": "text/plain"}, b"{}", 415),
+    ("POST", {"Content-Type": "application/x-www-form-urlencoded"}, b"a=b", 415),
+    ("POST", {"Origin": "https://hub.example:8444", "Content-Type": "application/json; charset=utf-8",
+              "Sec-Fetch-Site": "same-origin"}, b"{}", None),
+    ("POST", {}, b"", None),  # no body (e.g. a job's cancel), no Origin (curl, the CLI)
+    ("DELETE", {"Sec-Fetch-Site": "same-site"}, b"", None),
+])
+def test_cross_site_guard(method, headers, body, expected):
+    from unittest import mock
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from hub.api.server import cross_site
+
+    extra = {"payload": mock.Mock()} if body else {}  # any payload but the empty one: the request has a body
+    req = make_mocked_request(method, "/api/v1/x", headers={"Host": "hub.example:8444", **headers}, **extra)
+    refused = cross_site(req)
+    assert (refused[0] if refused else None) == expected, refused

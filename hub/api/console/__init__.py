@@ -27,7 +27,7 @@ _feeds: dict[int, Feed] = {}
 
 
 async def events(api, request: web.Request, principal) -> web.StreamResponse:
-    """Server-sent events: ?presence=1 &audit=1 &device=ID (only that device) &job=N (repeatable)."""
+    """Server-sent events: ?presence=1 &audit=1 &counts=1 &device=ID (only that device) &job=N (repeatable)."""
     feed = _feeds.get(id(api))
     if feed is None:
         raise web.HTTPServiceUnavailable(text="the live feed is not running")
@@ -39,7 +39,7 @@ async def events(api, request: web.Request, principal) -> web.StreamResponse:
     if len(jobs) > 50 or not all(_JOB_RE.fullmatch(j) for j in jobs):
         raise pages.BadRequest("job must be up to 50 job ids", "job")
     stream = Stream(presence=q.get("presence") == "1", audit=q.get("audit") == "1",
-                    jobs=frozenset(int(j) for j in jobs), device=device)
+                    jobs=frozenset(int(j) for j in jobs), device=device, counts=q.get("counts") == "1")
     return await feed.serve(request, stream, [])
 
 

@@ -3,7 +3,7 @@ event streams (GET /console/events).
 
 Every POLL_S seconds: presence by `devices(last_seen)` after the last watermark (also recorded as presence history),
 new audit rows by id > last, and the jobs some stream watches by primary key (sent when their state or counts
-changed). Nothing is polled per stream; a stream gets a heartbeat comment every HEARTBEAT_S seconds, and every
+changed); after presence changes, the device counts (hub/api/metrics.py's trigger-kept table) for the overview. Nothing is polled per stream; a stream gets a heartbeat comment every HEARTBEAT_S seconds, and every
 stream ends when the API shuts down (`stop`, on the app's on_shutdown), so the hub's shutdown never waits on one.
 """
 
@@ -37,6 +37,7 @@ class Stream:
     presence: bool
     audit: bool
     jobs: frozenset[int]
+    counts: bool = False  # device counts by status and online, sent after presence changes
     device: str | None = None
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(QUEUE_MAX))
 
@@ -97,7 +98,11 @@ class Feed:
         presence = await self.api.run(self._presence)
         audit = await self.api.run(self._audit) if any(s.audit for s in self.streams) else []
         jobs = await self.api.run(self._job_changes) if any(s.jobs for s in self.streams) else []
+        counts = (await self.api.run(data.device_counts, self.api.registry)
+                  if presence and any(s.counts for s in self.streams) else None)  # O(1): trigger-kept counts
         for stream in list(self.streams):
+            if stream.counts and counts is not None:
+                stream.offer("counts", counts)
             if stream.presence:
                 for row in presence:
                     stream.offer("presence", row)

@@ -95,7 +95,7 @@ def _overview(api) -> dict[str, Any]:
 async def overview(api, request: web.Request, principal) -> web.Response:
     ctx = await api.run(_overview, api)
     return render("overview.html", principal, title="Overview", nav="overview",
-                  events="/console/events?presence=1&audit=1", **ctx)
+                  events="/console/events?presence=1&audit=1&counts=1", **ctx)
 
 
 # --- devices --------------------------------------------------------------------------------------------------

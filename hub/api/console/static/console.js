@@ -331,6 +331,10 @@
     } catch (e) { /* the next event tries again */ }
   }
 
+  function onCounts(c) {  // the overview's cards
+    for (const [key, n] of Object.entries(c)) { const e = $("#count-" + key); if (e) e.textContent = String(n); }
+  }
+
   function live() {
     const url = document.body.dataset.events;
     const dot = $("#live-state");
@@ -342,6 +346,7 @@
     es.addEventListener("presence", handle(onPresence));
     es.addEventListener("audit", handle(onAudit));
     es.addEventListener("job", handle(onJob));
+    es.addEventListener("counts", handle(onCounts));
     es.addEventListener("bye", () => es.close());
   }
 
