@@ -268,6 +268,11 @@ class Fleet:
         assert not dead, f"{len(dead)} agent(s) exited: {dict(list(dead.items())[:5])}\n" + \
             "\n".join(f"--- {a.id}\n{a.log_tail(1500)}" for a in self.agents if a.id in list(dead)[:2])
 
+    def crashed_logs(self) -> dict[str, str]:
+        """Agents whose log holds a Python traceback: {id: the log's tail}."""
+        return {a.id: a.log_tail(3000) for a in self.agents if "Traceback (most recent call last)" in
+                (a.log.read_text(errors="replace") if a.log.exists() else "")}
+
     def online_in_registry(self) -> int:
         rows = self.hub.query("SELECT count(*) AS n FROM devices WHERE online = 1 AND id LIKE ?", (f"{PREFIX}-%",))
         return rows[0]["n"]

@@ -169,6 +169,8 @@ def test_ping_job_over_the_fleet_survives_a_hub_restart(fleet):  # noqa: F811
 
     rate = assert_rate([stamp(r["sent_at"]) for r in rows], PING_RATE, restarts=1)
     fleet.assert_alive()
+    crashed = fleet.crashed_logs()
+    assert not crashed, f"{len(crashed)} agent log(s) hold a traceback: {next(iter(crashed.items()))}"
     print(f"\nFLEET JOB devices={n} fleet_up_s={fleet.times['fleet_up_s']:.1f} "
           f"(enroll {fleet.times['provision_enroll_s']:.1f}, agents {fleet.times['agents_up_s']:.1f}) "
           f"job_wall_s={wall:.1f} restart_gap_s={gap:.1f} reconnect_s={back_s:.1f} "
@@ -206,5 +208,6 @@ def test_failing_command_job_aborts_early(fleet):  # noqa: F811
         if r["state"] == "failed":
             assert "unknown command" in (r["detail"] or ""), r
     fleet.assert_alive()
+    assert not fleet.crashed_logs()
     print(f"\nABORT JOB devices={n} sent_before_abort={reached} failed={counts['failed']} "
           f"wall_s={wall:.1f} reason={reason!r}", flush=True)
