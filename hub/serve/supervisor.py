@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
@@ -22,6 +21,7 @@ from hub.broker.mqttadmin import AdminClient
 from hub.ca.authority import load_ca
 from hub.config import HubConfig
 from hub.est.service import EstService
+from hub.serve.guard import DirectoryLock, check_ports_free, check_private_files
 from hub.serve.live import LiveHub
 from hub.est.ratelimit import RateLimiter
 from hub.registry.store import Registry
@@ -59,6 +59,20 @@ def _dispatch(live: LiveHub) -> Callable[[dict], object]:
 def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool = False,
         announce: Callable[[str], None] = print, stop: threading.Event | None = None,
         api_port: int | None = None) -> None:
+    """Run the hub until `stop` (or SIGTERM/SIGINT). Before anything is written: this directory must not be served
+    already, its private keys must be private and its ports free (hub/serve/guard.py; ConfigError otherwise)."""
+    lock = DirectoryLock(cfg).acquire()
+    try:
+        check_private_files(cfg)
+        explicit_api = api_port if api_port is not None else cfg.api_port
+        check_ports_free(host, {"EST": est_port, "MQTT": mqtt_port, "API": explicit_api or 0})
+        _run(cfg, host, est_port, mqtt_port, verbose, announce, stop, api_port)
+    finally:
+        lock.release()
+
+
+def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool,
+         announce: Callable[[str], None], stop: threading.Event | None, api_port: int | None) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = stop or threading.Event()
