@@ -15,16 +15,25 @@ Playwright, operators logged in with their PKCS#12 from `tessera-hub identity ad
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from tests.helpers import free_port
+from tests.integration.agentfixtures import new_device
+from tests.integration.brokerfixtures import wait_ready
+from tests.integration.hubfixtures import LENIENT_LIMITS, running_hub
+
 BROWSER = "/usr/bin/chromium"
 VIEWPORT = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
+AGENTS = ("lab-01", "lab-02", "lab-03")
 
 
 @dataclass
@@ -72,3 +81,81 @@ def context_for(browser, origin: str, op: Operator | None, viewport: dict | None
     return browser.new_context(client_certificates=[{"origin": origin, "pfxPath": str(op.p12),
                                                      "passphrase": op.passphrase}],
                                viewport=viewport or VIEWPORT)
+
+
+# --- the console tests' fleet: a hub, operators, real agents, a browser ------------------------------------------
+
+class Fleet:
+    def __init__(self, hub, port: int, shots: Path):
+        self.hub, self.port, self.shots = hub, port, shots
+        self.origin = f"https://127.0.0.1:{port}"
+        self.agents: list = []
+
+    def identity(self, name: str, role: str):
+        self.hub.cli_ok("identity", "add", name, "--role", role)
+        return operator_files(self.hub, name)
+
+    def call(self, method: str, path: str, body=None, who: str = "ops", headers: dict | None = None,
+             raw: bytes | None = None) -> tuple[int, dict, bytes]:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=str(self.hub.root_pem))
+        d = self.hub.dir / "identities" / who
+        ctx.load_cert_chain(str(d / f"{who}.pem"), str(d / f"{who}.key"))
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=30)
+        try:
+            data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+            hdrs = {"Content-Type": "application/json"} if data is not None else {}
+            hdrs.update(headers or {})
+            conn.request(method, path, body=data, headers=hdrs)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def shot(self, page, name: str) -> Path:
+        path = self.shots / f"{name}.png"
+        page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    base = tmp_path_factory.mktemp("console")
+    shots = Path(os.environ.get("TESSERA_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    print(f"\nconsole screenshots: {shots}")
+    port = free_port()
+    with running_hub(base, api_port=port, **LENIENT_LIMITS) as hub:
+        wait_ready(hub)
+        f = Fleet(hub, port, shots)
+        f.ops, f.viewer = f.identity("ops", "operator"), f.identity("eve", "viewer")
+        try:
+            for device_id in AGENTS:
+                token = hub.add_device(device_id, "--group", "lab")
+                dev, _ = new_device(hub, base / "agents", device_id, interval=2.0, register=False)
+                dev.enroll_ok(token)
+                dev.start()
+                f.agents.append(dev)
+            for dev in f.agents:
+                dev.wait_state("online", 60)
+            with chromium(hub.root_pem) as browser:
+                f.browser = browser
+                yield f
+        finally:
+            for dev in f.agents:
+                dev.destroy()
+
+
+def page_for(fleet, op, viewport=None):
+    ctx = context_for(fleet.browser, fleet.origin, op, viewport)
+    page = ctx.new_page()
+    page.set_default_timeout(20_000)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.dialogs = dialogs
+    return ctx, page
+
+
+def wait_online(fleet, device_id: str) -> None:
+    wait_until(lambda: fleet.hub.query("SELECT online FROM devices WHERE id = ?", (device_id,))[0]["online"], 30,
+               f"{device_id} online in the registry")
