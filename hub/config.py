@@ -37,6 +37,9 @@ class HubConfig:
     est_port: int = 8443
     mqtt_port: int = 8883
     public_host: str = "localhost"
+    #: Base URL third parties fetch the CRL from (its distribution point in every device certificate); empty:
+    #: https://<public_host>:<est port>. Set it when the hub sits behind a name, a proxy or a CDN.
+    public_url: str = ""
     rate_per_source: float = 100.0
     rate_burst: int = 200
     failures_per_minute: int = 30
@@ -93,7 +96,8 @@ class HubConfig:
 
     @property
     def crl_url(self) -> str:
-        return f"https://{self.public_host}:{self.est_port}/crl/device.crl"
+        base = self.public_url.rstrip("/") if self.public_url else f"https://{self.public_host}:{self.est_port}"
+        return f"{base}/crl/device.crl"
 
     @property
     def policy(self) -> Policy:
@@ -119,7 +123,7 @@ class HubConfig:
             "[issuance]", f"validity_days = {self.validity_days}", f"token_ttl_days = {self.token_ttl_days}",
             f"key_type = {q(self.key_type)}", "",
             "[est]", f"host = {q(self.est_host)}", f"port = {self.est_port}",
-            f"public_host = {q(self.public_host)}", f"server_names = [{names}]",
+            f"public_host = {q(self.public_host)}", f"public_url = {q(self.public_url)}", f"server_names = [{names}]",
             f"rate_per_source = {self.rate_per_source}", f"rate_burst = {self.rate_burst}",
             f"failures_per_minute = {self.failures_per_minute}", "",
             "[mqtt]", f"port = {self.mqtt_port}",
@@ -168,7 +172,7 @@ def load_config(root: Path) -> HubConfig:
             validity_days=int(iss.get("validity_days", 30)), token_ttl_days=int(iss.get("token_ttl_days", 7)),
             key_type=iss.get("key_type", "ec-p256"),
             est_host=est.get("host", "127.0.0.1"), est_port=int(est.get("port", 8443)),
-            public_host=est.get("public_host", "localhost"),
+            public_host=est.get("public_host", "localhost"), public_url=est.get("public_url", ""),
             server_names=list(est.get("server_names", ["localhost", "127.0.0.1"])),
             rate_per_source=float(est.get("rate_per_source", 100.0)), rate_burst=int(est.get("rate_burst", 200)),
             failures_per_minute=int(est.get("failures_per_minute", 30)),

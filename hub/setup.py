@@ -7,6 +7,7 @@ import os
 import socket
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -53,7 +54,7 @@ def _is_ip(text: str) -> bool:
 
 def create_fleet(root: Path, fleet: str, now: datetime, *, validity_days: int = 30, key_type: str = "ec-p256",
                  ca_key: str = "", ca_pin_source: str = "", ca_module: str = "", hostnames: list[str] = (),
-                 est_port: int = 8443, mqtt_port: int = 8883) -> HubConfig:
+                 est_port: int = 8443, mqtt_port: int = 8883, public_url: str = "") -> HubConfig:
     if (root / "fleet.toml").exists():
         raise ConfigError(f"{root} already holds a fleet; refusing to overwrite it")
     if validity_days < 1:
@@ -62,6 +63,14 @@ def create_fleet(root: Path, fleet: str, now: datetime, *, validity_days: int = 
     cfg = HubConfig(root=root, fleet=fleet, validity_days=validity_days, key_type=key_type, est_port=est_port,
                     mqtt_port=mqtt_port)
     cfg.server_names = list(dict.fromkeys([*cfg.server_names, *hostnames]))
+    if hostnames:  # the first name given is the one devices reach the hub by (and the CRL's address)
+        cfg.public_host = hostnames[0]
+    if public_url:
+        parts = urlsplit(public_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(f"--public-url must be an http(s) base URL like https://hub.example.com, not "
+                              f"{public_url!r}")
+        cfg.public_url = public_url.rstrip("/")
     token = None
     if ca_key:
         try:

@@ -59,6 +59,10 @@ def init(
                                                               "certificate (repeatable)."),
     est_port: int = typer.Option(8443, help="EST HTTPS port."),
     mqtt_port: int = typer.Option(8883, help="MQTT mTLS port."),
+    public_url: str = typer.Option("", "--public-url", help="Base URL third parties fetch the CRL from (the CRL "
+                                                            "distribution point of every device certificate), e.g. "
+                                                            "http://crl.example.com [default: https://<first "
+                                                            "--hostname or localhost>:<EST port>]."),
 ) -> None:
     """Create a fleet: root, device and service CAs, the hub's TLS certificate, an empty registry."""
     from hub.setup import create_fleet
@@ -67,7 +71,7 @@ def init(
     try:
         cfg = create_fleet(root, fleet, now(), validity_days=validity_days, key_type=key_type, ca_key=ca_key,
                            ca_pin_source=ca_pin_source, ca_module=ca_module, hostnames=hostname,
-                           est_port=est_port, mqtt_port=mqtt_port)
+                           est_port=est_port, mqtt_port=mqtt_port, public_url=public_url)
     except errors() as exc:
         fail(str(exc))
     out.print(f"fleet [bold]{cfg.fleet}[/] created in {cfg.root}")
