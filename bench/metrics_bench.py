@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 
 from bench.api_bench import ADMIN, Api, _fill, _set_api_port  # noqa: E402
 from bench.broker_bench import MQTT_LIMITS, _pct, _row  # noqa: E402
-from bench.fleet import HubProcess, enroll, free_port, hub, make_fleet  # noqa: E402
+from bench.fleet import LENIENT, HubProcess, enroll, free_port, hub  # noqa: E402
 
 FLEET = "acme"
 REPORT = "/api/v1/reports/expiring"
@@ -64,6 +64,27 @@ class Report:
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+
+
+def _make_fleet(tmp: Path, api_port: int) -> tuple[Path, list[tuple[str, str]]]:
+    """bench/fleet.py's make_fleet with the API port set before the first command that talks to the API (token
+    create is a client of the local hub's API: another hub on the default port must not answer it)."""
+    import csv
+    import re
+
+    hub_dir = tmp / "hub"
+    hub(["init", "--fleet", FLEET], hub_dir)
+    _set_api_port(hub_dir, api_port)
+    toml = hub_dir / "fleet.toml"
+    text = toml.read_text()
+    for key, value in (*LENIENT, *MQTT_LIMITS):
+        text, count = re.subn(rf"^{key}\s*=.*$", f"{key} = {value}", text, flags=re.M)
+        if count != 1:
+            raise RuntimeError(f"fleet.toml has no single {key} line to set")
+    toml.write_text(text)
+    hub(["token", "create", "--count", "1", "--prefix", "ctl", "--out", str(tmp / "tokens.csv")], hub_dir)
+    with open(tmp / "tokens.csv", newline="") as fh:
+        return hub_dir, [(r["device_id"], r["token"]) for r in csv.DictReader(fh)]
 
 
 def _ts_sql(jd: float) -> str:
@@ -154,9 +175,8 @@ def measure(quick: bool = False, s: Settings | None = None) -> Report:
     tmp = Path(tempfile.mkdtemp(prefix="tessera-metrics-bench-"))
     hub_proc: HubProcess | None = None
     try:
-        hub_dir, control_rows = make_fleet(tmp, 1, FLEET, "ctl", MQTT_LIMITS)
         api_port = free_port()
-        _set_api_port(hub_dir, api_port)
+        hub_dir, control_rows = _make_fleet(tmp, api_port)
         hub_proc = HubProcess(hub_dir)
         hub_proc.start()
         hub(["identity", "add", ADMIN, "--role", "admin"], hub_dir)

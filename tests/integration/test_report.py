@@ -216,3 +216,14 @@ def test_cli_bad_cursor_is_one_line(rep):
     proc = api.hub.cli("report", "expiring", "--cursor", "garbage!")
     assert proc.returncode == 1 and "invalid cursor" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_without_a_running_hub(tmp_path):
+    """No hub running: the CLI answers from the same route in its own process (hub.cli.offline)."""
+    from tests.integration.hubfixtures import init_hub
+
+    hub = init_hub(tmp_path)
+    rows = hub.cli_json("report", "expiring", "--days", "30", "--include-due")
+    assert rows == []
+    proc = hub.cli("report", "expiring", "--days", "abc")
+    assert proc.returncode != 0 and "days" in proc.stderr
