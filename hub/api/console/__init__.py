@@ -60,8 +60,9 @@ def attach(app: web.Application, api) -> None:
     async def start(app: web.Application) -> None:
         _feeds[id(api)] = feed
         pages._caches.setdefault(id(api), {})["tap"] = tap  # noqa: SLF001
-        tap.attach(api.live, api.clock)
-        await feed.start()
+        if getattr(api.live, "admin", None) is not None:  # a running hub (not the CLI's in-process API)
+            tap.attach(api.live, api.clock)
+            await feed.start()
 
     async def stop(app: web.Application) -> None:
         await feed.stop()

@@ -140,6 +140,8 @@ def record_presence(registry: Registry, rows: list[dict[str, Any]], now: datetim
 
 
 def presence_history(registry: Registry, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
+    if not _has_table(registry, "console_presence"):  # the feed never ran on this registry
+        return []
     return registry.query("SELECT at, online FROM console_presence WHERE device_id = ? ORDER BY at DESC LIMIT ?",
                           [device_id, limit])
 

@@ -63,7 +63,10 @@ class Feed:
 
     # --- the poller -------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.api.run(self._init)
+        """Idempotent: the first call starts the poller (with the hub; or, where the API runs without a live hub,
+        e.g. the CLI's in-process API, with the first stream)."""
+        if self._task is not None or self.stopping.is_set():
+            return
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def _init(self) -> None:
@@ -82,8 +85,12 @@ class Feed:
                 pass
 
     async def _loop(self) -> None:
+        ready = False
         while not self.stopping.is_set():
             try:
+                if not ready:
+                    await self.api.run(self._init)
+                    ready = True
                 await self.poll()
             except asyncio.CancelledError:
                 raise
@@ -158,6 +165,7 @@ class Feed:
     async def serve(self, request: web.Request, stream: Stream, first: list[tuple[str, dict]]) -> web.StreamResponse:
         if len(self.streams) >= MAX_STREAMS:
             raise web.HTTPServiceUnavailable(text="too many live streams")
+        await self.start()
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff"})
         await resp.prepare(request)
