@@ -13,14 +13,7 @@ not online (commands are not queued for absent devices; a job with `offline: "wa
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
-import math
-import re
 import time
-from datetime import datetime
-from typing import Any
 
 from aiohttp import web
 
@@ -29,145 +22,18 @@ from hub.jobs import schema, store
 from hub.jobs.engine import DEVICE_STATES, JOB_STATES, OFFLINE_POLICIES
 
 from . import queries
-from .queries import MAX_LIMIT, BadRequest, Conflict, NotFound, Selector
+from .jobinput import (BULK_FIELDS, COMMAND_PATTERN, DEFAULTS, JOB_FIELDS, JOB_ID_RE, MAX_ARGS, MAX_RATE,
+                       MAX_RETRIES, MAX_TIMEOUT, MAX_WAIT, NAME_PATTERN, check_args, check_command, confirm_count,
+                       decode_job_cursor, encode_job_cursor, number, only, parse_spec, selector)
+from .queries import MAX_LIMIT, BadRequest, Conflict, NotFound
 from .routing import PREFIX, Param, Route, json_body, json_response, page_limit, q, query_params
-
-COMMAND_PATTERN = "^[a-z][a-z0-9_-]{0,31}$"
-_COMMAND_RE = re.compile(COMMAND_PATTERN[1:-1])
-NAME_PATTERN = "^[\\x21-\\x7e]([\\x20-\\x7e]{0,98}[\\x21-\\x7e])?$"
-_NAME_RE = re.compile(r"[\x21-\x7e]([\x20-\x7e]{0,98}[\x21-\x7e])?")
-_JOB_ID_RE = re.compile(r"[0-9]{1,18}")
-MAX_ARGS = 8192  # bytes of JSON (the agent takes commands of at most 16 KiB)
-MAX_RATE = 60000.0  # devices per minute
-MAX_TIMEOUT = 86400.0  # seconds
-MAX_WAIT = 30.0  # seconds POST /devices/{id}/commands may wait for an ack
-DEFAULTS = {"args": {}, "rate_per_minute": 60, "timeout_s": 60, "abort_percent": 20, "offline": "fail"}
-_SPEC_FIELDS = ("name", "command", "args", "rate_per_minute", "timeout_s", "abort_percent", "offline",
-                "min_finished", "deadline")
-_JOB_FIELDS = {*_SPEC_FIELDS, "selector", "confirm_count"}
-_BULK_FIELDS = {"selector", "confirm_count", "name", "rate_per_minute", "timeout_s", "abort_percent", "offline",
-                "min_finished", "deadline"}
-
-
-# --- validation -----------------------------------------------------------------------------------------------------
-
-def _number(body: dict, key: str, low: float, high: float, low_open: bool = False) -> float:
-    value = body.get(key, DEFAULTS.get(key))
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value > high or value < low or (low_open and value <= low):
-        where = f"{'above' if low_open else 'at least'} {low:g} and at most {high:g}"
-        raise BadRequest(f"{key} must be a number {where}", key)
-    return value
-
-
-def _integer(value: Any, key: str, low: int, high: int) -> int:
-    if isinstance(value, float) and value.is_integer():  # JSON Schema: 3.0 is an integer
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise BadRequest(f"{key} must be an integer {low}-{high}", key)
-    return value
-
-
-def _selector(body: dict) -> tuple[Selector, dict]:
-    raw = body.get("selector")
-    if not isinstance(raw, dict):
-        raise BadRequest("selector must be an object of filters, or {\"ids\": [...]}", "selector")
-    sel = Selector.parse(raw, allow_ids=True)
-    if sel.empty():
-        raise BadRequest("the selector needs at least one filter or ids", "selector")
-    return sel, raw
-
-
-def _args(value: Any) -> dict:
-    if not isinstance(value, dict):
-        raise BadRequest("args must be a JSON object", "args")
-    try:
-        text = json.dumps(value, allow_nan=False)
-    except ValueError:
-        raise BadRequest("args must be plain JSON (no NaN or Infinity)", "args") from None
-    if len(text.encode()) > MAX_ARGS:
-        raise BadRequest(f"args must be at most {MAX_ARGS} bytes of JSON", "args")
-    return value
-
-
-def _command(value: Any) -> str:
-    if not isinstance(value, str) or not _COMMAND_RE.fullmatch(value):
-        raise BadRequest("command must be a name: a lowercase letter, then up to 31 of a-z 0-9 _ -", "command")
-    return value
-
-
-def parse_spec(body: dict, command: str | None = None, args: dict | None = None, dry_run: bool = False,
-               name_required: bool = True) -> dict[str, Any]:
-    """The job spec from a request body (`command` / `args` fixed by a bulk route); BadRequest on any bad field.
-    A dry run needs only the selector: command (and name, when `name_required`) are required for the real run
-    only; the other fields have defaults, and any field given is checked either way."""
-    spec: dict[str, Any] = {}
-    if command is None:
-        command = "ping" if dry_run and "command" not in body else _command(body.get("command"))
-    spec["command"] = command
-    spec["args"] = _args(body.get("args", {}) if args is None else args)
-    default = None if name_required and not dry_run else f"{command} by selector"
-    name = body.get("name", default)
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise BadRequest("name must be 1-100 printable ASCII characters (no leading or trailing space)", "name")
-    spec["name"] = name
-    spec["rate_per_minute"] = _number(body, "rate_per_minute", 0, MAX_RATE, low_open=True)
-    spec["timeout_s"] = _number(body, "timeout_s", 0, MAX_TIMEOUT, low_open=True)
-    spec["abort_percent"] = _number(body, "abort_percent", 0, 100)
-    offline = body.get("offline", DEFAULTS["offline"])
-    if offline not in OFFLINE_POLICIES:
-        raise BadRequest("offline must be fail or wait", "offline")
-    spec["offline"] = offline
-    spec["min_finished"] = (_integer(body["min_finished"], "min_finished", 1, 100_000_000)
-                            if body.get("min_finished") is not None else None)
-    spec["deadline"] = None
-    if body.get("deadline") is not None:
-        if not isinstance(body["deadline"], str):
-            raise BadRequest("deadline must be an ISO 8601 timestamp", "deadline")
-        if offline != "wait":
-            raise BadRequest("a deadline is for offline: wait (how long devices are waited for)", "deadline")
-        spec["deadline"] = datetime.fromisoformat(queries.parse_time(body["deadline"], "deadline"))
-    return spec
-
-
-def _confirm(body: dict) -> int | None:
-    confirm = body.get("confirm_count")
-    if confirm is None:
-        return None
-    try:
-        return _integer(confirm, "confirm_count", 0, 10 ** 12)
-    except BadRequest:
-        raise BadRequest("confirm_count must be a non-negative integer (the dry run's count)",
-                         "confirm_count") from None
 
 
 def _job_id(request: web.Request) -> int:
     raw = request.match_info["job"]
-    if not _JOB_ID_RE.fullmatch(raw):
+    if not JOB_ID_RE.fullmatch(raw):
         raise NotFound(f"no job {raw[:40]!r}")
     return int(raw)
-
-
-def encode_job_cursor(before: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"before": before}).encode()).decode().rstrip("=")
-
-
-def decode_job_cursor(cursor: str) -> int:
-    if len(cursor) <= 64 and queries.CURSOR_RE.fullmatch(cursor):
-        try:
-            data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii"))
-        except (binascii.Error, ValueError, RecursionError):
-            data = None
-        if (isinstance(data, dict) and set(data) == {"before"} and isinstance(data["before"], int)
-                and not isinstance(data["before"], bool) and 0 < data["before"] < 2 ** 63):
-            return data["before"]
-    raise BadRequest("invalid cursor: use the next_cursor of a previous page", "cursor")
-
-
-def _only(q: dict, allowed: set[str]) -> None:
-    unknown = set(q) - allowed
-    if unknown:
-        raise BadRequest(f"unknown parameters {sorted(unknown)}", sorted(unknown)[0])
 
 
 # --- handlers -------------------------------------------------------------------------------------------------------
@@ -181,8 +47,8 @@ async def _tables(api) -> None:
 
 async def _create(api, request: web.Request, principal, body: dict, spec: dict) -> web.Response:
     await _tables(api)
-    sel, raw = _selector(body)
-    confirm = _confirm(body)
+    sel, raw = selector(body)
+    confirm = confirm_count(body)
     if confirm is None:
         return json_response({"matched": await api.run(queries.count, api.registry, sel), "dry_run": True})
     spec["selector"] = raw
@@ -193,7 +59,7 @@ async def _create(api, request: web.Request, principal, body: dict, spec: dict) 
 
 async def create_job(api, request: web.Request, principal) -> web.Response:
     body = await json_body(request)
-    unknown = set(body) - _JOB_FIELDS
+    unknown = set(body) - JOB_FIELDS
     if unknown:
         raise BadRequest(f"unknown fields {sorted(unknown)}", "body")
     return await _create(api, request, principal, body, parse_spec(body, dry_run=body.get("confirm_count") is None))
@@ -201,7 +67,7 @@ async def create_job(api, request: web.Request, principal) -> web.Response:
 
 async def bulk_renew(api, request: web.Request, principal) -> web.Response:
     body = await json_body(request)
-    unknown = set(body) - _BULK_FIELDS - {"rotate_key"}
+    unknown = set(body) - BULK_FIELDS - {"rotate_key"}
     if unknown:
         raise BadRequest(f"unknown fields {sorted(unknown)}", "body")
     rotate = body.get("rotate_key", False)
@@ -213,7 +79,7 @@ async def bulk_renew(api, request: web.Request, principal) -> web.Response:
 
 async def bulk_command(api, request: web.Request, principal) -> web.Response:
     body = await json_body(request)
-    unknown = set(body) - _BULK_FIELDS - {"command", "args"}
+    unknown = set(body) - BULK_FIELDS - {"command", "args"}
     if unknown:
         raise BadRequest(f"unknown fields {sorted(unknown)}", "body")
     return await _create(api, request, principal, body,
@@ -222,7 +88,7 @@ async def bulk_command(api, request: web.Request, principal) -> web.Response:
 
 async def list_jobs(api, request: web.Request, principal) -> web.Response:
     q = query_params(request)
-    _only(q, {"limit", "cursor", "state"})
+    only(q, {"limit", "cursor", "state"})
     limit = page_limit(q.get("limit"))
     before = decode_job_cursor(q["cursor"]) if "cursor" in q else None
     state = q.get("state")
@@ -241,7 +107,7 @@ async def show_job(api, request: web.Request, principal) -> web.Response:
 async def job_devices(api, request: web.Request, principal) -> web.Response:
     job_id = _job_id(request)
     q = query_params(request)
-    _only(q, {"limit", "cursor", "state"})
+    only(q, {"limit", "cursor", "state"})
     limit = page_limit(q.get("limit"))
     after = queries.decode_cursor(q["cursor"]) if "cursor" in q else None
     state = q.get("state")
@@ -270,9 +136,9 @@ async def send_command(api, request: web.Request, principal) -> web.Response:
     unknown = set(body) - {"command", "args", "wait_s"}
     if unknown:
         raise BadRequest(f"unknown fields {sorted(unknown)}", "body")
-    command = _command(body.get("command"))
-    args = _args(body.get("args", {}))
-    wait = _number({"wait_s": body.get("wait_s", 0)}, "wait_s", 0, MAX_WAIT)
+    command = check_command(body.get("command"))
+    args = check_args(body.get("args", {}))
+    wait = number({"wait_s": body.get("wait_s", 0)}, "wait_s", 0, MAX_WAIT)
     if not device["online"]:
         raise Conflict(f"device {device_id!r} is not online; a command is only sent to a connected device (a job "
                        "with offline: wait waits for it)")
@@ -314,6 +180,16 @@ _SPEC_PROPS = {
                                "stays queued until it is online (or the deadline)"},
     "deadline": {"type": ["string", "null"], "format": "date-time",
                  "description": "offline: wait only: devices still queued then become offline"},
+    "ramp": {"type": ["object", "null"], "required": ["start_per_minute"], "additionalProperties": False,
+             "description": "exponential rollout: start at start_per_minute, multiply the rate by factor for every "
+                            "every_acked acked devices, up to rate_per_minute",
+             "properties": {"start_per_minute": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_RATE},
+                            "factor": {"type": "number", "exclusiveMinimum": 1, "maximum": 10, "default": 2},
+                            "every_acked": {"type": "integer", "minimum": 1, "maximum": 1000000, "default": 10}}},
+    "max_in_flight": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000000,
+                      "description": "devices sent and not yet answered, at most"},
+    "retries": {"type": "integer", "minimum": 0, "maximum": MAX_RETRIES, "default": 0,
+                "description": "a device that timed out is sent again this many times at most"},
     "selector": {"$ref": "#/components/schemas/Selector"},
     "confirm_count": {"type": "integer", "minimum": 0, "description": "the dry run's matched count; omit for a dry run"},
 }
@@ -342,6 +218,8 @@ SCHEMAS: dict[str, dict] = {
                            "abort_percent": {"type": "number"}, "min_finished": {"type": ["integer", "null"]},
                            "offline": {"type": "string", "enum": list(OFFLINE_POLICIES)},
                            "deadline": _TIME_OR_NULL, "state": {"type": "string", "enum": list(JOB_STATES)},
+                           "ramp": {"type": ["object", "null"]}, "max_in_flight": {"type": ["integer", "null"]},
+                           "retries": _INT,
                            "counts": _COUNTS, "total": _INT, "created_by": {"type": "string"}, "created": _TIME,
                            "started": _TIME_OR_NULL, "finished": _TIME_OR_NULL,
                            "reason": {"type": ["string", "null"]}}},

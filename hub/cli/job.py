@@ -73,6 +73,15 @@ def _show(job: dict) -> None:
     say(f"  selector   {json.dumps(job['selector'], sort_keys=True)}")
     say(f"  policy     {job['rate_per_minute']}/min, timeout {job['timeout_s']} s, abort > {job['abort_percent']}% "
         f"failed, offline devices: {job['offline']}" + (f" until {job['deadline']}" if job.get("deadline") else ""))
+    ramp, extra = job.get("ramp"), []
+    if ramp:
+        extra.append(f"ramp from {ramp['start_per_minute']}/min x{ramp['factor']} every {ramp['every_acked']} acked")
+    if job.get("max_in_flight"):
+        extra.append(f"at most {job['max_in_flight']} in flight")
+    if job.get("retries"):
+        extra.append(f"{job['retries']} retries after a timeout")
+    if extra:
+        say(f"             {'; '.join(extra)}")
     say(f"  devices    {job['total']}: " + ", ".join(f"{s} {c[s]}" for s in STATES))
     say(f"  created    {job['created']} by {job['created_by']}")
     say(f"  started    {job.get('started') or '-'}")
@@ -100,6 +109,13 @@ def job_create(
     offline: str = typer.Option("fail", "--offline", help="fail: offline devices fail at once; wait: wait for them."),
     deadline: Optional[str] = typer.Option(None, "--deadline", help="With --offline wait: stop waiting then "
                                                                     "(ISO 8601, e.g. 2027-01-31T00:00:00Z)."),
+    ramp_start: Optional[float] = typer.Option(None, "--ramp-start", help="Start at this many devices per minute "
+                                                                           "and speed up to --rate as devices ack."),
+    ramp_factor: float = typer.Option(2.0, "--ramp-factor", help="With --ramp-start: multiply the rate by this ..."),
+    ramp_every: int = typer.Option(10, "--ramp-every", help="... for every this many acked devices."),
+    max_in_flight: Optional[int] = typer.Option(None, "--max-in-flight", help="Devices sent and not yet answered, "
+                                                                              "at most."),
+    retries: int = typer.Option(0, "--retries", help="Send a device that timed out again, this many times at most."),
     confirm_count: Optional[int] = typer.Option(None, "--confirm-count", help="The dry run's device count: create "
                                                                               "the job if it still matches."),
     yes: bool = typer.Option(False, "--yes", help="Create it with the count the dry run just found."),
@@ -114,6 +130,12 @@ def job_create(
         body["min_finished"] = min_finished
     if deadline is not None:
         body["deadline"] = deadline
+    if ramp_start is not None:
+        body["ramp"] = {"start_per_minute": ramp_start, "factor": ramp_factor, "every_acked": ramp_every}
+    if max_in_flight is not None:
+        body["max_in_flight"] = max_in_flight
+    if retries:
+        body["retries"] = retries
     with api(directory, hub, profile) as client:
         if confirm_count is None:
             dry = client.post(JOBS, body)

@@ -1,8 +1,15 @@
 """The job policy, pure (no I/O, the clock passed in): rate, per-device timeouts, abort threshold, completion.
 
-Rate: a token bucket per job. It refills at `rate_per_minute / 60` tokens a second and holds at most `burst`
+Rate: a token bucket per job. It refills at the current rate / 60 tokens a second and holds at most `burst`
 tokens: one second's worth, at least 1 (so 30/min sends one device every 2 s, 6000/min at most 100 at once). A
 fresh bucket (a new job, or a running job after a hub restart) starts full. A clock that goes back refills nothing.
+The current rate is `rate_per_minute`, or with a ramp (AWS IoT Jobs' exponential rollout) `ramp_start` devices a
+minute multiplied by `ramp_factor` for every `ramp_every` acked devices, up to `rate_per_minute`: a rollout starts
+slowly and speeds up only as devices succeed. `max_in_flight` caps the devices sent and not yet answered (e.g. for
+renewals, which each cost the EST server a signature).
+
+Retries: a device that timed out goes back to `queued` while it has had at most `retries` attempts (it is sent
+again, with a new command id, when the walk over the queued devices comes round to it); then it is `timed_out`.
 
 Timeouts: a device `sent` at `sent_at` has timed out once `now - sent_at > timeout_s` without an ack.
 
@@ -44,6 +51,11 @@ class Spec:
     offline: str = "fail"
     min_finished: int | None = None  # None: min(total, MIN_FINISHED)
     deadline: datetime | None = None  # `wait` only: no device waits past this
+    ramp_start: float | None = None  # devices per minute at first (None: no ramp) ...
+    ramp_factor: float = 2.0  # ... times this ...
+    ramp_every: int = 10  # ... for every this many acked devices, up to rate_per_minute
+    max_in_flight: int | None = None  # devices sent and not yet answered, at most (None: no cap)
+    retries: int = 0  # extra attempts for a device that timed out
 
 
 @dataclass(frozen=True)
@@ -78,8 +90,20 @@ class Bucket:
     at: datetime
 
 
-def burst(spec: Spec) -> float:
-    return max(1.0, spec.rate_per_minute / 60.0 * BURST_SECONDS)
+def rate(spec: Spec, counts: Counts | None = None) -> float:
+    """Devices per minute now: rate_per_minute, or the ramp's rate for the devices acked so far."""
+    if spec.ramp_start is None:
+        return spec.rate_per_minute
+    steps = (counts.acked if counts is not None else 0) // max(1, spec.ramp_every)
+    try:
+        ramped = spec.ramp_start * spec.ramp_factor ** min(steps, 10_000)
+    except OverflowError:
+        ramped = spec.rate_per_minute
+    return min(spec.rate_per_minute, ramped)
+
+
+def burst(spec: Spec, counts: Counts | None = None) -> float:
+    return max(1.0, rate(spec, counts) / 60.0 * BURST_SECONDS)
 
 
 def new_bucket(spec: Spec, now: datetime) -> Bucket:
@@ -87,9 +111,10 @@ def new_bucket(spec: Spec, now: datetime) -> Bucket:
     return Bucket(burst(spec), now)
 
 
-def refill(bucket: Bucket, spec: Spec, now: datetime) -> Bucket:
+def refill(bucket: Bucket, spec: Spec, now: datetime, counts: Counts | None = None) -> Bucket:
     elapsed = max(0.0, (now - bucket.at).total_seconds())
-    return Bucket(min(burst(spec), bucket.tokens + elapsed * spec.rate_per_minute / 60.0), max(now, bucket.at))
+    return Bucket(min(burst(spec, counts), bucket.tokens + elapsed * rate(spec, counts) / 60.0),
+                  max(now, bucket.at))
 
 
 def allowance(bucket: Bucket) -> int:
@@ -110,6 +135,11 @@ def timed_out_before(spec: Spec, now: datetime) -> datetime:
 
 def has_timed_out(spec: Spec, sent_at: datetime, now: datetime) -> bool:
     return sent_at < timed_out_before(spec, now)
+
+
+def retry(spec: Spec, attempts: int) -> bool:
+    """Whether a device that timed out after `attempts` sends is queued again."""
+    return attempts <= spec.retries
 
 
 def min_finished(spec: Spec, counts: Counts) -> int:
@@ -162,4 +192,7 @@ def decide(spec: Spec, counts: Counts, bucket: Bucket, now: datetime) -> Decisio
         return Decision(complete=True)
     if deadline_passed(spec, now):
         return Decision(expire_queued=counts.queued > 0)
-    return Decision(send=min(allowance(bucket), counts.queued))
+    room = counts.queued
+    if spec.max_in_flight is not None:
+        room = min(room, max(0, spec.max_in_flight - counts.sent))
+    return Decision(send=min(allowance(bucket), room))

@@ -102,7 +102,8 @@ class JobRunner:
         for row in active:
             spec = store.spec_of(row)
             if row["n_sent"]:
-                store.time_out(self.registry, row["id"], engine.timed_out_before(spec, now), now)
+                store.time_out(self.registry, row["id"], engine.timed_out_before(spec, now), now,
+                               retries=spec.retries)
             if row["state"] == "running":
                 self._advance(row["id"], spec, now)
         ids = {row["id"] for row in active}
@@ -116,7 +117,7 @@ class JobRunner:
             return
         row = rows[0]
         counts = store.counts_of(row)
-        bucket = engine.refill(self._buckets.get(job_id) or engine.new_bucket(spec, now), spec, now)
+        bucket = engine.refill(self._buckets.get(job_id) or engine.new_bucket(spec, now), spec, now, counts)
         decision = engine.decide(spec, counts, bucket, now)
         if decision.abort:
             if store.finish(self.registry, job_id, "aborted", decision.abort, now):

@@ -22,6 +22,8 @@ JOBS_SCHEMA = (
         selector TEXT NOT NULL CHECK (json_valid(selector)),
         rate_per_minute REAL NOT NULL, timeout_s REAL NOT NULL, abort_percent REAL NOT NULL,
         min_finished INTEGER, offline TEXT NOT NULL CHECK (offline IN ('fail', 'wait')), deadline TEXT,
+        ramp_start REAL, ramp_factor REAL, ramp_every INTEGER, max_in_flight INTEGER,
+        retries INTEGER NOT NULL DEFAULT 0,
         state TEXT NOT NULL CHECK (state IN ('running', 'paused', 'completed', 'aborted', 'cancelled')),
         total INTEGER NOT NULL DEFAULT 0,
         n_queued INTEGER NOT NULL DEFAULT 0, n_sent INTEGER NOT NULL DEFAULT 0, n_acked INTEGER NOT NULL DEFAULT 0,
@@ -41,8 +43,17 @@ JOBS_SCHEMA = (
 )
 
 
+#: columns added after the first version of `jobs` (a jobs table made before gets them here)
+ADDED_COLUMNS = {"ramp_start": "REAL", "ramp_factor": "REAL", "ramp_every": "INTEGER", "max_in_flight": "INTEGER",
+                 "retries": "INTEGER NOT NULL DEFAULT 0"}
+
+
 def apply_schema(registry: Registry) -> None:
-    """Create the jobs tables and indexes if they are missing (idempotent)."""
+    """Create the jobs tables and indexes if they are missing, add missing columns (idempotent)."""
     with registry.write() as db:
         for statement in JOBS_SCHEMA:
             db.execute(statement)
+        have = {row["name"] for row in db.query("PRAGMA table_info(jobs)")}
+        for name, ddl in ADDED_COLUMNS.items():
+            if name not in have:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {ddl}")

@@ -20,8 +20,8 @@ from .engine import DEVICE_STATES, FINISHED_JOB_STATES, Counts, Spec
 
 _AUDIT = "INSERT INTO audit (at, actor, action, device_id, outcome, detail, source) VALUES (?, ?, ?, NULL, ?, ?, ?)"
 _JOB_COLUMNS = ("id", "name", "command", "args", "selector", "rate_per_minute", "timeout_s", "abort_percent",
-                "min_finished", "offline", "deadline", "state", "total", "created_by", "created", "started",
-                "finished", "reason")
+                "min_finished", "offline", "deadline", "max_in_flight", "retries", "state", "total", "created_by",
+                "created", "started", "finished", "reason")
 #: operator action -> (job states it applies to, the state it sets)
 ACTIONS = {"pause": (("running",), "paused"), "resume": (("paused",), "running"),
            "cancel": (("running", "paused"), "cancelled")}
@@ -48,6 +48,9 @@ def job_dict(row: dict[str, Any]) -> dict[str, Any]:
     job["args"], job["selector"] = json.loads(row["args"]), json.loads(row["selector"])
     for k in ("rate_per_minute", "timeout_s", "abort_percent"):
         job[k] = _num(row[k])
+    job["ramp"] = None if row["ramp_start"] is None else {
+        "start_per_minute": _num(row["ramp_start"]), "factor": _num(row["ramp_factor"]),
+        "every_acked": row["ramp_every"]}
     job["counts"] = {s: row[f"n_{s}"] for s in DEVICE_STATES}
     return job
 
@@ -55,7 +58,9 @@ def job_dict(row: dict[str, Any]) -> dict[str, Any]:
 def spec_of(row: dict[str, Any]) -> Spec:
     return Spec(rate_per_minute=row["rate_per_minute"], timeout_s=row["timeout_s"],
                 abort_percent=row["abort_percent"], offline=row["offline"], min_finished=row["min_finished"],
-                deadline=parse_ts(row["deadline"]))
+                deadline=parse_ts(row["deadline"]), ramp_start=row["ramp_start"],
+                ramp_factor=row["ramp_factor"] or 2.0, ramp_every=row["ramp_every"] or 10,
+                max_in_flight=row["max_in_flight"], retries=row["retries"] or 0)
 
 
 def counts_of(row: dict[str, Any]) -> Counts:
@@ -76,7 +81,9 @@ def create_job(registry: Registry, spec: dict[str, Any], sel: Selector, confirm_
                now: datetime, source: str | None = None) -> dict[str, Any]:
     """Create a running job over every device `sel` matches if that is still `confirm_count` devices (Conflict
     otherwise, nothing written). `spec`: name, command, args, rate_per_minute, timeout_s, abort_percent, offline,
-    min_finished (or None), deadline (datetime or None); `selector` is stored as given (`spec['selector']`)."""
+    min_finished (or None), deadline (datetime or None), optionally ramp ({start_per_minute, factor,
+    every_acked}), max_in_flight, retries; `selector` is stored as given (`spec['selector']`)."""
+    ramp = spec.get("ramp") or {}
     at = ts(now)
     frm, where, params, _ = sel.sql()
     with registry.write() as db:
@@ -86,12 +93,14 @@ def create_job(registry: Registry, spec: dict[str, Any], sel: Selector, confirm_
                            "check the selector (dry run) and confirm the new count")
         cur = db.execute(
             "INSERT INTO jobs (name, command, args, selector, rate_per_minute, timeout_s, abort_percent, "
-            "min_finished, offline, deadline, state, created_by, created, started) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+            "min_finished, offline, deadline, ramp_start, ramp_factor, ramp_every, max_in_flight, retries, state, "
+            "created_by, created, started) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
             [spec["name"], spec["command"], json.dumps(spec["args"], sort_keys=True),
              json.dumps(spec["selector"], sort_keys=True), spec["rate_per_minute"], spec["timeout_s"],
              spec["abort_percent"], spec.get("min_finished"), spec["offline"],
-             ts(spec["deadline"]) if spec.get("deadline") else None, actor, at, at])
+             ts(spec["deadline"]) if spec.get("deadline") else None, ramp.get("start_per_minute"),
+             ramp.get("factor"), ramp.get("every_acked"), spec.get("max_in_flight"), spec.get("retries") or 0,
+             actor, at, at])
         job_id = cur.lastrowid
         total = db.execute(f"INSERT INTO job_devices (job_id, device_id, state) SELECT ?, d.id, 'queued' "
                            f"FROM {frm} WHERE {where}", [job_id, *params]).rowcount
@@ -225,16 +234,23 @@ def expire_queued(registry: Registry, job_id: int, now: datetime, detail: str, l
     return n
 
 
-def time_out(registry: Registry, job_id: int, before: datetime, now: datetime, limit: int = 10_000) -> int:
-    """Up to `limit` devices sent before `before` and not acked -> timed_out; returns how many."""
+def time_out(registry: Registry, job_id: int, before: datetime, now: datetime, limit: int = 10_000,
+             retries: int = 0) -> int:
+    """Up to `limit` devices sent before `before` and not acked -> timed_out, or back to queued while they have
+    had at most `retries` + 1 attempts (engine.retry); returns how many changed."""
     at = ts(now)
     with registry.write() as db:
-        n = db.execute("UPDATE job_devices SET state = 'timed_out', finished_at = ?, detail = 'no ack in time' "
-                       "WHERE job_id = ? AND state = 'sent' AND device_id IN (SELECT device_id FROM job_devices "
-                       "WHERE job_id = ? AND state = 'sent' AND sent_at < ? ORDER BY sent_at LIMIT ?)",
-                       [at, job_id, job_id, ts(before), limit]).rowcount
-        _move(db, job_id, "sent", "timed_out", n)
-    return n
+        states = [r["state"] for r in db.query(
+            "UPDATE job_devices SET state = CASE WHEN attempts <= ? THEN 'queued' ELSE 'timed_out' END, "
+            "finished_at = CASE WHEN attempts <= ? THEN NULL ELSE ? END, "
+            "detail = CASE WHEN attempts <= ? THEN 'no ack in time (attempt ' || attempts || '), sent again' "
+            "ELSE 'no ack in time' END "
+            "WHERE job_id = ? AND state = 'sent' AND device_id IN (SELECT device_id FROM job_devices "
+            "WHERE job_id = ? AND state = 'sent' AND sent_at < ? ORDER BY sent_at LIMIT ?) RETURNING state",
+            [retries, retries, at, retries, job_id, job_id, ts(before), limit])]
+        _move(db, job_id, "sent", "timed_out", states.count("timed_out"))
+        _move(db, job_id, "sent", "queued", states.count("queued"))
+    return len(states)
 
 
 def apply_acks(registry: Registry, acks: Sequence[tuple[str, str, bool, str]], now: datetime) -> int:

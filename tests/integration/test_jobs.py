@@ -299,6 +299,21 @@ def test_jobs_list_newest_first_with_cursor(fleet):
     assert fleet.call("GET", "/api/v1/jobs/abc/devices").status == 404
 
 
+def test_max_in_flight_one_sends_each_device_after_the_previous_answered(fleet):
+    job = fleet.create({"group": "jobs"}, rate_per_minute=6000, max_in_flight=1, retries=2,
+                       ramp={"start_per_minute": 600, "factor": 2, "every_acked": 2})
+    assert job["max_in_flight"] == 1 and job["retries"] == 2
+    assert job["ramp"] == {"start_per_minute": 600, "factor": 2, "every_acked": 2}
+    done = fleet.wait_job(job["id"])
+    assert done["state"] == "completed" and done["counts"]["acked"] == 5, done
+    rows = sorted(fleet.rows(job["id"]).values(), key=lambda r: r["sent_at"])
+    for before, after in zip(rows, rows[1:]):
+        assert at(after["sent_at"]) >= at(before["finished_at"]), (before, after)
+    bad = fleet.call("POST", "/api/v1/jobs", body={"name": "x", "command": "ping", "selector": {"group": "jobs"},
+                                                    "ramp": {"factor": 2}, "confirm_count": 5})
+    assert bad.status == 400 and bad.json()["param"] == "ramp"
+
+
 def test_the_cli_is_a_client_of_the_jobs_api(fleet):
     hub = fleet.hub
     dry = hub.cli_ok("job", "create", "cli ping", "--command", "ping", "--id", "jb-1,jb-2", "--rate", "600")
@@ -306,13 +321,16 @@ def test_the_cli_is_a_client_of_the_jobs_api(fleet):
     stale = hub.cli("job", "create", "cli ping", "--command", "ping", "--id", "jb-1,jb-2", "--confirm-count", "3")
     assert stale.returncode == 1 and "matches 2 devices now, not 3" in " ".join(stale.stderr.split())
     job = json.loads(hub.cli_ok("job", "create", "cli ping", "--command", "ping", "--id", "jb-1", "--id", "jb-2",
-                                "--rate", "600", "--yes", "--json"))
+                                "--rate", "600", "--max-in-flight", "2", "--retries", "1", "--yes", "--json"))
     assert job["total"] == 2 and job["created_by"] == "svc.local-admin"
+    assert job["max_in_flight"] == 2 and job["retries"] == 1
     done = wait_until(lambda: (j := json.loads(hub.cli_ok("job", "show", str(job["id"]), "--json")))["state"]
                       == "completed" and j, 30, "the CLI's job completed")
     assert done["counts"]["acked"] == 2
     rows = json.loads(hub.cli_ok("job", "devices", str(job["id"]), "--json"))
     assert [(r["device_id"], r["state"]) for r in rows] == [("jb-1", "acked"), ("jb-2", "acked")]
+    shown = hub.cli_ok("job", "show", str(job["id"]))
+    assert "at most 2 in flight; 1 retries after a timeout" in shown and "acked 2" in shown
     table = hub.cli_ok("job", "list")
     assert all(len(line) <= 80 for line in table.splitlines()) and "cli ping" in table
     again = hub.cli("job", "cancel", str(job["id"]))

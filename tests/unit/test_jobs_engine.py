@@ -166,3 +166,36 @@ def test_counts_total_and_dict():
     c = Counts(queued=1, sent=2, acked=3, failed=4, timed_out=5, offline=6)
     assert c.total == 21 and c.ran == 12 and c.failures == 9
     assert list(c.as_dict()) == list(engine.DEVICE_STATES)
+
+
+# --- ramp, in-flight cap, retries ---------------------------------------------------------------------------------
+
+def test_ramp_starts_slow_and_speeds_up_with_acked_devices():
+    s = spec(rate_per_minute=600, ramp_start=6, ramp_factor=2, ramp_every=5)
+    assert [engine.rate(s, Counts(acked=n)) for n in (0, 4, 5, 10, 15, 20, 25, 1000)] == \
+        [6, 6, 12, 24, 48, 96, 192, 600]
+    assert engine.rate(s) == 6 and engine.burst(s) == 1
+    assert engine.rate(spec(rate_per_minute=60)) == 60  # no ramp
+    assert engine.rate(spec(rate_per_minute=60, ramp_start=1, ramp_factor=10, ramp_every=1),
+                       Counts(acked=10 ** 9)) == 60  # no overflow
+
+
+def test_ramp_refills_at_the_current_rate():
+    s = spec(rate_per_minute=600, ramp_start=6, ramp_factor=10, ramp_every=1)
+    slow = engine.refill(Bucket(0, T0), s, at(1), Counts())
+    fast = engine.refill(Bucket(0, T0), s, at(1), Counts(acked=2))  # 600/min: 10/s
+    assert engine.allowance(slow) == 0 and engine.allowance(fast) == 10
+
+
+def test_max_in_flight_caps_the_devices_sent_and_unanswered():
+    s = spec(rate_per_minute=6000, max_in_flight=3)
+    full = engine.new_bucket(s, T0)
+    assert engine.decide(s, Counts(queued=50), full, T0).send == 3
+    assert engine.decide(s, Counts(queued=50, sent=2), full, T0).send == 1
+    assert engine.decide(s, Counts(queued=50, sent=3), full, T0).send == 0
+
+
+def test_retries_after_a_timeout():
+    assert not engine.retry(spec(), 1)  # no retries by default
+    s = spec(retries=2)
+    assert engine.retry(s, 1) and engine.retry(s, 2) and not engine.retry(s, 3)

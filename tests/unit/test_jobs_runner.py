@@ -208,3 +208,31 @@ def test_a_broker_outage_leaves_devices_queued(env):
     pub.down = False
     r.tick()
     assert store.get_job(reg, job_id)["counts"]["sent"] == 6
+
+
+def test_a_ramp_speeds_the_rollout_up_as_devices_ack(env):
+    reg, clock, pub = env
+    online(reg, clock, *[f"d-{n}" for n in range(6)])
+    r = runner(reg, clock, pub)
+    job(reg, clock, rate_per_minute=6000, ramp={"start_per_minute": 6, "factor": 10, "every_acked": 1})
+    r.tick()
+    ticks(r, clock, 5.0)
+    assert len(pub.sent) == 1  # 6/min: the next one in 10 s
+    ack_all(r, pub)
+    ticks(r, clock, 1.0)  # one acked: 60/min, the bucket refills at 1/s
+    assert len(pub.sent) == 2
+    ack_all(r, pub)
+    ticks(r, clock, 0.4)  # two acked: 600/min, 10/s
+    assert len(pub.sent) == 6
+
+
+def test_retries_send_a_device_again(env):
+    reg, clock, pub = env
+    online(reg, clock, "d-0")
+    r = runner(reg, clock, pub)
+    job_id = job(reg, clock, rate_per_minute=600, timeout_s=2, retries=1, abort_percent=100)
+    ticks(r, clock, 5.0)
+    assert [s[0] for s in pub.sent[:2]] == ["d-0", "d-0"] and pub.sent[0][4] != pub.sent[1][4]
+    ticks(r, clock, 3.0)
+    got = store.get_job(reg, job_id)
+    assert len([s for s in pub.sent if s[0] == "d-0"]) == 2 and got["counts"]["timed_out"] == 1

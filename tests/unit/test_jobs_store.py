@@ -148,3 +148,28 @@ def test_the_runner_queries_use_indexes(reg):
         assert "USING" in text and "SCAN" not in text and "TEMP B-TREE" not in text, text
     # the active jobs: an index range (their few rows are sorted)
     assert "USING INDEX jobs_state" in plan("SELECT * FROM jobs WHERE state IN ('running', 'paused') ORDER BY id", [])
+
+
+def test_a_timed_out_device_is_queued_again_while_it_has_retries(reg):
+    job_id = new_job(reg, selector={"ids": ["dev-0001"]})["id"]
+    for attempt in (1, 2):
+        assert store.record_sent(reg, job_id, [("dev-0001", f"c{attempt}")], T0) == 1
+        assert store.time_out(reg, job_id, T0 + timedelta(seconds=1), T0, retries=1) == 1
+    row = store.list_job_devices(reg, job_id, 1)[0][0]
+    assert row["state"] == "timed_out" and row["attempts"] == 2 and row["detail"] == "no ack in time"
+    assert counts_match_rows(reg, job_id)["timed_out"] == 1
+
+
+def test_a_jobs_table_of_the_first_version_gets_the_new_columns(tmp_path):
+    r = Registry(tmp_path / "old.sqlite3")
+    try:
+        with r.write() as db:
+            db.execute(schema.JOBS_SCHEMA[0].replace(
+                "ramp_start REAL, ramp_factor REAL, ramp_every INTEGER, max_in_flight INTEGER,\n"
+                "        retries INTEGER NOT NULL DEFAULT 0,\n", ""))
+        assert "retries" not in {c["name"] for c in r.query("PRAGMA table_info(jobs)")}
+        schema.apply_schema(r)
+        schema.apply_schema(r)
+        assert set(schema.ADDED_COLUMNS) <= {c["name"] for c in r.query("PRAGMA table_info(jobs)")}
+    finally:
+        r.close()
