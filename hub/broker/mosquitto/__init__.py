@@ -19,6 +19,7 @@ import logging
 import os
 import pwd
 import signal
+import shutil
 import socket
 import subprocess
 import threading
@@ -35,6 +36,8 @@ from .. import BrokerDriver, BrokerError, SyncResult
 log = logging.getLogger("tessera.hub.broker")
 
 WATCH_EVERY = 0.2  # seconds between checks that the broker is alive
+LOG_MAX_BYTES = 10 * 1024 * 1024  # mosquitto.log is rotated past this size ...
+LOG_KEEP = 5  # ... keeping mosquitto.log.1 (newest) to .5
 
 
 @dataclass(frozen=True)
@@ -175,9 +178,13 @@ class MosquittoBroker(BrokerDriver):
         self._spawner.shutdown(wait=True)
 
     def healthy(self) -> bool:
+        """The broker process runs and answers: through the hub's admin session when there is one (so a health
+        probe costs the broker no connection and no log lines), else by opening a TCP connection."""
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return False
+        if self._admin is not None:
+            return self._admin.connected.is_set()
         try:
             socket.create_connection((self.host, self.port), timeout=0.5).close()
             return True
@@ -189,10 +196,29 @@ class MosquittoBroker(BrokerDriver):
         return self._proc.pid if self._proc else None
 
     # --- supervision ------------------------------------------------------------------------------------------------
+    def rotate_log(self, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP) -> bool:
+        """Past `max_bytes`, copy mosquitto.log to mosquitto.log.1 (shifting older ones, `keep` in all) and truncate
+        it in place: Mosquitto writes with O_APPEND, so it carries on at the start of the emptied file without a
+        signal (a SIGHUP would also reload its configuration). Lines written between the copy and the truncation are
+        lost (logrotate's copytruncate has the same window). True if it rotated."""
+        try:
+            if self.logfile.stat().st_size <= max_bytes:
+                return False
+        except FileNotFoundError:
+            return False
+        for n in range(keep - 1, 0, -1):
+            older = self.logfile.with_name(f"{self.logfile.name}.{n}")
+            if older.exists():
+                os.replace(older, self.logfile.with_name(f"{self.logfile.name}.{n + 1}"))
+        shutil.copyfile(self.logfile, self.logfile.with_name(f"{self.logfile.name}.1"))
+        os.truncate(self.logfile, 0)
+        return True
+
     def _watch(self) -> None:
-        """Restart a dead broker (its plugin reads the registry afresh: nothing to hand over)."""
+        """Restart a dead broker (its plugin reads the registry afresh: nothing to hand over); rotate its log."""
         while not self._stopping.wait(WATCH_EVERY):
             try:
+                self.rotate_log()
                 with self._lock:
                     if self._stopping.is_set():
                         return
