@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 _SEQUENCE, _SET, _OID = 0x30, 0x31, 0x06
+_MAX_OID_BYTES = 63  # the longest OBJECT IDENTIFIER content cryptography represents
 
 OID_EC_PUBLIC_KEY = PublicKeyAlgorithmOID.EC_PUBLIC_KEY
 OID_SECP256R1 = x509.ObjectIdentifier("1.2.840.10045.3.1.7")
@@ -213,6 +214,15 @@ def _decode_oid(content: bytes) -> x509.ObjectIdentifier:
         if fresh:
             arcs.append(value)
             value = 0
+    # cryptography's limits, checked before it sees the OID: past them it raises ValueError, or (a first
+    # subidentifier of 2**128 or more) panics with an "attempt to add with overflow" that is no Exception at all
+    if len(content) > _MAX_OID_BYTES:
+        raise _bad(f"OBJECT IDENTIFIER is {len(content)} bytes; at most {_MAX_OID_BYTES} are supported")
+    if any(arc >> 128 for arc in arcs):
+        raise _bad("OBJECT IDENTIFIER has an arc wider than 128 bits")
     first = arcs[0]
     head = [0, first] if first < 40 else [1, first - 40] if first < 80 else [2, first - 80]
-    return x509.ObjectIdentifier(".".join(str(a) for a in head + arcs[1:]))
+    try:
+        return x509.ObjectIdentifier(".".join(str(a) for a in head + arcs[1:]))
+    except ValueError:  # a backstop: anything else cryptography cannot represent
+        raise _bad("OBJECT IDENTIFIER cannot be represented") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
@@ -42,7 +43,7 @@ def parse_certs_only(body: bytes, *, max_size: int = MAX_CERTS_BODY) -> list[x50
     base64 of DER starts with "M").  Returns certificates in the order they appear on the wire.
 
     Errors are BadResponse (502): body_too_large, bad_base64, bad_pem,
-    bad_pkcs7 (not a PKCS#7 SignedData, or no certificates in it).
+    bad_pkcs7 (not a PKCS#7 SignedData, or no certificates in it).  Nothing else escapes.
     """
     data = bytes(body)
     if len(data) > max_size:
@@ -58,6 +59,8 @@ def parse_certs_only(body: bytes, *, max_size: int = MAX_CERTS_BODY) -> list[x50
         certs = pkcs7.load_der_pkcs7_certificates(der)
     except ValueError:
         raise BadResponse("bad_pkcs7", "body is not a DER PKCS#7 SignedData with certificates") from None
+    except UnsupportedAlgorithm:  # a well-formed ContentInfo of another type (data, envelopedData, ...)
+        raise BadResponse("bad_pkcs7", "PKCS#7 content type is not SignedData") from None
     if not certs:
         raise BadResponse("bad_pkcs7", "PKCS#7 SignedData contains no certificates")
     return list(certs)
