@@ -65,8 +65,9 @@ REPORT_SCHEMA = (
         WHERE status = 'active'""",
 )
 _PAST = f"{_RENEW_JD.format(c='c.')} <= julianday(?)"
+#: CROSS JOIN: certificates is the outer loop, always (with `LIMIT ?` SQLite may otherwise walk every active device)
 _COLUMNS = ("SELECT c.device_id, c.serial, c.not_before, c.not_after, d.online, d.last_seen, d.groups "
-            "FROM certificates c INDEXED BY {index} JOIN devices d ON d.id = c.device_id")
+            "FROM certificates c INDEXED BY {index} CROSS JOIN devices d ON d.id = c.device_id")
 #: rows read per query while filling a page (a page whose rows are filtered out in Python asks again)
 BATCH = 500
 

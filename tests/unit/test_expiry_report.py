@@ -142,10 +142,13 @@ def test_pages_skip_filtered_rows_beyond_one_batch(reg):
 
 
 def _plan(reg, index: str, past: bool) -> str:
-    return " ".join(r["detail"] for r in reg.query(
+    """The query plan of a report query as `expiring` sends it (LIMIT a parameter: SQLite plans it differently)."""
+    plan = " ".join(r["detail"] for r in reg.query(
         f"EXPLAIN QUERY PLAN {expiry._COLUMNS.format(index=index)} WHERE c.status = 'active' AND c.not_after <= ? "
-        f"{'AND ' + expiry._PAST if past else ''} AND (c.not_after, c.device_id) > (?, ?) "
-        "ORDER BY c.not_after, c.device_id LIMIT 5", ["x", *(["y"] if past else []), "y", "z"]))
+        f"AND d.status = 'active' {'AND ' + expiry._PAST if past else ''} AND (c.not_after, c.device_id) > (?, ?) "
+        "ORDER BY c.not_after, c.device_id LIMIT ?", ["x", *(["y"] if past else []), "y", "z", 5]))
+    assert plan.startswith(f"SEARCH c USING INDEX {index} "), plan  # certificates first, never every device
+    return plan
 
 
 def test_the_window_walk_needs_no_sort(reg):
