@@ -7,7 +7,8 @@ so the figure is what the hub's job runner, the broker and the agents sustain:
 
 - devices/s: the group's size over the time from the confirmed POST /api/v1/jobs (201) until the job reads
   `completed` (polled every 50 ms), and over the hub's own stamps (first sent_at to last finished_at);
-- send -> ack latency p50 / p99: finished_at - sent_at of every device (hub stamps; includes the runner's tick);
+- send -> ack latency p50 / p99: finished_at - sent_at of every device (hub stamps: one per runner tick for every
+  device sent or acked in it, so the figures move in ~200 ms steps);
 - hub CPU ms per device during the job (utime + stime of the `serve` process);
 - also the fleet's set-up figures: enrollment (token directories, EST) and agents started to all online.
 
@@ -54,7 +55,8 @@ def _stamp(text: str) -> datetime:
 def _devices(fleet, job_id: int) -> list[dict]:
     items, cursor = [], None
     while True:
-        page = fleet.api.ok("GET", f"/api/v1/jobs/{job_id}/devices?limit=1000" + (f"&cursor={cursor}" if cursor else ""))
+        more = f"&cursor={cursor}" if cursor else ""
+        page = fleet.api.ok("GET", f"/api/v1/jobs/{job_id}/devices?limit=1000{more}")
         items += page["items"]
         cursor = page["next_cursor"]
         if not cursor:

@@ -65,7 +65,7 @@ ONLINE_TIMEOUT = 240.0
 #: fleet.toml for the fleet hub: every agent talks from 127.0.0.1 (EST and MQTT per-source limits raised)
 FLEET_SETTINGS = dict(BROKER_LIMITS)
 SHM = Path("/dev/shm")
-SHM_NEEDED = 256 * 1024 * 1024  # bytes free in /dev/shm to put the token directories there (they need ~10 MB)
+SHM_NEEDED = 32 * 1024 * 1024  # bytes free in /dev/shm to put the token directories there (200 tokens: 3.3 MB)
 
 
 def fleet_size(default: int = 200) -> int:
@@ -434,8 +434,9 @@ def _write_secret(path: Path, text: str) -> Path:
 
 
 def _agent_toml(dev: dict, req: dict, conf: Path, pin_file: Path, module: str) -> str:
+    state = Path(dev["base"]) / "state"
     top = {"device_id": dev["id"], "hub_url": req["hub_url"], "mqtt_port": req["mqtt_port"],
-           "ca_file": str(Path(dev["base"]) / "state" / "fleet-root.pem"), "state_dir": str(Path(dev["base"]) / "state")}
+           "ca_file": str(state / "fleet-root.pem"), "state_dir": str(state)}
     lines = [f"{k} = {json.dumps(v)}" for k, v in top.items()]
     lines += ["", "[token]", f"label = {json.dumps(dev['id'])}", f"pin_source = {json.dumps(f'file:{pin_file}')}",
               f"softhsm_conf = {json.dumps(str(conf))}", f"module = {json.dumps(module)}",

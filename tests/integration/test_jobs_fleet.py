@@ -193,7 +193,10 @@ def test_failing_command_job_aborts_early(fleet):  # noqa: F811
     counts = done["counts"]
     reached = n - counts["queued"]
     assert counts["failed"] >= 1 and counts["acked"] == 0 and counts["offline"] == 0, counts
-    assert reached <= n // 4, f"{reached} of {n} devices were sent the failing command before the abort"
+    # the abort rule applies from 10 finished devices on (the hub's default min_finished): with 200, a quarter is
+    # far more than that (a smaller TESSERA_FLEET_SIZE gets a bound of 20)
+    assert reached <= min(n - 1, max(n // 4, 20)), \
+        f"{reached} of {n} devices were sent the failing command before the abort"
     reason = done["reason"] or ""
     assert "failed" in reason and "20%" in reason, reason
 
