@@ -9,6 +9,7 @@ __all__ = [
     "Forbidden",
     "PayloadTooLarge",
     "UnsupportedMediaType",
+    "TooManyRequests",
     "BadResponse",
     "safe_repr",
 ]
@@ -63,6 +64,16 @@ class UnsupportedMediaType(EstError):
     """415: request Content-Type is not the one the endpoint accepts."""
 
     status = 415
+
+
+class TooManyRequests(EstError):
+    """429: a rate limit; ``retry_after`` is the whole seconds to wait (the Retry-After header)."""
+
+    status = 429
+
+    def __init__(self, code: str, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(code, message)
+        self.retry_after = retry_after
 
 
 class BadResponse(EstError):

@@ -43,6 +43,13 @@ class HubConfig:
     rate_per_source: float = 100.0
     rate_burst: int = 200
     failures_per_minute: int = 30
+    #: EST failure budgets per source (a factory line behind one NAT address is one source) and hub-wide.
+    source_failures_per_minute: int = 300
+    global_failures_per_minute: int = 3000
+    #: EST listener: connections open at once per address; seconds to the end of the headers / of the request.
+    max_connections_per_source: int = 32
+    header_timeout: float = 10.0
+    request_timeout: float = 30.0
     server_names: list[str] = field(default_factory=lambda: ["localhost", "127.0.0.1"])
     ca_store: str = "file"
     ca_module: str = ""
@@ -125,7 +132,13 @@ class HubConfig:
             "[est]", f"host = {q(self.est_host)}", f"port = {self.est_port}",
             f"public_host = {q(self.public_host)}", f"public_url = {q(self.public_url)}", f"server_names = [{names}]",
             f"rate_per_source = {self.rate_per_source}", f"rate_burst = {self.rate_burst}",
-            f"failures_per_minute = {self.failures_per_minute}", "",
+            f"failures_per_minute = {self.failures_per_minute}",
+            "# failed attempts a minute per source address and for the whole hub (the above is per source and device)",
+            f"source_failures_per_minute = {self.source_failures_per_minute}",
+            f"global_failures_per_minute = {self.global_failures_per_minute}",
+            "# connections at once per address; seconds from connect to the end of the headers, and of the request",
+            f"max_connections_per_source = {self.max_connections_per_source}",
+            f"header_timeout = {self.header_timeout}", f"request_timeout = {self.request_timeout}", "",
             "[mqtt]", f"port = {self.mqtt_port}",
             "# log every device message the hub sees to logs/device-messages.jsonl",
             f"telemetry_log = {'true' if self.telemetry_log else 'false'}",
@@ -147,11 +160,18 @@ class HubConfig:
         os.replace(tmp, self.toml_path)
 
 
-def _positive(section: dict, key: str, default: int, allow_zero: bool = False) -> int:
+def _positive(section: dict, key: str, default: int, allow_zero: bool = False, *, name: str = "mqtt") -> int:
     value = section.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        raise ValueError(f"[mqtt] {key} must be a {'non-negative' if allow_zero else 'positive'} integer")
+        raise ValueError(f"[{name}] {key} must be a {'non-negative' if allow_zero else 'positive'} integer")
     return value
+
+
+def _seconds(section: dict, key: str, default: float) -> float:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+        raise ValueError(f"[est] {key} must be a number of seconds (0 < s <= 3600)")
+    return float(value)
 
 
 def load_config(root: Path) -> HubConfig:
@@ -176,6 +196,11 @@ def load_config(root: Path) -> HubConfig:
             server_names=list(est.get("server_names", ["localhost", "127.0.0.1"])),
             rate_per_source=float(est.get("rate_per_source", 100.0)), rate_burst=int(est.get("rate_burst", 200)),
             failures_per_minute=int(est.get("failures_per_minute", 30)),
+            source_failures_per_minute=_positive(est, "source_failures_per_minute", 300, name="est"),
+            global_failures_per_minute=_positive(est, "global_failures_per_minute", 3000, name="est"),
+            max_connections_per_source=_positive(est, "max_connections_per_source", 32, name="est"),
+            header_timeout=_seconds(est, "header_timeout", 10.0),
+            request_timeout=_seconds(est, "request_timeout", 30.0),
             mqtt_port=int(mqtt.get("port", 8883)), telemetry_log=bool(mqtt.get("telemetry_log", False)),
             max_payload=_positive(mqtt, "max_payload", 256 * 1024),
             max_queued_bytes=_positive(mqtt, "max_queued_bytes", 64 * 1024 * 1024),

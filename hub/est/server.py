@@ -1,6 +1,9 @@
 """The EST HTTPS server: stdlib ThreadingHTTPServer with TLS >= 1.2; all decisions are in hub.est.service.
 
-The TLS handshake runs in a worker thread (a slow client never blocks accept(); I/O times out after 10 s). Client
+The TLS handshake runs in a worker thread (a slow client never blocks accept()). Connection limits (hub.est.connlimits):
+at most `max_per_source` connections at once per address and `max_queue` waiting for one of the `workers` (the
+excess is closed at once), a deadline for the handshake and headers and one for the whole request, one read or
+write at most 10 s; one request per connection (Connection: close). Client
 certificates are optional at the TLS layer (simpleenroll uses a bootstrap token) but, when sent, must chain to
 the fleet's device CA: that is the only trust anchor of this listener.
 """
@@ -12,19 +15,27 @@ import socket
 import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from est.errors import EstError, PayloadTooLarge
 from est.messages import MAX_CSR_BODY
 
+from hub.est.connlimits import ConnectionGate, Limits, Reaper, Ticket
 from hub.est.service import EstRequest, EstService
 from hub.tlsposture import harden
 
 log = logging.getLogger("tessera.hub.est")
 
 MAX_BODY = 2 * MAX_CSR_BODY
-IO_TIMEOUT = 10.0
-WORKERS = 64  # concurrent connections being served; more wait in the accept backlog
+#: headers a request may carry once only (a second Authorization would otherwise silently win)
+SINGLE_HEADERS = ("authorization", "content-length", "content-type", "transfer-encoding")
+
+
+def repeated_headers(headers: Message) -> tuple[str, ...]:
+    """The names in SINGLE_HEADERS that `headers` holds more than once."""
+    return tuple(name for name in SINGLE_HEADERS if len(headers.get_all(name) or ()) > 1)
 
 
 def server_context(cert_chain: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
@@ -46,6 +57,10 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     server: "EstHTTPServer"
 
+    def __init__(self, request, client_address, server: "EstHTTPServer", ticket: Ticket | None = None):
+        self.ticket = ticket  # None: not watched (bench/est_bench.py drives the handler over a socketpair)
+        super().__init__(request, client_address, server)
+
     def log_message(self, fmt: str, *args) -> None:  # access log at debug level (never bodies or headers)
         log.debug("%s %s", self.client_address[0], fmt % args)
 
@@ -55,34 +70,34 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for name, value in headers.items():
             self.send_header(name, value)
-        if status >= 400:
-            self.send_header("Connection", "close")
-            self.close_connection = True
+        self.send_header("Connection", "close")  # one request per connection: its deadlines are the request's
+        self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
 
     def _dispatch(self, method: str) -> None:
+        if self.ticket is not None:  # the headers came in time: from now on the whole request's deadline
+            self.server.reaper.extend(self.ticket, self.server.limits.request_timeout)
         body = b""
-        if method == "POST":
+        repeated = repeated_headers(self.headers)
+        if method == "POST" and not repeated:
             length = self.headers.get("Content-Length")
             if length is None or not length.strip().isdigit():
                 self._respond(411, b"length_required: send a Content-Length\n", "text/plain", {})
                 return
             if int(length) > MAX_BODY:
-                self.server.service.registry.audit(
-                    "request", "denied", self.server.service.clock(), actor="anonymous",
-                    detail=f"body_too_large: {int(length)} bytes on {self.path[:80]}", source=self.client_address[0])
-                self.server.service.limiter.fail(self.client_address[0], self.server.service.monotonic())
+                self.server.service.refused("request", self.client_address[0], PayloadTooLarge(
+                    "body_too_large", f"{int(length)} bytes on {self.path[:80]!r}"), count_failure=True)
                 self._respond(413, f"body_too_large: request body over {MAX_BODY} bytes\n".encode(), "text/plain", {})
                 return
             body = self.rfile.read(int(length))
         peer = self.connection.getpeercert(binary_form=True) if isinstance(self.connection, ssl.SSLSocket) else None
         req = EstRequest(method=method, path=self.path, headers={k.lower(): v for k, v in self.headers.items()},
-                         body=body, source=self.client_address[0], peer_cert_der=peer)
+                         body=body, source=self.client_address[0], peer_cert_der=peer, repeated=repeated)
         try:
             resp = self.server.service.handle(req)
         except Exception:  # never leak internals; the log has the traceback
-            log.exception("internal error on %s %s", method, self.path[:80])
+            log.exception("internal error on %s %r", method, self.path[:80])
             self._respond(500, b"internal_error: see the hub log\n", "text/plain", {})
             return
         self._respond(resp.status, resp.body, resp.content_type, resp.headers)
@@ -100,36 +115,71 @@ class EstHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int], service: EstService, tls: ssl.SSLContext, workers: int = WORKERS):
-        self.service, self.tls = service, tls
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="est")
+    def __init__(self, address: tuple[str, int], service: EstService, tls: ssl.SSLContext,
+                 limits: Limits = Limits()):
+        self.service, self.tls, self.limits = service, tls, limits
+        self.gate = ConnectionGate(limits.max_per_source, limits.max_queue)
+        self.pool = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="est")
+        self.reaper = Reaper(tick=min(0.2, limits.header_timeout / 10))
         super().__init__(address, _Handler)
 
     def process_request(self, request, client_address) -> None:
-        self.pool.submit(self.process_request_thread, request, client_address)
+        """In the accept thread: refuse the excess at once, else queue the connection with its header deadline."""
+        source = client_address[0]
+        refusal = self.gate.admit(source)
+        if refusal is not None:
+            self.shutdown_request(request)
+            what = (f"more than {self.limits.max_per_source} connections at once from this address"
+                    if refusal == "too_many_connections" else f"{self.limits.max_queue} connections already wait")
+            log.debug("connection from %s refused: %s", source, refusal)
+            self.service.refused("connection", source, EstError(refusal, what, status=503))
+            return
+        ticket = self.reaper.watch(request, self.limits.header_timeout)
+        self.pool.submit(self._serve, request, client_address, ticket)
+
+    def _serve(self, request, client_address, ticket: Ticket) -> None:
+        self.gate.started()
+        try:
+            self.finish_request(request, client_address, ticket)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.reaper.done(ticket)
+            self.shutdown_request(request)
+            self.gate.release(client_address[0])
+            if ticket.expired:
+                log.info("connection from %s cut: past its deadline", client_address[0])
+                self.service.refused("connection", client_address[0], EstError(
+                    "request_timeout", f"request not complete within {self.limits.header_timeout:g} s (headers) "
+                    f"/ {self.limits.request_timeout:g} s (request)", status=408))
+
+    def service_actions(self) -> None:  # serve_forever's loop, about twice a second
+        self.service.denials.flush()
 
     def server_close(self) -> None:
         super().server_close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.reaper.stop()
+        self.service.denials.close()
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().server_bind()
 
-    def finish_request(self, request, client_address) -> None:
-        request.settimeout(IO_TIMEOUT)
+    def finish_request(self, request, client_address, ticket: Ticket) -> None:
+        request.settimeout(self.limits.io_timeout)
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             conn = self.tls.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc.__class__.__name__
             if "CERTIFICATE" in str(reason).upper():
-                self.service.registry.audit("tls", "denied", self.service.clock(), actor="anonymous",
-                                            detail=f"client certificate refused: {reason}", source=client_address[0])
+                self.service.refused("tls", client_address[0], EstError(
+                    "bad_client_cert", f"client certificate refused: {reason}", status=403))
             log.info("TLS handshake with %s failed: %s", client_address[0], reason)
             return
         try:
-            self.RequestHandlerClass(conn, client_address, self)
+            self.RequestHandlerClass(conn, client_address, self, ticket)
         finally:
             try:
                 conn.close()
@@ -140,9 +190,10 @@ class EstHTTPServer(ThreadingHTTPServer):
         log.debug("connection error from %s", client_address[0], exc_info=True)
 
 
-def start(service: EstService, host: str, port: int, tls: ssl.SSLContext) -> tuple[EstHTTPServer, threading.Thread]:
+def start(service: EstService, host: str, port: int, tls: ssl.SSLContext,
+          limits: Limits = Limits()) -> tuple[EstHTTPServer, threading.Thread]:
     """Bind and serve in a background thread; returns (server, thread). server.shutdown() stops it."""
-    server = EstHTTPServer((host, port), service, tls)
+    server = EstHTTPServer((host, port), service, tls, limits)
     thread = threading.Thread(target=server.serve_forever, name="est-server", daemon=True)
     thread.start()
     return server, thread

@@ -7,6 +7,12 @@ Besides EST, `GET /tessera/v1/credential` tells a device what the registry says 
 (TLS client certificate): the broker refuses every connection with the same CONNACK code, so a refused agent asks
 here whether it is suspended, revoked, superseded... Read-only and never audited (refused devices poll it), but
 rate limited per source like every other request.
+
+Refusals (hardening): token problems (unknown, used, expired, another device's) all get one generic 401 -- the
+registry's audit row keeps the precise reason; the 401 challenge to a request without credentials (libest's
+estclient asks first) is not a failure; a 429 is never a new failure and says Retry-After; a repeated
+Authorization (or other single-valued) header is a 400. Denials are audited aggregated (hub.est.denials); the
+Prometheus counters (hub.serve.stats) still count each one.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from typing import Callable
 from cryptography import x509
 
 import est
-from est.errors import EstError, Forbidden, PayloadTooLarge, Unauthorized
+from est.errors import BadRequest, EstError, Forbidden, PayloadTooLarge, TooManyRequests, Unauthorized
 
 from hub.ca.authority import FleetCA
 from hub.ca.policy import Policy, PolicyError, check_device_id
+from hub.est.denials import DenialAudit
 from hub.est.ratelimit import RateLimiter
 from hub.serve import stats
 from hub.registry.store import SUPERSEDE_GRACE, CertRejected, DeviceNotActive, Registry, RegistryError, TokenRejected
@@ -39,6 +46,11 @@ CT_JSON = "application/json"
 _CREDENTIAL_SQL = ("SELECT c.status AS cert_status, c.not_after, c.not_before, c.grace_until, "
                    "d.status AS device_status, d.id FROM certificates c JOIN devices d ON d.id = c.device_id "
                    "WHERE c.serial = ?")
+#: Token refusals answered alike, so that a guesser never learns that a token exists (the audit has the code).
+_TOKEN_CODES = frozenset({"unknown_token", "token_device_mismatch", "token_used", "token_expired"})
+_GENERIC_401 = Unauthorized("unauthorized", "the device id and enrollment token were not accepted")
+#: The answer to a request without credentials: the challenge of RFC 7030 3.2.3, not a failure.
+_CHALLENGE = "missing_auth"
 
 
 @dataclass
@@ -49,6 +61,7 @@ class EstRequest:
     body: bytes
     source: str                      # client IP
     peer_cert_der: bytes | None = None
+    repeated: tuple[str, ...] = ()   # single-valued headers sent more than once (lower-case names)
 
 
 @dataclass
@@ -92,6 +105,7 @@ class EstService:
         self.supersede_grace = supersede_grace
         self.crl_dir, self.crl_url, self.limiter = crl_dir, crl_url, limiter
         self.clock, self.monotonic = clock, monotonic
+        self.denials = DenialAudit(registry, clock, monotonic)
         self.key_policy = est.KeyPolicy(ec_curves=frozenset(policy.ec_curves), min_rsa_bits=policy.rsa_min_bits)
         self._cacerts = est.certs_only_response([ca.root, ca.device_ca, ca.service_ca])
         self._csrattrs = est.csrattrs_response()
@@ -99,6 +113,9 @@ class EstService:
     # --- dispatch --------------------------------------------------------------------------------------------
     def handle(self, req: EstRequest) -> EstResponse:
         path = req.path.split("?", 1)[0]
+        if req.repeated:
+            return self._deny("request", req, BadRequest("duplicate_header", f"more than one {req.repeated[0]} "
+                                                         "header (send it once)"), None)
         routes = {
             ("GET", est.PATH_CACERTS): self._cacerts_response,
             ("GET", est.PATH_CSRATTRS): self._csrattrs_response,
@@ -130,37 +147,59 @@ class EstService:
     # --- enrollment ----------------------------------------------------------------------------------------------
     def _deny(self, action: str, req: EstRequest, exc: EstError, device_id: str | None,
               audit: bool = True) -> EstResponse:
-        """The error response; counts a failure for the source and writes a 'denied' audit row if `audit` (False
-        where the registry has audited the refusal itself, and for the never-audited credential status)."""
-        self.limiter.fail(req.source, self.monotonic())
+        """The error response. Counts a failure for (source, device) unless it is a 429 or the 401 challenge;
+        audits 'denied' (aggregated) if `audit` (False where the registry has audited the refusal itself, and for
+        the never-audited credential status); token problems are answered with one generic 401."""
+        if exc.status != 429 and exc.code != _CHALLENGE:
+            self.limiter.fail(req.source, device_id, self.monotonic())
         stats.of(self.registry).denied(exc.code, exc.status)
         if audit:
-            self.registry.audit(action, "denied", self.clock(), actor=device_id or "anonymous",
-                                device_id=device_id, detail=f"{exc.code}: {exc.message}", source=req.source)
-        log.warning("%s denied for %s from %s: %s %s", action, device_id or "?", req.source, exc.status, exc.code)
-        headers = {"WWW-Authenticate": est.www_authenticate()} if exc.status == 401 else None
-        return _error(exc.status, exc.code, exc.message, headers)
+            self.denials.denied(action, req.source, exc.code, exc.message, device_id)
+        log.warning("%s denied for %r from %s: %s %s", action, device_id or "?", req.source, exc.status, exc.code)
+        shown = _GENERIC_401 if exc.code in _TOKEN_CODES else exc
+        headers = {"WWW-Authenticate": est.www_authenticate()} if shown.status == 401 else {}
+        if isinstance(exc, TooManyRequests):
+            headers["Retry-After"] = str(exc.retry_after)
+        return _error(shown.status, shown.code, shown.message, headers)
+
+    def refused(self, action: str, source: str, exc: EstError, count_failure: bool = False) -> None:
+        """A refusal decided by the listener itself (connection limits, deadlines, TLS, body size): counted in
+        the metrics, audited aggregated, and a failure of the source if `count_failure`."""
+        if count_failure:
+            self.limiter.fail(source, None, self.monotonic())
+        stats.of(self.registry).denied(exc.code, exc.status)
+        self.denials.denied(action, source, exc.code, exc.message)
 
     def _issued(self, cert: x509.Certificate) -> EstResponse:
         body = est.certs_only_response([cert, self.ca.device_ca])
         return EstResponse(200, body, est.CT_PKCS7_CERTS_ONLY, {"Content-Transfer-Encoding": "base64"})
 
-    def _precheck(self, req: EstRequest) -> None:
-        if not self.limiter.allow(req.source, self.monotonic()):
-            raise EstError("rate_limited", "too many requests from this source; retry later", status=429)
+    def _admit(self, req: EstRequest) -> None:
+        """The request budget of the source (429 when spent) and the body size."""
+        wait = self.limiter.admit(req.source, self.monotonic())
+        if wait:
+            raise TooManyRequests("rate_limited", "too many requests from this source; retry later",
+                                  retry_after=wait)
         length = req.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > est.MAX_CSR_BODY * 2:
             raise PayloadTooLarge("body_too_large", f"request body over {est.MAX_CSR_BODY * 2} bytes")
 
+    def _budget(self, req: EstRequest, device_id: str) -> None:
+        """The failure budgets of (source, device), of the source and of the hub (429 when spent)."""
+        wait = self.limiter.check(req.source, device_id, self.monotonic())
+        if wait:
+            raise TooManyRequests("rate_limited", "too many failed attempts; retry later", retry_after=wait)
+
     def _simpleenroll(self, req: EstRequest) -> EstResponse:
         device_id = None
         try:
-            self._precheck(req)
+            self._admit(req)
             creds = est.parse_basic_auth(req.headers.get("authorization"))
             try:
                 device_id = check_device_id(creds.user)
             except PolicyError as exc:
                 raise Unauthorized("bad_device_id", str(exc)) from None
+            self._budget(req, device_id)
             csr = est.parse_enroll_request(req.headers.get("content-type"), req.body, device_id,
                                            key_policy=self.key_policy)
             now = self.clock()
@@ -170,9 +209,8 @@ class EstService:
                 source=req.source)
         except EstError as exc:
             return self._deny("enroll", req, exc, device_id)
-        except TokenRejected as exc:
-            status = 401 if exc.code in ("unknown_token", "token_device_mismatch") else 403
-            return self._deny("enroll", req, EstError(exc.code, str(exc), status=status), device_id, audit=False)
+        except TokenRejected as exc:  # answered with the generic 401 (the registry audited the precise reason)
+            return self._deny("enroll", req, Unauthorized(exc.code, str(exc)), device_id, audit=False)
         except DeviceNotActive as exc:
             return self._deny("enroll", req, Forbidden("device_not_active", str(exc)), device_id, audit=False)
         except RegistryError as exc:
@@ -197,8 +235,9 @@ class EstService:
     def _credential(self, req: EstRequest) -> EstResponse:
         device_id = None
         try:
-            self._precheck(req)
+            self._admit(req)
             current, device_id = self._client_cert(req, "the credential status")
+            self._budget(req, device_id)
         except EstError as exc:
             return self._deny("credential", req, exc, device_id, audit=False)
         except PolicyError as exc:
@@ -212,8 +251,9 @@ class EstService:
     def _simplereenroll(self, req: EstRequest) -> EstResponse:
         device_id = None
         try:
-            self._precheck(req)
+            self._admit(req)
             current, device_id = self._client_cert(req, "simplereenroll")
+            self._budget(req, device_id)
             csr = est.parse_enroll_request(req.headers.get("content-type"), req.body, device_id,
                                            key_policy=self.key_policy)
             now = self.clock()

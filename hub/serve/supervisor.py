@@ -113,11 +113,12 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
         broker.attach_admin(admin_mqtt)
         live.admin = admin_mqtt
 
-        limiter = RateLimiter(cfg.rate_per_source, cfg.rate_burst, cfg.failures_per_minute)
+        limiter = RateLimiter(cfg.rate_per_source, cfg.rate_burst, cfg.failures_per_minute,
+                              cfg.source_failures_per_minute, cfg.global_failures_per_minute)
         service = EstService(ca, registry, cfg.policy, cfg.crl_dir, cfg.crl_url, limiter,
                              supersede_grace=timedelta(seconds=cfg.supersede_grace_seconds))
         tls = estserver.server_context(tls_dir / "est.pem", tls_dir / "est.key", cfg.ca_dir / "device-ca.pem")
-        server, thread = estserver.start(service, host, est_port, tls)
+        server, thread = estserver.start(service, host, est_port, tls, estserver.Limits.from_config(cfg))
         stack.append(lambda: (server.shutdown(), server.server_close(), thread.join(timeout=5)))
 
         from hub.api.server import configured_port, start_api

@@ -1,5 +1,9 @@
 """Every bad enrollment is refused with a precise status and code word, changes nothing, and is audited.
 
+Token problems (unknown, used, expired, another device's) share one generic 401 `unauthorized`; the audit row has
+the precise reason. Each case talks from its own loopback address: denials are audited once per (source, reason)
+a minute (hub.est.denials), and several cases share a reason.
+
 Also: one token used by eight clients at once gives exactly one certificate.
 """
 
@@ -51,8 +55,13 @@ def post(body: bytes, ct: str | None = CT, auth: str | None = None) -> Callable:
         headers = {"Authorization": auth if auth is not None else basic(device_id, token)}
         if ct is not None:
             headers["Content-Type"] = ct
-        return request(hub, "POST", ENROLL, body, headers)
+        return request(hub, "POST", ENROLL, body, headers, source=source_of(device_id))
     return send
+
+
+def source_of(device_id: str) -> str:
+    """The loopback address a case's requests come from (raw_request: always 127.0.0.1)."""
+    return SOURCES.get(device_id, "127.0.0.1")
 
 
 def post_csr(csr: Callable[[str], bytes], ct: str | None = CT) -> Callable:
@@ -131,6 +140,15 @@ def actual_body(n: int) -> Callable:
     return send
 
 
+def duplicate_authorization(hub, device_id, token):
+    """Two Authorization headers, the right one last (it used to win)."""
+    body = b64_body(good_csr(device_id))
+    head = (f"POST {ENROLL} HTTP/1.1\r\nHost: 127.0.0.1:{hub.port}\r\nContent-Type: {CT}\r\n"
+            f"Authorization: {basic(device_id, 'B' * 32)}\r\nAuthorization: {basic(device_id, token)}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return raw_request(hub, head, body)
+
+
 def use_token(hub, device_id, token):
     resp = enroll(hub, device_id, token, good_csr(device_id))
     assert resp.status == 200, resp.text
@@ -179,12 +197,16 @@ CASES = {
     "key-cert-sign": Case(403, "ca_requested", post_csr(key_cert_sign_csr)),
     "cn-of-another-device": Case(403, "name_mismatch", post_csr(other_device_csr)),
     "san-not-the-device": Case(403, "name_mismatch", post_csr(san_other_csr)),
-    "unknown-token": Case(401, "unknown_token",
-                          lambda hub, d, t: post_csr(good_csr)(hub, d, "A" * 32)),
-    "other-devices-token": Case(401, "token_device_mismatch", post_csr(good_csr), prepare=other_devices_token,
-                                token_survives=False),
-    "expired-token": Case(403, "token_expired", post_csr(good_csr), prepare=expire_token, token_survives=False),
-    "used-token": Case(403, "token_used", post_csr(good_csr), prepare=use_token, token_survives=False),
+    "unknown-token": Case(401, "unauthorized", lambda hub, d, t: post_csr(good_csr)(hub, d, "A" * 32),
+                          audit_code="unknown_token"),
+    "other-devices-token": Case(401, "unauthorized", post_csr(good_csr), prepare=other_devices_token,
+                                audit_code="token_device_mismatch", token_survives=False),
+    "expired-token": Case(401, "unauthorized", post_csr(good_csr), prepare=expire_token, audit_code="token_expired",
+                          token_survives=False),
+    "used-token": Case(401, "unauthorized", post_csr(good_csr), prepare=use_token, audit_code="token_used",
+                       token_survives=False),
+    "duplicate-authorization": Case(400, "duplicate_header", duplicate_authorization, audit_device=False,
+                                    audit_action="request"),
     "bad-basic-scheme": Case(401, "bad_auth_scheme", post_csr(good_csr), audit_device=False,
                              extra={"auth": "Bearer abc"}),
     "bad-basic-base64": Case(401, "bad_auth_encoding", post_csr(good_csr), audit_device=False,
@@ -197,6 +219,8 @@ CASES = {
     "suspended-device": Case(403, "device_not_active", post_csr(good_csr), prepare=suspend,
                              audit_code="device_suspended", token_survives=False),
 }
+SOURCES = {f"bad-{name.lower()}": f"127.0.0.{10 + i}" for i, name in enumerate(CASES)
+           if CASES[name].send not in (duplicate_authorization,) and not name.startswith("declared-length")}
 
 
 def _with_auth(case: Case) -> Callable:
@@ -209,7 +233,7 @@ def _with_auth(case: Case) -> Callable:
         headers = {"Content-Type": CT}
         if auth:
             headers["Authorization"] = auth
-        return request(hub, "POST", ENROLL, b64_body(good_csr(device_id)), headers)
+        return request(hub, "POST", ENROLL, b64_body(good_csr(device_id)), headers, source=source_of(device_id))
     return send
 
 
@@ -241,7 +265,7 @@ def test_bad_enrollment_is_refused_and_changes_nothing(hub, name):
     assert row["outcome"] == "denied"
     assert row["action"] == case.audit_action
     assert row["detail"].startswith(f"{case.audit_code or case.code}:"), row
-    assert row["source"] == "127.0.0.1"
+    assert row["source"] == source_of(device_id)
     assert row["device_id"] == (device_id if case.audit_device else None)
     # secrets never reach the audit log
     assert token not in row["detail"]
@@ -291,7 +315,7 @@ def test_concurrent_uses_of_one_token_issue_exactly_one_certificate(hub, round_)
     wins = [i for i, r in enumerate(results) if isinstance(r, list)]
     losses = [r for r in results if isinstance(r, EstClientError)]
     assert len(wins) == 1, results
-    assert [(e.status, e.code) for e in losses] == [(403, "token_used")] * (n - 1), [str(e) for e in losses]
+    assert [(e.status, e.code) for e in losses] == [(401, "unauthorized")] * (n - 1), [str(e) for e in losses]
     leaf = results[wins[0]][0]
     assert leaf.public_key().public_bytes(serialization.Encoding.DER,
                                           serialization.PublicFormat.SubjectPublicKeyInfo) == \

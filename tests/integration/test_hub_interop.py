@@ -98,7 +98,7 @@ def test_curl_with_a_wrong_token_gets_401_with_a_challenge(hub, tmp_path):
               f"-w '%{{http_code}}' {shlex.quote(url)}", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "401"
-    assert (tmp_path / "body.txt").read_text().startswith("unknown_token:")
+    assert (tmp_path / "body.txt").read_text().startswith("unauthorized:")  # the audit says unknown_token
     assert 'www-authenticate: basic realm="tessera-est"' in (tmp_path / "h.txt").read_text().lower()
     assert hub.cert_count(device_id) == 0
 
