@@ -1,4 +1,5 @@
-"""The fleet API's audit log route: GET /api/v1/audit, newest first, filtered by device, actor, action and time.
+"""The fleet API's audit log route: GET /api/v1/audit, newest first, filtered by device, actor, action, time and
+whether to show the API's own per-call rows (action `api.<route>`).
 
 Every filter is served by an index (`AUDIT_SCHEMA`, applied by `apply_schema`; idempotent): device -> the registry's
 audit(device_id, id), actor -> audit(actor, id), action -> audit(action, id), since -> audit(at) bounding the id
@@ -25,6 +26,7 @@ AUDIT_SCHEMA = (
     """CREATE INDEX IF NOT EXISTS audit_at ON audit(at)""",
 )
 MAX_LIMIT = 1000
+API_CALLS = ("include", "exclude", "only")  # the API's own rows (api.<route>), one per call
 DEFAULT_LIMIT = 50
 _TEXT_RE = re.compile(r"[\x21-\x7e]{1,128}")
 _DEVICE_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -61,11 +63,17 @@ def decode_cursor(cursor: str) -> int:
 
 def query_audit(registry: Registry, params: dict[str, str]) -> dict:
     """One page of audit rows, newest first; the cursor for the next (older) page, None on the last."""
-    unknown = set(params) - {"device", "actor", "action", "since", "limit", "cursor"}
+    unknown = set(params) - {"device", "actor", "action", "since", "limit", "cursor", "api_calls"}
     if unknown:
-        raise BadRequest(f"unknown parameter {sorted(unknown)[0]!r} (device, actor, action, since, limit, cursor)",
-                         sorted(unknown)[0])
+        raise BadRequest(f"unknown parameter {sorted(unknown)[0]!r} (device, actor, action, since, api_calls, limit, "
+                         "cursor)", sorted(unknown)[0])
     conds, args = [], []
+    calls = params.get("api_calls", "include")
+    if calls not in API_CALLS:
+        raise BadRequest(f"api_calls must be one of {', '.join(API_CALLS)}", "api_calls")
+    if calls != "include":  # the API's own per-call rows are the actions api.*
+        conds.append("(action >= 'api.' AND action < 'api/')" if calls == "only" else
+                     "(action < 'api.' OR action >= 'api/')")
     if "device" in params:
         if not _DEVICE_RE.fullmatch(params["device"]):
             raise BadRequest("device must be a device id (a-z, 0-9 and '-', up to 63 characters)", "device")
@@ -121,6 +129,8 @@ ROUTES: tuple[Route, ...] = (
               q("actor", _PRINTABLE, "rows by this principal (e.g. svc.alice, tessera-hub, est)"),
               q("action", _PRINTABLE, "rows of this action (e.g. device.revoked, api.devices.list)"),
               q("since", {"type": "string", "format": "date-time"}, "rows at or after this time"),
+              q("api_calls", {"type": "string", "enum": list(API_CALLS), "default": "include"},
+                "the API's own rows (action api.<route>, one per call): include, exclude or only them"),
               q("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
                 "page size"),
               q("cursor", {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},

@@ -158,7 +158,7 @@ def local_target(directory: Path | None) -> Target:
         cfg = load_config(hub_dir(directory))
     except ConfigError as exc:
         raise CredentialError(str(exc)) from None
-    host, port = "127.0.0.1", cfg.api_port or DEFAULT_PORT
+    host, port = "127.0.0.1", 0  # port 0: no hub of this directory announced its API, so none runs
     try:
         h, p = (cfg.root / ADDR_FILE).read_text().split()
         host, port = ("127.0.0.1" if h in ("0.0.0.0", "::", "") else h), int(p)
@@ -179,11 +179,12 @@ def _context(target: Target) -> ssl.SSLContext:
         raise CredentialError(f"CA file {target.ca}: {getattr(exc, 'strerror', None) or exc}") from None
     try:
         ctx.load_cert_chain(str(target.cert), str(target.key))
-    except FileNotFoundError as exc:
+    except FileNotFoundError:
+        missing = next((p for p in (target.cert, target.key) if not p.exists()), target.cert)
         if target.local_dir is not None:
-            raise CredentialError(f"the hub's local operator identity is missing ({exc.filename}); run "
-                                  "`tessera-hub serve` once, or use --hub with a credential") from None
-        raise CredentialError(f"{exc.filename} does not exist") from None
+            raise CredentialError(f"the hub's local operator identity is missing ({missing}); restart "
+                                  "`tessera-hub serve` (it makes it), or use --hub with a credential") from None
+        raise CredentialError(f"{missing} does not exist") from None
     except (OSError, ssl.SSLError) as exc:
         raise CredentialError(f"credential {target.cert} / {target.key} is not a PEM certificate and its key "
                               f"({getattr(exc, 'strerror', None) or exc})") from None
@@ -204,9 +205,13 @@ class ApiClient:
     # connection
     def _connection(self) -> http.client.HTTPSConnection:
         if self._conn is None:
+            if self._port == 0 and self.offline is None:  # local, and no hub announced its API: none runs
+                self._go_offline()
             if self._ctx is None:
                 if self.target.local_dir is None:
                     check_key_file(self.target.key)
+                elif self.offline is None and not (self.target.cert.exists() and self.target.key.exists()):
+                    self._local_identity_missing()
                 self._ctx = _context(self.target)
             self._conn = http.client.HTTPSConnection(self._host, self._port, context=self._ctx,
                                                      timeout=self.timeout)
@@ -220,6 +225,9 @@ class ApiClient:
                 return self._connection()
             except ssl.SSLCertVerificationError as exc:
                 self._conn = None
+                if self.target.local_dir is not None and self.offline is None:  # a stale api.addr, port reused
+                    self._go_offline()
+                    return self._connection()
                 raise HubUnavailable(f"{self.target.url} is not this fleet's hub: {exc.verify_message}") from None
             except (ssl.SSLError, OSError) as exc:
                 self._conn = None
@@ -228,6 +236,19 @@ class ApiClient:
             self._conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._used = False
         return self._conn
+
+    def _local_identity_missing(self) -> None:
+        """An older hub directory without tls/local-admin.*: the in-process API makes it (`serve` does too, at start),
+        unless a hub is running there (then it is that hub's to make)."""
+        try:
+            socket.create_connection((self._host, self._port), timeout=2).close()
+        except ConnectionRefusedError:
+            self._go_offline()
+            return
+        except OSError:
+            pass
+        raise CredentialError(f"the hub's local operator identity is missing ({self.target.cert.name}); restart "
+                              "`tessera-hub serve` (it makes it), or use --hub with a credential")
 
     def _go_offline(self) -> None:
         try:
@@ -279,7 +300,9 @@ class ApiClient:
                 self._conn = None
                 if attempt == 1 and reused:  # the server closed an idle keep-alive connection: once more
                     continue
-                raise HubUnavailable(f"the fleet API at {self.target.url} closed the connection ({exc})") from None
+                raise HubUnavailable(f"the fleet API at {self.target.url} closed the connection without answering "
+                                     "(was the client certificate refused? it must be a service identity's, with "
+                                     "its chain, from this fleet)") from None
             except (socket.timeout, TimeoutError):
                 conn.close()
                 self._conn = None

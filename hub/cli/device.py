@@ -17,8 +17,10 @@ device_app = typer.Typer(help="Add, list, inspect, edit, suspend, resume, revoke
                          no_args_is_help=True)
 
 DEVICES = "/api/v1/devices"
-LIST_COLUMNS = [("id", "device", 12), ("status", "status", 14), ("online", "online"),
-                ("last_seen", "last seen", 16), ("cert_expires", "cert expires", 16), ("groups", "groups")]
+#: (key, header, minimum width): 80 columns hold a 20-character id, any status whole, last seen to the minute
+#: ("live": connected to the broker now)
+LIST_COLUMNS = [("id", "device", 20), ("status", "status", 14), ("online", "live"),
+                ("last_seen", "last seen", 16), ("cert_expires", "cert until", 10), ("groups", "groups")]
 
 
 def parse_labels(labels: list[str]) -> dict[str, str]:
@@ -39,8 +41,8 @@ def _row(d: dict) -> dict:
 
 
 def _cells(r: dict) -> dict:
-    return {**r, "online": "yes" if r["online"] else "no", "last_seen": (r["last_seen"] or "-")[:16],
-            "cert_expires": (r["cert_expires"] or "-")[:16], "groups": ", ".join(r["groups"]) or "-"}
+    return {**r, "online": "yes" if r["online"] else "no", "last_seen": (r["last_seen"] or "-")[:16].replace("T", " "),
+            "cert_expires": (r["cert_expires"] or "-")[:10], "groups": ", ".join(r["groups"]) or "-"}
 
 
 @device_app.command("add")
@@ -97,7 +99,9 @@ def device_list(
     id_prefix: Optional[str] = typer.Option(None, "--id-prefix", help="Device ids starting with this."),
     expires_before: Optional[str] = typer.Option(None, "--expires-before",
                                                  help="Active certificate expires before this date/time."),
-    limit: int = typer.Option(100, "--limit", min=1, max=1000, help="Devices per page."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, max=1000, help="Devices per page [default: 100; "
+                                                                                "1000 with --all].",
+                                        show_default=False),
     cursor: Optional[str] = typer.Option(None, "--cursor", help="Continue after a previous page (its hint)."),
     every: bool = typer.Option(False, "--all", help="Every matching device (all pages)."),
     as_csv: bool = typer.Option(False, "--csv", help="CSV of every matching device (streamed)."),
@@ -112,6 +116,7 @@ def device_list(
                 sys.stdout.buffer.write(chunk)
         sys.stdout.flush()
         return
+    limit = limit or (1000 if every else 100)
     rows: list[dict] = []
     shown = 0
     with api(directory, hub, profile) as client:
@@ -119,33 +124,47 @@ def device_list(
             page = client.get(DEVICES, {**params, "limit": limit, "cursor": cursor})
             batch = [_row(d) for d in page["items"]]
             cursor = page["next_cursor"]
-            if as_json:
-                rows += batch
-            elif every:  # a page at a time: memory stays flat at 1M devices
-                _print_page(batch, header=shown == 0)
+            if every:  # a page at a time: memory stays flat at 1M devices
+                (_print_json_page if as_json else _print_page)(batch, first=shown == 0)
             else:
                 rows = batch
             shown += len(batch)
             if not every or cursor is None:
                 break
-    if as_json:
+    if every and as_json:
+        sys.stdout.write("[]\n" if not shown else "\n]\n")
+    elif as_json:
         print_json(rows)
-    elif not every:
-        _print_page(rows, header=True)
-    if not as_json:
+    else:
+        if not every:
+            _print_page(rows, first=True)
         say(f"{shown} device(s)")
     if cursor is not None and not every:
         sys.stderr.write(f"more: --cursor {cursor} (or --all)\n")
 
 
-def _print_page(rows: list[dict], header: bool) -> None:
-    if header:
-        print_table([_cells(r) for r in rows], LIST_COLUMNS)
-    elif rows:
-        from hub.cli.util import table_lines
+def _print_json_page(rows: list[dict], first: bool) -> None:
+    """One page of a streamed JSON array (`--all --json`): '[' before the first device, ']' after the last."""
+    import json
 
-        lines = table_lines([_cells(r) for r in rows], LIST_COLUMNS)[1:]
-        sys.stdout.write("\n".join(lines) + "\n")
+    if rows:
+        sys.stdout.write(("[\n" if first else ",\n") + ",\n".join(json.dumps(r) for r in rows))
+
+
+_widths: list[int] = []
+
+
+def _print_page(rows: list[dict], first: bool) -> None:
+    """A page of the listing; later pages (--all) keep the first page's column widths."""
+    from hub.cli.util import table_lines, table_width, table_widths
+
+    cells = [_cells(r) for r in rows]
+    if first:
+        phantom = {c[0]: "x" * c[2] for c in LIST_COLUMNS if len(c) > 2}  # room for later pages' wider cells
+        _widths[:] = table_widths([*cells, phantom], LIST_COLUMNS, table_width())
+        print_table(cells, LIST_COLUMNS, _widths)
+    elif cells:
+        sys.stdout.write("\n".join(table_lines(cells, LIST_COLUMNS, header=False, widths=_widths)) + "\n")
 
 
 @device_app.command("show")

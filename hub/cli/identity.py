@@ -185,7 +185,7 @@ def identity_add(
     role: str = typer.Option(..., "--role", help="telemetry-reader, commander or admin (MQTT); viewer or operator "
                                                  "(fleet API); or a role added with `role set`."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Directory for the files [default: <hub dir>/"
-                                                                "identities/NAME, created 0700]."),
+                                                                "identities/NAME, created 0700; remote: ./NAME]."),
     days: int = typer.Option(365, "--days", help="Certificate lifetime in days."),
     key_uri: str = typer.Option("", "--key-uri", help="Generate the key inside a PKCS#11 token instead of a file: "
                                                       "pkcs11:token=LABEL[;object=KEY-LABEL]."),
@@ -208,13 +208,11 @@ def identity_add(
         fail("--pin-source and --module go with --key-uri")
     token = _token_key(name, key_uri, pin_source, module, softhsm_conf) if key_uri else None
     principal = service_principal(name)
-    if out_dir is None and hub:
-        fail("with --hub, say where the files go: --out DIR")
-    dest = (out_dir or hub_dir(directory) / "identities" / name).absolute()
-    target = _Target(dest, list(_describe(name, bool(token))))
 
     recorded = False
     with api(directory, hub, profile) as client:
+        default = hub_dir(directory) / "identities" / name if client.target.local_dir else Path(name)
+        target = _Target((out_dir or default).absolute(), list(_describe(name, bool(token))))
         if _exists(client, name):
             fail(f"identity {name!r} already exists")
         target.check()

@@ -127,13 +127,16 @@ def audit(
     since: Optional[str] = typer.Option(None, help="Only rows at or after this time (ISO 8601, e.g. 2027-01-31)."),
     limit: int = typer.Option(50, min=1, max=1000, help="How many entries (newest first)."),
     cursor: Optional[str] = typer.Option(None, "--cursor", help="Continue with older rows (the hint)."),
+    calls: bool = typer.Option(False, "--calls", help="Also the fleet API's own row for every call (api.*: each "
+                                                      "CLI command is one)."),
     hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt,
 ) -> None:
-    """Show the audit log: every API call, enroll, renew, revoke and denial (newest first)."""
+    """Show the audit log: every enroll, renew, revoke, change and denial (newest first; --calls: API calls too)."""
     from hub.cli.device import _time_opt
 
+    include = calls or (action or "").startswith("api.")
     params = {"device": device, "actor": actor, "action": action, "since": _time_opt(since, "--since"),
-              "limit": limit, "cursor": cursor}
+              "limit": limit, "cursor": cursor, "api_calls": "include" if include else "exclude"}
     with api(directory, hub, profile) as client:
         page = client.get("/api/v1/audit", params)
     rows = page["items"]

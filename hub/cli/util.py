@@ -116,10 +116,9 @@ def _cut(text: str, width: int) -> str:
     return "".join(out) + "\u2026" + " " * (width - 1 - used)
 
 
-def table_lines(rows: list[dict], columns: list[tuple], width: int = TABLE_WIDTH) -> list[str]:
-    """Rows as aligned text lines of at most `width` columns: the widest columns give way first (not below a
-    column's optional third element, its minimum width, while others can), cut cells end in an ellipsis; a cell
-    never wraps onto a second line. `columns`: (row key, header[, minimum width])."""
+def table_widths(rows: list[dict], columns: list[tuple], width: int = TABLE_WIDTH) -> list[int]:
+    """Column widths for rows in at most `width` columns: the widest columns give way first (not below a column's
+    optional third element, its minimum width, while others can). `columns`: (row key, header[, minimum width])."""
     cells = [[_clean(r.get(col[0])) for col in columns] for r in rows]
     heads = [col[1] for col in columns]
     widths = [max([_width(h), *(_width(row[i]) for row in cells)]) for i, h in enumerate(heads)]
@@ -133,19 +132,31 @@ def table_lines(rows: list[dict], columns: list[tuple], width: int = TABLE_WIDTH
                 break
             continue
         widths[i] -= 1
-    lines = []
-    for row in [heads, *cells]:
-        lines.append("  ".join(_cut(c, w) for c, w in zip(row, widths)).rstrip())
-    return lines
+    return widths
 
 
-def print_table(rows: list[dict], columns: list[tuple]) -> None:
-    """A plain text table on stdout, every line at most 80 columns (whatever the terminal)."""
+def table_lines(rows: list[dict], columns: list[tuple], width: int = TABLE_WIDTH, header: bool = True,
+                widths: list[int] | None = None) -> list[str]:
+    """Rows as aligned text lines of at most `width` columns (`table_widths`, unless `widths` are given: e.g. a
+    later page of a listing keeps the first page's); cut cells end in an ellipsis, a cell never wraps."""
+    widths = widths or table_widths(rows, columns, width)
+    body = [[_clean(r.get(col[0])) for col in columns] for r in rows]
+    return ["  ".join(_cut(c, w) for c, w in zip(row, widths)).rstrip()
+            for row in ([[col[1] for col in columns]] if header else []) + body]
+
+
+def table_width() -> int:
+    """80 columns, or fewer on a narrower terminal."""
     width = TABLE_WIDTH
     if sys.stdout.isatty():
         with contextlib.suppress(OSError):
             width = min(width, os.get_terminal_size(sys.stdout.fileno()).columns)
-    sys.stdout.write("\n".join(table_lines(rows, columns, width)) + "\n")
+    return width
+
+
+def print_table(rows: list[dict], columns: list[tuple], widths: list[int] | None = None) -> None:
+    """A plain text table on stdout, every line at most 80 columns (whatever the terminal)."""
+    sys.stdout.write("\n".join(table_lines(rows, columns, table_width(), widths=widths)) + "\n")
     sys.stdout.flush()
 
 

@@ -159,7 +159,7 @@ class Hub:
         return self.cli_json("device", "show", device_id)
 
     def device_list(self) -> dict[str, dict]:
-        return {row["id"]: row for row in self.cli_json("device", "list")}
+        return {row["id"]: row for row in self.cli_json("device", "list", "--all")}
 
     # database (read directly, for before/after comparisons)
     def query(self, sql: str, params: tuple = ()) -> list[dict]:
@@ -182,14 +182,18 @@ class Hub:
     def last_audit_id(self) -> int:
         return self.query("SELECT coalesce(max(id), 0) AS n FROM audit")[0]["n"]
 
-    def audit_since(self, after_id: int) -> list[dict]:
-        return self.query("SELECT * FROM audit WHERE id > ? ORDER BY id", (after_id,))
+    def audit_since(self, after_id: int, api_calls: bool = False) -> list[dict]:
+        """Audit rows after `after_id`; without the fleet API's own per-call rows (`api.*`: every CLI command is
+        an API call) unless `api_calls`."""
+        if api_calls:
+            return self.query("SELECT * FROM audit WHERE id > ? ORDER BY id", (after_id,))
+        return self.query("SELECT * FROM audit WHERE id > ? AND action NOT LIKE 'api.%' ORDER BY id", (after_id,))
 
     def wait_audit(self, after_id: int, predicate, timeout: float = 10.0) -> list[dict]:
         """Audit rows after `after_id`, once one matches `predicate` (the hub may write it after answering)."""
         deadline = time.monotonic() + timeout
         while True:
-            rows = self.audit_since(after_id)
+            rows = self.audit_since(after_id, api_calls=True)
             if any(predicate(r) for r in rows):
                 return rows
             if time.monotonic() > deadline:

@@ -149,9 +149,13 @@ def test_role_without_api_permissions_and_revoked_identity_get_403(api):
 
 
 def _probe(route) -> tuple[str, object]:
-    path = route.path.replace("{id}", "api-dev-nobody")
-    if route.name == "devices.create":
+    path = route.path.replace("{id}", "api-dev-nobody").replace("{name}", "api-nobody")
+    if route.name in ("devices.create", "identities.create"):
         return path, {"devices": []}  # refused after the permission check (400): creates nothing
+    if route.name == "devices.status":
+        return path, {"action": "suspend"}  # no such device: 404
+    if route.name == "identities.revoke":
+        return path, {}  # no such identity: 404
     if route.method == "POST":
         return path, {"selector": {"ids": ["api-dev-nobody"]}}  # a dry run: changes nothing
     if route.method == "PATCH":
@@ -165,7 +169,7 @@ def test_every_route_by_role(api, role):
         path, body = _probe(route)
         ans = api.call(route.method, path, who=role, body=body)
         if route.permission is None or route.permission in PERMS[role]:
-            expected = (400,) if route.name == "devices.create" else (200, 404)
+            expected = (400,) if route.name in ("devices.create", "identities.create") else (200, 404)
             assert ans.status in expected, (role, route.method, path, ans.status, ans.body)
         else:
             is_problem(ans, 403)

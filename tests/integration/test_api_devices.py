@@ -231,10 +231,10 @@ def test_cli_decommission_and_device_list(api, tmp_path):
     api.hub.add_device("dv-cli-new")
     out = api.hub.cli_ok("device", "decommission", "dv-cli-live", "--reason", "scrapped")
     assert "dv-cli-live: decommissioned" in out and "1 certificate(s) revoked" in out
-    rows = {r["id"]: r for r in json.loads(api.hub.cli_ok("device", "list", "--json"))}
+    rows = {r["id"]: r for r in json.loads(api.hub.cli_ok("device", "list", "--id-prefix", "dv-cli-", "--json"))}
     assert rows["dv-cli-live"]["status"] == "decommissioned" and rows["dv-cli-new"]["status"] == "pending"
-    table = api.hub.cli_ok("device", "list")
-    lines = {line.split("│")[1].strip(): line for line in table.splitlines() if line.startswith("│ dv-cli-")}
+    table = api.hub.cli_ok("device", "list", "--id-prefix", "dv-cli-")
+    lines = {line.split()[0]: line for line in table.splitlines() if line.startswith("dv-cli-")}
     assert "decommissioned" in lines["dv-cli-live"] and "pending" in lines["dv-cli-new"]  # whole, not wrapped
     proc = api.hub.cli("device", "resume", "dv-cli-live")
     assert proc.returncode != 0 and "decommissioned" in proc.stderr
