@@ -281,3 +281,25 @@ def test_job_devices_counted_without_counters(tmp_path):
     samples = _collect(tmp_path, jobs="minimal")["tessera_job_devices"].samples
     assert sorted((s.labels["job"], s.labels["state"], s.value) for s in samples) == [("1", "acked", 2),
                                                                                      ("1", "sent", 1)]
+
+
+def test_counts_are_recounted_at_start(tmp_path):
+    """A writer that bypassed the triggers (here: they are dropped) leaves wrong counts only until the next start."""
+    from hub.api.metrics import apply_schema
+    from hub.registry.store import Registry
+
+    reg = Registry(tmp_path / "registry.sqlite3")
+    now = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    try:
+        apply_schema(reg, now)
+        with reg.write() as db:
+            db.execute("DROP TRIGGER metrics_devices_insert")
+        reg.create_devices_with_tokens([(f"r-{i}", None, None) for i in range(3)], "acme", now, timedelta(days=1))
+        count = lambda: {r["key"]: r["n"] for r in reg.query("SELECT key, n FROM metrics_counts")}  # noqa: E731
+        assert count().get("status:pending", 0) == 0
+        apply_schema(reg, now)
+        assert count()["status:pending"] == 3
+        reg.create_devices_with_tokens([("r-9", None, None)], "acme", now, timedelta(days=1))  # triggers back
+        assert count()["status:pending"] == 4
+    finally:
+        reg.close()
