@@ -30,7 +30,9 @@ from .routing import PREFIX, Param, Route, json_body, json_response, page_limit,
 
 
 def _job_id(request: web.Request) -> int:
-    raw = request.match_info["job"]
+    """The {id} of a /jobs/{id} path (the server's audit rows name it in their device_id column, as for every
+    route whose path parameter is `id`; their action, api.jobs.*, tells the two apart)."""
+    raw = request.match_info["id"]
     if not JOB_ID_RE.fullmatch(raw):
         raise NotFound(f"no job {raw[:40]!r}")
     return int(raw)
@@ -245,7 +247,7 @@ SCHEMAS: dict[str, dict] = {
                                                           "none within wait_s (202)"}}},
 }
 
-_JOB = Param("job", "path", {"type": "string", "pattern": "^[0-9]{1,18}$"}, "job id", required=True)
+_JOB = Param("id", "path", {"type": "string", "pattern": "^[0-9]{1,18}$"}, "job id", required=True)
 _DEVICE = Param("id", "path", {"type": "string"}, "device id", required=True)
 _LIMIT = q("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100}, "page size")
 _CURSOR = q("cursor", {"type": "string", "minLength": 1, "maxLength": queries.MAX_CURSOR,
@@ -262,15 +264,15 @@ ROUTES: tuple[Route, ...] = (
           params=(q("state", {"type": "string", "enum": list(JOB_STATES)}, "only jobs in this state"), _LIMIT,
                   _CURSOR),
           response="JobPage", errors=(400, 403)),
-    Route("GET", f"{PREFIX}/jobs/{{job}}", "jobs.show", "read",
+    Route("GET", f"{PREFIX}/jobs/{{id}}", "jobs.show", "read",
           "One job: spec, state, counts per device state, who created it, when it started and finished, why it "
           "ended", show_job, params=(_JOB,), response="Job", errors=(403, 404)),
-    Route("GET", f"{PREFIX}/jobs/{{job}}/devices", "jobs.devices", "read",
+    Route("GET", f"{PREFIX}/jobs/{{id}}/devices", "jobs.devices", "read",
           "A job's devices and their progress (by device id, keyset paging; optionally one state)", job_devices,
           params=(_JOB, q("state", {"type": "string", "enum": list(DEVICE_STATES)}, "only devices in this state"),
                   _LIMIT, _CURSOR),
           response="JobDevicePage", errors=(400, 403, 404)),
-    *(Route("POST", f"{PREFIX}/jobs/{{job}}/{action}", f"jobs.{action}", "act",
+    *(Route("POST", f"{PREFIX}/jobs/{{id}}/{action}", f"jobs.{action}", "act",
             f"{action.capitalize()} a job ({what}; no change if it is already so; 409 for a finished job)",
             _transition(action), params=(_JOB,), response="Job", errors=(403, 404, 409))
       for action, what in (("pause", "running -> paused"), ("resume", "paused -> running"),

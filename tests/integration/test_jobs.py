@@ -286,6 +286,8 @@ def test_one_command_to_one_device_waits_for_its_ack(fleet):
 
 
 def test_jobs_list_newest_first_with_cursor(fleet):
+    made = [fleet.create({"ids": ["jb-none"]}, name=f"empty {n}")["id"] for n in range(4)]  # over no device
+    assert fleet.wait_job(made[-1])["state"] == "completed"
     ids, cursor = [], None
     while True:
         page = fleet.ok("GET", "/api/v1/jobs?limit=3" + (f"&cursor={cursor}" if cursor else ""))
@@ -293,7 +295,9 @@ def test_jobs_list_newest_first_with_cursor(fleet):
         cursor = page["next_cursor"]
         if cursor is None:
             break
-    assert len(ids) >= 5 and ids == sorted(ids, reverse=True) and len(set(ids)) == len(ids)
+    assert set(made) <= set(ids) and ids == sorted(ids, reverse=True) and len(set(ids)) == len(ids)
+    done = fleet.ok("GET", "/api/v1/jobs?state=completed&limit=1000")["items"]
+    assert set(made) <= {j["id"] for j in done} and all(j["state"] == "completed" for j in done)
     assert fleet.call("GET", "/api/v1/jobs?cursor=bogus").status == 400
     assert fleet.call("GET", "/api/v1/jobs/999999").status == 404
     assert fleet.call("GET", "/api/v1/jobs/abc/devices").status == 404
