@@ -38,8 +38,9 @@ _RAMP_FIELDS = {"start_per_minute", "factor", "every_acked"}
 
 def number(body: dict, key: str, low: float, high: float, low_open: bool = False) -> float:
     value = body.get(key, DEFAULTS.get(key))
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value > high or value < low or (low_open and value <= low):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    # (compared before any float conversion: math.isfinite(10**400) raises OverflowError)
+    if not ok or not low <= value <= high or (low_open and value <= low) or not math.isfinite(value):
         where = f"{'above' if low_open else 'at least'} {low:g} and at most {high:g}"
         raise BadRequest(f"{key} must be a number {where}", key)
     return value

@@ -199,3 +199,28 @@ def test_retries_after_a_timeout():
     assert not engine.retry(spec(), 1)  # no retries by default
     s = spec(retries=2)
     assert engine.retry(s, 1) and engine.retry(s, 2) and not engine.retry(s, 3)
+
+
+# --- the API's input rules (hub/api/jobinput.py, pure) ------------------------------------------------------------
+
+def test_job_spec_input_refuses_bad_values_with_the_field_named():
+    from hub.api.jobinput import parse_spec
+    from hub.api.queries import BadRequest
+
+    ok = parse_spec({"name": "n", "command": "ping"})
+    assert ok["rate_per_minute"] == 60 and ok["offline"] == "fail" and ok["retries"] == 0 and ok["ramp"] is None
+    assert parse_spec({"selector": {}}, dry_run=True)["command"] == "ping"  # a dry run needs only the selector
+    for body, param in (({"command": "ping"}, "name"), ({"name": "n"}, "command"),
+                        ({"name": " n", "command": "ping"}, "name"),
+                        ({"name": "n", "command": "ping", "rate_per_minute": 10 ** 400}, "rate_per_minute"),
+                        ({"name": "n", "command": "ping", "timeout_s": float("nan")}, "timeout_s"),
+                        ({"name": "n", "command": "ping", "abort_percent": True}, "abort_percent"),
+                        ({"name": "n", "command": "ping", "args": {"x": float("inf")}}, "args"),
+                        ({"name": "n", "command": "ping", "args": {"x": "y" * 9000}}, "args"),
+                        ({"name": "n", "command": "ping", "retries": 11}, "retries"),
+                        ({"name": "n", "command": "ping", "ramp": {"factor": 2}}, "ramp"),
+                        ({"name": "n", "command": "ping", "ramp": {"start_per_minute": 1, "factor": 1}}, "factor"),
+                        ({"name": "n", "command": "ping", "offline": "wait", "deadline": "2030-01-01"}, "deadline")):
+        with pytest.raises(BadRequest) as exc:
+            parse_spec(body)
+        assert exc.value.param == param, (body, exc.value)
