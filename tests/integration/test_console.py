@@ -268,8 +268,17 @@ def test_tokens_batch_csv_downloads_once_and_audit_exports(fleet):
         page.goto(fleet.origin + "/console/devices?group=line3")
         assert page.locator("table.devices tbody tr").count() == 3
         fleet.shot(page, "device-list-phone")
+        page.goto(fleet.origin + "/console/devices/line3-2")  # one device's fresh token, shown once
+        page.click("#new-token")
+        page.locator("dialog#confirm[open]").wait_for()
+        page.click("#confirm-ok")
+        page.locator("#token-once:not([hidden])").wait_for()
+        token = page.locator("#token-once").inner_text().splitlines()[-1]
+        assert len(token) >= 20 and token != rows[2][1]
     finally:
         ctx.close()
+    tokens = fleet.hub.query("SELECT used_from FROM tokens WHERE device_id = 'line3-2' ORDER BY id")
+    assert [t["used_from"] for t in tokens] == ["superseded", None]  # the batch's token stopped working
     status, headers, body = fleet.call("GET", "/console/audit.csv?actor=svc.ops")
     assert status == 200 and headers["content-type"].startswith("text/csv")
     exported = list(csv.DictReader(io.StringIO(body.decode())))

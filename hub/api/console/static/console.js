@@ -103,6 +103,20 @@
     } catch (e) { flash(e.message, "error"); }
   }
 
+  // a fresh one-time enrollment token: POST /api/v1/devices/{id}/token, shown once on this page
+  async function tokenAction(button) {
+    const id = button.closest("[data-device]").dataset.device;
+    const ok = await confirmDialog("Issue a new enrollment token for " + id + "? Its unused older tokens stop working.",
+                                   false, "Issue token");
+    if (!ok) return;
+    try {
+      const r = await api("POST", "/api/v1/devices/" + encodeURIComponent(id) + "/token");
+      const out = $("#token-once");
+      out.textContent = "token for " + r.data.id + " (shown only now; expires " + t(r.data.token_expires) + "):\n" + r.data.token;
+      out.hidden = false;
+    } catch (e) { flash(e.message, "error"); }
+  }
+
   // --- bulk selection on the device list ------------------------------------------------------------------
   function bulkSelector() {
     const bulk = $("#bulk");
@@ -358,7 +372,7 @@
       const b = ev.target.closest("button[data-action]");
       if (!b) return;
       ev.preventDefault();
-      ({ status: statusAction, renew: renewAction, bulk: bulkAction, job: jobAction })[b.dataset.action](b);
+      ({ status: statusAction, renew: renewAction, token: tokenAction, bulk: bulkAction, job: jobAction })[b.dataset.action](b);
     });
     document.addEventListener("submit", (ev) => {
       const f = ev.target.closest("form[data-form]");
