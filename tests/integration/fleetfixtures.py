@@ -62,8 +62,9 @@ KEY_LABEL = "device-key"
 OPERATOR = "fleet-ops"
 STOP_TIMEOUT = 60.0             # s for the whole fleet to exit on SIGTERM (200 interpreters tearing down at once)
 ONLINE_TIMEOUT = 240.0
-#: fleet.toml for the fleet hub: every agent talks from 127.0.0.1 (EST and MQTT per-source limits raised)
-FLEET_SETTINGS = dict(BROKER_LIMITS)
+#: fleet.toml for the fleet hub: every agent talks from 127.0.0.1 (EST and MQTT per-source limits raised); the
+#: hub logs every device message it sees (logs/device-messages.jsonl: light telemetry, acks) for post-mortems
+FLEET_SETTINGS = {**BROKER_LIMITS, "telemetry_log": True}
 SHM = Path("/dev/shm")
 SHM_NEEDED = 32 * 1024 * 1024  # bytes free in /dev/shm to put the token directories there (200 tokens: 3.3 MB)
 

@@ -3,7 +3,9 @@
 1. a `ping` job over the group at 300 devices a minute (~40 s), with the hub SIGTERMed and served again on the same
    directory and ports mid-job: the job resumes by itself and completes, every device acked (or timed out, only if
    its command was sent while the hub was going down or its session was not back yet), the counts add up, and the
-   hub's own `sent_at` stamps keep to the rate (token bucket: one second's burst, a fresh bucket after the restart);
+   hub's own `sent_at` stamps keep to the rate (token bucket: one second's burst, a fresh bucket after the restart).
+   A device may only time out if the hub never saw its ack (the hub's device-message log): xfail for now, see
+   test_no_ack_the_hub_received_is_lost_at_the_restart;
 2. a job with a command no agent knows (every ack is ok=false) and abort_percent 20 aborts after the first few
    devices: most of the group is never sent anything, and the reason says why.
 
@@ -13,6 +15,7 @@ Select with `-m fleet`; it runs with the rest of the suite by default.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from datetime import datetime, timedelta, timezone
@@ -29,10 +32,18 @@ PING_TIMEOUT_S = 30.0
 ABORT_RATE = 600.0
 IN_FLIGHT_S = 10.0         # a command sent this long before the SIGTERM may still have been lost with the hub
 COUNT_STATES = ("queued", "sent", "acked", "failed", "timed_out", "offline")
+RESULTS: dict = {}         # what the ping job test leaves for the ack check after it
 
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def device_messages(fleet) -> list[dict]:
+    """Rows of the hub's logs/device-messages.jsonl ({"at", "device", "kind", "payload"}), across restarts."""
+    path = fleet.hub.dir / "logs" / "device-messages.jsonl"
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]
 
 
 def stamp(text: str | None) -> datetime | None:
@@ -138,6 +149,7 @@ def test_ping_job_over_the_fleet_survives_a_hub_restart(fleet):  # noqa: F811
 
     done = wait_job(fleet, job_id, lambda j: j["state"] != "running", 240, "finished")
     wall = time.monotonic() - t_job
+    RESULTS["ping_job"] = job_id
     assert done["state"] == "completed", done
     assert_accounting(done)
     counts = done["counts"]
@@ -176,6 +188,27 @@ def test_ping_job_over_the_fleet_survives_a_hub_restart(fleet):  # noqa: F811
           f"job_wall_s={wall:.1f} restart_gap_s={gap:.1f} reconnect_s={back_s:.1f} "
           f"mean_send_rate={rate * 60:.0f}/min (limit {PING_RATE:g}) acked={counts['acked']} "
           f"timed_out={counts['timed_out']} (sent at {', '.join(lost) or '-'} s from the SIGTERM)", flush=True)
+
+
+@pytest.mark.xfail(reason="hub/jobs/runner.py: JobRunner.stop() ends the runner thread without applying the acks "
+                          "still queued (and serve stops the runner before its MQTT session), so an ack the old hub "
+                          "received in its last ~0.5 s is lost and that device times out", strict=False)
+def test_no_ack_the_hub_received_is_lost_at_the_restart(fleet):  # noqa: F811
+    """A device of the restarted ping job may time out only if the hub never saw its ack: the hub's device-message
+    log (written by the hub as each message arrives, before and after the restart) must hold no ack with the
+    command id of a timed-out device."""
+    job_id = RESULTS.get("ping_job")
+    if job_id is None:
+        pytest.skip("the ping job test did not get as far as a finished job")
+    lost = {r["command_id"]: r for r in job_devices(fleet, job_id, "timed_out")}
+    seen = []
+    for row in device_messages(fleet):
+        if row["kind"] == "commands/ack":
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                ack = json.loads(row["payload"])
+                if ack.get("id") in lost:
+                    seen.append((row["device"], row["at"], ack))
+    assert not seen, f"the hub received the ack of {len(seen)} device(s) it then timed out: {seen[:3]}"
 
 
 def test_failing_command_job_aborts_early(fleet):  # noqa: F811
