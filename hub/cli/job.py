@@ -1,4 +1,4 @@
-"""`tessera-hub job ...`: create, list, show, devices, pause, resume, cancel — a thin client of the fleet API's jobs
+"""`tessera-hub job ...`: create, list, show, devices, wait, pause, resume, cancel — a thin client of the fleet API's jobs
 (/api/v1/jobs; hub/cli/client.py: the local hub by default, `--hub URL` for a remote one)."""
 
 from __future__ import annotations
@@ -212,6 +212,33 @@ def job_devices(
         return
     print_table([{**r, "sent_at": (r["sent_at"] or "")[11:19], "finished_at": (r["finished_at"] or "")[11:19]}
                  for r in rows], DEVICE_COLUMNS)
+
+
+@job_app.command("wait")
+def job_wait(
+    job_id: int = typer.Argument(..., help="Job id."),
+    timeout: float = typer.Option(600, "--timeout", help="Give up after this many seconds (exit 2)."),
+    directory: Optional[Path] = DirOpt, hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Wait until a job has finished: exit 0 when it completed, 1 when it was aborted or cancelled, 2 on timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    with api(directory, hub, profile) as client:
+        while True:
+            job = client.get(f"{JOBS}/{job_id}")
+            if job["state"] in ("completed", "aborted", "cancelled") or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+    if as_json:
+        print_json(job)
+    else:
+        _show(job)
+    if job["state"] not in ("completed", "aborted", "cancelled"):
+        raise typer.Exit(2)
+    if job["state"] != "completed":
+        raise typer.Exit(1)
 
 
 def _action(action: str, job_id: int, directory, hub, profile, as_json: bool) -> None:

@@ -328,8 +328,8 @@ def test_the_cli_is_a_client_of_the_jobs_api(fleet):
                                 "--rate", "600", "--max-in-flight", "2", "--retries", "1", "--yes", "--json"))
     assert job["total"] == 2 and job["created_by"] == "svc.local-admin"
     assert job["max_in_flight"] == 2 and job["retries"] == 1
-    done = wait_until(lambda: (j := json.loads(hub.cli_ok("job", "show", str(job["id"]), "--json")))["state"]
-                      == "completed" and j, 30, "the CLI's job completed")
+    done = json.loads(hub.cli_ok("job", "wait", str(job["id"]), "--timeout", "60", "--json"))
+    assert done["state"] == "completed"
     assert done["counts"]["acked"] == 2
     rows = json.loads(hub.cli_ok("job", "devices", str(job["id"]), "--json"))
     assert [(r["device_id"], r["state"]) for r in rows] == [("jb-1", "acked"), ("jb-2", "acked")]
@@ -339,6 +339,10 @@ def test_the_cli_is_a_client_of_the_jobs_api(fleet):
     assert all(len(line) <= 80 for line in table.splitlines()) and "cli ping" in table
     again = hub.cli("job", "cancel", str(job["id"]))
     assert again.returncode == 1 and "completed" in again.stderr
+    failing = json.loads(hub.cli_ok("job", "create", "cli fail", "--command", "nope", "--id", "jb-1", "--rate",
+                                    "600", "--yes", "--json"))
+    waited = hub.cli("job", "wait", str(failing["id"]), "--timeout", "60")
+    assert waited.returncode == 1 and "aborted" in waited.stdout, (waited.stdout, waited.stderr)
 
 
 # --- last: a hub restart mid-job --------------------------------------------------------------------------------
