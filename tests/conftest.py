@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,10 +28,12 @@ if str(ROOT) not in _pp.split(os.pathsep):
 
 from tests.helpers import CA, free_port  # noqa: E402  (after the sys.path fix above)
 
-# hypothesis profiles: "ci" (CI=true, as .ci/run has it) replays the same examples on every run and keeps no
-# database; "dev" (elsewhere) explores new examples each run and remembers failures in .hypothesis/ (gitignored).
-# HYPOTHESIS_PROFILE picks one explicitly.
-hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+# hypothesis profiles: "ci" (CI=true, as .ci/run has it) replays the same examples on every run, keeps no
+# database and sets no deadline (what recent hypothesis versions' own "ci" profile does, spelled out so every
+# version does it); "dev" (elsewhere) explores new examples each run and remembers failures in .hypothesis/
+# (gitignored). HYPOTHESIS_PROFILE picks one explicitly.
+hypothesis_settings.register_profile("ci", derandomize=True, deadline=None, database=None, print_blob=True,
+                                     suppress_health_check=[HealthCheck.too_slow])
 hypothesis_settings.register_profile("dev")
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 

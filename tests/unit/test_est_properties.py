@@ -12,6 +12,7 @@ import base64
 import datetime
 import functools
 import ipaddress
+import re
 from email.utils import parseaddr
 
 import pytest
@@ -132,7 +133,10 @@ pem_ish = st.builds(
 )
 der_ish = st.builds(lambda head, rest: head + rest, st.sampled_from([b"\x30", b"\x30\x82", b"\x30\x80", b"\x06"]),
                     st.binary(max_size=200))
-bodies = st.one_of(st.binary(max_size=300), b64ish, pem_ish, der_ish)
+# whole base64 quartets with '=' anywhere: the strict-mode errors (padding inside, data after padding)
+quartets = st.lists(st.text(alphabet="AMz0+/=", min_size=4, max_size=4), min_size=1, max_size=8).map(
+    lambda qs: "".join(qs).encode())
+bodies = st.one_of(st.binary(max_size=300), b64ish, quartets, pem_ish, der_ish)
 headers = st.one_of(st.none(), st.binary(max_size=200), st.text(max_size=200),
                     st.builds(lambda s, t: s + t, st.sampled_from(["Basic ", "basic  ", "application/", "a/b;"]),
                               st.text(max_size=100)))
@@ -176,12 +180,22 @@ def test_header_parsers_are_total(header):
         assert creds.user and ":" not in creds.user
 
 
+segments = st.lists(st.sampled_from([*sorted(messages.OPERATIONS), "fleet-a.1", "a", "", ".", "-x", "a b", "é"]),
+                    max_size=3)
+
+
 @FAST
-@given(path=st.one_of(st.text(max_size=80), st.builds(lambda t: messages.WELL_KNOWN_PREFIX + t, st.text(max_size=40))))
+@given(path=st.one_of(st.text(max_size=80),
+                      st.builds(lambda segs: messages.WELL_KNOWN_PREFIX + "/" + "/".join(segs), segments)))
 def test_split_est_path_is_total(path):
     result = outcome((404,), messages.split_est_path, path)
-    if isinstance(result, tuple):
-        assert result[1] in messages.OPERATIONS and path.endswith("/" + result[1])
+    parts = path.removeprefix(messages.WELL_KNOWN_PREFIX + "/").split("/")
+    ok = path.startswith(messages.WELL_KNOWN_PREFIX + "/") and parts[-1] in messages.OPERATIONS and (
+        len(parts) == 1 or (len(parts) == 2 and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._~-]*", parts[0])))
+    if ok:
+        assert result == (parts[0] if len(parts) == 2 else None, parts[-1])
+    else:
+        assert isinstance(result, EstError) and result.code == "unknown_operation"
 
 
 @FAST
@@ -355,6 +369,24 @@ def test_csr_version_other_than_v1_is_refused(version):
     with pytest.raises(EstError) as err:
         load_csr(messages.encode_base64_body(der[:at] + bytes([version]) + der[at + 1 :]))
     assert (err.value.status, err.value.code) == (400, "bad_csr")
+
+
+EXTENSION_OIDS = [x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, x509.ExtensionOID.KEY_USAGE,
+                  x509.ExtensionOID.BASIC_CONSTRAINTS, x509.ExtensionOID.EXTENDED_KEY_USAGE]
+
+
+@FAST
+@given(oid=st.sampled_from(EXTENSION_OIDS), value=st.one_of(der_trees, st.binary(max_size=40)))
+@example(oid=x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, value=b"\x30\x03\x02\x01\x00")  # not a GeneralName
+@example(oid=x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, value=b"\x30\x02\xa3\x00")  # x400Address: unsupported
+def test_csr_with_any_requested_extension_value_is_handled(oid, value):
+    """Correctly signed CSRs whose extension request holds anything: a value, or a 4xx (bad_csr when unparsable)."""
+    csr = sign_csr(extensions=[x509.UnrecognizedExtension(oid, value)])
+    result = outcome(SERVER, parse_enroll_request, messages.CT_PKCS10, build_csr_request_body(csr), DEVICE)
+    try:
+        csr.extensions
+    except Exception:  # noqa: BLE001 - whatever cryptography raises, est must have answered bad_csr
+        assert isinstance(result, EstError) and (result.status, result.code) == (400, "bad_csr")
 
 
 @FAST
