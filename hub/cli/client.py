@@ -22,7 +22,6 @@ import os
 import socket
 import ssl
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlencode, urlsplit
@@ -60,14 +59,14 @@ class CredentialError(ApiError):
 
 # --- where and as whom ------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
 class Target:
-    host: str
-    port: int
-    cert: Path
-    key: Path
-    ca: Path
-    local_dir: Path | None = None  # the hub directory (local use): no answer -> the API in-process
+    """Where the API is and the credential to show it (a plain class: dataclasses costs the hot path ~20 ms)."""
+
+    __slots__ = ("host", "port", "cert", "key", "ca", "local_dir")
+
+    def __init__(self, host: str, port: int, cert: Path, key: Path, ca: Path, local_dir: Path | None = None):
+        self.host, self.port, self.cert, self.key, self.ca = host, port, cert, key, ca
+        self.local_dir = local_dir  # the hub directory (local use): no answer -> the API in-process
 
     @property
     def url(self) -> str:
@@ -80,13 +79,17 @@ def config_path() -> Path:
 
 
 def _load_toml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CredentialError(f"{path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
     import tomllib
 
     try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise CredentialError(f"{path} is not valid: {' '.join(str(exc).split())}") from None
 
 
@@ -152,20 +155,21 @@ def resolve(directory: Path | None, hub: str | None, profile: str | None = None)
 
 
 def local_target(directory: Path | None) -> Target:
-    from hub.config import ConfigError, hub_dir, load_config
-
-    try:
-        cfg = load_config(hub_dir(directory))
-    except ConfigError as exc:
-        raise CredentialError(str(exc)) from None
+    """The hub directory's API and operator identity. Reads only what it needs (hub.config's checks of fleet.toml
+    run where the registry is opened: the hub, or the in-process API), to keep the revoke path lean."""
+    root = Path(directory or os.environ.get("TESSERA_HUB_DIR") or "tessera-hub").absolute()  # as hub.config.hub_dir
+    if not (root / "fleet.toml").is_file():
+        raise CredentialError(f"{root} is not a Tessera fleet directory (no fleet.toml); "
+                              "run `tessera-hub init` or pass --dir / set TESSERA_HUB_DIR")
     host, port = "127.0.0.1", 0  # port 0: no hub of this directory announced its API, so none runs
     try:
-        h, p = (cfg.root / ADDR_FILE).read_text().split()
+        h, p = (root / ADDR_FILE).read_text().split()
         host, port = ("127.0.0.1" if h in ("0.0.0.0", "::", "") else h), int(p)
     except (OSError, ValueError):
         pass
-    return Target(host, port, cfg.tls_dir / f"{LOCAL_IDENTITY}.pem", cfg.tls_dir / f"{LOCAL_IDENTITY}.key",
-                  cfg.ca_dir / "root.pem", local_dir=cfg.root)
+    tls = root / "tls"
+    return Target(host, port, tls / f"{LOCAL_IDENTITY}.pem", tls / f"{LOCAL_IDENTITY}.key", root / "ca" / "root.pem",
+                  local_dir=root)
 
 
 # --- the client ---------------------------------------------------------------------------------------------------
