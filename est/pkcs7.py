@@ -57,6 +57,8 @@ def parse_certs_only(body: bytes, *, max_size: int = MAX_CERTS_BODY) -> list[x50
         raise BadResponse(exc.code, exc.message) from None
     try:
         certs = pkcs7.load_der_pkcs7_certificates(der)
+    except x509.InvalidVersion:  # not a ValueError: a certificate in it is neither v1, v2 nor v3
+        raise BadResponse("bad_pkcs7", "a certificate in the PKCS#7 SignedData has an invalid version") from None
     except ValueError:
         raise BadResponse("bad_pkcs7", "body is not a DER PKCS#7 SignedData with certificates") from None
     except UnsupportedAlgorithm:  # a well-formed ContentInfo of another type (data, envelopedData, ...)

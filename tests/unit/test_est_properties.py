@@ -519,6 +519,19 @@ def test_certs_only_of_another_content_type_is_bad_pkcs7(content_type_oid):
         assert (err.value.status, err.value.code) == (502, "bad_pkcs7")
 
 
+@pytest.mark.parametrize("version", [3, 6, 255])
+def test_certs_only_with_a_certificate_of_an_invalid_version_is_bad_pkcs7(version):
+    """cryptography raises InvalidVersion (no ValueError) for a certificate version other than v1-v3."""
+    der = pkcs7.certs_only_der([certificate(0)])
+    field = b"\xa0\x03\x02\x01\x02"  # [0] EXPLICIT INTEGER 2 (v3), the TBSCertificate's first field
+    assert der.count(field) == 1
+    body = der.replace(field, field[:-1] + bytes([version]))
+    for form in (body, messages.encode_base64_body(body)):
+        with pytest.raises(EstError) as err:
+            pkcs7.parse_certs_only(form)
+        assert (err.value.status, err.value.code) == (502, "bad_pkcs7")
+
+
 @pytest.mark.parametrize("oid_content", [
     b"\x2a" * 64,  # 64 bytes: past cryptography's 63-byte OBJECT IDENTIFIER limit
     b"\x2a" + b"\xff" * 19 + b"\x01",  # one arc of 134 bits: past its 128-bit arcs
