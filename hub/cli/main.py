@@ -63,6 +63,7 @@ def init(
                                                             "distribution point of every device certificate), e.g. "
                                                             "http://crl.example.com [default: https://<first "
                                                             "--hostname or localhost>:<EST port>]."),
+    as_json: bool = JsonOpt,
 ) -> None:
     """Create a fleet: root, device and service CAs, the hub's TLS certificate, an empty registry."""
     from hub.setup import create_fleet
@@ -74,6 +75,10 @@ def init(
                            est_port=est_port, mqtt_port=mqtt_port, public_url=public_url)
     except errors() as exc:
         fail(str(exc))
+    if as_json:
+        print_json({"fleet": cfg.fleet, "dir": str(cfg.root), "trust_anchor": str(cfg.ca_dir / "root.pem"),
+                    "ca_store": cfg.ca_store, "operator": "svc.local-admin"})
+        return
     out.print(f"fleet [bold]{cfg.fleet}[/] created in {cfg.root}")
     out.print(f"  trust anchor for devices: {cfg.ca_dir / 'root.pem'}")
     out.print(f"  CA keys: {'PKCS#11 token ' + cfg.ca_token_label if cfg.ca_store == 'pkcs11' else 'files (0600)'}")
@@ -100,7 +105,7 @@ def serve(
 
 
 @app.command()
-def crl(directory: Optional[Path] = DirOpt) -> None:
+def crl(directory: Optional[Path] = DirOpt, as_json: bool = JsonOpt) -> None:
     """Re-issue the device CRL now from the registry and show what it holds."""
     from hub.ca.authority import load_ca
     from hub.ca.revocation import publish_crl
@@ -114,6 +119,10 @@ def crl(directory: Optional[Path] = DirOpt) -> None:
     from cryptography import x509
 
     c = x509.load_der_x509_crl(path.read_bytes())
+    if as_json:
+        print_json({"path": str(path), "revoked": len(c), "issued": c.last_update_utc.isoformat(),
+                    "next_update": c.next_update_utc.isoformat()})
+        return
     out.print(f"CRL {path}: {len(c)} revoked, issued {c.last_update_utc:%Y-%m-%d %H:%M}Z, "
               f"next update {c.next_update_utc:%Y-%m-%d %H:%M}Z")
 
@@ -227,6 +236,7 @@ def bundle(
     mqtt_port: Optional[int] = typer.Option(None, help="Broker port [default: from fleet.toml]."),
     module: str = typer.Option("", help="PKCS#11 module on the devices [default: SoftHSM2]."),
     directory: Optional[Path] = DirOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Turn a token batch into per-device bundles (agent.toml, fleet root, one-time token) for the factory."""
     from rich.progress import Progress
@@ -243,6 +253,9 @@ def bundle(
                               progress=lambda k: progress.update(task, completed=k))
     except (BundleError, PolicyError, OSError) as exc:
         fail(str(exc))
+    if as_json:
+        print_json({"bundles": n, "dir": str(out_dir)})
+        return
     out.print(f"{n} bundles in {out_dir}; copy one onto each device (e.g. to /etc/tessera/bundle) and run "
               "provisioning/factory/provision-device.sh there")
 
