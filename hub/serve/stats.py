@@ -17,7 +17,9 @@ import weakref
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 #: tessera_est_denials_total{reason}: every EST refusal lands in exactly one of these.
-DENIAL_REASONS = ("bad_token", "rate_limited", "bad_csr", "bad_certificate", "suspended", "revoked", "other")
+#: `connection`: refused by the listener itself (too many connections from an address, a full queue, a deadline).
+DENIAL_REASONS = ("bad_token", "rate_limited", "bad_csr", "bad_certificate", "suspended", "revoked", "connection",
+                  "other")
 _TOKEN_CODES = frozenset({"unknown_token", "token_used", "token_expired", "token_device_mismatch", "bad_device_id",
                           "missing_auth"})
 _CERT_CODES = frozenset({"client_cert_required", "bad_client_cert", "unknown_cert", "cert_superseded",
@@ -42,6 +44,8 @@ def denial_reason(code: str, status: int | None = None) -> str:
         return "revoked"
     if code in _CERT_CODES:
         return "bad_certificate"
+    if status in (408, 503):
+        return "connection"
     if code in _CSR_CODES or status in (400, 411, 413, 415):
         return "bad_csr"  # the CSR or its body: bad_csr*, bad_pem, unsupported_key, weak_key, content type, size
     return "other"

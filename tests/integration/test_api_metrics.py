@@ -95,7 +95,8 @@ def test_every_metric_is_present_and_parses(mh):
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert {name: families[name].type for name in FAMILIES if name in families} == FAMILIES
     reasons = {s.labels["reason"] for s in families["tessera_est_denials"].samples if s.name.endswith("_total")}
-    assert reasons == {"bad_token", "rate_limited", "bad_csr", "bad_certificate", "suspended", "revoked", "other"}
+    assert reasons == {"bad_token", "rate_limited", "bad_csr", "bad_certificate", "suspended", "revoked",
+                       "connection", "other"}
     actions = {s.labels["action"] for s in families["tessera_revocation_seconds"].samples}
     assert actions == {"suspend", "revoke", "decommission"}
     assert {s.labels["within"] for s in families["tessera_certificates_expiring"].samples} == {"7d", "30d"}
@@ -303,3 +304,18 @@ def test_counts_are_recounted_at_start(tmp_path):
         assert count()["status:pending"] == 4
     finally:
         reg.close()
+
+
+@pytest.mark.parametrize("code, status, reason", [
+    ("unknown_token", 401, "bad_token"), ("token_used", 401, "bad_token"), ("bad_auth_scheme", 401, "bad_token"),
+    ("rate_limited", 429, "rate_limited"), ("bad_csr", 400, "bad_csr"), ("name_mismatch", 403, "bad_csr"),
+    ("body_too_large", 413, "bad_csr"), ("bad_content_type", 415, "bad_csr"),
+    ("device_suspended", 403, "suspended"), ("device_revoked", 403, "revoked"), ("cert_revoked", 403, "revoked"),
+    ("cert_superseded", 403, "bad_certificate"), ("client_cert_required", 401, "bad_certificate"),
+    ("too_many_connections", 503, "connection"), ("request_timeout", 408, "connection"),
+    ("registry", 403, "other"), ("a free text the service never sends\n", None, "other"),
+])
+def test_denial_reasons_are_a_fixed_set(code, status, reason):
+    from hub.serve.stats import DENIAL_REASONS, denial_reason
+
+    assert denial_reason(code, status) == reason and reason in DENIAL_REASONS
