@@ -39,6 +39,7 @@ log = logging.getLogger("tessera.agent")
 WINDOW = 100            # QoS 1 messages handed to paho at once
 CONNECT_TIMEOUT = 15.0
 STATUS_EVERY = 5.0
+IDLE_WAIT = 0.25        # seconds an idle session waits on its socket per loop turn (busy: 50 ms)
 RENEW_RETRY = 60.0      # seconds before retrying a failed renewal
 RENEW_MIN_INTERVAL = 600.0  # a renewed certificate that is due again at once means the clock is wrong
 #: CONNACK reason codes that mean "not you": Bad user name or password, Not authorized, Banned, Bad authentication
@@ -116,6 +117,7 @@ class Agent:
         self._handed: dict[int, int] = {}   # paho mid -> spool row id
         self._acked: list[int] = []         # spool rows PUBACKed since the last loop turn
         self._cursor = 0
+        self._spool_dirty = True  # the spool may hold messages not handed to paho yet
         self._seq = 0
         self._renew_requested: str | None = None   # None, "renew" or "rotate"
         self._renew_command_at: float | None = None  # monotonic time of the last accepted `renew` command
@@ -208,12 +210,14 @@ class Agent:
             return
         ack = self.commands.handle(msg.payload, self.clock())
         self.spool.put(self.topics["ack"], ack, qos=1, retain=False, now=time.time())
+        self._spool_dirty = True
 
     def _connect(self) -> mqtt.Client:
         client = self._new_client()
         self._connected, self._last_log, self._connack = False, "", None
         self._handed.clear()
         self._cursor = 0
+        self._spool_dirty = True  # a new session: everything still in the spool goes out again
         client.connect(self.cfg.broker_host, self.cfg.mqtt_port, keepalive=30)
         deadline = self.monotonic() + CONNECT_TIMEOUT
         while not self._connected and self.monotonic() < deadline and not self.stop_event.is_set():
@@ -231,11 +235,14 @@ class Agent:
             self.spool.ack_many(self._acked)
             self._acked = []
         room = WINDOW - len(self._handed)
-        if room <= 0:
+        if room <= 0 or not self._spool_dirty:  # nothing new since the spool last had less than a window
             return
-        for m in self.spool.pending(room, after_id=self._cursor):
+        pending = self.spool.pending(room, after_id=self._cursor)
+        self._spool_dirty = len(pending) >= room  # a full window: there may be more behind it
+        for m in pending:
             info = client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                self._spool_dirty = True
                 break
             self._cursor = m.id
             if m.qos == 0:
@@ -251,6 +258,7 @@ class Agent:
             readings = {"error": str(exc)[:200]}
         self.spool.put(self.topics["telemetry"], envelope(self.device, readings, self.clock(), self._seq),
                        qos=1, retain=False, now=time.time())
+        self._spool_dirty = True
 
     def _renewal_due(self) -> str | None:
         """'renew'/'rotate' when a renewal is due or asked for; otherwise schedules the next look (no parsing of
@@ -326,7 +334,10 @@ class Agent:
             last_status = self.monotonic()
             switch = False
             while self._connected and not self.stop_event.is_set() and not switch:
-                client.loop(timeout=0.05)
+                # idle (nothing to send): wait on the socket up to IDLE_WAIT, not 50 ms, so 200 idle agents on a
+                # gateway do not wake 20 times a second each; a command or PUBACK still wakes it at once
+                idle = not self._spool_dirty and not self._acked
+                client.loop(timeout=max(0.0, min(IDLE_WAIT, next_telemetry - self.monotonic())) if idle else 0.05)
                 now = self.monotonic()
                 if now >= next_telemetry:
                     self._telemetry()
