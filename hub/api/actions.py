@@ -86,7 +86,8 @@ def bulk_status(registry: Registry, action: str, sel: Selector, confirm_count: i
         db.execute("CREATE TEMP TABLE IF NOT EXISTS api_batch (id TEXT PRIMARY KEY) WITHOUT ROWID")
         db.execute("DELETE FROM temp.api_batch")
         db.conn.executemany("INSERT INTO temp.api_batch (id) VALUES (?)", [(i,) for i in ids])
-        presence = ", online = 0" if status != "active" else ""
+        # cut off: offline now, and last seen now if it was online (presence readers follow the last_seen index)
+        presence = ", last_seen = CASE WHEN online = 1 THEN ? ELSE last_seen END, online = 0" if status != "active" else ""
         if status == "active":  # never enrolled (no certificate): back to pending
             new_status = dict(db.execute(
                 "UPDATE devices SET status = CASE WHEN EXISTS (SELECT 1 FROM certificates c "
@@ -94,7 +95,7 @@ def bulk_status(registry: Registry, action: str, sel: Selector, confirm_count: i
                 "WHERE id IN (SELECT id FROM temp.api_batch) RETURNING id, status").fetchall())
         else:
             db.execute(f"UPDATE devices SET status = ?{presence} WHERE id IN (SELECT id FROM temp.api_batch)",
-                       [status])
+                       [status, at])
             new_status = dict.fromkeys(ids, status)
         revoked: dict[str, list[str]] = {}
         if status == "revoked":

@@ -12,7 +12,7 @@ from hub.api.openapi import document
 from hub.api.queries import BadRequest, Conflict, NotFound, Selector
 from hub.api.routes import all_routes
 from hub.authz.policy import API_PERMISSIONS, DEFAULT_ROLES, GRANTABLE_ROLES
-from hub.registry.store import Registry
+from hub.registry.store import Registry, _ts
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -93,6 +93,19 @@ def test_every_filter_uses_an_index(reg, raw):
         f"EXPLAIN QUERY PLAN SELECT d.id FROM {source} WHERE {where} AND {key} > ? ORDER BY {key} LIMIT 101",
         [*params, ""])]
     assert all(step.startswith(("SEARCH", "LIST SUBQUERY")) for step in plan), plan  # no SCAN, no sort
+
+
+def test_bulk_suspend_marks_the_online_ones_offline_and_last_seen_now(reg):
+    with reg.write() as db:
+        db.execute("UPDATE devices SET online = 1, last_seen = '2026-01-01T00:00:00.000000+00:00' "
+                   "WHERE id IN ('dev-0001', 'dev-0003')")
+    actions.bulk_status(reg, "suspend", Selector.parse({"ids": ["dev-0001", "dev-0002"]}, allow_ids=True), 2, "",
+                        NOW, "svc.ops")
+    rows = {r["id"]: r for r in reg.query("SELECT id, online, last_seen FROM devices WHERE id IN "
+                                         "('dev-0001', 'dev-0002', 'dev-0003')")}
+    assert rows["dev-0001"]["online"] == 0 and rows["dev-0001"]["last_seen"] == _ts(NOW)
+    assert rows["dev-0002"]["online"] == 0 and rows["dev-0002"]["last_seen"] is None  # never seen stays so
+    assert rows["dev-0003"]["online"] == 1  # not selected
 
 
 def test_bulk_revoke_is_one_transaction_with_events(reg):
