@@ -91,9 +91,17 @@ class JobRunner:
         return self._thread
 
     def stop(self) -> None:
+        """End the thread, then apply the acks still queued."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.flush()
+
+    def flush(self) -> None:
+        """Apply every ack queued so far. serve calls it once its MQTT session has ended (after the runner thread
+        stopped), so no ack the hub received is lost at a shutdown."""
+        while not self._acks.empty():
+            self._drain_acks(self.clock())
 
     def tick(self) -> None:
         now = self.clock()

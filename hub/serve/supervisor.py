@@ -101,10 +101,17 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
                              registry_path=cfg.registry_path, device_ca=cfg.ca_dir / "device-ca.pem",
                              service_ca=cfg.ca_dir / "service-ca.pem", limits=limits, on_event=event)
     live = LiveHub(cfg, ca, registry, broker)
+    from hub.jobs import schema as jobs_schema
+    from hub.jobs.runner import JobRunner
+
+    jobs = JobRunner(live)  # takes acks from the first MQTT message on (its thread starts below)
+    live.ack_listeners.append(jobs.on_ack)
     stack: list[Callable[[], None]] = []
     try:
+        jobs_schema.apply_schema(registry)
         broker.start()
         stack.append(broker.stop)
+        stack.append(jobs.flush)  # after the hub's MQTT session ended: every ack it received is applied
         admin_mqtt = AdminClient(host, mqtt_port, cfg.ca_dir / "root.pem", tls_dir / "admin.pem",
                                  tls_dir / "admin.key", on_status=live.on_status,
                                  on_device_message=live.on_device_message)
@@ -123,10 +130,6 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
 
         from hub.api.server import configured_port, start_api
 
-        from hub.jobs import schema as jobs_schema
-        from hub.jobs.runner import JobRunner
-
-        jobs_schema.apply_schema(registry)
         api_port, api_explicit = (api_port, True) if api_port is not None else configured_port(cfg)
         try:
             api = start_api(cfg, live, host, api_port)
@@ -141,9 +144,7 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
             registry.audit("api.start", "error", _now(), actor="hub", detail=f"{host}:{api_port}: {exc}")
             api_line = f"API   not started: port {api_port} unavailable ({exc.strerror or exc})"
 
-        jobs = JobRunner(live)  # running jobs resume (acks of commands sent before a restart still match)
-        live.ack_listeners.append(jobs.on_ack)
-        jobs.start()
+        jobs.start()  # running jobs resume (acks of commands sent before a restart still match)
         stack.append(jobs.stop)
 
         sock_server, _ = admin.serve(cfg.admin_socket, _dispatch(live))

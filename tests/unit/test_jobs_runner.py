@@ -236,3 +236,17 @@ def test_retries_send_a_device_again(env):
     ticks(r, clock, 3.0)
     got = store.get_job(reg, job_id)
     assert len([s for s in pub.sent if s[0] == "d-0"]) == 2 and got["counts"]["timed_out"] == 1
+
+
+def test_stop_applies_the_acks_still_queued(env):
+    reg, clock, pub = env
+    online(reg, clock, "d-0")
+    r = runner(reg, clock, pub)
+    job_id = job(reg, clock, rate_per_minute=600)
+    r.tick()
+    ack_all(r, pub)  # received by the hub, not yet applied by a tick
+    r.stop()  # (serve: after its MQTT session ended, flush applies whatever came in meanwhile)
+    assert store.get_job(reg, job_id)["counts"]["acked"] == 1
+    r.on_ack("d-0", {"id": "late", "ok": True, "result": {}})
+    r.flush()
+    assert r._acks.empty()
