@@ -302,6 +302,15 @@ def test_counts_are_recounted_at_start(tmp_path):
         assert count()["status:pending"] == 3
         reg.create_devices_with_tokens([("r-9", None, None)], "acme", now, timedelta(days=1))  # triggers back
         assert count()["status:pending"] == 4
+        with reg.write() as db:  # an active certificate written behind the expiry triggers' back
+            db.execute("DROP TRIGGER metrics_certs_insert")
+            db.execute("INSERT INTO certificates (serial, device_id, subject, not_before, not_after, "
+                       "fingerprint_sha256, status, issued_at, pem) VALUES ('1', 'r-1', 'CN=r-1', "
+                       "'2026-12-01T00:00:00.000000+00:00', '2026-12-05T10:30:00.000000+00:00', 'f', 'active', "
+                       "'2026-12-01T00:00:00.000000+00:00', 'pem')")
+        assert reg.query("SELECT COUNT(*) AS n FROM metrics_expiry")[0]["n"] == 0
+        apply_schema(reg, now)
+        assert reg.query("SELECT hour, n FROM metrics_expiry") == [{"hour": "2026-12-05T10", "n": 1}]
     finally:
         reg.close()
 
