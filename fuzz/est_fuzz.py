@@ -11,7 +11,8 @@ re-encoding).
     .venv/bin/python fuzz/est_fuzz.py crash-<sha1>                                          # reproduce
 
 libFuzzer writes new inputs into the FIRST corpus directory: give it a scratch one, keep fuzz/corpus/est (the
-seeds, made by fuzz/make_corpus.py) second.  Importing this module (not running it) needs no atheris:
+seeds, made by fuzz/make_corpus.py) second.  fuzz/corpus/est-crashes keeps every crash found so far (a
+crash-* file, renamed after what it hit, committed with its fix): pass it too, as the tests do.  Importing this module (not running it) needs no atheris:
 ``one_input`` is plain Python, used by tests/integration/test_est_fuzz.py on the seeds.
 """
 

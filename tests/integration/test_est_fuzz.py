@@ -2,7 +2,8 @@
 
 EST_FUZZ_SECONDS (default 30) bounds the run; EST_FUZZ_SEED fixes libFuzzer's seed (CI: 1; else random).  A crash fails the test with the traceback, the reproducer's
 bytes and the command that replays it.  The seeds (fuzz/corpus/est, made by fuzz/make_corpus.py) must each
-be accepted by their entry point and cover every entry point.
+be accepted by their entry point and cover every entry point; the past crashes (fuzz/corpus/est-crashes, added
+by hand from libFuzzer's crash-* files) must each be refused with an EstError, and each fuzz run replays them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = ROOT / "fuzz" / "est_fuzz.py"
 SEEDS = ROOT / "fuzz" / "corpus" / "est"
+CRASHES = ROOT / "fuzz" / "corpus" / "est-crashes"  # every crash found so far (fixed): replayed by each run
 SECONDS = int(os.environ.get("EST_FUZZ_SECONDS", "30"))
 # CI replays one libFuzzer seed (a failure there reruns the same way); elsewhere 0 = a new random seed each run
 SEED = int(os.environ.get("EST_FUZZ_SEED") or (1 if os.environ.get("CI") else 0))
@@ -81,13 +83,22 @@ def test_every_seed_is_accepted_and_every_entry_point_has_one():
     assert seen == {name for name, _ in harness.ENTRY_POINTS}
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in CRASHES.iterdir()))
+def test_past_crash_is_refused_cleanly(name):
+    harness = _harness()
+    data = (CRASHES / name).read_bytes()
+    entry, target = harness.ENTRY_POINTS[data[0] % len(harness.ENTRY_POINTS)]
+    with pytest.raises(harness.Rejected):
+        target(data[1:])
+
+
 def test_fuzz_target_finds_no_crash(tmp_path):
     _need_atheris()
     corpus = tmp_path / "corpus"  # libFuzzer adds new inputs to the first directory: never the seeds
     corpus.mkdir()
     rc, output, artifacts = run_target(
         tmp_path, f"-max_total_time={SECONDS}", f"-seed={SEED}", "-timeout=20", "-rss_limit_mb=2048", "-max_len=8192",
-        "-print_final_stats=1", str(corpus), str(SEEDS), timeout=SECONDS + 180,
+        "-print_final_stats=1", str(corpus), str(SEEDS), str(CRASHES), timeout=SECONDS + 180,
     )
     assert rc == 0 and not artifacts, crash_report(rc, output, artifacts)
     runs = re.search(r"stat::number_of_executed_units:\s*(\d+)", output)
