@@ -8,8 +8,8 @@ decides every field of the certificate (CN=svc.<name>, O=<fleet>, clientAuth, th
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -141,8 +141,6 @@ def ensure_local_operator(cfg, ca, registry: Registry, now: datetime) -> bool:
                      description="the hub directory's local operator (the CLI on this machine)")
     else:
         _renew(registry, cert, now)
-    import os
-
     os.replace(tmp_key, key_path)
     os.replace(tmp_cert, cert_path)
     return True
@@ -297,7 +295,3 @@ ROUTES: tuple[Route, ...] = (
           revoke, params=(_NAME,), body="IdentityRevoke", response="IdentityRevoked",
           errors=(400, 403, 404, 409)),
 )
-
-
-def local_operator_paths(tls_dir: Path) -> tuple[Path, Path]:
-    return tls_dir / f"{LOCAL_OPERATOR}.pem", tls_dir / f"{LOCAL_OPERATOR}.key"

@@ -10,8 +10,7 @@ from typing import Optional
 
 import typer
 
-from hub.cli.util import (DirOpt, HubOpt, JsonOpt, ProfileOpt, api, api_errors, device_id_arg, fail, print_json,
-                          print_table, say)
+from hub.cli.util import DirOpt, HubOpt, JsonOpt, ProfileOpt, api, device_id_arg, fail, print_json, print_table, say
 
 device_app = typer.Typer(help="Add, list, inspect, edit, suspend, resume, revoke, decommission and command devices.",
                          no_args_is_help=True)
