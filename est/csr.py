@@ -147,7 +147,8 @@ def check_csr_request(
     try:
         cns = [attr.value for attr in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         extensions = csr.extensions
-    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+    except (ValueError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        # TypeError: cryptography's Name refuses e.g. a commonName encoded as a BIT STRING that way
         raise BadRequest("bad_csr", f"CSR subject or extension request is malformed ({type(exc).__name__})") from None
 
     _check_not_ca(extensions)

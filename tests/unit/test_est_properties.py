@@ -389,6 +389,52 @@ def test_csr_with_any_requested_extension_value_is_handled(oid, value):
         assert isinstance(result, EstError) and (result.status, result.code) == (400, "bad_csr")
 
 
+def signed_csr_der(subject: bytes, attributes: bytes) -> bytes:
+    """A CertificationRequest built by hand around any subject / attributes DER, validly signed (P-256)."""
+    key = private_key("secp256r1")
+    spki = key.public_key().public_bytes(DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    info = tlv(0x30, b"\x02\x01\x00" + subject + spki + tlv(0xA0, attributes))
+    ecdsa_sha256 = tlv(0x30, tlv(0x06, bytes.fromhex("2a8648ce3d040302")))
+    return tlv(0x30, info + ecdsa_sha256 + tlv(0x03, b"\x00" + key.sign(info, ec.ECDSA(hashes.SHA256()))))
+
+
+STRING_TAGS = [0x0C, 0x13, 0x14, 0x16, 0x1E, 0x1C, 0x1A, 0x03, 0x04, 0x02, 0x05, 0x30]
+name_oids = st.sampled_from([bytes.fromhex(h) for h in ("550403", "55040a", "550405", "2a864886f70d010901", "2a03")])
+subjects = st.lists(
+    st.builds(lambda oid, tag, value: tlv(0x31, tlv(0x30, tlv(0x06, oid) + tlv(tag, value))),
+              name_oids, st.sampled_from(STRING_TAGS), st.one_of(st.just(DEVICE.encode()), st.binary(max_size=20))),
+    max_size=3,
+).map(lambda rdns: tlv(0x30, b"".join(rdns)))
+extension_request = st.builds(  # Attribute { extensionRequest, SET { Extensions } } with any extension values
+    lambda exts: tlv(0x30, tlv(0x06, bytes.fromhex("2a864886f70d01090e")) + tlv(0x31, tlv(0x30, b"".join(exts)))),
+    st.lists(st.builds(lambda oid, crit, value: tlv(0x30, tlv(0x06, oid) + crit + tlv(0x04, value)),
+                       st.sampled_from([bytes.fromhex(h) for h in ("551d11", "551d0f", "551d13", "551d25", "2a03")]),
+                       st.sampled_from([b"", b"\x01\x01\xff", b"\x01\x01\x00"]),
+                       st.one_of(der_trees, st.binary(max_size=20))),
+             max_size=3),
+)
+
+
+@FAST
+@given(subject=subjects, attributes=st.one_of(extension_request, der_trees, st.just(b"")))
+def test_signed_csr_with_any_subject_and_attributes_is_handled(subject, attributes):
+    """Past the signature check: whatever the subject and the extension request hold, a value or a 4xx."""
+    body = messages.encode_base64_body(signed_csr_der(subject, attributes))
+    csr = outcome(SERVER, parse_enroll_request, messages.CT_PKCS10, body, DEVICE)
+    if isinstance(csr, x509.CertificateSigningRequest):
+        assert all(a.value == DEVICE for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME))
+
+
+@pytest.mark.parametrize("tag", [0x03, 0x02, 0x30])
+def test_csr_whose_common_name_is_not_a_string_is_bad_csr(tag):
+    """A commonName as BIT STRING made cryptography's Name raise TypeError, which escaped as a 500."""
+    subject = tlv(0x30, tlv(0x31, tlv(0x30, tlv(0x06, bytes.fromhex("550403")) + tlv(tag, b"\x00dev"))))
+    body = messages.encode_base64_body(signed_csr_der(subject, b""))
+    with pytest.raises(EstError) as err:
+        parse_enroll_request(messages.CT_PKCS10, body, DEVICE)
+    assert (err.value.status, err.value.code) == (400, "bad_csr")
+
+
 @FAST
 @given(index=st.integers(0, len(DEVICE) - 1), char=st.sampled_from("abcxyz0123456789-"))
 def test_csr_whose_signed_part_changed_is_refused(index, char):
