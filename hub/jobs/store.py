@@ -18,7 +18,6 @@ from hub.registry.store import Registry
 
 from .engine import DEVICE_STATES, FINISHED_JOB_STATES, Counts, Spec
 
-_AUDIT = "INSERT INTO audit (at, actor, action, device_id, outcome, detail, source) VALUES (?, ?, ?, NULL, ?, ?, ?)"
 _JOB_COLUMNS = ("id", "name", "command", "args", "selector", "rate_per_minute", "timeout_s", "abort_percent",
                 "min_finished", "offline", "deadline", "max_in_flight", "retries", "state", "total", "created_by",
                 "created", "started", "finished", "reason")
@@ -105,10 +104,10 @@ def create_job(registry: Registry, spec: dict[str, Any], sel: Selector, confirm_
         total = db.execute(f"INSERT INTO job_devices (job_id, device_id, state) SELECT ?, d.id, 'queued' "
                            f"FROM {frm} WHERE {where}", [job_id, *params]).rowcount
         db.execute("UPDATE jobs SET total = ?, n_queued = ? WHERE id = ?", [total, total, job_id])
-        db.execute(_AUDIT, [at, actor, "job.create", "ok",
+        registry.append_audit(db, [(at, actor, "job.create", None, "ok",
                             f"job {job_id} {spec['name']!r}: {spec['command']} to {total} devices; "
                             f"{_num(spec['rate_per_minute'])}/min, timeout {_num(spec['timeout_s'])} s, "
-                            f"abort > {_num(spec['abort_percent'])}%, offline {spec['offline']}", source])
+                            f"abort > {_num(spec['abort_percent'])}%, offline {spec['offline']}", source)])
     return get_job(registry, job_id)
 
 
@@ -170,8 +169,8 @@ def operator_action(registry: Registry, job_id: int, action: str, actor: str, no
             db.execute("UPDATE jobs SET state = ?, finished = CASE WHEN ? = 'cancelled' THEN ? ELSE finished END, "
                        "reason = CASE WHEN ? = 'cancelled' THEN ? ELSE reason END WHERE id = ?",
                        [new, new, at, new, f"cancelled by {actor}", job_id])
-            db.execute(_AUDIT, [at, actor, f"job.{action}", "ok",
-                                f"job {job_id} {rows[0]['name']!r}: {old} -> {new}", source])
+            registry.append_audit(db, [(at, actor, f"job.{action}", None, "ok",
+                                f"job {job_id} {rows[0]['name']!r}: {old} -> {new}", source)])
     return get_job(registry, job_id)
 
 
@@ -281,8 +280,8 @@ def finish(registry: Registry, job_id: int, state: str, reason: str | None, now:
             return False
         db.execute("UPDATE jobs SET state = ?, finished = ?, reason = ? WHERE id = ?", [state, at, reason, job_id])
         counts = ", ".join(f"{s} {rows[0][f'n_{s}']}" for s in DEVICE_STATES)
-        db.execute(_AUDIT, [at, actor, f"job.{'complete' if state == 'completed' else 'abort'}",
+        registry.append_audit(db, [(at, actor, f"job.{'complete' if state == 'completed' else 'abort'}", None,
                             "ok" if state == "completed" else "error",
                             f"job {job_id} {rows[0]['name']!r} (created by {rows[0]['created_by']}): running -> "
-                            f"{state}; {counts}" + (f"; {reason}" if reason else ""), None])
+                            f"{state}; {counts}" + (f"; {reason}" if reason else ""), None)])
     return True
