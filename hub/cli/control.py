@@ -16,8 +16,11 @@ NOT_RUNNING_NOTE = "the hub is not running: recorded; the broker enforces it fro
 
 def status_change(client: ApiClient, device_id: str, action: str, reason: str) -> dict[str, Any]:
     """POST /api/v1/devices/{id}/status: the API's answer (device, changed, revoked_serials, sessions_cut,
-    broker_note, timings). ApiError for a problem (404 no device, 409 a final status)."""
-    return client.post(f"/api/v1/devices/{device_id}/status", {"action": action, "reason": reason})
+    broker_note, timings). ApiError for a problem (400 an invalid device id: the API checks it, 404 no device, 409 a
+    final status)."""
+    from urllib.parse import quote
+
+    return client.post(f"/api/v1/devices/{quote(device_id, safe='')}/status", {"action": action, "reason": reason})
 
 
 def summary(result: dict[str, Any], hub_running: bool) -> str:

@@ -41,9 +41,14 @@ def test_a_bad_hub_url_is_one_clean_line(tmp_path, capsys):
 
 
 def test_bad_device_id_is_one_clean_line(tmp_path, capsys):
-    assert status_fast_path(["device", "suspend", "Bad/Id", "--dir", str(tmp_path)]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: invalid device id") and err.count("\n") == 1
+    """The API checks the id (in-process here: no hub runs), with the policy's own message."""
+    subprocess.run([sys.executable, "-m", "hub.cli.main", "init", "--fleet", "f", "--dir", str(tmp_path / "h")],
+                   check=True, capture_output=True)
+    for bad in ("Bad/Id", "hub", "../x"):
+        assert status_fast_path(["device", "suspend", bad, "--dir", str(tmp_path / "h")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: invalid device id" if bad != "hub" else "error: device id 'hub' is reserved")
+        assert err.count("\n") == 1, err
 
 
 def _credential(tmp_path):
@@ -85,7 +90,8 @@ def test_the_fast_path_does_not_load_the_cli_framework(tmp_path):
     _credential(tmp_path)
     code = ("import sys; from hub.cli.entry import status_fast_path; "
             "rc = status_fast_path(['device', 'revoke', 'x', '--reason', 'r']); "
-            "print(rc, sorted(m for m in ('typer', 'rich', 'cryptography', 'sqlite_utils', 'pydantic', 'aiohttp') "
+            "print(rc, sorted(m for m in ('typer', 'rich', 'cryptography', 'sqlite_utils', 'pydantic', 'aiohttp', "
+            "'dataclasses') "
             "if m in sys.modules))")
     env = {k: v for k, v in os.environ.items() if k not in ("XDG_CONFIG_HOME", "TESSERA_HUB", "TESSERA_PROFILE")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
