@@ -35,6 +35,7 @@ else:
 
 with _instrumented:
     from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 
     from est import auth, csr as est_csr, csrattrs, messages, pkcs7
@@ -149,6 +150,29 @@ def _check_credentials(creds: auth.BasicCredentials) -> None:
     assert auth.parse_basic_auth(auth.basic_auth_header(*creds)) == creds
 
 
+SIGNING_KEY = ec.derive_private_key(0x7E55E7A, ec.SECP256R1())
+
+
+def signed_csr_der(subject: bytes, attributes: bytes) -> bytes:
+    """A CertificationRequest around any subject / attributes DER, validly signed: gets past the signature check."""
+    spki = SIGNING_KEY.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    info = csrattrs._tlv(0x30, b"\x02\x01\x00" + subject + spki + csrattrs._tlv(0xA0, attributes))
+    signature = SIGNING_KEY.sign(info, ec.ECDSA(hashes.SHA256()))
+    ecdsa_sha256 = bytes.fromhex("300a06082a8648ce3d040302")
+    return csrattrs._tlv(0x30, info + ecdsa_sha256 + csrattrs._tlv(0x03, b"\x00" + signature))
+
+
+def fuzz_csr_signed(data: bytes) -> None:
+    """``<n><subject: n bytes><attributes>``, signed by the harness: fuzzes what the server checks after the signature."""
+    if not data:
+        return
+    n = data[0]
+    subject, attributes = data[1 : 1 + n], data[1 + n :]
+    fuzz_enroll(messages.CT_PKCS10.encode() + b"\n" + messages.encode_base64_body(signed_csr_der(subject, attributes)))
+
+
 ENTRY_POINTS = (
     ("base64", fuzz_base64),
     ("base64_pem", fuzz_base64_pem),
@@ -160,6 +184,7 @@ ENTRY_POINTS = (
     ("certs_only", fuzz_certs_only),
     ("csrattrs", fuzz_csrattrs),
     ("basic", fuzz_basic),
+    ("csr_signed", fuzz_csr_signed),  # new entry points go last: the seeds' and crashes' selectors stay valid
 )
 SELECTOR = {name: index for index, (name, _) in enumerate(ENTRY_POINTS)}
 

@@ -75,7 +75,16 @@ def seeds() -> dict[str, tuple[str, bytes]]:
     long_oids = (x509.ObjectIdentifier(".".join(["1.3.6.1.4.1", *big])),  # 57 bytes
                  csrattrs.CsrAttribute(x509.ObjectIdentifier(".".join(["2", str(2**100), *big[:3]])),
                                        (csrattrs.OID_SECP256R1,)))
+    # csr_signed: <subject length><subject><attributes>, an extensionRequest with a subjectAltName and basicConstraints
+    tlv = csrattrs._tlv
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEVICE)]).public_bytes()
+    san = x509.SubjectAlternativeName([x509.DNSName(DEVICE)]).public_bytes()
+    extensions = tlv(0x30, tlv(0x30, tlv(0x06, bytes.fromhex("551d11")) + tlv(0x04, san))
+                     + tlv(0x30, tlv(0x06, bytes.fromhex("551d13")) + b"\x01\x01\xff" + tlv(0x04, b"\x30\x00")))
+    attributes = tlv(0x30, tlv(0x06, bytes.fromhex("2a864886f70d01090e")) + tlv(0x31, extensions))
     return {
+        "csr-signed-p256": ("csr_signed", bytes([len(subject)]) + subject + attributes),
+        "csr-signed-empty": ("csr_signed", b"\x02\x30\x00"),
         "base64-crlf": ("base64", messages.encode_base64_body(b"\x30\x03\x02\x01\x00" * 20)),
         "base64-spaces": ("base64", b" TUlJ\tQ0Fn \r\nPT0=\n"),
         "base64-pem": ("base64_pem", pem),
