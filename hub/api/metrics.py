@@ -16,7 +16,7 @@ tessera_broker_connections              clients connected to the broker now: Mos
 tessera_crl_age_seconds{crl}, tessera_crl_next_update_seconds{crl}
                                         the published device / service CRL: now - lastUpdate, nextUpdate - now
                                         (negative: overdue); parsed again only when the file changes
-tessera_job_devices{job,state}          devices of each running job (label job: its id) by state, from the job
+tessera_job_devices{job_id,state}       devices of each running job by state (not `job`: Prometheus owns that label), from the job
                                         row's per-state counters (hub/jobs/schema.py); none without those tables
 
 Why triggers: with 1M devices the same counts as GROUP BY / COUNT queries over the indexes take 0.7-1.5 s a
@@ -243,7 +243,8 @@ class FleetCollector:
         yield nxt
 
     def _jobs(self, reg: Registry) -> GaugeMetricFamily:
-        fam = GaugeMetricFamily("tessera_job_devices", "Devices of each running job by state", labels=["job", "state"])
+        fam = GaugeMetricFamily("tessera_job_devices", "Devices of each running job by state",
+                                labels=["job_id", "state"])
         try:
             if len(reg.query("SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('jobs', "
                              "'job_devices')")) < 2:

@@ -273,14 +273,14 @@ def test_job_devices_without_the_jobs_tables(tmp_path):
 
 def test_job_devices_from_the_job_counters(tmp_path):
     samples = _collect(tmp_path, jobs="hub.jobs")["tessera_job_devices"].samples
-    assert {(s.labels["job"], s.labels["state"]): s.value for s in samples} == {
+    assert {(s.labels["job_id"], s.labels["state"]): s.value for s in samples} == {
         ("1", "queued"): 3, ("1", "sent"): 2, ("1", "acked"): 5, ("1", "failed"): 0, ("1", "timed_out"): 0,
         ("1", "offline"): 0}
 
 
 def test_job_devices_counted_without_counters(tmp_path):
     samples = _collect(tmp_path, jobs="minimal")["tessera_job_devices"].samples
-    assert sorted((s.labels["job"], s.labels["state"], s.value) for s in samples) == [("1", "acked", 2),
+    assert sorted((s.labels["job_id"], s.labels["state"], s.value) for s in samples) == [("1", "acked", 2),
                                                                                      ("1", "sent", 1)]
 
 
