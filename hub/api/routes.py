@@ -27,16 +27,18 @@ async def list_devices(api, request: web.Request, principal) -> web.StreamRespon
     if fmt not in ("json", "csv"):
         raise BadRequest("format must be json or csv", "format")
     limit = page_limit(q.pop("limit", None))
+    sort = queries.parse_sort(q.pop("sort", None))
     cursor = q.pop("cursor", None)
-    after = queries.decode_cursor(cursor) if cursor is not None else None
+    after = queries.decode_cursor(cursor, sort) if cursor is not None else None
     sel = Selector.parse(q)
     if fmt == "csv":
-        return await _csv(api, request, sel, after)
-    items, next_cursor = await api.run(queries.list_devices, api.registry, sel, limit, after)
+        return await _csv(api, request, sel, after, sort)
+    items, next_cursor = await api.run(queries.list_devices, api.registry, sel, limit, after, sort)
     return json_response({"items": items, "next_cursor": next_cursor})
 
 
-async def _csv(api, request: web.Request, sel: Selector, after: str | None) -> web.StreamResponse:
+async def _csv(api, request: web.Request, sel: Selector, after: queries.Position | None,
+               sort: str) -> web.StreamResponse:
     """Every matching device (from the cursor on), streamed a keyset page at a time."""
     resp = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8",
                                        "Content-Disposition": 'attachment; filename="devices.csv"'})
@@ -45,7 +47,7 @@ async def _csv(api, request: web.Request, sel: Selector, after: str | None) -> w
     writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(queries.DEVICE_COLUMNS)
     while True:
-        items, cursor = await api.run(queries.list_devices, api.registry, sel, 1000, after)
+        items, cursor = await api.run(queries.list_devices, api.registry, sel, 1000, after, sort)
         for d in items:
             writer.writerow([d["id"], d["status"], ";".join(d["groups"]),
                              ";".join(f"{k}={v}" for k, v in sorted(d["labels"].items())),
@@ -56,7 +58,7 @@ async def _csv(api, request: web.Request, sel: Selector, after: str | None) -> w
         buf.truncate()
         if cursor is None:
             break
-        after = items[-1]["id"]
+        after = queries.decode_cursor(cursor, sort)
     await resp.write_eof()
     return resp
 
@@ -217,13 +219,16 @@ DEVICE_ROUTES: tuple[Route, ...] = (
     Route("GET", f"{PREFIX}/openapi.json", "openapi", "read", "This OpenAPI document", openapi,
           response="OpenApiDocument"),
     Route("GET", f"{PREFIX}/devices", "devices.list", "read",
-          "List devices (filters, keyset paging by id; format=csv streams every match)", list_devices,
+          "List devices (filters, sort, keyset paging; format=csv streams every match)", list_devices,
           params=(*FILTER_PARAMS,
                   q("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100}, "page size"),
+                  q("sort", {"type": "string", "enum": list(queries.SORTS), "default": "id"},
+                    "order: id, created, last_seen (never seen first) or cert_expires (only devices with an active "
+                    "certificate); a leading '-' reverses it"),
                   q("cursor", {"type": "string", "minLength": 1, "maxLength": queries.MAX_CURSOR,
                               "pattern": "^[A-Za-z0-9_-]+$"},
-                     "next_cursor of the previous page (absent for the first page; an empty or altered cursor is "
-                     "a 400)"),
+                     "next_cursor of the previous page with the same sort (absent for the first page; an empty or "
+                     "altered cursor is a 400)"),
                   q("format", {"type": "string", "enum": ["json", "csv"], "default": "json"}, "json or csv")),
           response="DevicePage", also=("text/csv",), errors=(400, 403)),
     Route("POST", f"{PREFIX}/devices", "devices.create", "act",

@@ -101,6 +101,9 @@ def device_list(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, max=1000, help="Devices per page [default: 100; "
                                                                                 "1000 with --all].",
                                         show_default=False),
+    sort: Optional[str] = typer.Option(None, "--sort", help="Order: id (the default), created, last_seen or "
+                                                            "cert_expires; a leading '-' reverses it (--sort=-created).",
+                                       show_default=False),
     cursor: Optional[str] = typer.Option(None, "--cursor", help="Continue after a previous page (its hint)."),
     every: bool = typer.Option(False, "--all", help="Every matching device (all pages)."),
     as_csv: bool = typer.Option(False, "--csv", help="CSV of every matching device (streamed)."),
@@ -108,7 +111,7 @@ def device_list(
 ) -> None:
     """List devices (filters; a page at a time, --all for every page): status, online, last seen, cert expiry."""
     params = {"status": status, "group": group, "label": label, "online": online, "id_prefix": id_prefix,
-              "cert_expires_before": _time_opt(expires_before, "--expires-before")}
+              "cert_expires_before": _time_opt(expires_before, "--expires-before"), "sort": sort}
     if as_csv:
         with api(directory, hub, profile) as client:
             for chunk in client.stream(DEVICES, {**params, "format": "csv", "cursor": cursor}):
@@ -139,7 +142,8 @@ def device_list(
             _print_page(rows, first=True)
         say(f"{shown} device(s)")
     if cursor is not None and not every:
-        sys.stderr.write(f"more: --cursor {cursor} (or --all)\n")
+        again = f" --sort={sort}" if sort else ""
+        sys.stderr.write(f"more: --cursor {cursor}{again} (or --all)\n")
 
 
 def _print_json_page(rows: list[dict], first: bool) -> None:

@@ -238,3 +238,31 @@ def test_cli_decommission_and_device_list(api, tmp_path):
     assert "decommissioned" in lines["dv-cli-live"] and "pending" in lines["dv-cli-new"]  # whole, not wrapped
     proc = api.hub.cli("device", "resume", "dv-cli-live")
     assert proc.returncode != 0 and "decommissioned" in proc.stderr
+
+
+def test_sort_orders_page_through_the_api_and_the_csv_export(api):
+    ids = [f"dv-so-{c}" for c in "abcde"]
+    api.call("POST", DEVICES, who="operator", body={"devices": [{"id": i} for i in ids]})
+    seen, cursor = [], None
+    while True:
+        ans = api.call("GET", f"{DEVICES}?id_prefix=dv-so-&sort=-id&limit=2" + (f"&cursor={cursor}" if cursor else ""))
+        assert ans.status == 200, ans.body
+        page = ans.json()
+        seen += [d["id"] for d in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    first = api.call("GET", f"{DEVICES}?id_prefix=dv-so-&sort=-id&limit=2").json()["next_cursor"]
+    mixed = api.call("GET", f"{DEVICES}?id_prefix=dv-so-&sort=id&limit=2&cursor={first}")
+    is_problem(mixed, 400)  # a cursor belongs to its sort order
+    csv_rows = api.call("GET", f"{DEVICES}?id_prefix=dv-so-&sort=-id&format=csv").body.decode().splitlines()
+    assert [r.split(",")[0] for r in csv_rows[1:]] == ids[::-1]
+    bad = api.call("GET", f"{DEVICES}?sort=color")
+    assert "sort must be one of" in is_problem(bad, 400)["detail"]
+    rows = json.loads(api.hub.cli_ok("device", "list", "--id-prefix", "dv-so-", "--sort=-id", "--json"))
+    assert [r["id"] for r in rows] == ids[::-1]
+    proc = api.hub.cli("device", "list", "--id-prefix", "dv-so-", "--sort=-id", "--limit", "2")
+    assert proc.returncode == 0 and "--sort=-id" in proc.stderr  # the hint continues in the same order
+    proc = api.hub.cli("device", "list", "--sort", "color")
+    assert proc.returncode == 1 and "sort must be one of" in proc.stderr
