@@ -51,7 +51,7 @@ def _public_key_of(csr_pem: Any):
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
         valid = csr.is_signature_valid
-    except (ValueError, UnicodeEncodeError, TypeError):
+    except (ValueError, UnicodeEncodeError, TypeError, x509.InvalidVersion):
         raise BadRequest("csr is not a PEM certificate request", "csr") from None
     if not valid:
         raise BadRequest("csr signature does not verify (the CSR must prove possession of the key)", "csr")
