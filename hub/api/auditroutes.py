@@ -1,5 +1,6 @@
 """The fleet API's audit log route: GET /api/v1/audit, newest first, filtered by device, actor, action, time and
-whether to show the API's own per-call rows (action `api.<route>`).
+whether to show the API's own per-call rows (action `api.<route>`); and GET /api/v1/audit/verify (admin), the
+hash chain's check.
 
 Every filter is served by an index (`AUDIT_SCHEMA`, applied by `apply_schema`; idempotent): device -> the registry's
 audit(device_id, id), actor -> audit(actor, id), action -> audit(action, id), since -> audit(at) bounding the id
@@ -110,6 +111,19 @@ async def audit(api, request: web.Request, principal) -> web.Response:
     return json_response(await api.run(query_audit, api.registry, params))
 
 
+def verify_chain(registry: Registry) -> dict:
+    """GET /audit/verify: recompute the HMAC chain over every row (hub/registry/audit.py)."""
+    v = registry.verify_audit()
+    return {"ok": v.ok, "checked": v.checked, "before_chain": v.before_chain, "head_id": v.head_id,
+            "head_mac": v.head_mac, "broken_at": v.broken_at, "why": v.why or None}
+
+
+async def verify(api, request: web.Request, principal) -> web.Response:
+    if request.query:
+        raise BadRequest("GET /audit/verify takes no parameters", sorted(request.query)[0])
+    return json_response(await api.run(verify_chain, api.registry))
+
+
 _NULLABLE = {"type": ["string", "null"]}
 SCHEMAS: dict[str, dict] = {
     "AuditEntry": {"type": "object", "required": ["id", "at", "actor", "action", "outcome"],
@@ -119,6 +133,12 @@ SCHEMAS: dict[str, dict] = {
     "AuditPage": {"type": "object", "required": ["items", "next_cursor"],
                   "properties": {"items": {"type": "array", "items": {"$ref": "#/components/schemas/AuditEntry"}},
                                  "next_cursor": _NULLABLE}},
+    "AuditVerdict": {"type": "object",
+                     "required": ["ok", "checked", "before_chain", "head_id", "head_mac", "broken_at", "why"],
+                     "properties": {"ok": {"type": "boolean"}, "checked": {"type": "integer"},
+                                    "before_chain": {"type": "integer"}, "head_id": {"type": ["integer", "null"]},
+                                    "head_mac": _NULLABLE, "broken_at": {"type": ["integer", "null"]},
+                                    "why": _NULLABLE}},
 }
 _PRINTABLE = {"type": "string", "pattern": "^[\\x21-\\x7e]{1,128}$"}
 ROUTES: tuple[Route, ...] = (
@@ -136,4 +156,8 @@ ROUTES: tuple[Route, ...] = (
               q("cursor", {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
                 "next_cursor of the previous page")),
           response="AuditPage", errors=(400, 403)),
+    Route("GET", f"{PREFIX}/audit/verify", "audit.verify", "admin",
+          "Recompute the audit log's HMAC chain: rows checked, the head (last id and mac: compare it with one you "
+          "kept, to see rows cut off the end) and the first row that does not verify", verify,
+          response="AuditVerdict", errors=(400, 403)),
 )

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from hub.cli.util import (DirOpt, HubOpt, JsonOpt, ProfileOpt, api, config, device_id_arg, err, errors, fail, now,
-                          out, print_json, print_table, registry)
+                          out, print_json, registry)
 from hub.config import hub_dir
+from hub.cli.audit import audit_app
 from hub.cli.device import device_app
 from hub.cli.identity import identity_app
 from hub.cli.job import job_app
@@ -37,6 +37,7 @@ app.add_typer(identity_app, name="identity")
 app.add_typer(role_app, name="role")
 app.add_typer(report_app, name="report")
 app.add_typer(job_app, name="job")
+app.add_typer(audit_app, name="audit")
 
 
 @app.callback()
@@ -125,38 +126,6 @@ def crl(directory: Optional[Path] = DirOpt, as_json: bool = JsonOpt) -> None:
         return
     out.print(f"CRL {path}: {len(c)} revoked, issued {c.last_update_utc:%Y-%m-%d %H:%M}Z, "
               f"next update {c.next_update_utc:%Y-%m-%d %H:%M}Z")
-
-
-@app.command()
-def audit(
-    directory: Optional[Path] = DirOpt,
-    device: Optional[str] = typer.Option(None, help="Only rows about this device."),
-    actor: Optional[str] = typer.Option(None, help="Only rows by this principal (e.g. svc.alice, est, hub)."),
-    action: Optional[str] = typer.Option(None, help="Only rows of this action (e.g. device.revoked)."),
-    since: Optional[str] = typer.Option(None, help="Only rows at or after this time (ISO 8601, e.g. 2027-01-31)."),
-    limit: int = typer.Option(50, min=1, max=1000, help="How many entries (newest first)."),
-    cursor: Optional[str] = typer.Option(None, "--cursor", help="Continue with older rows (the hint)."),
-    calls: bool = typer.Option(False, "--calls", help="Also the fleet API's own row for every call (api.*: each "
-                                                      "CLI command is one)."),
-    hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt,
-) -> None:
-    """Show the audit log: every enroll, renew, revoke, change and denial (newest first; --calls: API calls too)."""
-    from hub.cli.device import _time_opt
-
-    include = calls or (action or "").startswith("api.")
-    params = {"device": device, "actor": actor, "action": action, "since": _time_opt(since, "--since"),
-              "limit": limit, "cursor": cursor, "api_calls": "include" if include else "exclude"}
-    with api(directory, hub, profile) as client:
-        page = client.get("/api/v1/audit", params)
-    rows = page["items"]
-    if as_json:
-        print_json(rows)
-    else:
-        print_table([{**r, "at": r["at"][:19].replace("T", " ")} for r in rows],
-                    [("at", "at", 19), ("actor", "actor", 12), ("action", "action", 14), ("device_id", "device", 8),
-                     ("outcome", "outcome", 6), ("detail", "detail")])
-    if page["next_cursor"]:
-        sys.stderr.write(f"more: --cursor {page['next_cursor']}\n")
 
 
 app.command("watch")(watch)
