@@ -18,6 +18,7 @@ import base64
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import datetime as dt
 import http.client
 import json
@@ -29,6 +30,7 @@ import socket
 import sqlite3
 import ssl
 import subprocess
+import tempfile
 import sys
 import time
 import warnings
@@ -66,11 +68,19 @@ def hub_binary() -> str:
 
 
 def cli_env() -> dict[str, str]:
-    """Environment for `tessera-hub` children: repo importable, no inherited hub dir, terminal width unset."""
+    """Environment for `tessera-hub` children: repo importable, no inherited hub dir, terminal width unset, and an
+    empty HOME of the test run's own (a developer's ~/.config/tessera/cli.toml or $TESSERA_HUB must not send the
+    tests' commands to another hub)."""
     env = child_env()
-    for name in ("TESSERA_HUB_DIR", "COLUMNS", "LINES"):
+    for name in ("TESSERA_HUB_DIR", "TESSERA_HUB", "TESSERA_PROFILE", "XDG_CONFIG_HOME", "COLUMNS", "LINES"):
         env.pop(name, None)
+    env["HOME"] = _cli_home()
     return env
+
+
+@functools.cache
+def _cli_home() -> str:
+    return tempfile.mkdtemp(prefix="tessera-cli-home-")
 
 
 def run_cli(*args: str, timeout: float = CLI_TIMEOUT, cwd: Path | None = None) -> subprocess.CompletedProcess:
