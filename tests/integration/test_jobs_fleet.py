@@ -4,8 +4,8 @@
    directory and ports mid-job: the job resumes by itself and completes, every device acked (or timed out, only if
    its command was sent while the hub was going down or its session was not back yet), the counts add up, and the
    hub's own `sent_at` stamps keep to the rate (token bucket: one second's burst, a fresh bucket after the restart).
-   A device may only time out if the hub never saw its ack (the hub's device-message log): xfail for now, see
-   test_no_ack_the_hub_received_is_lost_at_the_restart;
+   A device may only time out if the hub never saw its ack (the hub's device-message log; serve applies every
+   ack it received after its MQTT session ends: test_no_ack_the_hub_received_is_lost_at_the_restart);
 2. a job with a command no agent knows (every ack is ok=false) and abort_percent 20 aborts after the first few
    devices: most of the group is never sent anything, and the reason says why.
 
@@ -190,9 +190,6 @@ def test_ping_job_over_the_fleet_survives_a_hub_restart(fleet):  # noqa: F811
           f"timed_out={counts['timed_out']} (sent at {', '.join(lost) or '-'} s from the SIGTERM)", flush=True)
 
 
-@pytest.mark.xfail(reason="hub/jobs/runner.py: JobRunner.stop() ends the runner thread without applying the acks "
-                          "still queued (and serve stops the runner before its MQTT session), so an ack the old hub "
-                          "received in its last ~0.5 s is lost and that device times out", strict=False)
 def test_no_ack_the_hub_received_is_lost_at_the_restart(fleet):  # noqa: F811
     """A device of the restarted ping job may time out only if the hub never saw its ack: the hub's device-message
     log (written by the hub as each message arrives, before and after the restart) must hold no ack with the
