@@ -131,8 +131,9 @@ def pem_armor(der: bytes) -> bytes:
     return b"-----BEGIN X509 CRL-----\n" + b"\n".join(lines) + b"\n-----END X509 CRL-----\n"
 
 
-def _write_temp(directory: Path, final_name: str, data: bytes) -> Path:
-    """Write data to a new temp file next to final_name (mode 0644: a CRL is public), fsynced."""
+def write_temp(directory: Path, final_name: str, data: bytes) -> Path:
+    """Write data to a new temp file `.<final_name>.<random>.tmp` next to final_name (mode 0644: a CRL is public),
+    fsynced. A process killed before its os.replace() leaves it behind: `remove_stale_temps`."""
     fd, name = tempfile.mkstemp(dir=directory, prefix=f".{final_name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -147,7 +148,27 @@ def _write_temp(directory: Path, final_name: str, data: bytes) -> Path:
     return Path(name)
 
 
-def _fsync_dir(directory: Path) -> None:
+def remove_stale_temps(crl_dir: Path) -> list[Path]:
+    """Delete the temp files (`write_temp`) a publication cut short by the end of its process left in crl_dir, and
+    the fixed-name `*.tmp` of older versions; returns them. For the hub's start, before it publishes anything."""
+    removed = []
+    for path in sorted(Path(crl_dir).glob("*.tmp")) + sorted(Path(crl_dir).glob(".*.tmp")):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def pem_matches_der(crl_dir: Path) -> bool:
+    """device.crl.pem is the armor of device.crl (False also when either is missing): the two are renamed into
+    place one after the other, so a process killed between the renames leaves the PEM one CRL behind."""
+    try:
+        return pem_armor((Path(crl_dir) / DER_NAME).read_bytes()) == (Path(crl_dir) / PEM_NAME).read_bytes()
+    except OSError:
+        return False
+
+
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -170,9 +191,9 @@ def write_crl_atomically(crl: x509.CertificateRevocationList, crl_dir: Path, iss
     try:
         der = _encode(crl, serialization.Encoding.DER)  # once: each encoding of a big CRL costs
         pem = pem_armor(der)
-        der_tmp = _write_temp(crl_dir, DER_NAME, der)
+        der_tmp = write_temp(crl_dir, DER_NAME, der)
         temps.append(der_tmp)
-        pem_tmp = _write_temp(crl_dir, PEM_NAME, pem)
+        pem_tmp = write_temp(crl_dir, PEM_NAME, pem)
         temps.append(pem_tmp)
         if der_tmp.read_bytes() != der or pem_tmp.read_bytes() != pem:
             raise CrlError("the CRL read back from disk differs from the one written")
@@ -184,7 +205,7 @@ def write_crl_atomically(crl: x509.CertificateRevocationList, crl_dir: Path, iss
         os.replace(der_tmp, crl_dir / DER_NAME)  # DER first: it is what next_crl_number() reads
         os.replace(pem_tmp, crl_dir / PEM_NAME)
         temps.clear()
-        _fsync_dir(crl_dir)
+        fsync_dir(crl_dir)
     finally:
         for tmp in temps:
             with contextlib.suppress(OSError):

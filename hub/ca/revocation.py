@@ -12,7 +12,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from hub.ca.authority import FleetCA
-from hub.ca.crl import CrlError, crl_needs_refresh, crl_number, next_crl_number, validate_crl, write_crl_atomically
+from hub.ca.crl import (CrlError, crl_needs_refresh, crl_number, fsync_dir, next_crl_number, validate_crl,
+                        write_crl_atomically, write_temp)
 from hub.registry.store import Registry
 
 CRL_LIFETIME = timedelta(days=7)
@@ -56,8 +57,11 @@ def publish_service_crl(ca: FleetCA, registry: Registry | None, crl_dir: Path, n
                    for r in revoked_identity_certificates(registry, now)]
     crl = ca.build_crl(entries, now, crl_number=number, next_update=CRL_LIFETIME, issuer="service")
     pem = crl.public_bytes(serialization.Encoding.PEM)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(pem)
-    validate_crl(tmp.read_bytes(), ca.service_ca, now)
-    tmp.replace(path)
+    tmp = write_temp(crl_dir, SERVICE_CRL, pem)  # fsynced, like the device CRL's files
+    try:
+        validate_crl(tmp.read_bytes(), ca.service_ca, now)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(crl_dir)
     return pem

@@ -13,13 +13,13 @@ import logging
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from hub.broker import BrokerDriver, BrokerError
 from hub.ca.authority import FleetCA
 from hub.config import HubConfig
-from hub.ca.crl import crl_needs_refresh, current_crl
+from hub.ca.crl import crl_needs_refresh, current_crl, pem_matches_der, remove_stale_temps
 from hub.registry.store import Registry, UnknownDevice
 from hub.serve import stats
 from hub.ca.revocation import publish_crl, publish_service_crl
@@ -28,6 +28,8 @@ log = logging.getLogger("tessera.hub")
 
 CRL_MIN_INTERVAL = 2.0    # seconds between two CRL publications after changes (a burst of revokes is one CRL)
 CRL_CHECK_INTERVAL = 60.0  # seconds between checks that the CRL is not due for re-issue
+#: a change committed this close before the CRL's thisUpdate (whole seconds in X.509) may be missing from it
+CRL_LAG_MARGIN = timedelta(seconds=2)
 
 
 class CrlPublisher:
@@ -63,11 +65,35 @@ class CrlPublisher:
         crl = current_crl(self.cfg.crl_dir, self.ca.device_ca)
         return crl is None or crl_needs_refresh(crl, self.clock())
 
+    def lags(self) -> bool:
+        """The CRL files on disk are behind: none yet, a PEM that is not the DER's armor, or an authorization change
+        in the registry (revoke, suspend, resume, identity revocation: each writes an authz event) newer than the
+        device CRL. A process that committed a change and ended before it published (kill -9, power loss) leaves
+        the CRL behind, and nothing else would tell the next process: `due()` only looks at the CRL's own age."""
+        crl = current_crl(self.cfg.crl_dir, self.ca.device_ca)
+        if crl is None or not pem_matches_der(self.cfg.crl_dir):
+            return True
+        rows = self.registry.query("SELECT at FROM authz_events ORDER BY seq DESC LIMIT 1")
+        return bool(rows) and datetime.fromisoformat(rows[0]["at"]) >= crl.last_update_utc - CRL_LAG_MARGIN
+
+    def recover(self) -> None:
+        """At the hub's start: remove the temp files of a publication the previous process did not finish, and
+        publish soon if the CRL lags (`lags`)."""
+        for path in remove_stale_temps(self.cfg.crl_dir):
+            log.warning("removed %s, left by a CRL publication that did not finish", path.name)
+        if self.lags():
+            log.info("the CRL lags the registry: publishing it")
+            self._dirty.set()
+
     def start(self, stop: threading.Event) -> threading.Thread:
         """Run `step` on a thread of its own until `stop` is set: a CRL of 100k entries takes seconds to build,
         and must delay neither a status change nor the hub's shutdown (the files are swapped in atomically, so
-        a publication cut short by the end of the process leaves the previous CRL in place)."""
+        a publication cut short by the end of the process leaves the previous CRL in place). First `recover()`."""
         def loop() -> None:
+            try:
+                self.recover()
+            except Exception:  # noqa: BLE001  (the periodic checks still run)
+                log.exception("CRL recovery at start failed")
             while not stop.wait(0.5):
                 self.step()
 
