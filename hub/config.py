@@ -13,6 +13,8 @@ from hsm.token import TokenConfig
 from hub.ca.policy import Policy
 
 DEFAULT_DIR = "tessera-hub"
+#: The most EST worker processes `[est] workers = 0` picks (SQLite has one writer; each worker is ~40 MB).
+MAX_EST_WORKERS = 8
 
 
 class ConfigError(Exception):
@@ -50,6 +52,8 @@ class HubConfig:
     max_connections_per_source: int = 32
     header_timeout: float = 10.0
     request_timeout: float = 30.0
+    #: EST worker processes sharing the EST port (hub/est/pool.py); 0: one per CPU, at most MAX_EST_WORKERS.
+    est_workers: int = 0
     server_names: list[str] = field(default_factory=lambda: ["localhost", "127.0.0.1"])
     ca_store: str = "file"
     ca_module: str = ""
@@ -107,6 +111,17 @@ class HubConfig:
         return f"{base}/crl/device.crl"
 
     @property
+    def workers(self) -> int:
+        """The EST worker processes to run: `est_workers`, or for 0 the CPUs this process may use (capped)."""
+        if self.est_workers:
+            return self.est_workers
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        return max(1, min(cpus, MAX_EST_WORKERS))
+
+    @property
     def policy(self) -> Policy:
         return Policy(fleet=self.fleet, validity=timedelta(days=self.validity_days),
                       token_ttl=timedelta(days=self.token_ttl_days))
@@ -138,7 +153,10 @@ class HubConfig:
             f"global_failures_per_minute = {self.global_failures_per_minute}",
             "# connections at once per address; seconds from connect to the end of the headers, and of the request",
             f"max_connections_per_source = {self.max_connections_per_source}",
-            f"header_timeout = {self.header_timeout}", f"request_timeout = {self.request_timeout}", "",
+            f"header_timeout = {self.header_timeout}", f"request_timeout = {self.request_timeout}",
+            f"# EST worker processes on the one EST port; 0: one per CPU, at most {MAX_EST_WORKERS}. The limits above "
+            "are hub-wide: each worker gets 1/workers of them",
+            f"workers = {self.est_workers}", "",
             "[mqtt]", f"port = {self.mqtt_port}",
             "# log every device message the hub sees to logs/device-messages.jsonl",
             f"telemetry_log = {'true' if self.telemetry_log else 'false'}",
@@ -164,6 +182,12 @@ def _positive(section: dict, key: str, default: int, allow_zero: bool = False, *
     value = section.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
         raise ValueError(f"[{name}] {key} must be a {'non-negative' if allow_zero else 'positive'} integer")
+    return value
+
+
+def _workers(value: int) -> int:
+    if value > 64:
+        raise ValueError("[est] workers must be 0 (one per CPU) or at most 64")
     return value
 
 
@@ -201,6 +225,7 @@ def load_config(root: Path) -> HubConfig:
             max_connections_per_source=_positive(est, "max_connections_per_source", 32, name="est"),
             header_timeout=_seconds(est, "header_timeout", 10.0),
             request_timeout=_seconds(est, "request_timeout", 30.0),
+            est_workers=_workers(_positive(est, "workers", 0, allow_zero=True, name="est")),
             mqtt_port=int(mqtt.get("port", 8883)), telemetry_log=bool(mqtt.get("telemetry_log", False)),
             max_payload=_positive(mqtt, "max_payload", 256 * 1024),
             max_queued_bytes=_positive(mqtt, "max_queued_bytes", 64 * 1024 * 1024),

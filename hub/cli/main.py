@@ -92,6 +92,8 @@ def serve(
     est_port: Optional[int] = typer.Option(None, help="EST HTTPS port [default: from fleet.toml]."),
     mqtt_port: Optional[int] = typer.Option(None, help="MQTT mTLS port [default: from fleet.toml]."),
     api_port: Optional[int] = typer.Option(None, help="Fleet API HTTPS port [default: from fleet.toml, 8444]."),
+    est_workers: Optional[int] = typer.Option(None, min=1, max=64, help="EST worker processes on the EST port "
+                                              "[default: fleet.toml [est] workers; 0 there: one per CPU, at most 8]."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Run the hub: EST enrollment, the MQTT broker with its authorization plugin, the fleet API, CRL publishing."""
@@ -100,7 +102,8 @@ def serve(
     cfg = config(directory)
     try:
         run(cfg, host=host, est_port=est_port or cfg.est_port, mqtt_port=mqtt_port or cfg.mqtt_port,
-            api_port=api_port, verbose=verbose, announce=lambda msg: out.print(msg, highlight=False))
+            api_port=api_port, est_workers=est_workers, verbose=verbose,
+            announce=lambda msg: out.print(msg, highlight=False))
     except errors() as exc:
         fail(str(exc))
 

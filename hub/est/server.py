@@ -116,12 +116,19 @@ class EstHTTPServer(ThreadingHTTPServer):
     request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], service: EstService, tls: ssl.SSLContext,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), sock: socket.socket | None = None):
+        """Binds `address`; or, with `sock`, serves that listening socket (shared with other worker processes:
+        hub/est/pool.py), which is made non-blocking: another process may take a connection first, and accept()
+        must then return at once instead of blocking the serve loop."""
         self.service, self.tls, self.limits = service, tls, limits
         self.gate = ConnectionGate(limits.max_per_source, limits.max_queue)
         self.pool = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="est")
         self.reaper = Reaper(tick=min(0.2, limits.header_timeout / 10))
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, bind_and_activate=sock is None)
+        if sock is not None:
+            self.socket.close()
+            sock.setblocking(False)
+            self.socket, self.server_address = sock, sock.getsockname()
 
     def process_request(self, request, client_address) -> None:
         """In the accept thread: refuse the excess at once, else queue the connection with its header deadline."""

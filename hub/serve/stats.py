@@ -96,6 +96,41 @@ class HubStats:
             self.unconfirmed.labels(action).inc()
 
 
+def counts(hub: HubStats) -> dict:
+    """The EST event counters as plain numbers: {"enrollments": n, "renewals": n, "denials": {reason: n}}."""
+    out: dict = {"enrollments": 0.0, "renewals": 0.0, "denials": {}}
+    for metric in hub.registry.collect():
+        for sample in metric.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            if metric.name == "tessera_enrollments":
+                out["enrollments"] = sample.value
+            elif metric.name == "tessera_renewals":
+                out["renewals"] = sample.value
+            elif metric.name == "tessera_est_denials":
+                out["denials"][sample.labels["reason"]] = sample.value
+    return out
+
+
+def add(hub: HubStats, delta: dict) -> None:
+    """Add counts in the shape of `counts()` (another process's events: hub/est/pool.py). Unknown reasons count
+    as `other` (the label set stays fixed)."""
+    if delta.get("enrollments"):
+        hub.enrollments.inc(float(delta["enrollments"]))
+    if delta.get("renewals"):
+        hub.renewals.inc(float(delta["renewals"]))
+    for reason, n in (delta.get("denials") or {}).items():
+        if n:
+            hub.denials.labels(reason if reason in DENIAL_REASONS else "other").inc(float(n))
+
+
+def install(registry: object, hub: HubStats) -> HubStats:
+    """Make `hub` the counters of `registry` (an EST worker process installs one that reports its events)."""
+    with _lock:
+        _hubs[registry] = hub
+    return hub
+
+
 _hubs: "weakref.WeakKeyDictionary[object, HubStats]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 

@@ -14,16 +14,14 @@ from cryptography import x509
 
 from hub.serve import admin
 
-from hub.est import server as estserver
 from hub.authz.identities import ensure_hub_identity
 from hub.broker.mosquitto import Limits, MosquittoBroker
 from hub.broker.mqttadmin import AdminClient
 from hub.ca.authority import load_ca
 from hub.config import HubConfig
-from hub.est.service import EstService
+from hub.est.pool import EstPool
 from hub.serve.guard import DirectoryLock, check_ports_free, check_private_files
 from hub.serve.live import LiveHub
-from hub.est.ratelimit import RateLimiter
 from hub.registry.store import Registry
 
 log = logging.getLogger("tessera.hub")
@@ -58,7 +56,7 @@ def _dispatch(live: LiveHub) -> Callable[[dict], object]:
 
 def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool = False,
         announce: Callable[[str], None] = print, stop: threading.Event | None = None,
-        api_port: int | None = None) -> None:
+        api_port: int | None = None, est_workers: int | None = None) -> None:
     """Run the hub until `stop` (or SIGTERM/SIGINT). Before anything is written: this directory must not be served
     already, its private keys must be private and its ports free (hub/serve/guard.py; ConfigError otherwise)."""
     lock = DirectoryLock(cfg).acquire()
@@ -66,13 +64,14 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
         check_private_files(cfg)
         explicit_api = api_port if api_port is not None else cfg.api_port
         check_ports_free(host, {"EST": est_port, "MQTT": mqtt_port, "API": explicit_api or 0})
-        _run(cfg, host, est_port, mqtt_port, verbose, announce, stop, api_port)
+        _run(cfg, host, est_port, mqtt_port, verbose, announce, stop, api_port, est_workers)
     finally:
         lock.release()
 
 
 def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool,
-         announce: Callable[[str], None], stop: threading.Event | None, api_port: int | None) -> None:
+         announce: Callable[[str], None], stop: threading.Event | None, api_port: int | None,
+         est_workers: int | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = stop or threading.Event()
@@ -120,13 +119,11 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
         broker.attach_admin(admin_mqtt)
         live.admin = admin_mqtt
 
-        limiter = RateLimiter(cfg.rate_per_source, cfg.rate_burst, cfg.failures_per_minute,
-                              cfg.source_failures_per_minute, cfg.global_failures_per_minute)
-        service = EstService(ca, registry, cfg.policy, cfg.crl_dir, cfg.crl_url, limiter,
-                             supersede_grace=timedelta(seconds=cfg.supersede_grace_seconds))
-        tls = estserver.server_context(tls_dir / "est.pem", tls_dir / "est.key", cfg.ca_dir / "device-ca.pem")
-        server, thread = estserver.start(service, host, est_port, tls, estserver.Limits.from_config(cfg))
-        stack.append(lambda: (server.shutdown(), server.server_close(), thread.join(timeout=5)))
+        # EST in worker processes on one listening socket (hub/est/pool.py: why, and what is per worker)
+        est = EstPool(cfg, registry, est_workers or cfg.workers, verbose, on_event=lambda kind, detail:
+                      registry.audit(kind, "error", _now(), actor="hub", detail=detail))
+        stack.append(est.stop)
+        est.start()
 
         from hub.api.server import configured_port, start_api
 
@@ -152,10 +149,11 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
                               cfg.admin_socket.unlink(missing_ok=True)))
 
         registry.audit("hub.start", "ok", _now(), actor="hub",
-                       detail=f"EST {host}:{server.server_address[1]} MQTT {host}:{mqtt_port} broker pid {broker.pid}")
-        announce(f"EST   https://{host}:{server.server_address[1]}/.well-known/est/  (fleet {cfg.fleet})")
+                       detail=f"EST {host}:{est.port} MQTT {host}:{mqtt_port} broker pid {broker.pid}")
+        announce(f"EST   https://{host}:{est.port}/.well-known/est/  (fleet {cfg.fleet}, {est.workers} "
+                 "worker processes)")
         announce(f"MQTT  mqtts://{host}:{mqtt_port}  (mTLS: devices and service identities)")
-        announce(f"CRL   https://{host}:{server.server_address[1]}/crl/device.crl")
+        announce(f"CRL   https://{host}:{est.port}/crl/device.crl")
         announce(api_line)
         announce(f"admin {cfg.admin_socket}")
         announce("hub ready")

@@ -308,12 +308,13 @@ class Hub:
 
 
 def init_hub(base: Path, **settings: Any) -> Hub:
-    """`tessera-hub init --fleet acme --dir base/hub`, then the fleet.toml `settings`."""
+    """`tessera-hub init --fleet acme --dir base/hub`, then the fleet.toml `settings`. One EST worker process
+    unless `workers` says otherwise: the limits and the denial audit then count exactly as fleet.toml says (with N
+    workers each has 1/N of them; tests/integration/test_est_workers.py runs several), and a hub costs one spawn."""
     hub = Hub(dir=Path(base) / "hub")
     proc = run_cli("init", "--fleet", FLEET, "--dir", str(hub.dir))
     assert proc.returncode == 0, proc.stderr
-    if settings:
-        hub.configure(**settings)
+    hub.configure(**{"workers": 1, **settings})
     return hub
 
 

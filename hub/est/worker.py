@@ -1,0 +1,174 @@
+"""One EST worker process (`python -m hub.est.worker LISTEN_FD CONTROL_FD`, started by hub/est/pool.py).
+
+It serves the listening socket it inherited with its own EstService: its own registry connection, its own CA
+(file keys loaded from ca/, token keys through its own PKCS#11 session: it is a fresh interpreter, nothing of the
+supervisor's sessions is inherited), its own share of the limits (hub/est/pool.py `share`). The control socket
+carries JSON lines: the supervisor sends the settings first; the worker answers {"ready": pid} once it serves,
+then {"counts": delta} with its EST event counters (enrollments, renewals, denials by reason) whenever they moved,
+so the supervisor's Prometheus counters (hub/serve/stats.py) count every worker's events. EOF on the control
+socket means the supervisor is gone (even kill -9): the worker stops listening at once (the port is free for the
+next `serve`), finishes what it serves and exits. SIGTERM: the same, the supervisor's way to stop it. SIGINT is
+ignored (a Ctrl-C reaches the whole process group; the supervisor then stops its workers itself).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+log = logging.getLogger("tessera.hub.est")
+
+#: after a counts message, at most this often again (a flood of denials is a few messages a second)
+MIN_REPORT_INTERVAL = 0.01
+
+
+class _Control:
+    """The worker's end of the control socket: JSON lines out (thread-safe), the settings line in."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._lock = threading.Lock()
+        self._reader = sock.makefile("rb")
+
+    def read(self) -> dict | None:
+        line = self._reader.readline()
+        return json.loads(line) if line else None
+
+    def send(self, message: dict) -> None:
+        data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            try:
+                self.sock.sendall(data)
+            except OSError:  # the supervisor is gone; the EOF on read stops us
+                pass
+
+
+def _reporting_stats(changed: threading.Event):
+    from hub.serve import stats
+
+    class ReportingStats(stats.HubStats):
+        """This process's counters; every change wakes the reporter thread."""
+
+        def enrolled(self) -> None:
+            super().enrolled()
+            changed.set()
+
+        def renewed(self) -> None:
+            super().renewed()
+            changed.set()
+
+        def denied(self, code: str, status: int | None = None) -> None:
+            super().denied(code, status)
+            changed.set()
+
+    return ReportingStats()
+
+
+def _delta(now: dict, sent: dict) -> dict:
+    out = {k: now[k] - sent.get(k, 0) for k in ("enrollments", "renewals") if now[k] != sent.get(k, 0)}
+    denials = {r: n - sent.get("denials", {}).get(r, 0) for r, n in now["denials"].items()
+               if n != sent.get("denials", {}).get(r, 0)}
+    if denials:
+        out["denials"] = denials
+    return out
+
+
+def _report(control: _Control, hub_stats, changed: threading.Event, stop: threading.Event) -> dict:
+    """Send the counters' changes until `stop`; returns what was sent (the caller sends the rest)."""
+    from hub.serve import stats
+
+    sent = stats.counts(hub_stats)
+    while not stop.is_set():
+        if not changed.wait(0.5):
+            continue
+        changed.clear()
+        now = stats.counts(hub_stats)
+        delta = _delta(now, sent)
+        if delta:
+            control.send({"counts": delta})
+            sent = now
+        stop.wait(MIN_REPORT_INTERVAL)
+    return sent
+
+
+def main(argv: list[str]) -> int:
+    listen_fd, control_fd = int(argv[0]), int(argv[1])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    control = _Control(socket.socket(fileno=control_fd))
+    settings = control.read()
+    if settings is None:
+        return 1  # the supervisor went away before it sent anything
+    index = int(settings["index"])
+    logging.basicConfig(level=logging.DEBUG if settings.get("verbose") else logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s %(name)s[est-{index}]: %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    from hub.ca.authority import load_ca
+    from hub.config import HubConfig
+    from hub.est import server as estserver
+    from hub.est.pool import share
+    from hub.est.service import EstService
+    from hub.registry.store import Registry
+    from hub.serve import stats
+
+    config = settings["config"]
+    cfg = HubConfig(**{**config, "root": Path(config["root"])})
+    listener = socket.socket(fileno=listen_fd)
+    ca = load_ca(cfg.ca_dir, cfg.ca_token)
+    registry = Registry(cfg.registry_path)
+    changed = threading.Event()
+    hub_stats = stats.install(registry, _reporting_stats(changed))
+    limiter, limits = share(cfg, int(settings["workers"]))
+    # the distribution points new certificates name (HubConfig.crl_urls where the configuration has them)
+    crl = getattr(cfg, "crl_urls", None) or cfg.crl_url
+    service = EstService(ca, registry, cfg.policy, cfg.crl_dir, crl, limiter,
+                         supersede_grace=timedelta(seconds=cfg.supersede_grace_seconds))
+    tls = estserver.server_context(cfg.tls_dir / "est.pem", cfg.tls_dir / "est.key", cfg.ca_dir / "device-ca.pem")
+    server = estserver.EstHTTPServer(listener.getsockname(), service, tls, limits, sock=listener)
+    serving = threading.Thread(target=server.serve_forever, name="est-server", daemon=True)
+    serving.start()
+
+    def watch_supervisor() -> None:
+        while control.read() is not None:
+            pass
+        if not stop.is_set():
+            log.warning("the supervisor is gone: this EST worker stops")
+            try:  # the one listening socket of every worker: the port is free at once
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            stop.set()
+
+    threading.Thread(target=watch_supervisor, name="est-control", daemon=True).start()
+    reported: dict = {}
+    reporter = threading.Thread(target=lambda: reported.update(_report(control, hub_stats, changed, stop)),
+                                name="est-report", daemon=True)
+    reporter.start()
+    control.send({"ready": os.getpid()})
+    log.debug("EST worker %d serving (pid %d)", index, os.getpid())
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.shutdown()
+        serving.join(timeout=5)
+        server.server_close()  # also writes the denial counts still aggregated
+        reporter.join(timeout=5)
+        last = _delta(stats.counts(hub_stats), reported) if reported else {}
+        if last:
+            control.send({"counts": last})
+        registry.close()
+        ca.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
