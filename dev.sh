@@ -7,6 +7,7 @@ cd "$(dirname "$0")"
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
 STAMP="$VENV/.tessera-stamp"
+SCAN_VENV="$ROOT/.venv-tlsscan"  # sslyze for tests/integration/test_tls_scan.py, apart from $VENV (see pyproject)
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl ca-certificates softhsm2 opensc mosquitto
               mosquitto-clients libengine-pkcs11-openssl curl procps shellcheck systemd
@@ -76,9 +77,30 @@ install_venv() {
   echo "$want" > "$STAMP"
 }
 
+install_scan_venv() {
+  # sslyze pins its own cryptography and brings nassl's OpenSSL builds: its own venv, so that it never changes
+  # what the hub's tests run with. Its requirements are pyproject's `tlsscan` extra.
+  local stamp="$SCAN_VENV/.tessera-stamp" want reqs=()
+  mapfile -t reqs < <(/usr/bin/python3 -c 'import tomllib
+for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["tlsscan"]: print(r)')
+  [ ${#reqs[@]} -gt 0 ] || { echo "dev.sh: pyproject.toml has no tlsscan extra" >&2; exit 1; }
+  want=$( (printf '%s\n' "${reqs[@]}"; /usr/bin/python3 -V) | sha256sum | cut -d' ' -f1)
+  if [ -x "$SCAN_VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return
+  fi
+  if [ ! -x "$SCAN_VENV/bin/python" ]; then
+    log "venv: creating $SCAN_VENV (sslyze) on /usr/bin/python3"
+    /usr/bin/python3 -m venv "$SCAN_VENV"
+  fi
+  log "pip: installing the TLS scanner (${reqs[*]}) into $SCAN_VENV"
+  "$SCAN_VENV/bin/python" -m pip install -q --disable-pip-version-check "${reqs[@]}"
+  echo "$want" > "$stamp"
+}
+
 setup() {
   install_apt
   install_venv
+  install_scan_venv
 }
 
 cmd=${1:-help}
