@@ -11,6 +11,9 @@ import ssl
 CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
            "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305")
 MIN_VERSION = ssl.TLSVersion.TLSv1_2
+#: MIN_VERSION in the words of Mosquitto's `tls_version` (the listener's minimum; 1.3 stays on): the broker's
+#: config takes it from here, like `ciphers`, so the MQTT listener cannot drift from the Python ones
+MOSQUITTO_TLS_VERSION = {ssl.TLSVersion.TLSv1_2: "tlsv1.2", ssl.TLSVersion.TLSv1_3: "tlsv1.3"}[MIN_VERSION]
 
 
 def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:

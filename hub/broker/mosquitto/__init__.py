@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from hub.tlsposture import CIPHERS  # TLS 1.2 suites on the MQTT listener: the hub's one posture
+from hub.tlsposture import CIPHERS, MOSQUITTO_TLS_VERSION  # the MQTT listener has the hub's one TLS posture
 
 from .. import BrokerDriver, BrokerError, SyncResult
 
@@ -115,7 +115,7 @@ class MosquittoBroker(BrokerDriver):
             f"plugin_opt_connect_burst {lim.connect_burst}",
             "", f"listener {self.port} {self.host}",
             f"cafile {self.cafile}", f"certfile {self.certfile}", f"keyfile {self.keyfile}",
-            "require_certificate true", "tls_version tlsv1.2", f"ciphers {CIPHERS}", "",
+            "require_certificate true", f"tls_version {MOSQUITTO_TLS_VERSION}", f"ciphers {CIPHERS}", "",
         ])
 
     # --- lifecycle ---------------------------------------------------------------------------------------------------
