@@ -7,6 +7,7 @@ import tomllib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from hsm.token import TokenConfig
 
@@ -15,6 +16,8 @@ from hub.ca.policy import Policy
 DEFAULT_DIR = "tessera-hub"
 #: The most EST worker processes `[est] workers = 0` picks (SQLite has one writer; each worker is ~40 MB).
 MAX_EST_WORKERS = 8
+#: The plain-HTTP CRL listener's port when fleet.toml's [crl] http_port is not set.
+DEFAULT_CRL_HTTP_PORT = 8080
 
 
 class ConfigError(Exception):
@@ -42,6 +45,13 @@ class HubConfig:
     #: Base URL third parties fetch the CRL from (its distribution point in every device certificate); empty:
     #: https://<public_host>:<est port>. Set it when the hub sits behind a name, a proxy or a CDN.
     public_url: str = ""
+    #: The plain-HTTP CRL listener (hub/serve/crlhttp.py; RFC 5280 8: CRLs are fetched over http, so checking a
+    #: certificate never needs the TLS of the PKI being checked). None: DEFAULT_CRL_HTTP_PORT if free (serve runs on
+    #: without it otherwise), 0: off (and no http distribution point in new device certificates).
+    crl_http_port: int | None = None
+    #: Base URL of the http distribution point (first in every new device certificate); empty:
+    #: http://<public_host>:<crl_http_port or DEFAULT_CRL_HTTP_PORT>.
+    crl_public_url: str = ""
     rate_per_source: float = 100.0
     rate_burst: int = 200
     failures_per_minute: int = 30
@@ -107,8 +117,25 @@ class HubConfig:
 
     @property
     def crl_url(self) -> str:
-        base = self.public_url.rstrip("/") if self.public_url else f"https://{self.public_host}:{self.est_port}"
-        return f"{base}/crl/device.crl"
+        """The https distribution point: `public_url`, else the EST listener (https://<public_host>:<est port>)."""
+        if self.public_url:
+            return f"{self.public_url.rstrip('/')}/crl/device.crl"
+        return f"https://{_authority(self.public_host)}:{self.est_port}/crl/device.crl"
+
+    @property
+    def crl_http_url(self) -> str | None:
+        """The http distribution point: `crl_public_url`, else the plain-HTTP CRL listener; None when it is off."""
+        if self.crl_public_url:
+            return f"{self.crl_public_url.rstrip('/')}/crl/device.crl"
+        if self.crl_http_port == 0:
+            return None
+        return f"http://{_authority(self.public_host)}:{self.crl_http_port or DEFAULT_CRL_HTTP_PORT}/crl/device.crl"
+
+    @property
+    def crl_urls(self) -> tuple[str, ...]:
+        """Every new device certificate's CRL distribution points, in order: the http one first (RFC 5280 8),
+        then the https one."""
+        return tuple(dict.fromkeys(u for u in (self.crl_http_url, self.crl_url) if u))
 
     @property
     def workers(self) -> int:
@@ -165,6 +192,13 @@ class HubConfig:
             f"connect_rate = {self.connect_rate}", f"connect_burst = {self.connect_burst}",
             "# seconds a certificate replaced by a renewal may still connect (ends once the new one has connected)",
             f"supersede_grace_seconds = {self.supersede_grace_seconds}", "",
+            "[crl]", "# CRLs over plain HTTP (RFC 5280: no TLS, so checking a certificate never depends on the PKI",
+            f"# being checked). Default {DEFAULT_CRL_HTTP_PORT} (serve runs on without it when that port is taken);",
+            "# 0: off, and new device certificates then name only the https distribution point",
+            f"http_port = {self.crl_http_port}" if self.crl_http_port is not None
+            else f"# http_port = {DEFAULT_CRL_HTTP_PORT}",
+            "# base of the http distribution point in new device certificates; empty: http://<public_host>:<http_port>",
+            f"public_url = {q(self.crl_public_url)}", "",
             "[api]", "# the HTTPS fleet API (operators by client certificate); default 8444",
             f"port = {self.api_port}" if self.api_port is not None else "# port = 8444", "",
             "[ca]", "# store = \"file\" (keys in ca/, mode 0600) or \"pkcs11\" (keys in a token; PIN from pin_source)",
@@ -191,6 +225,26 @@ def _workers(value: int) -> int:
     return value
 
 
+def _authority(host: str) -> str:
+    """A host as the authority part of a URL (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def check_http_base(url: str, what: str = "[crl] public_url") -> str:
+    """A plain http:// base URL (no query, no fragment), without its trailing slash; ValueError otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"{what} must be a plain http base URL like http://crl.example.com, not {url[:200]!r}")
+    return url.rstrip("/")
+
+
+def _port(section: dict, key: str, name: str) -> int | None:
+    value = section.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 65536):
+        raise ValueError(f"[{name}] {key} must be a port number (0-65535)")
+    return value
+
+
 def _seconds(section: dict, key: str, default: float) -> float:
     value = section.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
@@ -206,7 +260,8 @@ def load_config(root: Path) -> HubConfig:
                           "run `tessera-hub init` or pass --dir / set TESSERA_HUB_DIR")
     try:
         data = tomllib.loads(path.read_text())
-        fleet, iss, est, mqtt, ca, api = (data.get(k, {}) for k in ("fleet", "issuance", "est", "mqtt", "ca", "api"))
+        sections = ("fleet", "issuance", "est", "mqtt", "ca", "api", "crl")
+        fleet, iss, est, mqtt, ca, api, crl = (data.get(k, {}) for k in sections)
         api_port = api.get("port")
         if api_port is not None and (isinstance(api_port, bool) or not isinstance(api_port, int)
                                      or not 0 <= api_port < 65536):
@@ -232,6 +287,8 @@ def load_config(root: Path) -> HubConfig:
             connect_rate=_positive(mqtt, "connect_rate", 30), connect_burst=_positive(mqtt, "connect_burst", 10),
             supersede_grace_seconds=_positive(mqtt, "supersede_grace_seconds", 300, allow_zero=True),
             api_port=api_port,
+            crl_http_port=_port(crl, "http_port", "crl"),
+            crl_public_url=check_http_base(crl["public_url"]) if crl.get("public_url") else "",
             ca_store=ca.get("store", "file"), ca_module=ca.get("module", ""),
             ca_token_label=ca.get("token_label", ""), ca_pin_source=ca.get("pin_source", ""),
             ca_softhsm_conf=ca.get("softhsm_conf", ""),

@@ -16,7 +16,7 @@ from hsm.uri import UriError, parse
 
 from hub.authz.identities import ensure_hub_identity
 from hub.ca.authority import CaError, FleetCA, create_hierarchy, new_file_key
-from hub.config import ConfigError, HubConfig
+from hub.config import ConfigError, HubConfig, check_http_base
 from hub.ca.policy import Policy
 from hub.registry.store import Registry
 from hub.ca.revocation import publish_crl
@@ -54,7 +54,8 @@ def _is_ip(text: str) -> bool:
 
 def create_fleet(root: Path, fleet: str, now: datetime, *, validity_days: int = 30, key_type: str = "ec-p256",
                  ca_key: str = "", ca_pin_source: str = "", ca_module: str = "", hostnames: list[str] = (),
-                 est_port: int = 8443, mqtt_port: int = 8883, public_url: str = "") -> HubConfig:
+                 est_port: int = 8443, mqtt_port: int = 8883, public_url: str = "",
+                 public_crl_url: str = "") -> HubConfig:
     if (root / "fleet.toml").exists():
         raise ConfigError(f"{root} already holds a fleet; refusing to overwrite it")
     if validity_days < 1:
@@ -71,6 +72,11 @@ def create_fleet(root: Path, fleet: str, now: datetime, *, validity_days: int = 
             raise ConfigError(f"--public-url must be an http(s) base URL like https://hub.example.com, not "
                               f"{public_url!r}")
         cfg.public_url = public_url.rstrip("/")
+    if public_crl_url:
+        try:
+            cfg.crl_public_url = check_http_base(public_crl_url, "--public-crl-url")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     token = None
     if ca_key:
         try:

@@ -23,7 +23,7 @@ import re
 import threading
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -241,23 +241,27 @@ class FleetCA:
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False))
 
     def issue_device_cert(self, public_key: PublicKey, device_id: str, policy: Policy, now: datetime,
-                          crl_url: str) -> x509.Certificate:
+                          crl_urls: str | Sequence[str]) -> x509.Certificate:
         """A device client certificate from the device CA; every field is decided here, none comes from a CSR.
 
+        `crl_urls`: the CRL distribution point's URIs, in order (one DistributionPoint whose fullName lists them:
+        a relying party tries them in turn; the hub puts the http one first, RFC 5280 8).
         Raises hub.ca.policy.PolicyError for an invalid device id, CaError for an unacceptable key or setting.
         """
         check_device_id(device_id)
         if policy.fleet != self.fleet:
             raise CaError(f"policy is for fleet {policy.fleet!r} but this CA serves fleet {self.fleet!r}")
         check_public_key(public_key, policy.ec_curves, policy.rsa_min_bits)
-        if urlsplit(crl_url).scheme not in ("http", "https") or not urlsplit(crl_url).netloc:
-            raise CaError(f"CRL distribution point must be an http(s) URL, not {crl_url!r}")
+        urls = [crl_urls] if isinstance(crl_urls, str) else list(crl_urls)
+        for url in urls or [""]:
+            if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+                raise CaError(f"CRL distribution point must be an http(s) URL, not {url!r}")
         builder = (self._leaf("device", _name(self.fleet, device_id, policy.extra_ou), public_key, now,
                               policy.validity)
                    .add_extension(_key_usage(digital_signature=True), critical=True)
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
                    .add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
-                       full_name=[x509.UniformResourceIdentifier(crl_url)], relative_name=None, reasons=None,
+                       full_name=[x509.UniformResourceIdentifier(u) for u in urls], relative_name=None, reasons=None,
                        crl_issuer=None)]), critical=False))
         return self._sign("device", builder)
 

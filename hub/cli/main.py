@@ -60,10 +60,14 @@ def init(
                                                               "certificate (repeatable)."),
     est_port: int = typer.Option(8443, help="EST HTTPS port."),
     mqtt_port: int = typer.Option(8883, help="MQTT mTLS port."),
-    public_url: str = typer.Option("", "--public-url", help="Base URL third parties fetch the CRL from (the CRL "
-                                                            "distribution point of every device certificate), e.g. "
-                                                            "http://crl.example.com [default: https://<first "
-                                                            "--hostname or localhost>:<EST port>]."),
+    public_url: str = typer.Option("", "--public-url", help="Base URL of the https CRL distribution point of every "
+                                                            "device certificate, e.g. https://crl.example.com "
+                                                            "[default: https://<first --hostname or localhost>:<EST "
+                                                            "port>]."),
+    public_crl_url: str = typer.Option("", "--public-crl-url", help="Base URL of the plain-http CRL distribution "
+                                                                    "point (listed first), e.g. http://crl.example.com "
+                                                                    "[default: http://<first --hostname or "
+                                                                    "localhost>:<fleet.toml [crl] http_port, 8080>]."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Create a fleet: root, device and service CAs, the hub's TLS certificate, an empty registry."""
@@ -73,7 +77,8 @@ def init(
     try:
         cfg = create_fleet(root, fleet, now(), validity_days=validity_days, key_type=key_type, ca_key=ca_key,
                            ca_pin_source=ca_pin_source, ca_module=ca_module, hostnames=hostname,
-                           est_port=est_port, mqtt_port=mqtt_port, public_url=public_url)
+                           est_port=est_port, mqtt_port=mqtt_port, public_url=public_url,
+                           public_crl_url=public_crl_url)
     except errors() as exc:
         fail(str(exc))
     if as_json:
@@ -92,6 +97,9 @@ def serve(
     est_port: Optional[int] = typer.Option(None, help="EST HTTPS port [default: from fleet.toml]."),
     mqtt_port: Optional[int] = typer.Option(None, help="MQTT mTLS port [default: from fleet.toml]."),
     api_port: Optional[int] = typer.Option(None, help="Fleet API HTTPS port [default: from fleet.toml, 8444]."),
+    crl_port: Optional[int] = typer.Option(None, min=0, max=65535, help="Plain-HTTP CRL port, 0: off [default: "
+                                           "fleet.toml [crl] http_port, 8080]. New certificates keep naming "
+                                           "fleet.toml's port."),
     est_workers: Optional[int] = typer.Option(None, min=1, max=64, help="EST worker processes on the EST port "
                                               "[default: fleet.toml [est] workers; 0 there: one per CPU, at most 8]."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
@@ -102,7 +110,7 @@ def serve(
     cfg = config(directory)
     try:
         run(cfg, host=host, est_port=est_port or cfg.est_port, mqtt_port=mqtt_port or cfg.mqtt_port,
-            api_port=api_port, est_workers=est_workers, verbose=verbose,
+            api_port=api_port, est_workers=est_workers, crl_port=crl_port, verbose=verbose,
             announce=lambda msg: out.print(msg, highlight=False))
     except errors() as exc:
         fail(str(exc))

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from cryptography import x509
 
@@ -98,12 +98,14 @@ def credential_status(row: dict | None, device_id: str, now: datetime) -> str:
 class EstService:
     """Answers EST requests for one fleet. Thread-safe (the registry gives each thread its own connection)."""
 
-    def __init__(self, ca: FleetCA, registry: Registry, policy: Policy, crl_dir: Path, crl_url: str,
+    def __init__(self, ca: FleetCA, registry: Registry, policy: Policy, crl_dir: Path, crl_urls: str | Sequence[str],
                  limiter: RateLimiter, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
                  monotonic: Callable[[], float] = time.monotonic, supersede_grace: timedelta = SUPERSEDE_GRACE):
         self.ca, self.registry, self.policy = ca, registry, policy
         self.supersede_grace = supersede_grace
-        self.crl_dir, self.crl_url, self.limiter = crl_dir, crl_url, limiter
+        # the distribution points of the certificates issued here (HubConfig.crl_urls: http first, then https)
+        self.crl_dir, self.limiter = crl_dir, limiter
+        self.crl_urls = (crl_urls,) if isinstance(crl_urls, str) else tuple(crl_urls)
         self.clock, self.monotonic = clock, monotonic
         self.denials = DenialAudit(registry, clock, monotonic)
         self.key_policy = est.KeyPolicy(ec_curves=frozenset(policy.ec_curves), min_rsa_bits=policy.rsa_min_bits)
@@ -205,7 +207,7 @@ class EstService:
             now = self.clock()
             cert = self.registry.enroll(
                 device_id, creds.password, now,
-                lambda: self.ca.issue_device_cert(csr.public_key(), device_id, self.policy, now, self.crl_url),
+                lambda: self.ca.issue_device_cert(csr.public_key(), device_id, self.policy, now, self.crl_urls),
                 source=req.source)
         except EstError as exc:
             return self._deny("enroll", req, exc, device_id)
@@ -259,7 +261,7 @@ class EstService:
             now = self.clock()
             cert = self.registry.reenroll(
                 device_id, format(current.serial_number, "x"), now,
-                lambda: self.ca.issue_device_cert(csr.public_key(), device_id, self.policy, now, self.crl_url),
+                lambda: self.ca.issue_device_cert(csr.public_key(), device_id, self.policy, now, self.crl_urls),
                 source=req.source, grace=self.supersede_grace)
         except EstError as exc:
             return self._deny("reenroll", req, exc, device_id)

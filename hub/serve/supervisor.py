@@ -56,22 +56,24 @@ def _dispatch(live: LiveHub) -> Callable[[dict], object]:
 
 def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool = False,
         announce: Callable[[str], None] = print, stop: threading.Event | None = None,
-        api_port: int | None = None, est_workers: int | None = None) -> None:
+        api_port: int | None = None, est_workers: int | None = None, crl_port: int | None = None) -> None:
     """Run the hub until `stop` (or SIGTERM/SIGINT). Before anything is written: this directory must not be served
     already, its private keys must be private and its ports free (hub/serve/guard.py; ConfigError otherwise)."""
     lock = DirectoryLock(cfg).acquire()
     try:
         check_private_files(cfg)
         explicit_api = api_port if api_port is not None else cfg.api_port
-        check_ports_free(host, {"EST": est_port, "MQTT": mqtt_port, "API": explicit_api or 0})
-        _run(cfg, host, est_port, mqtt_port, verbose, announce, stop, api_port, est_workers)
+        explicit_crl = crl_port if crl_port is not None else cfg.crl_http_port
+        check_ports_free(host, {"EST": est_port, "MQTT": mqtt_port, "API": explicit_api or 0,
+                                "CRL": explicit_crl or 0})
+        _run(cfg, host, est_port, mqtt_port, verbose, announce, stop, api_port, est_workers, crl_port)
     finally:
         lock.release()
 
 
 def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool,
          announce: Callable[[str], None], stop: threading.Event | None, api_port: int | None,
-         est_workers: int | None = None) -> None:
+         est_workers: int | None = None, crl_port: int | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = stop or threading.Event()
@@ -141,6 +143,13 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
             registry.audit("api.start", "error", _now(), actor="hub", detail=f"{host}:{api_port}: {exc}")
             api_line = f"API   not started: port {api_port} unavailable ({exc.strerror or exc})"
 
+        from hub.serve.crlhttp import serve_crls  # CRLs over plain HTTP (RFC 5280), read-only
+
+        crl_http, crl_line = serve_crls(cfg, host, crl_port, lambda detail: registry.audit(
+            "crl_http.start", "error", _now(), actor="hub", detail=detail))
+        if crl_http is not None:
+            stack.append(crl_http)
+
         jobs.start()  # running jobs resume (acks of commands sent before a restart still match)
         stack.append(jobs.stop)
 
@@ -154,6 +163,7 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
                  "worker processes)")
         announce(f"MQTT  mqtts://{host}:{mqtt_port}  (mTLS: devices and service identities)")
         announce(f"CRL   https://{host}:{est.port}/crl/device.crl")
+        announce(crl_line)
         announce(api_line)
         announce(f"admin {cfg.admin_socket}")
         announce("hub ready")

@@ -116,6 +116,9 @@ class Hub:
     dir: Path
     port: int = 0
     mqtt_port: int = 0
+    #: `serve --crl-port` (the plain-HTTP CRL listener): unless set, a free port chosen at start, so test hubs never
+    #: contend for the default 8080 (new certificates still name fleet.toml's [crl] port: hub/serve/crlhttp.py)
+    crl_port: int = 0
     #: `serve --api-port`: 0 (default) any free port, so test hubs never contend for 8444; None: not passed
     api_port: int | None = 0
     proc: subprocess.Popen | None = None
@@ -228,11 +231,13 @@ class Hub:
         self.mqtt_port = free_port()
         while self.mqtt_port == self.port:
             self.mqtt_port = free_port()
+        while not self.crl_port or self.crl_port in (self.port, self.mqtt_port):  # set beforehand: that port
+            self.crl_port = free_port()
         self.stdout_path, self.stderr_path = self.dir.parent / "serve.stdout", self.dir.parent / "serve.stderr"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [hub_binary(), "serve", "--dir", str(self.dir), "--est-port", str(self.port),
-                 "--mqtt-port", str(self.mqtt_port), "--host", "127.0.0.1",
+                 "--mqtt-port", str(self.mqtt_port), "--host", "127.0.0.1", "--crl-port", str(self.crl_port),
                  *(["--api-port", str(self.api_port)] if self.api_port is not None else [])],
                 stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=cli_env(), cwd=ROOT,
                 start_new_session=True, preexec_fn=_set_pdeathsig)

@@ -43,18 +43,18 @@ def test_a_second_serve_on_the_same_directory_is_refused_and_changes_nothing(ser
     assert served.proc.poll() is None and served._accepts()  # and the running hub still serves
 
 
-@pytest.mark.parametrize("name", ["EST", "MQTT", "API"])
+@pytest.mark.parametrize("name", ["EST", "MQTT", "API", "CRL"])
 def test_a_port_in_use_is_named(tmp_path, name):
     other = init_hub(tmp_path)  # initialised, not running
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
-    ports = {"EST": free_port(), "MQTT": free_port(), "API": free_port()}
+    ports = {"EST": free_port(), "MQTT": free_port(), "API": free_port(), "CRL": free_port()}
     ports[name] = port
     try:
         proc = _serve(other, "--est-port", str(ports["EST"]), "--mqtt-port", str(ports["MQTT"]),
-                      "--api-port", str(ports["API"]))
+                      "--api-port", str(ports["API"]), "--crl-port", str(ports["CRL"]))
     finally:
         taken.close()
     _one_line_error(proc, f"{name} port 127.0.0.1:{port}", "in use")
