@@ -23,8 +23,26 @@ app = typer.Typer(
 app.add_typer(token_app, name="token")
 app.add_typer(key_app, name="key")
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .entry import version
+
+        sys.stdout.write(f"tessera-agent {version()}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                            help="Print the version (from the installed package) and exit.")) -> None:
+    pass
+
+
+
+# help strings are Rich markup: a default named in one is written \[default: ...] or Rich eats it as a tag
 ConfigOpt = typer.Option(None, "--config", "-c", envvar="TESSERA_AGENT_CONFIG",
-                         help="Agent configuration file [default: /etc/tessera/agent.toml].", show_default=False)
+                         help="Agent configuration file \\[default: /etc/tessera/agent.toml].", show_default=False)
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Log debug messages too (to stderr).")
 SetOpt = typer.Option([], "--set", help="Override a configuration key: key=value or section.key=value "
                                         "(repeatable).")
 
@@ -59,13 +77,14 @@ def _errors():
 def enroll(
     token_file: Path = typer.Option(..., "--token-file", help="The one-time enrollment token (0600); destroyed "
                                                               "after a successful enrollment."),
-    hub: str = typer.Option("", "--hub", help="Hub EST URL, e.g. https://hub:8443 [default: hub_url]."),
+    hub: str = typer.Option("", "--hub", help="Hub EST URL, e.g. https://hub:8443 "
+                                              "\\[default: hub_url from the config]."),
     ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="The fleet root CA certificate (PEM)."),
     ca_fingerprint: str = typer.Option("", "--ca-fingerprint", help="Or: the fleet root's SHA-256 fingerprint "
                                                                     "to pin (fetched from /cacerts)."),
-    device_id: str = typer.Option("", "--device-id", help="Device id [default: device_id from the config]."),
+    device_id: str = typer.Option("", "--device-id", help="Device id \\[default: device_id from the config]."),
     config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Generate the device key in the token, get a certificate from the hub (EST) and store it."""
     from .enroll import AlreadyEnrolled, enroll as do_enroll
@@ -89,7 +108,7 @@ def enroll(
 
 @app.command()
 def run(config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
-        verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+        verbose: bool = VerboseOpt) -> None:
     """Run the MQTT session: telemetry, commands, store-and-forward, renewal. Stops cleanly on SIGTERM."""
     from .session import Agent
 
@@ -105,7 +124,7 @@ def run(config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
 @app.command()
 def renew(rotate_key: bool = typer.Option(False, "--rotate-key", help="Generate a fresh token key first."),
           config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
-          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+          verbose: bool = VerboseOpt) -> None:
     """Renew the certificate now (EST simplereenroll over mTLS with the current certificate)."""
     from .enroll import renew as do_renew
 

@@ -40,8 +40,21 @@ def run_daemon(argv: list[str]) -> int:
         return 1
 
 
+def version() -> str:
+    """The installed package's version (importlib.metadata: no CLI framework needed)."""
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version("tessera")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main() -> None:
     argv = sys.argv[1:]
+    if argv == ["--version"]:
+        print(f"tessera-agent {version()}")
+        raise SystemExit(0)
     if argv[:1] == ["run"] and not {"-h", "--help"} & set(argv):
         raise SystemExit(run_daemon(argv[1:]))
     from .cli import app

@@ -23,7 +23,7 @@ token_app = typer.Typer(help="Initialize PKCS#11 tokens (PINs from files or envi
 key_app = typer.Typer(help="Generate and inspect key pairs inside the PKCS#11 token.", no_args_is_help=True)
 
 ModuleOpt = typer.Option("", "--module", envvar="TESSERA_PKCS11_MODULE",
-                         help="PKCS#11 module path [default: the platform's SoftHSM2]")
+                         help="PKCS#11 module path \\[default: the platform's SoftHSM2].")
 LabelOpt = typer.Option("tessera", "--token-label", envvar="TESSERA_TOKEN_LABEL", help="Token label.")
 PinOpt = typer.Option(..., "--pin-source", envvar="TESSERA_PIN_SOURCE",
                       help="Where the user PIN is: file:/path (mode 0600) or env:NAME.")
@@ -62,7 +62,7 @@ def token_init(
     so_pin_source: str = typer.Option("", help="Security Officer PIN source; default: a random SO PIN that is "
                                                "not kept (fine for SoftHSM; keep one for a secure element)."),
 ) -> None:
-    """Initialize the first free token slot with LABEL and the user PIN from --pin-source."""
+    """Initialize the first free token slot with the --token-label label and the user PIN from --pin-source."""
     import os
 
     from hsm.tokeninit import init_token
