@@ -138,7 +138,8 @@ class Agent:
     def _write_status(self) -> None:
         self.status.update(updated=self.clock().isoformat(), cert_serial=self.ident.serial,
                            cert_not_after=self.ident.not_after, key_uri=self.ident.key_uri,
-                           spool_depth=self.spool.depth(), broker=f"{self.cfg.broker_host}:{self.cfg.mqtt_port}")
+                           spool_depth=self.spool.depth(), broker=f"{self.cfg.broker_host}:{self.cfg.mqtt_port}",
+                           telemetry_seq=self._seq)  # the last telemetry seq spooled (this process counts from 1)
         try:
             write_status(self.state, self.status)
         except OSError as exc:

@@ -15,7 +15,7 @@ makes 200 of them cheap on a 2-core machine:
   child runs no TLS stack on the tokens, which is what the isolation is for). The `tessera-agent enroll` command
   line itself is covered by test_agent_enroll.py;
 - the devices are registered in one `tessera-hub token create --count N --group G` call;
-- telemetry is light (one message at start, then every TELEMETRY_INTERVAL s).
+- telemetry is light (one message at start, then every TELEMETRY_INTERVAL s; the soak passes its own interval).
 
 The pytest process never opens a device token and no secret is in argv (tokens reach the children on stdin, PINs
 are 0600 files). Every agent dies with pytest (PR_SET_PDEATHSIG), is SIGTERMed at teardown (SIGKILL after
@@ -33,7 +33,6 @@ import dataclasses
 import http.client
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -44,7 +43,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -189,8 +188,9 @@ class FleetAgent:
 class Fleet:
     """A running FleetHub, N enrolled agents in group GROUP, an operator identity for the API, and timings."""
 
-    def __init__(self, base: Path, n: int, group: str = GROUP):
+    def __init__(self, base: Path, n: int, group: str = GROUP, telemetry_interval: float = TELEMETRY_INTERVAL):
         self.base, self.n, self.group = Path(base), n, group
+        self.telemetry_interval = telemetry_interval
         self.hub: FleetHub | None = None
         self.api: Api | None = None
         self.agents: list[FleetAgent] = []
@@ -237,7 +237,7 @@ class Fleet:
             part = rows[k:k + TOKENS_PER_DIR]
             jobs.append({"op": "provision", "softhsm_dir": str(self.token_root / f"softhsm-{k // TOKENS_PER_DIR:03d}"),
                          "hub_url": f"https://localhost:{self.hub.port}", "mqtt_port": self.hub.mqtt_port,
-                         "root": str(self.hub.root_pem), "interval": TELEMETRY_INTERVAL,
+                         "root": str(self.hub.root_pem), "interval": self.telemetry_interval,
                          "devices": [{"id": d, "token": t, "base": str(self.agents_dir / d)} for d, t in part]})
             self.agents += [FleetAgent(d, self.agents_dir / d) for d, _ in part]
         with ThreadPoolExecutor(PROVISION_PARALLEL) as pool:
@@ -367,9 +367,12 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def running_fleet(base: Path, n: int, group: str = GROUP) -> Iterator[Fleet]:
-    """A hub and `n` enrolled, online agents in `group`; everything stopped (and checked) on exit."""
-    fleet = Fleet(base, n, group)
+def running_fleet(base: Path, n: int, group: str = GROUP, telemetry_interval: float = TELEMETRY_INTERVAL,
+                  before_agents: Callable[[Fleet], None] | None = None) -> Iterator[Fleet]:
+    """A hub and `n` enrolled, online agents in `group` (telemetry every `telemetry_interval` s);
+    `before_agents(fleet)` runs once they are enrolled, before any agent runs (e.g. a subscriber that must see
+    every message); everything stopped (and checked) on exit."""
+    fleet = Fleet(base, n, group, telemetry_interval)
     try:
         t0 = time.monotonic()
         fleet.start_hub()
@@ -381,6 +384,8 @@ def running_fleet(base: Path, n: int, group: str = GROUP) -> Iterator[Fleet]:
         t = time.monotonic()
         fleet.provision(rows)
         fleet.times["provision_enroll_s"] = time.monotonic() - t
+        if before_agents is not None:
+            before_agents(fleet)
         t = time.monotonic()
         fleet.start_agents()
         fleet.times["spawn_s"] = time.monotonic() - t
