@@ -25,6 +25,8 @@ from typing import Callable
 
 import paho.mqtt.client as mqtt
 
+from hsm.errors import KeyNotFound, ModuleNotFound, PinError, TlsRouteError, TokenNotFound
+
 from .backoff import SLOW_CAP, Backoff
 from .commands import CommandHandler, builtin_handlers, command_refusal
 from .config import AgentConfig, to_dict
@@ -47,6 +49,9 @@ AUTH_REFUSALS = frozenset({0x86, 0x87, 0x8A, 0x8C})
 SUSPENDED_CAP = 5.0     # a resumed device is back within seconds
 REFUSED_CAP = 30.0
 CREDENTIAL_TIMEOUT = 5.0
+#: errors building the TLS context that no retry can cure (a PIN file 0644, a wrong PIN, no module, token or key):
+#: `run` stops with the error (exit 1) instead of retrying forever
+CONFIG_ERRORS = (PinError, ModuleNotFound, TokenNotFound, KeyNotFound, TlsRouteError)
 
 
 def classify_tls_error(text: str) -> str | None:
@@ -326,6 +331,10 @@ class Agent:
             self._set_state("connecting")
             try:
                 client = self._connect()
+            except CONFIG_ERRORS as exc:
+                self._set_state("failed", f"configuration error: {exc}")
+                self.spool.close()
+                raise
             except Exception as exc:
                 self._retry_after("connect failed", str(exc) or exc.__class__.__name__)
                 continue
