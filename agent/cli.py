@@ -142,6 +142,7 @@ def renew(rotate_key: bool = typer.Option(False, "--rotate-key", help="Generate 
 def status(config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Identity, certificate expiry, key URI, connection state and spool depth."""
+    from .config import config_path
     from .state import SPOOL, load_identity, read_status
 
     cfg = _cfg(config, overrides)
@@ -149,6 +150,10 @@ def status(config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
         ident = load_identity(cfg.state)
     except _errors() as exc:
         fail(str(exc))
+    path = config_path(config)
+    if ident is None and not path.exists():  # nothing configured, nothing enrolled: an empty table says nothing
+        fail(f"no agent configuration: {path} does not exist (give --config FILE or set TESSERA_AGENT_CONFIG), "
+             f"and {cfg.state} holds no enrolled identity; see README 'Enroll a device'")
     st = read_status(cfg.state)
     running = _alive(st.get("pid")) and st.get("state") != "stopped"
     depth = st.get("spool_depth") if running else None  # the running agent holds the spool locked

@@ -136,9 +136,14 @@ def _build(data: dict) -> AgentConfig:
     return AgentConfig(**top, **sections)
 
 
+def config_path(path: Path | None = None) -> Path:
+    """The configuration file in effect: `path`, else $TESSERA_AGENT_CONFIG, else /etc/tessera/agent.toml."""
+    return path or Path(os.environ.get("TESSERA_AGENT_CONFIG", DEFAULT_PATH))
+
+
 def load(path: Path | None = None, overrides: list[str] = ()) -> AgentConfig:
     """Read the TOML file (if it exists; a missing explicit path is an error) and apply key=value overrides."""
-    path = path or Path(os.environ.get("TESSERA_AGENT_CONFIG", DEFAULT_PATH))
+    path = config_path(path)
     data: dict = {}
     if path.exists():
         try:
