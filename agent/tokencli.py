@@ -27,7 +27,9 @@ ModuleOpt = typer.Option("", "--module", envvar="TESSERA_PKCS11_MODULE",
 LabelOpt = typer.Option("tessera", "--token-label", envvar="TESSERA_TOKEN_LABEL", help="Token label.")
 PinOpt = typer.Option(..., "--pin-source", envvar="TESSERA_PIN_SOURCE",
                       help="Where the user PIN is: file:/path (mode 0600) or env:NAME.")
-ConfOpt = typer.Option("", "--softhsm-conf", envvar="SOFTHSM2_CONF", help="SoftHSM2 config (token directory).")
+ConfOpt = typer.Option("", "--softhsm-conf", envvar="SOFTHSM2_CONF",
+                       help="SoftHSM2 config (token directory); `token init` creates a missing one (0600, with "
+                            "tokens/ next to it, 0700).")
 
 
 def fail(message: str) -> None:
@@ -65,11 +67,14 @@ def token_init(
     """Initialize the first free token slot with the --token-label label and the user PIN from --pin-source."""
     import os
 
+    from hsm.softhsm import ensure_conf
     from hsm.tokeninit import init_token
 
     try:
         pin = read_pin(pin_source)
         so_pin = read_pin(so_pin_source) if so_pin_source else secrets.token_hex(16)
+        if softhsm_conf and ensure_conf(softhsm_conf):  # after the PINs: a bad PIN source creates nothing
+            console.print(f"SoftHSM2 config {softhsm_conf} created (token directory next to it)", highlight=False)
         env = dict(os.environ, **({"SOFTHSM2_CONF": softhsm_conf} if softhsm_conf else {}))
         init_token(module or default_module(), label, so_pin=so_pin, user_pin=pin, env=env)
     except HsmError as exc:

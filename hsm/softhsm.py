@@ -9,8 +9,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import HsmError
 from .token import TokenConfig, default_module
 from .tokeninit import init_token
+
+
+_CONF = "directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n"
 
 
 @dataclass
@@ -54,10 +58,45 @@ def write_conf(directory: Path) -> Path:
     tokens = directory / "tokens"
     tokens.mkdir(parents=True, exist_ok=True, mode=0o700)
     conf = directory / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n"
-    )
+    conf.write_text(_CONF.format(tokens=tokens))
     return conf
+
+
+def ensure_conf(conf: str | os.PathLike) -> bool:
+    """Make sure the SoftHSM2 config `conf` exists; True if it was created here.
+
+    A missing config is written (0600) with its token directory `<conf's directory>/tokens` (0700), the
+    directories created as needed. HsmError naming the path when that fails, or when an existing config names a
+    token directory that does not exist (SoftHSM would only say "C_Initialize failed with CKR 0x00000005").
+    """
+    conf = Path(conf).absolute()
+    if conf.exists():
+        tokendir = _tokendir(conf)
+        if tokendir is not None and not tokendir.is_dir():
+            raise HsmError(f"SoftHSM2 config {conf} names token directory {tokendir}, which does not exist "
+                           f"(create it: mkdir -m 0700 {tokendir})")
+        return False
+    tokens = conf.parent / "tokens"
+    try:
+        conf.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tokens.mkdir(exist_ok=True, mode=0o700)
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(_CONF.format(tokens=tokens))
+    except OSError as exc:
+        raise HsmError(f"cannot create SoftHSM2 config {conf}: {exc.strerror or exc}") from None
+    return True
+
+
+def _tokendir(conf: Path) -> Path | None:
+    try:
+        for line in conf.read_text(errors="replace").splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip() == "directories.tokendir":
+                return Path(value.strip())
+    except OSError as exc:
+        raise HsmError(f"cannot read SoftHSM2 config {conf}: {exc.strerror}") from None
+    return None
 
 
 def create_token(directory: str | os.PathLike | None = None, label: str = "tessera",

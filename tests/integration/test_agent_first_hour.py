@@ -18,7 +18,7 @@ from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device a
 pytestmark = pytest.mark.integration
 
 
-def test_run_with_a_pin_file_others_can_read_exits_at_once(hub, make_device):
+def test_run_with_a_pin_file_others_can_read_exits_at_once(hub, make_device):  # noqa: F811
     dev, token = make_device("first-pin")
     dev.enroll_ok(token)
     os.chmod(dev.token.pin_file, 0o644)
@@ -32,3 +32,52 @@ def test_run_with_a_pin_file_others_can_read_exits_at_once(hub, make_device):
     assert "error:" in log and "0644" in log and f"chmod 600 {dev.token.pin_file}" in log, log
     assert "retrying" not in log, log
     assert dev.status_file()["state"] == "failed"
+
+
+def _pin(tmp_path):
+    from tests.integration.agentfixtures import write_secret
+
+    return write_secret(tmp_path / "pin", "4711-first-hour\n")
+
+
+def test_token_init_creates_a_missing_softhsm_config_and_token_dir(tmp_path):
+    from tests.integration.agentfixtures import run_agent_cli
+
+    conf = tmp_path / "not" / "yet" / "softhsm2.conf"
+    pin = _pin(tmp_path)
+    proc = run_agent_cli("token", "init", "--token-label", "fresh", "--pin-source", f"file:{pin}",
+                         "--softhsm-conf", str(conf))
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # it used to say "C_Initialize failed with CKR 0x5"
+    assert "token fresh initialized" in one_line(proc.stdout), proc.stdout
+    assert os.stat(conf).st_mode & 0o777 == 0o600
+    assert os.stat(conf.parent / "tokens").st_mode & 0o777 == 0o700
+    assert any((conf.parent / "tokens").iterdir()), "no token was written into the token directory"
+    key = run_agent_cli("key", "generate", "--label", "k1", "--token-label", "fresh", "--pin-source", f"file:{pin}",
+                        "--softhsm-conf", str(conf), "--json")
+    assert key.returncode == 0, key.stderr
+    again = run_agent_cli("token", "init", "--token-label", "fresh", "--pin-source", f"file:{pin}",
+                          "--softhsm-conf", str(conf))
+    assert again.returncode == 1 and "already exists" in again.stderr, again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("where", ["uncreatable", "tokendir-missing", "bad-pin-source"])
+def test_token_init_with_an_unusable_softhsm_config_is_one_line_naming_the_path(tmp_path, where):
+    from tests.integration.agentfixtures import run_agent_cli
+
+    pin_source = f"file:{_pin(tmp_path)}"
+    if where == "uncreatable":
+        conf, named = "/proc/tessera-nosuch/softhsm2.conf", "/proc/tessera-nosuch/softhsm2.conf"
+    elif where == "tokendir-missing":
+        conf = tmp_path / "softhsm2.conf"
+        conf.write_text(f"directories.tokendir = {tmp_path / 'gone'}\nobjectstore.backend = file\n")
+        named = str(tmp_path / "gone")
+    else:
+        conf, pin_source, named = tmp_path / "new" / "softhsm2.conf", "env:TESSERA_NO_SUCH_PIN_VAR", "TESSERA_NO_SUCH"
+    proc = run_agent_cli("token", "init", "--token-label", "t", "--pin-source", pin_source, "--softhsm-conf",
+                         str(conf))
+    err = one_line(proc.stderr)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert err.startswith("error:") and named in err, err
+    assert "CKR" not in err, err
+    if where == "bad-pin-source":
+        assert not (tmp_path / "new").exists(), "a bad PIN source must create nothing"
