@@ -31,8 +31,10 @@ from cryptography.hazmat.primitives import serialization
 from hub.ca.crl import DER_NAME
 from hub.ca.revocation import SERVICE_CRL
 
-#: request path -> file in the CRL directory (the device CRL is DER on disk, the service CRL PEM: both go out as DER)
-ROUTES = {"/crl/device.crl": DER_NAME, "/crl/service.crl": SERVICE_CRL}
+#: request path -> (file in the CRL directory, the status while it is missing). The device CRL is DER on disk, the
+#: service CRL PEM: both go out as DER. `init` publishes the device CRL (missing: 503, a moment's gap); the service
+#: CRL comes with serve's first publication after a change (until then there is none: 404).
+ROUTES = {"/crl/device.crl": (DER_NAME, 503), "/crl/service.crl": (SERVICE_CRL, 404)}
 CONTENT_TYPE = "application/pkix-crl"  # RFC 2585 3
 #: The longest a cache may keep a CRL (seconds): a revocation reaches caching relying parties within this.
 MAX_AGE = 300
@@ -143,12 +145,13 @@ def answer(files: CrlFiles, method: str, target: str, if_none_match: str | None 
     """The answer to one request: `target` is the raw request target (path and query, as received)."""
     if method not in ("GET", "HEAD"):
         return Answer(405, {"Allow": ALLOW})
-    name = ROUTES.get(target.split("?", 1)[0])
-    if name is None:
+    route = ROUTES.get(target.split("?", 1)[0])
+    if route is None:
         return Answer(404)
+    name, missing = route
     snap = files.get(name)
     if snap is None:
-        return Answer(503, {"Retry-After": "10"})  # not published yet (serve publishes both CRLs at start)
+        return Answer(missing, {"Retry-After": "10"} if missing == 503 else {})
     headers = cache_headers(snap, now or datetime.now(timezone.utc))
     if if_none_match is not None:
         fresh = etag_matches(if_none_match, snap.etag)

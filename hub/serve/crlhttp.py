@@ -37,6 +37,23 @@ MAX_OPEN = 1024
 SERVER = "tessera-crl"
 
 
+class _Handler(web.RequestHandler):
+    """aiohttp's connection handler, whose answer to a request it cannot parse (or to a failure in the handler) is
+    the bare status: aiohttp's own echoes the offending bytes and logs a traceback per request."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:
+            log.error("CRL request from %r failed", request.remote, exc_info=exc)
+        else:
+            log.debug("CRL request from %r refused: %d %r", request.remote, status, str(exc or message)[:200])
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response was sent already: the connection is broken")
+        response = web.Response(status=status, headers={"Server": SERVER})
+        response.force_close()
+        return response
+
+
 class _GatedServer(web.Server):
     """aiohttp's low-level server, with admission and deadlines for every connection it accepts."""
 
@@ -46,6 +63,9 @@ class _GatedServer(web.Server):
         self.gate = ConnectionGate(limits.max_per_source, MAX_OPEN)
         self.reaper = Reaper(tick=min(0.2, limits.header_timeout / 10))
         self._watched: dict[object, tuple[str, Ticket]] = {}
+
+    def __call__(self) -> web.RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
 
     def connection_made(self, handler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
@@ -115,7 +135,8 @@ def start(cfg: HubConfig, host: str, port: int, limits: Limits | None = None) ->
         return response
 
     async def setup() -> tuple[web.ServerRunner, _GatedServer, int]:
-        server = _GatedServer(handle, limits, loop, access_log=None, keepalive_timeout=limits.header_timeout)
+        # keepalive_timeout 0: no timer of aiohttp's own (one request per connection; the Reaper keeps the deadlines)
+        server = _GatedServer(handle, limits, loop, access_log=None, keepalive_timeout=0)
         holder["server"] = server
         runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
