@@ -16,6 +16,7 @@ from hsm.errors import KeyNotFound
 
 from .config import AgentConfig, ConfigError
 from .estclient import EstClient, EstClientError
+from .keyowner import foreign_key_refusal, new_key_id
 from .state import (CERT, ROOT, Identity, StateError, ensure_dir, load_identity, store_certificate, verify_issued,
                     write_atomic)
 
@@ -93,13 +94,19 @@ def pin_root(cfg: AgentConfig, ca_file: Path | None, ca_fingerprint: str | None)
     raise EnrollError("no certificate from the hub matches the pinned CA fingerprint; refusing to enroll")
 
 
-def _ensure_key(cfg: AgentConfig, label: str):
+def _ensure_key(cfg: AgentConfig, label: str, device_id: str, recorded: Identity | None = None):
+    """The token key `label` for `device_id`: generated (its CKA_ID names the device), or reused if an earlier
+    attempt for this same device made it; another device's key is refused (EnrollError)."""
     try:
         info = worker.describe_key(cfg.token_config, label)
-        log.info("reusing token key %s (an earlier attempt created it)", label)
-        return info
     except KeyNotFound:
-        return worker.generate_key(cfg.token_config, label, cfg.token.key_type)
+        return worker.generate_key(cfg.token_config, label, cfg.token.key_type, new_key_id(device_id))
+    refused = foreign_key_refusal(info.label, info.id, info.token_label, device_id,
+                                  recorded.device_id if recorded else None, recorded.key_label if recorded else None)
+    if refused:
+        raise EnrollError(refused)
+    log.info("reusing token key %s (an earlier attempt for %s created it)", label, device_id)
+    return info
 
 
 def enroll(cfg: AgentConfig, token_file: Path, ca_file: Path | None = None, ca_fingerprint: str | None = None,
@@ -112,6 +119,10 @@ def enroll(cfg: AgentConfig, token_file: Path, ca_file: Path | None = None, ca_f
     state = ensure_dir(cfg.state)
     now = now or _now()
     ident = load_identity(state)
+    if ident and ident.device_id != cfg.device_id and datetime.fromisoformat(ident.not_after) > now:
+        raise EnrollError(f"{state} holds the identity of device {ident.device_id!r} (valid until "
+                          f"{ident.not_after[:19]}Z); refusing to enroll {cfg.device_id!r} over it (use a state_dir "
+                          "and token of its own)")
     if ident and datetime.fromisoformat(ident.not_after) > now:
         raise AlreadyEnrolled(f"{ident.device_id} is enrolled (certificate {ident.serial[:16]}…, valid until "
                               f"{ident.not_after[:19]}Z); use `tessera-agent renew` to renew")
@@ -119,7 +130,7 @@ def enroll(cfg: AgentConfig, token_file: Path, ca_file: Path | None = None, ca_f
     root = pin_root(cfg, ca_file, ca_fingerprint)
     root_pem = root.public_bytes(serialization.Encoding.PEM)
     write_atomic(state / ROOT, root_pem, 0o644)
-    info = _ensure_key(cfg, cfg.token.key_label)
+    info = _ensure_key(cfg, cfg.token.key_label, cfg.device_id, ident)
     csr_der = worker.make_csr(cfg.token_config, info.label, common_name=cfg.device_id)
     try:
         certs = EstClient(cfg.hub_url, cafile=str(state / ROOT)).simpleenroll(csr_der, cfg.device_id, token)
@@ -153,7 +164,7 @@ def renew(cfg: AgentConfig, rotate_key: bool = False, now: datetime | None = Non
     label = ident.key_label
     if rotate_key:
         label = f"{cfg.token.key_label}-{now:%Y%m%d%H%M%S%f}"
-        info = _ensure_key(cfg, label)
+        info = _ensure_key(cfg, label, ident.device_id)
     else:
         info = worker.describe_key(cfg.token_config, label)
     csr_der = worker.make_csr(cfg.token_config, info.label, common_name=ident.device_id)

@@ -81,3 +81,28 @@ def test_token_init_with_an_unusable_softhsm_config_is_one_line_naming_the_path(
     assert "CKR" not in err, err
     if where == "bad-pin-source":
         assert not (tmp_path / "new").exists(), "a bad PIN source must create nothing"
+
+
+def test_enrolling_another_device_id_with_a_token_holding_a_devices_key_is_refused(hub, make_device):  # noqa: F811
+    first, token_a = make_device("first-owner")
+    first.enroll_ok(token_a)
+    from agent.keyowner import owner_of
+    from hsm.uri import parse
+
+    assert owner_of(parse(first.identity()["key_uri"]).id) == "first-owner", first.identity()["key_uri"]
+    second, token_b = make_device("first-intruder")
+    second.token = first.token  # the same token (and key label), its own state directory
+    second.write_config()
+    token_file = second.token_file(token_b)
+    proc = second.enroll(token_file)
+    err = one_line(proc.stderr)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # it used to say "reusing token key" and go ahead
+    assert "belongs to device 'first-owner', not 'first-intruder'" in err, err
+    assert "reusing" not in proc.stdout + proc.stderr
+    assert hub.show("first-intruder")["certificates"] == []
+    assert token_file.exists(), "the enrollment token must be kept for a retry with the right token"
+    assert len(first.private_keys()) == 1
+    # the owner's own session still works with its (marked) key through the TLS stack
+    first.start()
+    first.wait_state("online", timeout=30)
+    first.stop()
