@@ -1,4 +1,4 @@
-"""Run every Tessera benchmark and print one table: ``python -m bench [--quick] [hsm est broker agent api]``."""
+"""Run every Tessera benchmark and print one table: ``python -m bench [--quick] [hsm est est-workers broker agent api]``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ if str(ROOT) not in sys.path:
 # child processes (hsm.tokeninit, bench children) import the repository too
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
-MODULES = {"hsm": "bench.hsm_bench", "est": "bench.est_bench", "broker": "bench.broker_bench",
+MODULES = {"hsm": "bench.hsm_bench", "est": "bench.est_bench", "est-workers": "bench.est_workers_bench",
+           "broker": "bench.broker_bench",
            "agent": "bench.agent_bench", "api": "bench.api_bench", "crl": "bench.crl_bench",
            "metrics": "bench.metrics_bench", "jobs": "bench.jobs_bench", "console": "bench.console_bench"}
 

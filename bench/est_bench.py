@@ -99,6 +99,21 @@ def _proc_cpu_s(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def est_worker_pids(pid: int) -> list[int]:
+    """The EST worker processes (`python -m hub.est.worker`) whose parent is `pid`."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"hub.est.worker" in (entry / "cmdline").read_bytes():
+                out.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return sorted(out)
+
+
 def _proc_threads(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as fh:
         return int(fh.read().rsplit(")", 1)[1].split()[17])
@@ -228,8 +243,8 @@ def _replica(hub_dir: Path, index: int) -> Path:
 class HubServer:
     """`tessera-hub serve` as a subprocess on a free loopback port; stop() always (idempotent)."""
 
-    def __init__(self, hub_dir: Path, logs: Path, index: int = 0):
-        self.hub_dir, self.port = hub_dir, _free_port()
+    def __init__(self, hub_dir: Path, logs: Path, index: int = 0, workers: int | None = None):
+        self.hub_dir, self.port, self.workers = hub_dir, _free_port(), workers
         self.out_path, self.err_path = logs / f"serve-{index}.out", logs / f"serve-{index}.err"
         self.proc: subprocess.Popen | None = None
 
@@ -238,7 +253,8 @@ class HubServer:
 
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen([*_hub_cmd(), "serve", "--dir", str(self.hub_dir), "--host", HOST,
-                                          "--est-port", str(self.port), "--mqtt-port", str(_free_port())],
+                                          "--est-port", str(self.port), "--mqtt-port", str(_free_port()),
+                                          *(["--est-workers", str(self.workers)] if self.workers else [])],
                                          stdout=out, stderr=err, env=_env(),
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         ctx = client_context(cafile)
@@ -366,6 +382,8 @@ class LoadResult:
     server_threads_max: int
     db_certs: int = -1
     db_audit_ok: int = -1
+    workers: int = 0                # EST worker processes of the serve process(es) (hub/est/pool.py)
+    worker_cpu_s: float = 0.0       # their CPU seconds (included in server_cpu_s)
 
     @property
     def rate(self) -> float:
@@ -381,11 +399,16 @@ def _load_pass(servers: list[HubServer], cafile: str, requests: list[tuple[str, 
     procs = [ctx.Process(target=worker, args=(i, ports, cafile, slices[i], s.threads, s.deadline_s, barrier,
                                               results), daemon=True, name=f"est-client-{i}")
              for i in range(s.procs)]
-    pids = [srv.proc.pid for srv in servers]
+    mains = [srv.proc.pid for srv in servers]
+    workers = [w for pid in mains for w in est_worker_pids(pid)]
+    pids = mains + workers
 
     def server_cpu() -> tuple[float, float]:
         times = [_proc_cpu_s(pid) for pid in pids]
         return sum(t[0] for t in times), sum(t[1] for t in times)
+
+    def workers_cpu() -> float:
+        return sum(sum(_proc_cpu_s(pid)) for pid in workers)
 
     def server_threads() -> int:
         return sum(_proc_threads(pid) for pid in pids)
@@ -393,7 +416,7 @@ def _load_pass(servers: list[HubServer], cafile: str, requests: list[tuple[str, 
         p.start()
     try:
         barrier.wait(timeout=120)
-        srv0, mach0 = server_cpu(), _machine_cpu()
+        srv0, mach0, wrk0 = server_cpu(), _machine_cpu(), workers_cpu()
         reports, threads_max = [], server_threads()
         deadline = time.monotonic() + s.deadline_s + 2 * IO_TIMEOUT + 30
         while len(reports) < len(procs):
@@ -408,7 +431,7 @@ def _load_pass(servers: list[HubServer], cafile: str, requests: list[tuple[str, 
                 threads_max = max(threads_max, server_threads())
             except OSError:
                 pass
-        srv1, mach1 = server_cpu(), _machine_cpu()
+        srv1, mach1, wrk1 = server_cpu(), _machine_cpu(), workers_cpu()
     finally:
         for p in procs:
             p.join(timeout=10)
@@ -437,7 +460,8 @@ def _load_pass(servers: list[HubServer], cafile: str, requests: list[tuple[str, 
         reused=sum(r["reused"] for r in reports), status=dict(merged), errors=dict(errs),
         first_error=next((r["first_error"] for r in reports if r["first_error"]), ""), versions=dict(vers),
         validated=sum(r["validated"] for r in reports), bad_answers=sum(r["bad_answers"] for r in reports),
-        left=sum(r["left"] for r in reports), server_threads_max=threads_max)
+        left=sum(r["left"] for r in reports), server_threads_max=threads_max, workers=len(workers),
+        worker_cpu_s=wrk1 - wrk0)
 
 
 def _db_counts(hub_dir: Path) -> tuple[int, int]:
@@ -884,7 +908,7 @@ def print_report(rep: Report) -> None:
 
     ld = rep.load
     print("\nload pass")
-    print(f"  {ld.servers} `tessera-hub serve` process(es); {ld.procs} client processes x {ld.threads} threads, "
+    print(f"  {ld.servers} `tessera-hub serve` process(es) with {ld.workers} EST worker process(es) in all; {ld.procs} client processes x {ld.threads} threads, "
           f"new TCP + full TLS per enrollment, "
           f"TLS versions {ld.versions}")
     print(f"  {ld.ok}/{ld.n} enrolled OK in {ld.wall_s:.2f} s; statuses {ld.status}; errors {ld.errors or '-'}"
@@ -895,7 +919,7 @@ def print_report(rep: Report) -> None:
     lat = ld.latencies
     print(f"  latency ms: p50 {_pct(lat, .5) * 1e3:.1f}  p90 {_pct(lat, .9) * 1e3:.1f}  "
           f"p99 {_pct(lat, .99) * 1e3:.1f}  max {(lat[-1] if lat else float('nan')) * 1e3:.1f}")
-    print(f"  CPU seconds: server {ld.server_cpu_s:.2f} (user {ld.server_cpu_s - ld.server_sys_s:.2f}, sys "
+    print(f"  CPU seconds: server {ld.server_cpu_s:.2f} (EST workers {ld.worker_cpu_s:.2f}; user {ld.server_cpu_s - ld.server_sys_s:.2f}, sys "
           f"{ld.server_sys_s:.2f}; {ld.server_cpu_s / ld.wall_s * 100:.0f}% of a core, "
           f"max {ld.server_threads_max} threads), clients {ld.client_cpu_s:.2f} (user {ld.client_user_s:.2f}, "
           f"sys {ld.client_sys_s:.2f}); machine busy {ld.machine_busy * 100:.0f}% of {CORES} cores, "

@@ -115,9 +115,11 @@ class EstPool:
     """`workers` EST worker processes on one listening socket; `start()`, `port`, `pids()`, `stop()`."""
 
     def __init__(self, cfg: HubConfig, registry: object, workers: int, verbose: bool = False,
-                 on_event: Callable[[str, str], None] = lambda kind, detail: None):
+                 on_event: Callable[[str, str], None] = lambda kind, detail: None,
+                 hub_stopping: threading.Event | None = None):
         """Binds cfg.est_host:cfg.est_port now (OSError if taken); `registry` is the supervisor's (its counters
-        get the workers' events); `on_event(kind, detail)` is told when a worker died."""
+        get the workers' events); `on_event(kind, detail)` is told when a worker died; once `hub_stopping` is set
+        a worker that exits is not restarted (a signal to the whole process group stops the workers too)."""
         self.cfg, self.workers, self.verbose = cfg, workers, verbose
         self.stats = stats.of(registry)
         self.on_event = on_event
@@ -127,6 +129,7 @@ class EstPool:
         self._lock = threading.Lock()
         self._workers: dict[int, _Worker] = {}
         self._stopping = threading.Event()
+        self._hub_stopping = hub_stopping or self._stopping
         self._monitor: threading.Thread | None = None
         self._fails = 0
         self._restart_at: dict[int, float] = {}
@@ -249,7 +252,7 @@ class EstPool:
             with self._lock:
                 workers = list(self._workers.values())
             for w in workers:
-                if self._stopping.is_set() or w.proc.poll() is None:
+                if self._stopping.is_set() or self._hub_stopping.is_set() or w.proc.poll() is None:
                     continue
                 if w.index not in self._restart_at:
                     self._poll(0)  # what it sent before it died

@@ -13,10 +13,12 @@ lowercase hex text (159-bit serials do not fit an INTEGER); tokens only as their
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import itertools
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -96,10 +98,14 @@ class Registry:
         self.path = Path(path)
         self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
-        # Writers in this process queue here instead of in SQLite's busy handler, which sleeps in 1-100 ms steps
-        # (the cause of long latency tails under concurrent enrollments). Other processes still meet
-        # BEGIN IMMEDIATE + busy_timeout.
+        # Writers queue here instead of in SQLite's busy handler, which sleeps in 1-100 ms steps (the cause of
+        # long latency tails under concurrent enrollments, and with several EST worker processes of a throughput
+        # below one process's): threads of this process on this lock, then processes on an flock of
+        # `<registry>.writelock`, which wakes the next writer as soon as the last one committed. A writer that
+        # does not take the flock (the sqlite3 shell) still meets BEGIN IMMEDIATE + busy_timeout.
         self._write_lock = threading.RLock()
+        self._flock_fd: int | None = None
+        self._write_depth = 0
         self._closed = False
         self._audit_key: bytes | None = None
         open_schema(self._db(), self.path)
@@ -145,7 +151,7 @@ class Registry:
     def _write(self, db: Database | None = None) -> Iterator[Database]:
         """One write transaction, BEGIN IMMEDIATE (takes the write lock up front: no read-then-upgrade races)."""
         db = db or self._db()
-        with self._write_lock:
+        with self._write_lock, self._process_lock():
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -153,6 +159,25 @@ class Registry:
             except BaseException:
                 db.rollback()
                 raise
+
+    @contextlib.contextmanager
+    def _process_lock(self) -> Iterator[None]:
+        """The flock that queues writers of all processes (the caller holds _write_lock; re-entrant)."""
+        if self._write_depth == 0:
+            if self._flock_fd is None:
+                try:
+                    self._flock_fd = os.open(f"{self.path}.writelock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                except OSError:  # a read-only directory: the busy timeout alone then
+                    self._flock_fd = -1
+            if self._flock_fd >= 0:
+                fcntl.flock(self._flock_fd, fcntl.LOCK_EX)
+        self._write_depth += 1
+        try:
+            yield
+        finally:
+            self._write_depth -= 1
+            if self._write_depth == 0 and self._flock_fd is not None and self._flock_fd >= 0:
+                fcntl.flock(self._flock_fd, fcntl.LOCK_UN)
 
     @staticmethod
     def _one(db: Database, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
@@ -166,6 +191,10 @@ class Registry:
         if db is not None:
             db.close()
             self._local.db = None
+        with self._write_lock:
+            if self._flock_fd is not None and self._flock_fd >= 0 and self._write_depth == 0:
+                os.close(self._flock_fd)
+                self._flock_fd = None
 
     # --- audit ----------------------------------------------------------------------------------------------------
 

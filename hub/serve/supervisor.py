@@ -123,7 +123,7 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
 
         # EST in worker processes on one listening socket (hub/est/pool.py: why, and what is per worker)
         est = EstPool(cfg, registry, est_workers or cfg.workers, verbose, on_event=lambda kind, detail:
-                      registry.audit(kind, "error", _now(), actor="hub", detail=detail))
+                      registry.audit(kind, "error", _now(), actor="hub", detail=detail), hub_stopping=stop)
         stack.append(est.stop)
         est.start()
 

@@ -235,6 +235,12 @@ def test_sigterm_and_sigkill_leave_no_worker_behind(tmp_path):
     with running_hub(tmp_path / "b", workers=2) as hub:
         workers = workers_of(hub)
         port = hub.port
+        tokens = {f"gone-{i}": hub.add_device(f"gone-{i}") for i in range(8)}
+        # serve stopped, then killed with the workers' counts unread: they then read ECONNRESET, not EOF
+        os.kill(hub.proc.pid, signal.SIGSTOP)
+        with ThreadPoolExecutor(4) as pool:
+            assert set(pool.map(lambda d: enroll(hub, d, tokens[d], make_csr(new_key(), d)).status, tokens)) == {200}
+        time.sleep(0.2)  # the workers' reporters have sent their counts (into the stopped supervisor's queue)
         os.kill(hub.proc.pid, signal.SIGKILL)  # serve alone: its workers see the control socket close
         hub.proc.wait(timeout=10)
         wait_until(lambda: not [pid for pid in workers if _alive(pid)], 10, "EST workers gone after kill -9")

@@ -1,0 +1,116 @@
+"""EST scaling over worker processes: enrollments/s of `serve --est-workers N` divided by `--est-workers 1`.
+
+``python -m bench.est_workers_bench [--quick] [-n N] [--workers N] [--rounds R]``; ``run(quick)`` returns the rows.
+Each pass is bench/est_bench.py's load pass on a fresh fleet (tokens are single-use): a real `tessera-hub serve`,
+new TCP + full TLS per enrollment, P-256 CSRs made before timing, client processes on the SAME cores as the hub
+(clients counted: the ratio is what this machine does with everything it runs, not the server alone). Passes
+alternate 1, N, 1, N... (`rounds` of each) so a neighbour's load hits both alike; the ratio is of the medians.
+The CPU split of each pass (supervisor, EST workers, clients, other processes) is printed and in the rows.
+Goal: >= 1.8 with 2 workers on 2 cores. Full: n=2000, 2 rounds, about 2 min; quick: n=300, 1 round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import est_bench as eb  # noqa: E402
+
+GOAL_RATIO = 1.8
+
+
+def one_pass(workers: int, s: eb.Setup) -> eb.LoadResult:
+    with tempfile.TemporaryDirectory(prefix=f"tessera-est-w{workers}-") as tmp_name:
+        tmp = Path(tmp_name)
+        hub_dir, rows = eb._make_fleet(tmp, s.n)
+        cafile = str(hub_dir / "ca" / "root.pem")
+        server = eb.HubServer(hub_dir, tmp, 0, workers=workers)
+        requests = eb._enroll_requests(rows, server.port)
+        try:
+            server.start(cafile)
+            load = eb._load_pass([server], cafile, requests, s)
+        finally:
+            server.stop()
+        load.db_certs, load.db_audit_ok = eb._db_counts(hub_dir)
+    return load
+
+
+def _split(ld: eb.LoadResult) -> str:
+    main = ld.server_cpu_s - ld.worker_cpu_s
+    other = max(0.0, ld.machine_busy * eb.CORES - (ld.server_cpu_s + ld.client_cpu_s) / ld.wall_s)
+    return (f"cores busy: supervisor {main / ld.wall_s:.2f}, EST workers {ld.worker_cpu_s / ld.wall_s:.2f}, "
+            f"clients {ld.client_cpu_s / ld.wall_s:.2f}, others {other:.2f} (machine {ld.machine_busy * 100:.0f}% "
+            f"of {eb.CORES})")
+
+
+def measure(quick: bool = False, n: int | None = None, workers: int = 2, rounds: int | None = None,
+            verbose: bool = True) -> list[dict]:
+    s = eb.Setup(n=n or (300 if quick else 2000), procs=2, threads=6, deadline_s=15.0 if quick else 35.0)
+    rounds = rounds or (1 if quick else 2)
+    results: dict[int, list[eb.LoadResult]] = {1: [], workers: []}
+    for r in range(rounds):
+        for k in (1, workers):
+            t0 = time.perf_counter()
+            ld = one_pass(k, s)
+            results[k].append(ld)
+            if verbose:
+                print(f"[est-workers] round {r + 1}, {k} worker(s): {ld.rate:.0f}/s ({ld.ok}/{ld.n} OK, "
+                      f"{ld.workers} worker processes seen, {time.perf_counter() - t0:.0f} s); {_split(ld)}",
+                      file=sys.stderr, flush=True)
+    rate = {k: statistics.median(x.rate for x in v) for k, v in results.items()}
+    ratio = rate[workers] / rate[1] if rate[1] else 0.0
+    ok = all(x.ok == x.n and x.bad_answers == 0 and x.reused == 0 for v in results.values() for x in v)
+    rows = [
+        {"metric": "est enrollments/s, serve --est-workers 1", "value": rate[1], "goal": "info", "pass": True},
+        {"metric": f"est enrollments/s, serve --est-workers {workers}", "value": rate[workers], "goal": "info",
+         "pass": True},
+        {"metric": f"est enrollments/s {workers} workers / 1 worker (clients on the same {eb.CORES} cores)",
+         "value": ratio, "goal": f">= {GOAL_RATIO}", "pass": ratio >= GOAL_RATIO},
+        {"metric": "est worker passes: every enrollment OK, full TLS", "value": sum(len(v) for v in results.values()),
+         "goal": "all", "pass": ok},
+    ]
+    one = results[1][-1]
+    if one.ok and one.wall_s:
+        # what the ratio can be at most here: N workers can at best fill the machine, shared with the clients at
+        # their measured CPU per enrollment; one worker did what it did
+        srv, cli = one.server_cpu_s / one.ok, one.client_cpu_s / one.ok
+        ceiling = (eb.CORES / (srv + cli)) / one.rate
+        rows.append({"metric": f"  ceiling of that ratio with clients on the same cores ({cli * 1e3:.1f} ms client, "
+                               f"{srv * 1e3:.1f} ms server CPU/enrollment)", "value": ceiling, "goal": "info",
+                     "pass": None})
+    for k, v in results.items():
+        ld = v[-1]
+        rows.append({"metric": f"  {k} worker(s): supervisor / workers / clients CPU (cores)",
+                     "value": f"{(ld.server_cpu_s - ld.worker_cpu_s) / ld.wall_s:.2f} / "
+                              f"{ld.worker_cpu_s / ld.wall_s:.2f} / {ld.client_cpu_s / ld.wall_s:.2f}",
+                     "goal": "info", "pass": None})
+    return rows
+
+
+def run(quick: bool = False) -> list[dict]:
+    return measure(quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.est_workers_bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("-n", type=int, help="enrollments per pass (default 2000, quick 300)")
+    ap.add_argument("--workers", type=int, default=2, help="the N of N workers / 1 worker (default 2)")
+    ap.add_argument("--rounds", type=int, help="passes of each (default 2, quick 1)")
+    args = ap.parse_args(argv)
+    from bench.__main__ import render
+
+    print(render(measure(args.quick, args.n, args.workers, args.rounds)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
