@@ -43,8 +43,35 @@ def _main(show_version: bool = typer.Option(False, "--version", callback=_print_
 ConfigOpt = typer.Option(None, "--config", "-c", envvar="TESSERA_AGENT_CONFIG",
                          help="Agent configuration file \\[default: /etc/tessera/agent.toml].", show_default=False)
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Log debug messages too (to stderr).")
+PinSourceOpt = typer.Option("", "--pin-source", help="Where the token's user PIN is: file:/path (0600) or env:NAME "
+                                                     "\\[default: token.pin_source from the config].")
 SetOpt = typer.Option([], "--set", help="Override a configuration key: key=value or section.key=value "
                                         "(repeatable).")
+
+
+def _config_path(config: Optional[Path]) -> Path:
+    from .config import config_path
+
+    return config_path(config)
+
+
+def _known_device_id(token_file: Path, state: Path) -> str:
+    """The device id a factory bundle (agent.toml next to the token file) or an earlier enrollment names; ''."""
+    import tomllib
+
+    from .state import load_identity
+
+    try:
+        bundle = tomllib.loads((token_file.parent / "agent.toml").read_text())
+        if isinstance(bundle.get("device_id"), str) and bundle["device_id"]:
+            return bundle["device_id"]
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        pass
+    try:
+        ident = load_identity(state)
+    except _errors():
+        return ""
+    return ident.device_id if ident else ""
 
 
 def _logging(verbose: bool) -> None:
@@ -82,7 +109,11 @@ def enroll(
     ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="The fleet root CA certificate (PEM)."),
     ca_fingerprint: str = typer.Option("", "--ca-fingerprint", help="Or: the fleet root's SHA-256 fingerprint "
                                                                     "to pin (fetched from /cacerts)."),
-    device_id: str = typer.Option("", "--device-id", help="Device id \\[default: device_id from the config]."),
+    device_id: str = typer.Option("", "--device-id", help="Device id, as given to `tessera-hub device add` "
+                                                          "\\[default: device_id from the config, else from the "
+                                                          "agent.toml next to the token file (a factory bundle), "
+                                                          "else from the identity of an earlier enrollment]."),
+    pin_source: str = PinSourceOpt,
     config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -92,7 +123,14 @@ def enroll(
     _logging(verbose)
     extra = [f"hub_url={hub}"] if hub else []
     extra += [f"device_id={device_id}"] if device_id else []
+    extra += [f"token.pin_source={pin_source}"] if pin_source else []
     cfg = _cfg(config, [*overrides, *extra])
+    if not cfg.device_id:
+        found = _known_device_id(token_file, cfg.state)
+        if not found:
+            fail("no device id: give --device-id (the id given to `tessera-hub device add`) or set device_id in "
+                 f"the agent configuration ({_config_path(config)})")
+        cfg = _cfg(config, [*overrides, *extra, f"device_id={found}"])
     if ca_file is None and not ca_fingerprint and Path(cfg.ca_file).is_file():
         ca_file = Path(cfg.ca_file)  # the fleet root shipped in the factory bundle
     try:
@@ -123,13 +161,13 @@ def run(config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
 
 @app.command()
 def renew(rotate_key: bool = typer.Option(False, "--rotate-key", help="Generate a fresh token key first."),
-          config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
+          pin_source: str = PinSourceOpt, config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
           verbose: bool = VerboseOpt) -> None:
     """Renew the certificate now (EST simplereenroll over mTLS with the current certificate)."""
     from .enroll import renew as do_renew
 
     _logging(verbose)
-    cfg = _cfg(config, overrides)
+    cfg = _cfg(config, [*overrides, *([f"token.pin_source={pin_source}"] if pin_source else [])])
     try:
         ident = do_renew(cfg, rotate_key=rotate_key)
     except _errors() as exc:

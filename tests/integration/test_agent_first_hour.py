@@ -106,3 +106,31 @@ def test_enrolling_another_device_id_with_a_token_holding_a_devices_key_is_refus
     first.start()
     first.wait_state("online", timeout=30)
     first.stop()
+
+
+def test_enroll_takes_a_pin_source_and_the_device_id_from_the_bundle(hub, make_device):  # noqa: F811
+    from tests.integration.agentfixtures import agent_env, run_agent_cli, write_secret
+
+    dev, token = make_device("first-bundle")
+    dev.write_config(device_id="")
+    dev.config.write_text(dev.config.read_text().replace(f"file:{dev.token.pin_file}", "file:/nonexistent/pin"))
+    lone = dev.token_file(token, "lone-token")
+    # no device id anywhere: one line saying what to give
+    proc = dev.enroll(lone, "--pin-source", f"file:{dev.token.pin_file}")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert one_line(proc.stderr).startswith("error: no device id: give --device-id"), proc.stderr
+    # a factory bundle names the device next to its token; the PIN comes from --pin-source (env:NAME here)
+    bundle = dev.base / "bundle"
+    bundle.mkdir()
+    (bundle / "agent.toml").write_text('device_id = "first-bundle"\n')
+    token_file = write_secret(bundle / "enroll-token", token + "\n")
+    proc = dev.enroll(token_file)  # the configured PIN file does not exist
+    assert proc.returncode == 1 and "/nonexistent/pin" in one_line(proc.stderr), proc.stdout + proc.stderr
+    pin = dev.token.pin_file.read_text().strip()
+    proc = run_agent_cli("enroll", "--token-file", str(token_file), "--ca-file", str(hub.root_pem), "--pin-source",
+                         "env:TESSERA_TEST_TOKEN_PIN", "-c", str(dev.config),
+                         env=agent_env(TESSERA_TEST_TOKEN_PIN=pin))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "enrolled first-bundle" in one_line(proc.stdout), proc.stdout
+    assert pin not in proc.stdout + proc.stderr
+    assert dev.identity()["device_id"] == "first-bundle"
