@@ -12,7 +12,10 @@ SCAN_VENV="$ROOT/.venv-tlsscan"  # sslyze for tests/integration/test_tls_scan.py
 APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl ca-certificates softhsm2 opensc mosquitto
               mosquitto-clients libengine-pkcs11-openssl curl procps shellcheck systemd
               libsqlite3-dev libssl-dev mosquitto-dev libmosquitto-dev uthash-dev
-              chromium)  # chromium: the console's browser tests (Playwright drives it, downloads no browser)
+              chromium   # chromium: the console's browser tests (Playwright drives it, downloads no browser)
+              # the TPM 2.0 test token (tests/integration/tpmfixtures.py): swtpm, tpm2-abrmd, tpm2-pkcs11
+              swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtss2-tcti-swtpm0 tpm2-tools
+              libtpm2-pkcs11-1 libtpm2-pkcs11-tools python3-tpm2-pkcs11-tools dbus-daemon)
 
 log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
 
@@ -58,6 +61,21 @@ install_apt() {
   fi
 }
 
+# libtpm2-pkcs11-1 registers the module with p11-kit, so every p11-kit user (GnuTLS programs, the p11-kit proxy
+# that OpenSSL's engine and provider fall back to, `p11-kit list-modules`) would load it, look for a TPM, log
+# TCTI errors and create ~/.tpm2_pkcs11. A blank `module:` in the system config of the same name overrides the
+# packaged one: p11-kit then ignores it, and Tessera and its tests load the module by its path.
+keep_tpm2_pkcs11_private() {
+  local conf=/etc/pkcs11/modules/tpm2_pkcs11.module
+  [ -e /usr/share/p11-kit/modules/tpm2_pkcs11.module ] && [ ! -e "$conf" ] || return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    log "p11-kit loads tpm2-pkcs11 everywhere; as root, dev.sh setup writes $conf to stop that"
+    return 0
+  fi
+  mkdir -p /etc/pkcs11/modules
+  printf '%s\n' '# Tessera dev.sh: tpm2-pkcs11 is loaded by path only, never through p11-kit.' 'module:' > "$conf"
+}
+
 install_venv() {
   # The venv must sit on the distribution's Python: its ssl module links the system libssl, which the
   # token-key TLS route (libp11 engine / pkcs11-provider through ctypes) needs.
@@ -99,6 +117,7 @@ for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-depende
 
 setup() {
   install_apt
+  keep_tpm2_pkcs11_private
   install_venv
   install_scan_venv
 }

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from hsm import worker
 from hsm.secretfile import PrivateFileError, read_private_file
 from hsm.errors import KeyNotFound
+from hsm.keys import require_sign_only
 
 from .config import AgentConfig, ConfigError
 from .estclient import EstClient, EstClientError
@@ -101,6 +102,7 @@ def _ensure_key(cfg: AgentConfig, label: str, device_id: str, recorded: Identity
         info = worker.describe_key(cfg.token_config, label)
     except KeyNotFound:
         return worker.generate_key(cfg.token_config, label, cfg.token.key_type, new_key_id(device_id))
+    require_sign_only(info)  # a key made elsewhere (pkcs11-tool's defaults can decrypt) is refused, not reused
     refused = foreign_key_refusal(info.label, info.id, info.token_label, device_id,
                                   recorded.device_id if recorded else None, recorded.key_label if recorded else None)
     if refused:

@@ -37,3 +37,15 @@ class ExportRefused(HsmError):
 
 class TlsRouteError(HsmError):
     """Neither pkcs11-provider nor the libp11 engine can bring the token key into OpenSSL here."""
+
+
+class TemplateRefused(HsmError):
+    """The token refused a key template; the message names the key type and the templates sent."""
+
+
+class MechanismRefused(HsmError):
+    """The token does not support a mechanism, curve or key size Tessera asked for (named in the message)."""
+
+
+class KeyUsageRefused(HsmError):
+    """A token key is not sign-only (it can decrypt, unwrap, derive or be extracted); Tessera will not use it."""

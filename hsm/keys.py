@@ -1,9 +1,11 @@
 """Token key pairs: generate and find them, and wrap a token private key as a pyca/cryptography private key.
 
 The wrappers subclass cryptography's EllipticCurvePrivateKey / RSAPrivateKey so its CSR and certificate builders
-sign through the token. Signing hashes on the host and signs the digest in the token (SoftHSM has no
-CKM_ECDSA_SHA256): CKM_ECDSA for EC (raw r||s turned into DER), CKM_RSA_PKCS over a DigestInfo and CKM_RSA_PKCS_PSS
-for RSA. Every path that would export private material raises ExportRefused.
+sign through the token. EC and PSS hash on the host and sign the digest in the token (SoftHSM has no
+CKM_ECDSA_SHA256): CKM_ECDSA (raw r||s turned into DER), CKM_RSA_PKCS_PSS. PKCS#1 v1.5 hashes in the token
+(CKM_SHA256_RSA_PKCS, ...): tpm2-pkcs11 makes CKM_RSA_PKCS over a DigestInfo from a raw RSA decryption, which a
+sign-only key cannot do; only prehashed input takes that route. Every path that would export private material
+raises ExportRefused. Key templates and the sign-only policy are hsm.templates'.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
-from .errors import ExportRefused, HsmError, KeyExists, KeyNotFound, UnsupportedKeyType
+from . import templates
+from .errors import ExportRefused, HsmError, KeyExists, KeyNotFound, KeyUsageRefused, UnsupportedKeyType
 
 #: Key types Tessera generates: name -> (family, size-or-curve).
 KEY_TYPES: dict[str, tuple[str, Any]] = {
@@ -37,20 +40,10 @@ _REPORTED_ATTRIBUTES = ("TOKEN", "PRIVATE", "SENSITIVE", "ALWAYS_SENSITIVE", "EX
                         "LOCAL", "SIGN", "DECRYPT", "UNWRAP", "DERIVE")
 
 
-def _private_template() -> dict:
+def _pkcs11_template(template: dict[str, bool]) -> dict:
     from pkcs11 import Attribute
 
-    return {
-        Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-        Attribute.SIGN: True, Attribute.DECRYPT: False, Attribute.UNWRAP: False, Attribute.DERIVE: False,
-    }
-
-
-def _public_template() -> dict:
-    from pkcs11 import Attribute
-
-    return {Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.VERIFY: True, Attribute.ENCRYPT: False,
-            Attribute.WRAP: False, Attribute.DERIVE: False}
+    return {getattr(Attribute, name): value for name, value in template.items()}
 
 
 @dataclass(frozen=True)
@@ -90,26 +83,99 @@ def _attr(name: str):
 
 
 def generate_keypair(session, label: str, key_type: str = DEFAULT_KEY_TYPE, key_id: bytes | None = None) -> KeyInfo:
-    """Generate a non-extractable, sensitive, sign-only key pair on the token (session must be R/W)."""
-    import secrets
+    """Generate a non-extractable, sensitive, sign-only key pair on the token (session must be R/W).
 
-    from pkcs11 import Attribute, KeyType, MechanismFlag
-    from pkcs11.util.ec import encode_named_curve_parameters
+    The templates are hsm.templates' (accepted by SoftHSM and tpm2-pkcs11 alike); the key the token made is
+    checked against the sign-only policy, and destroyed with KeyUsageRefused if the token ignored part of it.
+    """
+    import secrets
 
     if key_type not in KEY_TYPES:
         raise UnsupportedKeyType(f"unknown key type {key_type!r}; choose one of {', '.join(KEY_TYPES)}")
     _check_label(session, label)
     key_id = key_id or secrets.token_bytes(8)
+    generate_with_templates(session, label, key_type, key_id, templates.PUBLIC_TEMPLATE, templates.PRIVATE_TEMPLATE)
+    info = key_info(session, label=label)
+    bad = templates.policy_violations(dict(info.attributes))
+    if bad:
+        _destroy_pair(session, info.id)
+        raise KeyUsageRefused(f"token {session.token.label!r} made {key_type} key {label!r} with {', '.join(bad)} "
+                              "against the sign-only template; the key pair was destroyed")
+    return info
+
+
+def generate_with_templates(session, label: str, key_type: str, key_id: bytes, public: dict[str, bool],
+                            private: dict[str, bool]) -> None:
+    """C_GenerateKeyPair with exactly these usage templates (attribute name -> value); a refusal is one line
+    naming the key type, the templates and the module's own reason (TemplateRefused / MechanismRefused)."""
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, MechanismFlag
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    from .modulelog import captured
+
     family, param = KEY_TYPES[key_type]
-    common = dict(id=key_id, label=label, store=True, capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
-                  public_template=_public_template(), private_template=_private_template())
-    if family == "ec":
-        params = session.create_domain_parameters(
-            KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(param)}, local=True)
-        params.generate_keypair(**common)
-    else:
-        session.generate_keypair(KeyType.RSA, param, **common)
-    return key_info(session, label=label)
+    pub, priv = templates.python_pkcs11_templates(public, private)
+    common = dict(id=key_id, label=label, store=True, capabilities=MechanismFlag.SIGN, public_template=pub,
+                  private_template=priv)
+    mechanism = "CKM_EC_KEY_PAIR_GEN" if family == "ec" else "CKM_RSA_PKCS_KEY_PAIR_GEN"
+    before = _key_handles(session)
+    with captured() as said:
+        try:
+            if family == "ec":
+                params = session.create_domain_parameters(
+                    KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(param)}, local=True)
+                params.generate_keypair(**common)
+            else:
+                session.generate_keypair(KeyType.RSA, param, **common)
+            return
+        except pkcs11.PKCS11Error as exc:
+            error = exc
+    _drop_leftovers(session, before, label)
+    raise templates.generation_refused(error, session.token.label, key_type, mechanism, public, private,
+                                       said.reason) from None
+
+
+def _key_handles(session) -> set[int]:
+    from pkcs11 import ObjectClass
+
+    return {obj.handle for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY)
+            for obj in session.get_objects({_attr("CLASS"): cls})}
+
+
+def _drop_leftovers(session, before: set[int], label: str) -> None:
+    """Destroy what a refused C_GenerateKeyPair left (SoftHSM 2.6 keeps a nameless half when it refuses an attribute
+    late): key objects that are new since `before` and carry our label or none."""
+    import pkcs11
+    from pkcs11 import ObjectClass
+
+    for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+        for obj in list(session.get_objects({_attr("CLASS"): cls})):
+            if obj.handle in before:
+                continue
+            try:
+                if obj[_attr("LABEL")] in ("", label):
+                    obj.destroy()
+            except pkcs11.PKCS11Error:
+                continue
+
+
+def _destroy_pair(session, key_id: bytes) -> None:
+    from pkcs11 import ObjectClass
+
+    for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+        for obj in list(session.get_objects({_attr("CLASS"): cls, _attr("ID"): key_id})):
+            obj.destroy()
+
+
+def require_sign_only(info: KeyInfo) -> KeyInfo:
+    """`info` if its key is sign-only (hsm.templates.SIGN_ONLY_POLICY); KeyUsageRefused naming what is not."""
+    bad = templates.policy_violations(dict(info.attributes))
+    if bad:
+        raise KeyUsageRefused(f"token key {info.label!r} on {info.token_label!r} is not sign-only ({', '.join(bad)}); "
+                              "Tessera uses only keys it could have made itself: use another key label (a new key "
+                              "is generated) or delete this key")
+    return info
 
 
 def _find(session, object_class, label: str | None, key_id: bytes | None):
@@ -169,9 +235,19 @@ def key_info(session, label: str | None = None, key_id: bytes | None = None) -> 
     pub = find_public_key(session, key_id=priv.id)
     public = public_key_of(pub)
     pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    attrs = tuple((name.lower(), bool(priv[_attr(name)])) for name in _REPORTED_ATTRIBUTES)
+    attrs = tuple((name.lower(), _read_bool(priv, name)) for name in _REPORTED_ATTRIBUTES)
     return KeyInfo(token_label=session.token.label, label=priv.label, id=bytes(priv.id),
                    key_type=key_type_name(public), public_key_pem=pem, attributes=attrs)
+
+
+def _read_bool(obj, name: str) -> bool:
+    """A boolean attribute; one the object does not have (CKR_ATTRIBUTE_TYPE_INVALID) reads as False."""
+    import pkcs11
+
+    try:
+        return bool(obj[_attr(name)])
+    except (pkcs11.AttributeTypeInvalid, pkcs11.AttributeSensitive):
+        return False
 
 
 def load_private_key(session, label: str | None = None, key_id: bytes | None = None):
@@ -191,6 +267,21 @@ def _digest(data: bytes, algorithm) -> tuple[bytes, hashes.HashAlgorithm]:
     h = hashes.Hash(algorithm)
     h.update(data)
     return h.finalize(), algorithm
+
+
+def _token_sign(token_key, data: bytes, key_type: str, what: str, **mechanism) -> bytes:
+    """token_key.sign(data, **mechanism); a refusal names the mechanism, key type and label (one line)."""
+    import pkcs11
+
+    from .modulelog import captured
+
+    with captured() as said:
+        try:
+            return token_key.sign(data, **mechanism)
+        except pkcs11.PKCS11Error as exc:
+            error = exc
+    raise templates.signing_refused(error, token_key.session.token.label, token_key.label, key_type, what,
+                                    said.reason) from None
 
 
 def _refuse(*_a, **_k):
@@ -221,7 +312,7 @@ class TokenECPrivateKey(ec.EllipticCurvePrivateKey):
         if not isinstance(signature_algorithm, ec.ECDSA):
             raise UnsupportedKeyType("token EC keys sign with ECDSA only")
         digest, _ = _digest(data, signature_algorithm.algorithm)
-        raw = self._token_key.sign(digest, mechanism=Mechanism.ECDSA)
+        raw = _token_sign(self._token_key, digest, key_type_name(self._public), "CKM_ECDSA", mechanism=Mechanism.ECDSA)
         half = len(raw) // 2
         return utils.encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
 
@@ -262,7 +353,12 @@ class TokenRSAPrivateKey(rsa.RSAPrivateKey):
         if alg.name not in _DIGEST_INFO:
             raise UnsupportedKeyType(f"hash {alg.name} is not supported for token RSA signatures")
         if isinstance(padding_, padding.PKCS1v15):
-            return self._token_key.sign(_DIGEST_INFO[alg.name] + digest, mechanism=Mechanism.RSA_PKCS)
+            if not isinstance(algorithm, utils.Prehashed):  # hash-and-sign: the one a sign-only TPM key can do
+                mech = f"{alg.name.upper()}_RSA_PKCS"
+                return _token_sign(self._token_key, data, key_type_name(self._public), f"CKM_{mech}",
+                                   mechanism=getattr(Mechanism, mech))
+            return _token_sign(self._token_key, _DIGEST_INFO[alg.name] + digest, key_type_name(self._public),
+                               "CKM_RSA_PKCS", mechanism=Mechanism.RSA_PKCS)
         if isinstance(padding_, padding.PSS):
             salt = padding_._salt_length
             if salt is padding.PSS.MAX_LENGTH or isinstance(salt, padding._MaxLength):
@@ -274,7 +370,9 @@ class TokenRSAPrivateKey(rsa.RSAPrivateKey):
             mgf_alg = padding_.mgf._algorithm
             name = alg.name.upper()
             mech_param = (getattr(Mechanism, name), getattr(MGF, mgf_alg.name.upper()), salt)
-            return self._token_key.sign(digest, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=mech_param)
+            return _token_sign(self._token_key, digest, key_type_name(self._public),
+                               f"CKM_RSA_PKCS_PSS ({alg.name}, MGF1-{mgf_alg.name}, salt {salt})",
+                               mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=mech_param)
         raise UnsupportedKeyType(f"padding {padding_.name} is not supported for token RSA signatures")
 
     def decrypt(self, ciphertext: bytes, padding_) -> bytes:
@@ -307,8 +405,8 @@ def import_private_key(session, private_key, label: str, key_id: bytes | None = 
     _check_label(session, label)
     key_id = key_id or secrets.token_bytes(8)
     common = {Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.ID: key_id}
-    priv_t = {**common, **_private_template(), Attribute.CLASS: ObjectClass.PRIVATE_KEY}
-    pub_t = {**common, **_public_template(), Attribute.CLASS: ObjectClass.PUBLIC_KEY}
+    priv_t = {**common, **_pkcs11_template(templates.PRIVATE_TEMPLATE), Attribute.CLASS: ObjectClass.PRIVATE_KEY}
+    pub_t = {**common, **_pkcs11_template(templates.IMPORT_PUBLIC_TEMPLATE), Attribute.CLASS: ObjectClass.PUBLIC_KEY}
     if isinstance(private_key, ec.EllipticCurvePrivateKey):
         params = encode_named_curve_parameters(private_key.curve.name)
         size = (private_key.curve.key_size + 7) // 8

@@ -39,6 +39,9 @@ hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" i
 
 __all__ = ["free_port"]
 
+# `token` (SoftHSM and TPM 2.0 in turn), `tpmtoken` and the session's `tpm_stack`.
+pytest_plugins = ["tests.integration.tpmfixtures"]
+
 
 @pytest.fixture
 def softtoken(tmp_path):

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from hsm import worker
-from hsm.errors import ExportRefused, KeyExists, UnsupportedKeyType
+from hsm.errors import ExportRefused, HsmError, KeyExists, UnsupportedKeyType
 from hsm.keys import KEY_TYPES
 from hsm.uri import parse
 from tests.helpers import child_export_attempts, child_self_signed, child_sign, parse_objects, pkcs11_tool
@@ -38,19 +38,38 @@ def _same_key(a, b) -> bool:
     return a.public_bytes(*fmt) == b.public_bytes(*fmt)
 
 
+def _tpm_without_pss(token, mode: str, key_type: str, data: bytes | None = None, hash_name: str = "sha256") -> bool:
+    """On the TPM test token an RSA-PSS signature is refused, with a message naming mechanism and key type.
+
+    swtpm is not in FIPS mode, so its TPM2_Sign(RSAPSS) uses the maximum salt; tpm2-pkcs11 then makes PSS
+    signatures from a raw RSA decryption, which a sign-only key cannot do (the TPM answers "inconsistent
+    attributes"). A TPM in FIPS mode signs PSS itself. PKCS#1 v1.5 (hashed in the token) and ECDSA work.
+    """
+    if token.kind != "tpm" or mode != "rsa-pss":
+        return False
+    with pytest.raises(HsmError) as err:
+        if data is None:
+            worker.run_isolated(child_self_signed, token.config, "ca-key", mode, "Token Root")
+        else:
+            worker.run_isolated(child_sign, token.config, "signer", data, mode, hash_name)
+    msg = str(err.value)
+    assert "CKM_RSA_PKCS_PSS" in msg and key_type in msg and "\n" not in msg, msg
+    return True
+
+
 @pytest.mark.parametrize("key_type", ALL_TYPES)
-def test_generated_key_attributes_as_pkcs11_tool_sees_them(softtoken, key_type):
-    info = worker.generate_key(softtoken.config, f"dev-{key_type}", key_type)
+def test_generated_key_attributes_as_pkcs11_tool_sees_them(token, key_type):
+    info = worker.generate_key(token.config, f"dev-{key_type}", key_type)
 
     assert info.key_type == key_type
     assert info.label == f"dev-{key_type}"
-    assert info.token_label == softtoken.label
+    assert info.token_label == token.label
     public = _public(info)
     cls, param = EXPECTED_PUBLIC[key_type]
     assert isinstance(public, cls)
     assert (public.curve.name if isinstance(public, ec.EllipticCurvePublicKey) else public.key_size) == param
 
-    rc, out = pkcs11_tool(softtoken, "-O")
+    rc, out = pkcs11_tool(token, "-O")
     assert rc == 0, out
     objects = [o for o in parse_objects(out) if o.label == info.label]
     private = [o for o in objects if o.kind.startswith("Private Key Object")]
@@ -62,8 +81,9 @@ def test_generated_key_attributes_as_pkcs11_tool_sees_them(softtoken, key_type):
     # The private key is sensitive / never extractable / generated on the token, and may only sign.
     assert private[0].flags("Access") == PRIVATE_ACCESS, out
     assert private[0].flags("Usage") == {"sign"}, out
-    # The public half only verifies (no encrypt / wrap / derive).
-    assert public_objs[0].flags("Usage") == {"verify"}, out
+    # The public half never wraps or derives. Its verify/encrypt flags are the token's (hsm.templates: tpm2-pkcs11
+    # derives them from the TPM object and refuses any other value; SoftHSM's default is both).
+    assert public_objs[0].flags("Usage") <= {"verify", "encrypt"}, out
     if family == "RSA":
         assert f"RSA {param} bits" in public_objs[0].kind
     else:
@@ -71,60 +91,60 @@ def test_generated_key_attributes_as_pkcs11_tool_sees_them(softtoken, key_type):
 
 
 @pytest.mark.parametrize("key_type", ["ec-p256", "rsa-2048"])
-def test_key_uri_parses_back(softtoken, key_type):
-    info = worker.generate_key(softtoken.config, "uri key;with/odd chars", key_type, key_id=b"\x00\x01\xfe;")
+def test_key_uri_parses_back(token, key_type):
+    info = worker.generate_key(token.config, "uri key;with/odd chars", key_type, key_id=b"\x00\x01\xfe;")
     uri = parse(info.uri)
-    assert uri.token == softtoken.label
+    assert uri.token == token.label
     assert uri.object == "uri key;with/odd chars"
     assert uri.id == b"\x00\x01\xfe;" == info.id
     assert uri.type == "private"
     assert uri.pin_value is None and uri.pin_source is None  # the key URI never carries the PIN
     # describe_key finds the same key again and gives the same URI
-    again = worker.describe_key(softtoken.config, "uri key;with/odd chars")
+    again = worker.describe_key(token.config, "uri key;with/odd chars")
     assert again.uri == info.uri
     assert again.public_key_pem == info.public_key_pem
 
 
-def test_random_key_ids_are_distinct(softtoken):
-    a = worker.generate_key(softtoken.config, "a")
-    b = worker.generate_key(softtoken.config, "b")
+def test_random_key_ids_are_distinct(token):
+    a = worker.generate_key(token.config, "a")
+    b = worker.generate_key(token.config, "b")
     assert len(a.id) >= 4 and a.id != b.id
     assert parse(a.uri).id == a.id and parse(b.uri).id == b.id
 
 
-def test_duplicate_label_is_refused(softtoken):
-    first = worker.generate_key(softtoken.config, "device", "ec-p256")
+def test_duplicate_label_is_refused(token):
+    first = worker.generate_key(token.config, "device", "ec-p256")
     with pytest.raises(KeyExists) as err:
-        worker.generate_key(softtoken.config, "device", "rsa-2048")
+        worker.generate_key(token.config, "device", "rsa-2048")
     msg = str(err.value)
     assert "'device'" in msg and "\n" not in msg
     # nothing was overwritten or added: exactly one key pair carries the label, and it is the first one
-    rc, out = pkcs11_tool(softtoken, "-O")
+    rc, out = pkcs11_tool(token, "-O")
     assert rc == 0, out
     labelled = [o for o in parse_objects(out) if o.label == "device"]
     assert len(labelled) == 2, out  # one private + one public
     assert {o.id for o in labelled} == {first.id.hex()}
-    assert worker.describe_key(softtoken.config, "device").public_key_pem == first.public_key_pem
+    assert worker.describe_key(token.config, "device").public_key_pem == first.public_key_pem
 
 
 @pytest.mark.parametrize("bad", ["ed25519", "EC-P256", "rsa-1024", "ec-p521", ""])
-def test_unknown_key_type_is_refused(softtoken, bad):
+def test_unknown_key_type_is_refused(token, bad):
     with pytest.raises(UnsupportedKeyType) as err:
-        worker.generate_key(softtoken.config, "k", bad)
+        worker.generate_key(token.config, "k", bad)
     msg = str(err.value)
     assert "\n" not in msg
     assert repr(bad) in msg
     for choice in KEY_TYPES:
         assert choice in msg
-    rc, out = pkcs11_tool(softtoken, "-O")
+    rc, out = pkcs11_tool(token, "-O")
     assert rc == 0
     assert not [o for o in parse_objects(out) if o.label == "k"], "a key was created anyway"
 
 
 @pytest.mark.parametrize("key_type", ["ec-p256", "rsa-2048"])
-def test_every_export_path_is_refused(softtoken, key_type):
-    worker.generate_key(softtoken.config, "secret", key_type)
-    results = worker.run_isolated(child_export_attempts, softtoken.config, "secret")
+def test_every_export_path_is_refused(token, key_type):
+    worker.generate_key(token.config, "secret", key_type)
+    results = worker.run_isolated(child_export_attempts, token.config, "secret")
     expected = {"private_bytes/PEM/PKCS8", "private_bytes/DER/PKCS8", "private_bytes/PEM/TraditionalOpenSSL",
                 "private_numbers", "pickle", "deepcopy+private_bytes"}
     expected |= {"ecdh"} if key_type.startswith("ec") else {"rsa_decrypt_oaep", "rsa_decrypt_pkcs1"}
@@ -135,9 +155,9 @@ def test_every_export_path_is_refused(softtoken, key_type):
 
 
 @pytest.mark.parametrize("key_type", ALL_TYPES)
-def test_csr_signed_in_token_verifies(softtoken, key_type, tmp_path):
-    info = worker.generate_key(softtoken.config, "csr-key", key_type)
-    der = worker.make_csr(softtoken.config, "csr-key", common_name="device-0042")
+def test_csr_signed_in_token_verifies(token, key_type, tmp_path):
+    info = worker.generate_key(token.config, "csr-key", key_type)
+    der = worker.make_csr(token.config, "csr-key", common_name="device-0042")
     csr = x509.load_der_x509_csr(der)
     assert csr.is_signature_valid
     assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "device-0042"
@@ -162,9 +182,11 @@ def test_csr_signed_in_token_verifies(softtoken, key_type, tmp_path):
 @pytest.mark.parametrize(("key_type", "mode"), [
     ("ec-p256", "ec"), ("ec-p384", "ec"), ("rsa-2048", "rsa-pkcs1"), ("rsa-2048", "rsa-pss"), ("rsa-3072", "rsa-pss"),
 ])
-def test_self_signed_certificate_from_token_key(softtoken, key_type, mode, tmp_path):
-    info = worker.generate_key(softtoken.config, "ca-key", key_type)
-    der = worker.run_isolated(child_self_signed, softtoken.config, "ca-key", mode, "Token Root")
+def test_self_signed_certificate_from_token_key(token, key_type, mode, tmp_path):
+    info = worker.generate_key(token.config, "ca-key", key_type)
+    if _tpm_without_pss(token, mode, key_type):
+        return
+    der = worker.run_isolated(child_self_signed, token.config, "ca-key", mode, "Token Root")
     cert = x509.load_der_x509_certificate(der)
     assert _same_key(cert.public_key(), _public(info))
     cert.verify_directly_issued_by(cert)  # raises InvalidSignature on a bad signature
@@ -194,10 +216,12 @@ def test_self_signed_certificate_from_token_key(softtoken, key_type, mode, tmp_p
     ("ec-p256", "ec", "sha256"), ("ec-p384", "ec", "sha384"), ("rsa-2048", "rsa-pkcs1", "sha256"),
     ("rsa-2048", "rsa-pss", "sha512"), ("rsa-3072", "rsa-pkcs1", "sha384"),
 ])
-def test_token_signature_verifies_with_public_key(softtoken, key_type, mode, hash_name):
-    info = worker.generate_key(softtoken.config, "signer", key_type)
+def test_token_signature_verifies_with_public_key(token, key_type, mode, hash_name):
+    info = worker.generate_key(token.config, "signer", key_type)
     data = b"tessera firmware manifest v1\x00" * 50
-    sig, session_pem = worker.run_isolated(child_sign, softtoken.config, "signer", data, mode, hash_name)
+    if _tpm_without_pss(token, mode, key_type, data, hash_name):
+        return
+    sig, session_pem = worker.run_isolated(child_sign, token.config, "signer", data, mode, hash_name)
     assert session_pem == info.public_key_pem
     public = _public(info)
     algorithm = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes.SHA512()}[hash_name]

@@ -25,12 +25,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def device(softtoken, ca):
+def device(token, ca):
     """A token key 'device' (EC P-256) with a clientAuth certificate from `ca` for CN=device-<random>."""
     cn = f"device-{secrets.token_hex(4)}"
-    info = worker.generate_key(softtoken.config, "device", "ec-p256")
-    cert = ca.issue_client(worker.make_csr(softtoken.config, "device", common_name=cn), name="device")
-    return {"cn": cn, "info": info, "cert": cert, "token": softtoken}
+    info = worker.generate_key(token.config, "device", "ec-p256")
+    cert = ca.issue_client(worker.make_csr(token.config, "device", common_name=cn), name="device")
+    return {"cn": cn, "info": info, "cert": cert, "token": token}
 
 
 def _request(op: str, ca, device, **extra) -> dict:
@@ -166,33 +166,33 @@ def _assert_one_line(answer: dict, *secrets_: str) -> str:
     return msg
 
 
-def test_certificate_for_another_key_is_refused(softtoken, ca):
-    worker.generate_key(softtoken.config, "mine", "ec-p256")
-    other = worker.generate_key(softtoken.config, "other", "ec-p256")
-    mine = worker.describe_key(softtoken.config, "mine")
+def test_certificate_for_another_key_is_refused(token, ca):
+    worker.generate_key(token.config, "mine", "ec-p256")
+    other = worker.generate_key(token.config, "other", "ec-p256")
+    mine = worker.describe_key(token.config, "mine")
     cert = ca.issue_client(other.public_key_pem, cn="mismatch", name="other")
     answer = run_tls_child({"op": "context", "cafile": str(ca.cert_path), "cert": str(cert), "key_uri": mine.uri,
-                            "token": token_dict(softtoken.config)})
+                            "token": token_dict(token.config)})
     assert not answer["ok"], answer
     assert "HsmError" in answer["error_mro"], answer
-    msg = _assert_one_line(answer, softtoken.pin)
+    msg = _assert_one_line(answer, token.pin)
     assert "match" in msg.lower(), msg  # "does not match" (hsm) or "key values mismatch" (OpenSSL)
     # control: the matching certificate is accepted
     good = ca.issue_client(mine.public_key_pem, cn="match", name="mine")
     ok = run_tls_child({"op": "context", "cafile": str(ca.cert_path), "cert": str(good), "key_uri": mine.uri,
-                        "token": token_dict(softtoken.config)})
+                        "token": token_dict(token.config)})
     assert ok["ok"], ok
 
 
-def test_mismatch_message_names_certificate_and_key(softtoken, ca):
-    worker.generate_key(softtoken.config, "mine", "ec-p256")
-    other = worker.generate_key(softtoken.config, "other", "ec-p256")
-    mine = worker.describe_key(softtoken.config, "mine")
+def test_mismatch_message_names_certificate_and_key(token, ca):
+    worker.generate_key(token.config, "mine", "ec-p256")
+    other = worker.generate_key(token.config, "other", "ec-p256")
+    mine = worker.describe_key(token.config, "mine")
     cert = ca.issue_client(other.public_key_pem, cn="mismatch", name="other")
     answer = run_tls_child({"op": "context", "cafile": str(ca.cert_path), "cert": str(cert), "key_uri": mine.uri,
-                            "token": token_dict(softtoken.config)})
+                            "token": token_dict(token.config)})
     assert not answer["ok"], answer
-    msg = _assert_one_line(answer, softtoken.pin)
+    msg = _assert_one_line(answer, token.pin)
     assert "does not match" in msg and str(cert) in msg and mine.uri in msg, msg
 
 
