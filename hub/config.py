@@ -47,7 +47,8 @@ class HubConfig:
     public_url: str = ""
     #: The plain-HTTP CRL listener (hub/serve/crlhttp.py; RFC 5280 8: CRLs are fetched over http, so checking a
     #: certificate never needs the TLS of the PKI being checked). None: DEFAULT_CRL_HTTP_PORT if free (serve runs on
-    #: without it otherwise), 0: off (and no http distribution point in new device certificates).
+    #: without it otherwise), 0: off (new device certificates then name no http distribution point of the hub's own;
+    #: `crl_public_url` still puts one there).
     crl_http_port: int | None = None
     #: Base URL of the http distribution point (first in every new device certificate); empty:
     #: http://<public_host>:<crl_http_port or DEFAULT_CRL_HTTP_PORT>.
@@ -194,7 +195,7 @@ class HubConfig:
             f"supersede_grace_seconds = {self.supersede_grace_seconds}", "",
             "[crl]", "# CRLs over plain HTTP (RFC 5280: no TLS, so checking a certificate never depends on the PKI",
             f"# being checked). Default {DEFAULT_CRL_HTTP_PORT} (serve runs on without it when that port is taken);",
-            "# 0: off, and new device certificates then name only the https distribution point",
+            "# 0: off, and new device certificates then name only the https distribution point (and public_url's)",
             f"http_port = {self.crl_http_port}" if self.crl_http_port is not None
             else f"# http_port = {DEFAULT_CRL_HTTP_PORT}",
             "# base of the http distribution point in new device certificates; empty: http://<public_host>:<http_port>",
