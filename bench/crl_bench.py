@@ -14,7 +14,10 @@ the first 100k (quick 10k). Then, in this process, on that registry and the flee
 
 and ``tessera-hub serve`` from start to "hub ready" on it, twice: the first start also creates the API's indexes
 on the big registry once; the second is every later start (goal <= 2 s: start-up must not depend on the number
-of revoked certificates, the CRL is published in the background).
+of revoked certificates, the CRL is published in the background). During the second, that CRL over plain HTTP
+(hub/serve/crlhttp.py): the first GET (the file read, parsed and hashed once), then GET and conditional GET (304)
+latencies one at a time and GETs a second from 16 clients at once (one connection per request, as the listener
+serves them).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.broker_bench import _row, build_big_registry  # noqa: E402
-from bench.fleet import HubProcess, enroll, make_fleet  # noqa: E402
+from bench.fleet import HOST, HubProcess, enroll, make_fleet  # noqa: E402
 
 FLEET = "crlbench"
 
@@ -50,14 +53,55 @@ def _replace_registry(hub_dir: Path, work: Path, devices: int, revoked: int) -> 
     return built
 
 
-def _timed_start(hub_dir: Path) -> float:
+def _timed_start(hub_dir: Path, while_up=None) -> float:
     proc = HubProcess(hub_dir)
     t0 = time.monotonic()
     try:
         proc.start(timeout=600)
-        return time.monotonic() - t0
+        took = time.monotonic() - t0
+        if while_up is not None:
+            while_up(proc)
+        return took
     finally:
         proc.shutdown()
+
+
+def _http_crl(port: int, headers: dict[str, str] | None = None) -> tuple[float, int, bytes, str]:
+    import http.client
+
+    conn = http.client.HTTPConnection(HOST, port, timeout=60)
+    t0 = time.perf_counter()
+    conn.request("GET", "/crl/device.crl", headers=headers or {})
+    resp = conn.getresponse()
+    body = resp.read()
+    took = time.perf_counter() - t0
+    conn.close()
+    return took, resp.status, body, resp.getheader("ETag") or ""
+
+
+def _http_crl_rows(proc, entries: str, quick: bool) -> list[dict]:
+    """The published CRL over plain HTTP from the running hub: first GET, GET and 304 p50/p99, GETs/s at 16."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    took, status, body, etag = _http_crl(proc.crl_port)
+    if status != 200 or body != (proc.dir / "crl" / "device.crl").read_bytes():
+        raise RuntimeError(f"the HTTP CRL is not the published one (status {status})")
+    n = 50 if quick else 200
+    gets = sorted(_http_crl(proc.crl_port)[0] for _ in range(n))
+    cond = sorted(_http_crl(proc.crl_port, {"If-None-Match": etag})[0] for _ in range(n))
+    if _http_crl(proc.crl_port, {"If-None-Match": etag})[1] != 304:
+        raise RuntimeError("a conditional GET with the current ETag is not a 304")
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda _: _http_crl(proc.crl_port), range(4 * n)))
+    rate = 4 * n / (time.perf_counter() - t0)
+    mb = len(body) / 1e6
+    return [_row(f"HTTP CRL ({entries}, {mb:.1f} MB) first GET (ms)", took * 1000, "info", None),
+            _row("HTTP CRL GET p50 (ms)", gets[n // 2] * 1000, "info", None),
+            _row("HTTP CRL GET p99 (ms)", gets[int(n * 0.99)] * 1000, "info", None),
+            _row("HTTP CRL conditional GET (304) p50 (ms)", cond[n // 2] * 1000, "info", None),
+            _row("HTTP CRL conditional GET (304) p99 (ms)", cond[int(n * 0.99)] * 1000, "info", None),
+            _row("HTTP CRL GETs/s, 16 clients", rate, "info", None)]
 
 
 def measure(quick: bool = False) -> tuple[list[dict], list[str]]:
@@ -103,9 +147,12 @@ def measure(quick: bool = False) -> tuple[list[dict], list[str]]:
         rows.append(_row(f"CRL build + sign, {revoked // 1000}k entries (s)", t_build, "<= 5 s", t_build <= 5))
         rows.append(_row(f"publish_crl end to end, {revoked // 1000}k entries (s)", t_publish, "info", None))
         first = _timed_start(hub_dir)
-        again = _timed_start(hub_dir)
+        http_rows: list[dict] = []
+        again = _timed_start(hub_dir, lambda p: http_rows.extend(_http_crl_rows(p, f"{revoked // 1000}k entries",
+                                                                                 quick)))
         rows.append(_row(f"serve start -> ready, {size}, first start (indexes built) (s)", first, "info", None))
         rows.append(_row(f"serve start -> ready, {size}, later starts (s)", again, "<= 2 s", again <= 2))
+        rows += http_rows
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows, notes

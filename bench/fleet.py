@@ -103,6 +103,9 @@ class HubProcess:
         self.est_port, self.mqtt_port = free_port(), free_port()
         while self.mqtt_port == self.est_port:
             self.mqtt_port = free_port()
+        self.crl_port = free_port()  # the plain-HTTP CRL listener: never the default 8080 another hub may hold
+        while self.crl_port in (self.est_port, self.mqtt_port):
+            self.crl_port = free_port()
         self.out_path, self.err_path = hub_dir.parent / "serve.out", hub_dir.parent / "serve.err"
         self.proc: subprocess.Popen | None = None
 
@@ -110,7 +113,8 @@ class HubProcess:
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [*hub_cmd(), "serve", "--dir", str(self.dir), "--host", HOST, "--est-port", str(self.est_port),
-                 "--mqtt-port", str(self.mqtt_port)], stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env(),
+                 "--mqtt-port", str(self.mqtt_port), "--crl-port", str(self.crl_port)], stdout=out, stderr=err,
+                stdin=subprocess.DEVNULL, env=env(),
                 start_new_session=True, preexec_fn=pdeathsig)
         deadline = time.monotonic() + timeout
         while "hub ready" not in self.out_path.read_text(errors="replace"):
