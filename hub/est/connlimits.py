@@ -120,11 +120,15 @@ class Reaper:
         while not self._stop.wait(self.tick):
             self.reap()
 
-    def reap(self) -> int:
-        """Cut every connection past its deadline now; returns how many."""
+    def cut_all(self) -> int:
+        """Cut every watched connection now, whatever its deadline (a server that stops); returns how many."""
+        return self.reap(everything=True)
+
+    def reap(self, everything: bool = False) -> int:
+        """Cut every connection past its deadline now (`everything`: every one); returns how many."""
         now, cut = self.monotonic(), 0
         with self._lock:
-            for ticket in [t for t in self._watched.values() if t.deadline <= now]:
+            for ticket in [t for t in self._watched.values() if everything or t.deadline <= now]:
                 del self._watched[ticket.id]
                 ticket.expired = True
                 try:

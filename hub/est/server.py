@@ -14,7 +14,7 @@ import logging
 import socket
 import ssl
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,6 +29,9 @@ from hub.tlsposture import harden
 log = logging.getLogger("tessera.hub.est")
 
 MAX_BODY = 2 * MAX_CSR_BODY
+#: seconds a closing server gives the requests it is serving to finish (their registry transaction and their
+#: answer) before it cuts their connections: whoever closes it closes the registry next
+DRAIN_S = 3.0
 #: headers a request may carry once only (a second Authorization would otherwise silently win)
 SINGLE_HEADERS = ("authorization", "content-length", "content-type", "transfer-encoding")
 
@@ -123,6 +126,8 @@ class EstHTTPServer(ThreadingHTTPServer):
         self.service, self.tls, self.limits = service, tls, limits
         self.gate = ConnectionGate(limits.max_per_source, limits.max_queue)
         self.pool = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="est")
+        self._inflight: dict[Future, socket.socket] = {}  # accepted connections not finished, with their socket
+        self._inflight_lock = threading.Lock()
         self.reaper = Reaper(tick=min(0.2, limits.header_timeout / 10))
         super().__init__(address, _Handler, bind_and_activate=sock is None)
         if sock is not None:
@@ -142,7 +147,16 @@ class EstHTTPServer(ThreadingHTTPServer):
             self.service.refused("connection", source, EstError(refusal, what, status=503))
             return
         ticket = self.reaper.watch(request, self.limits.header_timeout)
-        self.pool.submit(self._serve, request, client_address, ticket)
+        future = self.pool.submit(self._serve, request, client_address, ticket)
+        with self._inflight_lock:
+            self._inflight[future] = request
+        future.add_done_callback(self._finished)
+
+    def _finished(self, future: Future) -> None:
+        with self._inflight_lock:
+            request = self._inflight.pop(future, None)
+        if future.cancelled() and request is not None:  # queued when the server closed: never served
+            self.shutdown_request(request)
 
     def _serve(self, request, client_address, ticket: Ticket) -> None:
         self.gate.started()
@@ -164,8 +178,17 @@ class EstHTTPServer(ThreadingHTTPServer):
         self.service.denials.flush()
 
     def server_close(self) -> None:
+        """Close: nothing more is accepted, the connections still queued are closed unanswered, and the requests
+        being served get DRAIN_S s to finish before their connections are cut (the caller closes the registry
+        next: a request still running then would be answered with an error, or not at all)."""
         super().server_close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        with self._inflight_lock:
+            running = list(self._inflight)
+        if wait(running, timeout=DRAIN_S).not_done:
+            log.warning("EST: cutting the connections still served %g s after the server closed", DRAIN_S)
+            self.reaper.cut_all()
+            wait(running, timeout=DRAIN_S)
         self.reaper.stop()
         self.service.denials.close()
 

@@ -38,7 +38,12 @@ class _Control:
         self._reader = sock.makefile("rb")
 
     def read(self) -> dict | None:
-        line = self._reader.readline()
+        """The next message; None once the supervisor is gone: EOF, or a reset (a supervisor killed with our
+        counts still unread in its socket resets the connection instead of closing it)."""
+        try:
+            line = self._reader.readline()
+        except OSError:
+            return None
         return json.loads(line) if line else None
 
     def send(self, message: dict) -> None:

@@ -18,7 +18,7 @@ After every crash, with the hub down:
 - no half-written file: the device and service CRLs parse and verify under their CA, fleet.toml loads, every
   private key in ca/ and tls/ loads and matches its certificate;
 - the audit chain verifies (`tessera-hub audit verify` on the dead hub's directory: stale api.addr and admin.sock);
-then, restarted: the hub serves on the same ports (no Mosquitto of the killed hub left holding the MQTT port), no
+then, restarted: the hub serves on the same ports (no child of the killed hub left: Mosquitto, EST workers), no
 temporary file of the killed process is left in the hub directory, the device CRL soon lists exactly the
 registry's revoked certificates, a device whose token the registry holds used is refused when it retries (401) and
 the others enroll. At the end one more device enrolls and the audit chain is intact.
@@ -32,6 +32,7 @@ Cost: ~20-30 s for the burst test, ~15 s for the two others, on a 2-core machine
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -42,12 +43,13 @@ import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.integration.brokerfixtures import BROKER_LIMITS, broker_pids
+from tests.integration.brokerfixtures import BROKER_LIMITS
 from tests.integration.fleetfixtures import Api, FleetHub
 from tests.integration.hubfixtures import cn_of, enroll, init_hub, make_csr, new_key, parse_pkcs7
 
@@ -77,6 +79,7 @@ class Burst:
         self.outcomes: dict[str, tuple] = {}
         self.lock = threading.Lock()
         self.answered = 0  # answers with an HTTP status (not connection errors)
+        self.children: dict[int, str] = {}  # of the serve process, when it was killed
 
     def one(self, job: tuple[str, str, bytes]) -> None:
         device_id, token, csr = job
@@ -94,17 +97,18 @@ class Burst:
             if outcome[0] != "error":
                 self.answered += 1
 
-    def run(self, kill_after: int | None, delay: float, ready=lambda: True) -> float:
-        """Run the burst; with `kill_after`, SIGKILL the serve process once that many answers came and `ready()`
-        (+ `delay`). Returns the seconds from the start to the kill (or to the end)."""
+    def run(self, kill_after: int | None, delay: float) -> float:
+        """Run the burst; with `kill_after`, SIGKILL the serve process once that many answers came (+ `delay`).
+        Returns the seconds from the start to the kill (or to the end)."""
         t0 = time.monotonic()
         killed_at = None
         with ThreadPoolExecutor(CLIENTS) as pool:
             futures = [pool.submit(self.one, j) for j in self.jobs]
             if kill_after is not None:
-                while (self.answered < kill_after or not ready()) and not all(f.done() for f in futures):
+                while self.answered < kill_after and not all(f.done() for f in futures):
                     time.sleep(0.002)
                 time.sleep(delay)
+                self.children = children_of(self.hub.proc.pid)
                 os.kill(self.hub.proc.pid, signal.SIGKILL)  # the serve process alone, not its process group
                 killed_at = time.monotonic() - t0
                 self.hub.proc.wait(timeout=10)
@@ -222,12 +226,35 @@ def temp_files(hub) -> list[str]:
     return sorted(str(p.relative_to(hub.dir)) for pattern in TEMP_PATTERNS for p in hub.dir.rglob(pattern))
 
 
-def wait_broker_gone(hub, timeout: float = 10.0) -> None:
-    """The killed hub's Mosquitto exits by itself (PR_SET_PDEATHSIG)."""
+def children_of(pid: int) -> dict[int, str]:
+    """The process's children (EST workers, Mosquitto): {pid: command line}."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            for child in (task / "children").read_text().split():
+                out[int(child)] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:100]
+        except OSError:
+            continue
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def wait_children_gone(children: dict[int, str], timeout: float = 10.0) -> None:
+    """The killed hub's children exit by themselves: Mosquitto by PR_SET_PDEATHSIG, the EST workers when their
+    control socket ends. A leftover is killed (by pid) and fails the test."""
     deadline = time.monotonic() + timeout
-    while broker_pids(hub):
-        assert time.monotonic() < deadline, f"mosquitto {broker_pids(hub)} outlived the killed hub"
+    while (left := [p for p in children if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.05)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"outlived the killed hub by {timeout} s: {[children[p] for p in left]}"
 
 
 def test_kill_9_during_enrollment_bursts_loses_nothing(tmp_path):
@@ -264,13 +291,14 @@ def test_kill_9_during_enrollment_bursts_loses_nothing(tmp_path):
             kill_after = None if last else rng.randrange(1, max(2, len(todo) * 3 // 4))
             delay = rng.uniform(0.0, 0.05)
             revoker = None
-            if not last:  # revocations (and so CRL publications) go on during the burst
+            if not last:  # revocations (and so CRL publications) go on during the burst, from one before it on
                 revoker = Revoker(hub, sorted(set(client_certs) - revoke_asked), random.Random(rng.random()))
                 revoker.start()
+                deadline = time.monotonic() + 10
+                while revoker.is_alive() and not revoker.answered and time.monotonic() < deadline:
+                    time.sleep(0.01)
             burst = Burst(hub, [(d, tokens[d], csrs[d]) for d in todo])
-            # killed once a revoke (when there is a device to revoke) committed too: some CRL work is in flight
-            took = burst.run(kill_after, delay, ready=lambda: revoker is None or bool(revoker.answered)
-                             or not revoker.is_alive())
+            took = burst.run(kill_after, delay)
             if revoker is not None:
                 revoker.halt.set()
                 revoker.join(timeout=15)
@@ -292,7 +320,7 @@ def test_kill_9_during_enrollment_bursts_loses_nothing(tmp_path):
                     [o for o in burst.outcomes.values() if o[0] == "error"][:3]
                 hub.stop_clean()
             else:
-                wait_broker_gone(hub)
+                wait_children_gone(burst.children)
             counts = check_at_rest(hub, client_certs, revoked_answered)
             errors = sum(1 for o in burst.outcomes.values() if o[0] == "error")
             print(f"round {rnd}: {len(todo)} tried, {'killed' if not last else 'ended'} after {took:.2f} s "
@@ -346,10 +374,11 @@ def test_a_revocation_the_hub_committed_reaches_the_crl_after_a_crash(tmp_path):
             assert resp.status == 200, resp.text
             serial = parse_pkcs7(resp.body)[0].serial_number
             answer = api.ok("POST", f"/api/v1/devices/{device_id}/status", {"action": "revoke", "reason": "test"})
+            children = children_of(hub.proc.pid)
             os.kill(hub.proc.pid, signal.SIGKILL)
             hub.proc.wait(timeout=10)
             assert answer["revoked_serials"] == [format(serial, "x")], answer
-            wait_broker_gone(hub)
+            wait_children_gone(children)
             if serial not in crl_serials(hub):
                 stale = serial
                 break
@@ -389,12 +418,12 @@ def test_a_crl_publication_cut_short_is_repaired_at_the_next_start(tmp_path):
     try:
         hub.start()
         deadline = time.monotonic() + 10
-        while [p for p in planted if p.exists()] or \
+        while temp_files(hub) or \
                 pem_armor((crl_dir / "device.crl").read_bytes()) != (crl_dir / "device.crl.pem").read_bytes():
-            assert time.monotonic() < deadline, (f"10 s after the start: temp files {[p.name for p in planted if p.exists()]}, "
-                                                 f"PEM {'still behind the DER' if (crl_dir / 'device.crl.pem').read_bytes() == older_pem else 'ok'}")
+            assert time.monotonic() < deadline, \
+                (f"10 s after the start: temp files {temp_files(hub)}, PEM "
+                 f"{'still behind the DER' if (crl_dir / 'device.crl.pem').read_bytes() == older_pem else 'ok'}")
             time.sleep(0.1)
-        assert not temp_files(hub)
         hub.stop_clean()
     finally:
         hub.kill()
