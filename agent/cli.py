@@ -161,9 +161,12 @@ def run(config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
 
 @app.command()
 def renew(rotate_key: bool = typer.Option(False, "--rotate-key", help="Generate a fresh token key first."),
-          pin_source: str = PinSourceOpt, config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
-          verbose: bool = VerboseOpt) -> None:
-    """Renew the certificate now (EST simplereenroll over mTLS with the current certificate)."""
+          pin_source: str = PinSourceOpt,
+          wait: float = typer.Option(30.0, "--wait", min=0.0, help="Seconds to wait for a running agent to "
+                                                                  "switch its session to the new certificate."),
+          config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt, verbose: bool = VerboseOpt) -> None:
+    """Renew the certificate now (EST simplereenroll over mTLS with the current certificate); a running agent
+    switches its session to the new certificate within seconds, and this says whether it did."""
     from .enroll import renew as do_renew
 
     _logging(verbose)
@@ -173,7 +176,30 @@ def renew(rotate_key: bool = typer.Option(False, "--rotate-key", help="Generate 
     except _errors() as exc:
         fail(str(exc))
     out_console.print(f"renewed: certificate {ident.serial[:16]}… valid until {ident.not_after[:19]}Z"
-                      + (f"; new key {ident.key_uri}" if rotate_key else ""))
+                      + (f"; new key {ident.key_uri}" if rotate_key else ""), highlight=False)
+    out_console.print(_running_agent_switch(cfg.state, ident.serial, wait), highlight=False)
+
+
+def _running_agent_switch(state: Path, serial: str, wait: float) -> str:
+    """Whether the agent running on `state` reconnected with certificate `serial` within `wait` s (status.json:
+    the session's certificate, written when it is online)."""
+    import time
+
+    from .state import read_status
+
+    st = read_status(state)
+    pid = st.get("pid")
+    if not _alive(pid) or st.get("state") in ("stopped", "failed"):
+        return "no agent is running: `tessera-agent run` will use the new certificate"
+    deadline = time.monotonic() + wait
+    while True:
+        st = read_status(state)
+        if st.get("pid") == pid and st.get("session_serial") == serial and st.get("state") == "online":
+            return f"the running agent (pid {pid}) switched its session to the new certificate"
+        if time.monotonic() >= deadline or not _alive(pid):
+            return (f"the running agent (pid {pid}) has not switched yet (state {st.get('state', 'unknown')}); it "
+                    "uses the new certificate from its next connection")
+        time.sleep(0.1)
 
 
 @app.command()

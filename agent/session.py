@@ -8,7 +8,8 @@ One thread runs everything (paho's network loop included), so there is no lockin
 - a CONNACK refusal (0x87 for every reason) is explained by the hub (GET /tessera/v1/credential): `refusal_decision`;
 - commands run only live and from a commander (agent.commands); `renew` commands are rate limited (agent.renewal);
 - at 2/3 of the certificate lifetime (agent.renewal.decide) the agent re-enrolls over mTLS and reconnects with
-  the new certificate; the spool carries the messages across.
+  the new certificate; a certificate stored by another process (`tessera-agent renew` from a shell) is noticed
+  within a second and switched to the same way (agent.sessionrenew); the spool carries the messages across.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -28,12 +28,15 @@ import paho.mqtt.client as mqtt
 from hsm.errors import KeyNotFound, ModuleNotFound, PinError, TlsRouteError, TokenNotFound
 
 from .backoff import SLOW_CAP, Backoff
+from .certwatch import FileWatch
 from .commands import CommandHandler, builtin_handlers, command_refusal
-from .config import AgentConfig, to_dict
+from .config import AgentConfig
 from .estclient import EstClient
-from .renewal import decide, next_check_delay, renew_command_refusal
+from .refusals import (AUTH_REFUSALS, REFUSED_CAP, SUSPENDED_CAP, Refusal, classify_tls_error,  # noqa: F401
+                       refusal_decision)
+from .sessionrenew import RenewalMixin
 from .spool import Spool
-from .state import CERT, ROOT, SPOOL, StateError, load_identity, write_status
+from .state import CERT, IDENTITY, ROOT, SPOOL, StateError, load_identity, write_status
 from .telemetry import envelope, make_source
 
 log = logging.getLogger("tessera.agent")
@@ -42,60 +45,13 @@ WINDOW = 100            # QoS 1 messages handed to paho at once
 CONNECT_TIMEOUT = 15.0
 STATUS_EVERY = 5.0
 IDLE_WAIT = 0.25        # seconds an idle session waits on its socket per loop turn (busy: 50 ms)
-RENEW_RETRY = 60.0      # seconds before retrying a failed renewal
-RENEW_MIN_INTERVAL = 600.0  # a renewed certificate that is due again at once means the clock is wrong
-#: CONNACK reason codes that mean "not you": Bad user name or password, Not authorized, Banned, Bad authentication
-AUTH_REFUSALS = frozenset({0x86, 0x87, 0x8A, 0x8C})
-SUSPENDED_CAP = 5.0     # a resumed device is back within seconds
-REFUSED_CAP = 30.0
 CREDENTIAL_TIMEOUT = 5.0
 #: errors building the TLS context that no retry can cure (a PIN file 0644, a wrong PIN, no module, token or key):
 #: `run` stops with the error (exit 1) instead of retrying forever
 CONFIG_ERRORS = (PinError, ModuleNotFound, TokenNotFound, KeyNotFound, TlsRouteError)
 
 
-def classify_tls_error(text: str) -> str | None:
-    """'revoked' / 'expired' / 'unknown_ca' for the TLS alerts that mean our certificate is refused."""
-    t = text.upper()
-    if "CERTIFICATE_REVOKED" in t or "CERTIFICATE REVOKED" in t:
-        return "revoked"
-    if "CERTIFICATE_EXPIRED" in t or "CERTIFICATE EXPIRED" in t:
-        return "expired"
-    if "UNKNOWN_CA" in t or "UNKNOWN CA" in t or "BAD_CERTIFICATE" in t:
-        return "refused"
-    return None
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """What a refused connection means: the agent `state`, the cap (s) of its full-jitter backoff, and a hint."""
-
-    state: str
-    cap: float
-    hint: str
-
-
-_REENROLL = "get a new token (`tessera-hub device token <id>`) and run `tessera-agent enroll` again"
-_REFUSALS = {
-    "suspended": Refusal("suspended", SUSPENDED_CAP, "the device is suspended; it is back within seconds of resume"),
-    "revoked": Refusal("revoked", SLOW_CAP, "the device is revoked"),
-    "superseded": Refusal("refused", REFUSED_CAP, f"this is an old certificate (the hub has a newer one): {_REENROLL}"),
-    "expired": Refusal("refused", REFUSED_CAP, "the hub holds this certificate expired: is this device's clock right?"),
-    "unknown": Refusal("refused", REFUSED_CAP, f"the hub has no record of this certificate: {_REENROLL}"),
-    "active": Refusal("refused", REFUSED_CAP, "the hub says the certificate is active, yet the broker refused it"),
-}
-_UNEXPLAINED = Refusal("refused", REFUSED_CAP, "the hub could not be asked why")
-
-
-def refusal_decision(connack: int | None, credential: str | None) -> Refusal | None:
-    """The state and backoff for a CONNACK refusal code, given the hub's credential status (None: the hub could
-    not be asked). None when `connack` is no authorization refusal: the ordinary reconnect backoff applies."""
-    if connack not in AUTH_REFUSALS:
-        return None
-    return _REFUSALS.get(credential or "", _UNEXPLAINED)
-
-
-class Agent:
+class Agent(RenewalMixin):
     def __init__(self, cfg: AgentConfig, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
                  monotonic: Callable[[], float] = time.monotonic):
         self.cfg, self.clock, self.monotonic = cfg, clock, monotonic
@@ -129,6 +85,7 @@ class Agent:
         self._connack: int | None = None            # the refusal code of the last CONNACK, if it was one
         self._last_log = ""
         self.connected_at: float | None = None
+        self._identity_watch = FileWatch(self.state / IDENTITY, monotonic=monotonic)  # renewals by other processes
 
     # --- status -------------------------------------------------------------------------------------------------
     def _set_state(self, state: str, error: str = "") -> None:
@@ -153,15 +110,6 @@ class Agent:
     def report(self) -> dict:
         return {"device": self.device, "state": self.status.get("state"), "cert_not_after": self.ident.not_after,
                 "spool": self.spool.stats(time.time()), "pid": os.getpid()}
-
-    def _request_renewal(self, args: dict | None = None) -> dict:
-        now = self.monotonic()
-        refused = renew_command_refusal(self._renew_command_at, now, self.cfg.renew_command_min_interval)
-        if refused:
-            raise RuntimeError(refused)  # a failed ack with this message
-        self._renew_command_at = now
-        self._renew_requested = "rotate" if (args or {}).get("rotate_key") else "renew"
-        return {"renewal": "scheduled", "rotate_key": self._renew_requested == "rotate"}
 
     # --- connection ---------------------------------------------------------------------------------------------------
     def _context(self):
@@ -266,53 +214,6 @@ class Agent:
                        qos=1, retain=False, now=time.time())
         self._spool_dirty = True
 
-    def _renewal_due(self) -> str | None:
-        """'renew'/'rotate' when a renewal is due or asked for; otherwise schedules the next look (no parsing of
-        the certificate dates on every loop turn)."""
-        if self._renew_requested:
-            return self._renew_requested
-        d = decide(datetime.fromisoformat(self.ident.not_before), datetime.fromisoformat(self.ident.not_after),
-                   self.clock(), fraction=self.cfg.renewal.fraction)
-        if d.action == "renew":
-            return "renew"
-        self._next_renew_try = self.monotonic() + max(1.0, next_check_delay(d, self.clock()))
-        return None
-
-    def _renew(self, mode: str) -> bool:
-        """Renew in a child process (agent.renewchild), then switch to the new certificate."""
-        import subprocess
-        import sys
-
-        self._renew_requested = None
-        request = json.dumps({"config": to_dict(self.cfg), "rotate": mode == "rotate",
-                              "now": self.clock().isoformat()})
-        try:
-            proc = subprocess.run([sys.executable, "-m", "agent.renewchild"], input=request, capture_output=True,
-                                  text=True, timeout=180)
-            answer = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
-        except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
-            answer = {"ok": False, "error": f"renewal process failed: {exc}"}
-        else:
-            for line in proc.stderr.splitlines():  # the child's log, in ours
-                log.info("renewal: %s", line)
-        if not answer.get("ok"):
-            error = answer.get("error") or (proc.stderr.strip().splitlines() or ["renewal failed"])[-1]
-            log.error("renewal failed: %s", error)
-            self.status["last_error"] = f"renewal failed: {error}"
-            self._next_renew_try = self.monotonic() + RENEW_RETRY
-            return False
-        self.ident = load_identity(self.state)
-        self._ctx = None  # the next connection uses the new certificate
-        self.status["renewed_at"] = self.ident.renewed_at
-        again = decide(datetime.fromisoformat(self.ident.not_before), datetime.fromisoformat(self.ident.not_after),
-                       self.clock(), fraction=self.cfg.renewal.fraction)
-        if again.action != "none":
-            log.warning("the new certificate is already due for renewal: this device's clock is probably wrong "
-                        "(%s); next automatic renewal in %.0f s", self.clock().isoformat(), RENEW_MIN_INTERVAL)
-            self._next_renew_try = self.monotonic() + RENEW_MIN_INTERVAL
-        log.info("renewed: certificate %s valid until %s", self.ident.serial, self.ident.not_after)
-        return True
-
     def run(self, max_seconds: float | None = None) -> int:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -326,8 +227,9 @@ class Agent:
             if self.clock() >= datetime.fromisoformat(self.ident.not_after):
                 self._set_state("expired", "certificate expired: get a new enrollment token from the fleet manager "
                                            "and run `tessera-agent enroll` again")
-                self.stop_event.wait(Backoff.slow().next())
+                self._wait_or_renewed(Backoff.slow().next())
                 continue
+            self._renewed_elsewhere(now=True)  # e.g. renewed by hand while this agent waited to reconnect
             self._set_state("connecting")
             try:
                 client = self._connect()
@@ -340,6 +242,7 @@ class Agent:
                 continue
             self.backoff.reset()
             self._slow = self._capped = None
+            self.status["session_serial"] = self.ident.serial  # the certificate this session authenticated with
             self._set_state("online")
             last_status = self.monotonic()
             switch = False
@@ -355,6 +258,7 @@ class Agent:
                 self._pump(client)
                 if (self._renew_requested or now >= self._next_renew_try) and (mode := self._renewal_due()):
                     switch = self._renew(mode)
+                switch = switch or self._renewed_elsewhere()
                 if now - last_status >= STATUS_EVERY:
                     self._write_status()
                     last_status = now
