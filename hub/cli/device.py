@@ -98,7 +98,7 @@ def device_list(
     id_prefix: Optional[str] = typer.Option(None, "--id-prefix", help="Device ids starting with this."),
     expires_before: Optional[str] = typer.Option(None, "--expires-before",
                                                  help="Active certificate expires before this date/time."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, max=1000, help="Devices per page [default: 100; "
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, max=1000, help="Devices per page \\[default: 100; "
                                                                                 "1000 with --all].",
                                         show_default=False),
     sort: Optional[str] = typer.Option(None, "--sort", help="Order: id (the default), created, last_seen or "

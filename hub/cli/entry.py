@@ -5,7 +5,7 @@ pydantic), rich, cryptography and sqlite-utils cost about half a second before t
 `device suspend|resume|revoke ID [--reason R] [--dir D] [--hub URL] [--profile P] [--json]` needs only the stdlib
 API client (hub.cli.client: http.client + ssl) and one POST; with no hub running locally the client answers
 in-process (the heavy imports then happen, as they must). Anything else (help, bad arguments) goes through the
-typer CLI in hub.cli.main, unchanged.
+typer CLI in hub.cli.main, unchanged. `tessera-hub --version` alone is answered here too (package metadata).
 """
 
 from __future__ import annotations
@@ -56,7 +56,20 @@ def status_fast_path(argv: list[str]) -> int | None:
     return 0
 
 
+def version() -> str:
+    """The installed package's version (importlib.metadata: no CLI framework needed)."""
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version("tessera")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # without typer/rich: a version check costs an interpreter start only
+        print(f"tessera-hub {version()}")
+        raise SystemExit(0)
     code = status_fast_path(sys.argv[1:])
     if code is not None:
         raise SystemExit(code)

@@ -184,14 +184,14 @@ def identity_add(
     name: str = typer.Argument(..., help="Identity name (a-z, 0-9, '-'); the principal is svc.NAME."),
     role: str = typer.Option(..., "--role", help="telemetry-reader, commander or admin (MQTT); viewer or operator "
                                                  "(fleet API); or a role added with `role set`."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Directory for the files [default: <hub dir>/"
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Directory for the files \\[default: <hub dir>/"
                                                                 "identities/NAME, created 0700; remote: ./NAME]."),
     days: int = typer.Option(365, "--days", help="Certificate lifetime in days."),
     key_uri: str = typer.Option("", "--key-uri", help="Generate the key inside a PKCS#11 token instead of a file: "
                                                       "pkcs11:token=LABEL[;object=KEY-LABEL]."),
     pin_source: str = typer.Option("", "--pin-source", help="PIN source for --key-uri: file:/path (0600) or "
                                                             "env:NAME."),
-    module: str = typer.Option("", "--module", help="PKCS#11 module for --key-uri [default: SoftHSM2]."),
+    module: str = typer.Option("", "--module", help="PKCS#11 module for --key-uri \\[default: SoftHSM2]."),
     softhsm_conf: str = typer.Option("", envvar="SOFTHSM2_CONF", help="SoftHSM2 config (token directory)."),
     as_json: bool = JsonOpt,
     directory: Optional[Path] = DirOpt,

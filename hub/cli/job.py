@@ -105,7 +105,7 @@ def job_create(
     abort_percent: float = typer.Option(20, "--abort-percent", help="Abort when more than this % of finished "
                                                                      "devices failed or timed out."),
     min_finished: Optional[int] = typer.Option(None, "--min-finished", help="Finished devices needed before the "
-                                                                            "abort rule applies [min(total, 10)]."),
+                                                                            "abort rule applies \\[min(total, 10)]."),
     offline: str = typer.Option("fail", "--offline", help="fail: offline devices fail at once; wait: wait for them."),
     deadline: Optional[str] = typer.Option(None, "--deadline", help="With --offline wait: stop waiting then "
                                                                     "(ISO 8601, e.g. 2027-01-31T00:00:00Z)."),

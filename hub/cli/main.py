@@ -40,8 +40,17 @@ app.add_typer(job_app, name="job")
 app.add_typer(audit_app, name="audit")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from hub.cli.entry import version
+
+        print(f"tessera-hub {version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main() -> None:
+def _main(show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                            help="Print the version (from the installed package) and exit.")) -> None:
     # Everything the hub writes (registry, keys, CRLs, token CSVs) is private to its user.
     os.umask(0o077)
 
@@ -55,19 +64,19 @@ def init(
     ca_key: str = typer.Option("", "--ca-key", help="Keep the CA keys in a PKCS#11 token: a pkcs11: URI naming "
                                                      "the token, e.g. 'pkcs11:token=fleet-ca'. Default: files."),
     ca_pin_source: str = typer.Option("", help="PIN source for --ca-key: file:/path (0600) or env:NAME."),
-    ca_module: str = typer.Option("", help="PKCS#11 module for --ca-key [default: SoftHSM2]."),
+    ca_module: str = typer.Option("", help="PKCS#11 module for --ca-key \\[default: SoftHSM2]."),
     hostname: list[str] = typer.Option([], "--hostname", help="Extra DNS name or IP for the hub's server "
                                                               "certificate (repeatable)."),
     est_port: int = typer.Option(8443, help="EST HTTPS port."),
     mqtt_port: int = typer.Option(8883, help="MQTT mTLS port."),
     public_url: str = typer.Option("", "--public-url", help="Base URL of the https CRL distribution point of every "
                                                             "device certificate, e.g. https://crl.example.com "
-                                                            "[default: https://<first --hostname or localhost>:<EST "
+                                                            "\\[default: https://<first --hostname or localhost>:<EST "
                                                             "port>]."),
     public_crl_url: str = typer.Option("", "--public-crl-url", help="Base URL of the plain-http CRL distribution "
                                                                     "point (listed first), e.g. http://crl.example.com "
-                                                                    "[default: http://<first --hostname or "
-                                                                    "localhost>:<fleet.toml [crl] http_port, 8080>]."),
+                                                                    "\\[default: http://<first --hostname or "
+                                                                    "localhost>:<fleet.toml \\[crl] http_port, 8080>]."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Create a fleet: root, device and service CAs, the hub's TLS certificate, an empty registry."""
@@ -94,14 +103,14 @@ def init(
 def serve(
     directory: Optional[Path] = DirOpt,
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
-    est_port: Optional[int] = typer.Option(None, help="EST HTTPS port [default: from fleet.toml]."),
-    mqtt_port: Optional[int] = typer.Option(None, help="MQTT mTLS port [default: from fleet.toml]."),
-    api_port: Optional[int] = typer.Option(None, help="Fleet API HTTPS port [default: from fleet.toml, 8444]."),
-    crl_port: Optional[int] = typer.Option(None, min=0, max=65535, help="Plain-HTTP CRL port, 0: off [default: "
-                                           "fleet.toml [crl] http_port, 8080]. New certificates keep naming "
+    est_port: Optional[int] = typer.Option(None, help="EST HTTPS port \\[default: from fleet.toml]."),
+    mqtt_port: Optional[int] = typer.Option(None, help="MQTT mTLS port \\[default: from fleet.toml]."),
+    api_port: Optional[int] = typer.Option(None, help="Fleet API HTTPS port \\[default: from fleet.toml, 8444]."),
+    crl_port: Optional[int] = typer.Option(None, min=0, max=65535, help="Plain-HTTP CRL port, 0: off \\[default: "
+                                           "fleet.toml \\[crl] http_port, 8080]. New certificates keep naming "
                                            "fleet.toml's port."),
     est_workers: Optional[int] = typer.Option(None, min=1, max=64, help="EST worker processes on the EST port "
-                                              "[default: fleet.toml [est] workers; 0 there: one per CPU, at most 8]."),
+                                              "\\[default: fleet.toml \\[est] workers; 0 there: one per CPU, at most 8]."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Run the hub: EST enrollment, the MQTT broker with its authorization plugin, the fleet API, CRL publishing."""
@@ -212,9 +221,9 @@ def bundle(
     tokens: Path = typer.Option(..., "--tokens", help="CSV from `tessera-hub token create`."),
     out_dir: Path = typer.Option(..., "--out", help="Directory for the per-device bundles (created 0700)."),
     hub_url: str = typer.Option(..., "--hub-url", help="EST URL the devices use, e.g. https://hub.example:8443."),
-    mqtt_host: str = typer.Option("", help="Broker host for devices [default: the hub URL's host]."),
-    mqtt_port: Optional[int] = typer.Option(None, help="Broker port [default: from fleet.toml]."),
-    module: str = typer.Option("", help="PKCS#11 module on the devices [default: SoftHSM2]."),
+    mqtt_host: str = typer.Option("", help="Broker host for devices \\[default: the hub URL's host]."),
+    mqtt_port: Optional[int] = typer.Option(None, help="Broker port \\[default: from fleet.toml]."),
+    module: str = typer.Option("", help="PKCS#11 module on the devices \\[default: SoftHSM2]."),
     directory: Optional[Path] = DirOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -244,7 +253,7 @@ def bundle(
 def ca_move_to_token(
     token_label: str = typer.Option(..., "--token-label", help="Label of the (initialized) PKCS#11 token."),
     pin_source: str = typer.Option(..., "--pin-source", help="file:/path (0600) or env:NAME."),
-    module: str = typer.Option("", help="PKCS#11 module [default: SoftHSM2]."),
+    module: str = typer.Option("", help="PKCS#11 module \\[default: SoftHSM2]."),
     softhsm_conf: str = typer.Option("", envvar="SOFTHSM2_CONF", help="SoftHSM2 config (token directory)."),
     directory: Optional[Path] = DirOpt,
 ) -> None:

@@ -22,13 +22,13 @@ from hub.ca.policy import PolicyError, check_device_id
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-DirOpt = typer.Option(None, "--dir", help="Hub directory [default: $TESSERA_HUB_DIR, else ./tessera-hub].",
+DirOpt = typer.Option(None, "--dir", help="Hub directory \\[default: $TESSERA_HUB_DIR, else ./tessera-hub].",
                       show_default=False)
 HubOpt = typer.Option(None, "--hub", envvar="TESSERA_HUB", show_default=False,
                       help="Fleet API of a remote hub, e.g. https://hub.example:8444 (credential from "
-                           "~/.config/tessera/cli.toml) [default: $TESSERA_HUB, cli.toml's hub, else the local hub].")
+                           "~/.config/tessera/cli.toml) \\[default: $TESSERA_HUB, cli.toml's hub, else the local hub].")
 ProfileOpt = typer.Option(None, "--profile", envvar="TESSERA_PROFILE", show_default=False,
-                          help="A [profiles.NAME] table of ~/.config/tessera/cli.toml (hub, cert, key, ca).")
+                          help="A \\[profiles.NAME] table of ~/.config/tessera/cli.toml (hub, cert, key, ca).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON.")
 
 TABLE_WIDTH = 80

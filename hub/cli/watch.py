@@ -170,9 +170,9 @@ def watch(
     identity: str = typer.Option("watch", "--identity", help="Service identity to connect as (files in "
                                                               "<hub dir>/identities/NAME/)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line, with the full payload."),
-    count: int = typer.Option(0, "--count", help="Exit after this many messages [default: run until Ctrl-C]."),
-    host: str = typer.Option("", "--host", help="Broker address [default: fleet.toml [est] host]."),
-    port: Optional[int] = typer.Option(None, "--port", help="Broker port [default: fleet.toml [mqtt] port]."),
+    count: int = typer.Option(0, "--count", help="Exit after this many messages \\[default: run until Ctrl-C]."),
+    host: str = typer.Option("", "--host", help="Broker address \\[default: fleet.toml \\[est] host]."),
+    port: Optional[int] = typer.Option(None, "--port", help="Broker port \\[default: fleet.toml \\[mqtt] port]."),
     directory: Optional[Path] = DirOpt,
 ) -> None:
     """Follow telemetry, events and presence live: one line per message (time in UTC, device, kind, payload)."""
