@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import subprocess
 import time
 import urllib.request
 
@@ -134,6 +135,29 @@ def test_a_new_certificate_names_the_http_crl_first_and_a_revocation_shows_up_th
         time.sleep(0.2)
     assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == x509.ReasonFlags.key_compromise
     assert headers["etag"] != etag and body == published(hub)
+
+
+def test_openssl_fetches_the_crl_from_the_certificate(hub, tmp_path):
+    # `openssl verify -crl_download` follows the distribution point itself, over plain http only (OpenSSL 3.0
+    # fetches no https CRL): a relying party with nothing but the certificate and the trust anchor
+    kept, revoked = enroll(hub, "crlhttp-ossl-ok"), enroll(hub, "crlhttp-ossl-rev")
+    hub.cli_ok("device", "revoke", "crlhttp-ossl-rev", "--reason", "keyCompromise")
+    paths = {}
+    for name, cert in (("kept", kept), ("revoked", revoked)):
+        paths[name] = tmp_path / f"{name}.pem"
+        paths[name].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def verify(name: str) -> subprocess.CompletedProcess:
+        return openssl("verify", "-crl_check", "-crl_download", "-CAfile", str(hub.root_pem), "-untrusted",
+                       str(hub.device_ca_pem), str(paths[name]))
+
+    deadline = time.monotonic() + 15
+    while (proc := verify("revoked")).returncode == 0:  # until the background publication is out
+        assert time.monotonic() < deadline, proc.stdout
+        time.sleep(0.2)
+    assert b"certificate revoked" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    proc = verify("kept")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(b": OK"), proc.stdout + proc.stderr
 
 
 def test_conditional_gets(hub):
