@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .tokencli import fail, key_app, out_console, token_app
+from .tokencli import err, fail, key_app, out_console, token_app
 
 app = typer.Typer(
     name="tessera-agent",
@@ -79,11 +79,11 @@ def _logging(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-def _cfg(config: Optional[Path], overrides: list[str]):
+def _cfg(config: Optional[Path], overrides: list[str], missing_ok: bool = False):
     from .config import ConfigError, load
 
     try:
-        return load(config, overrides)
+        return load(config, overrides, missing_ok=missing_ok)
     except ConfigError as exc:
         fail(str(exc))
 
@@ -124,13 +124,13 @@ def enroll(
     extra = [f"hub_url={hub}"] if hub else []
     extra += [f"device_id={device_id}"] if device_id else []
     extra += [f"token.pin_source={pin_source}"] if pin_source else []
-    cfg = _cfg(config, [*overrides, *extra])
+    cfg = _cfg(config, [*overrides, *extra], missing_ok=True)
     if not cfg.device_id:
         found = _known_device_id(token_file, cfg.state)
         if not found:
             fail("no device id: give --device-id (the id given to `tessera-hub device add`) or set device_id in "
                  f"the agent configuration ({_config_path(config)})")
-        cfg = _cfg(config, [*overrides, *extra, f"device_id={found}"])
+        cfg = _cfg(config, [*overrides, *extra, f"device_id={found}"], missing_ok=True)
     if ca_file is None and not ca_fingerprint and Path(cfg.ca_file).is_file():
         ca_file = Path(cfg.ca_file)  # the fleet root shipped in the factory bundle
     try:
@@ -142,6 +142,27 @@ def enroll(
         fail(str(exc))
     out_console.print(f"enrolled [bold]{ident.device_id}[/]: certificate {ident.serial[:16]}… valid until "
                       f"{ident.not_after[:19]}Z; key {ident.key_uri}")
+    _write_missing_config(_config_path(config), cfg)
+
+
+def _write_missing_config(path: Path, cfg) -> None:
+    """Enrolled without a configuration file (options only): write one, so `run` and `status` find the same
+    settings (hub, device id, token, PIN source)."""
+    from .config import render
+    from .state import write_atomic
+
+    if path.exists():
+        return
+    text = render(cfg, header=f"Tessera agent configuration for {cfg.device_id}, written by `tessera-agent "
+                              "enroll`.\nEvery key is listed with its value; see agent/config.py.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        write_atomic(path, text.encode(), 0o644)
+    except OSError as exc:
+        err.print(f"warning: cannot write {path} ({exc.strerror or exc}); `run` and `status` need these settings "
+                  "there (or the same options again)", highlight=False)
+        return
+    out_console.print(f"wrote {path}: `tessera-agent run` and `status` use it", highlight=False)
 
 
 @app.command()

@@ -141,8 +141,9 @@ def config_path(path: Path | None = None) -> Path:
     return path or Path(os.environ.get("TESSERA_AGENT_CONFIG", DEFAULT_PATH))
 
 
-def load(path: Path | None = None, overrides: list[str] = ()) -> AgentConfig:
-    """Read the TOML file (if it exists; a missing explicit path is an error) and apply key=value overrides."""
+def load(path: Path | None = None, overrides: list[str] = (), missing_ok: bool = False) -> AgentConfig:
+    """Read the TOML file (if it exists; a missing explicit path is an error unless `missing_ok`, as for `enroll`,
+    which writes it) and apply key=value overrides."""
     path = config_path(path)
     data: dict = {}
     if path.exists():
@@ -150,7 +151,7 @@ def load(path: Path | None = None, overrides: list[str] = ()) -> AgentConfig:
             data = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}") from None
-    elif path != DEFAULT_PATH:
+    elif path != DEFAULT_PATH and not missing_ok:
         raise ConfigError(f"configuration file {path} does not exist")
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -175,6 +176,21 @@ def load(path: Path | None = None, overrides: list[str] = ()) -> AgentConfig:
     if not 0 < cfg.mqtt_port < 65536:
         raise ConfigError("mqtt_port must be a TCP port number")
     return cfg
+
+
+def render(cfg: AgentConfig, header: str = "") -> str:
+    """`cfg` as agent.toml text (every key, defaults included), which load() reads back to the same config."""
+    import json
+
+    def value(v) -> str:
+        return json.dumps(v) if isinstance(v, str) else repr(v)
+
+    data = asdict(cfg)
+    lines = [f"# {line}" for line in header.splitlines()]
+    lines += [f"{k} = {value(v)}" for k, v in data.items() if k not in _SECTIONS]
+    for name in _SECTIONS:
+        lines += ["", f"[{name}]", *(f"{k} = {value(v)}" for k, v in data[name].items())]
+    return "\n".join(lines) + "\n"
 
 
 def to_dict(cfg: AgentConfig) -> dict:

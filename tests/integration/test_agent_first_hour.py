@@ -134,3 +134,32 @@ def test_enroll_takes_a_pin_source_and_the_device_id_from_the_bundle(hub, make_d
     assert "enrolled first-bundle" in one_line(proc.stdout), proc.stdout
     assert pin not in proc.stdout + proc.stderr
     assert dev.identity()["device_id"] == "first-bundle"
+
+
+def test_enroll_with_options_only_writes_the_configuration_run_and_status_use(hub, make_device):  # noqa: F811
+    import json
+    import tomllib
+
+    from tests.integration.agentfixtures import run_agent_cli
+
+    dev, token = make_device("first-options")
+    dev.config.unlink()
+    t = dev.token
+    conf = dev.base / "etc" / "agent.toml"                 # not there yet, nor its directory
+    proc = run_agent_cli("enroll", "-c", str(conf), "--token-file", str(dev.token_file(token)),
+                         "--ca-file", str(hub.root_pem), "--hub", f"https://localhost:{hub.port}",
+                         "--device-id", dev.id, "--pin-source", f"file:{t.pin_file}",
+                         "--set", f"token.label={t.label}", "--set", f"token.softhsm_conf={t.conf}",
+                         "--set", f"token.module={t.module}", "--set", f"state_dir={dev.state}",
+                         "--set", f"mqtt_port={hub.mqtt_port}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"wrote {conf}" in one_line(proc.stdout), proc.stdout
+    written = tomllib.loads(conf.read_text())
+    assert written["device_id"] == dev.id and written["token"]["pin_source"] == f"file:{t.pin_file}"
+    assert written["hub_url"] == f"https://localhost:{hub.port}"
+    status = run_agent_cli("status", "-c", str(conf), "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["enrolled"] is True, status.stdout + status.stderr
+    dev.config.write_text(conf.read_text())                # Device.start runs `run -c <base>/agent.toml`
+    dev.start()
+    dev.wait_state("online", 30)
+    assert dev.stop() == 0
