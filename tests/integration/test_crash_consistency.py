@@ -23,11 +23,13 @@ temporary file of the killed process is left in the hub directory, the device CR
 registry's revoked certificates, a device whose token the registry holds used is refused when it retries (401) and
 the others enroll. At the end one more device enrolls and the audit chain is intact.
 
-Two deterministic tests pin the CRL bugs this found: a revocation committed just before the kill never reached the
-CRL (the new process only looked at the CRL's age), and a publication cut short left temp files and a PEM behind
-its DER.
+Bugs this found, each also pinned by a deterministic test: a revocation committed just before the kill never reached
+the CRL (the new process only looked at the CRL's age) and a publication cut short left temp files and a PEM behind
+its DER (both below); an EST worker whose supervisor was killed with unread counts in its socket served on for ever,
+holding the port (tests/unit/test_est_worker_control.py); requests in flight when a worker stopped were answered
+403/500 on its closed registry (tests/unit/test_est_server_drain.py).
 
-Cost: ~20-30 s for the burst test, ~15 s for the two others, on a 2-core machine.
+Cost: ~30-60 s for the burst test, ~15 s for the two others, on a 2-core machine.
 """
 
 from __future__ import annotations
