@@ -1,8 +1,9 @@
 """The plain-HTTP CRL listener: what it answers (hub.serve.crlfiles, no socket) and its connection limits and port
-rules (hub.serve.crlhttp on real sockets, without a hub). About 2 s."""
+rules (hub.serve.crlhttp on real sockets, without a hub). About 7 s, 4 of them the request deadline test."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from datetime import datetime, timedelta, timezone
@@ -213,6 +214,48 @@ def test_a_client_trickling_its_headers_is_cut_at_the_deadline(listener):
                 assert time.monotonic() - started < LIMITS.header_timeout + 2, "never cut"
         assert sock.recv(100) == b""
         assert time.monotonic() - started > LIMITS.header_timeout * 0.9
+
+
+def big_crl_der() -> bytes:
+    """A CRL larger than the most a TCP send buffer holds here (tcp_wmem's maximum), so that a client that does
+    not read keeps the listener's write pending (a smaller one is all in the kernel at once)."""
+    try:
+        most = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        most = 4 * 1024 * 1024
+    entries = [x509.RevokedCertificateBuilder().serial_number(i + 1).revocation_date(NOW).build()
+               for i in range(most // 21 + 10_000)]  # about 22 bytes an entry
+    return (x509.CertificateRevocationListBuilder(revoked_certificates=entries).issuer_name(NAME)
+            .last_update(NOW).next_update(NOW + timedelta(days=7)).add_extension(x509.CRLNumber(1), critical=False)
+            .sign(KEY, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+
+
+def test_the_request_deadline_covers_the_response(tmp_path):
+    # headers in time: the whole request has request_timeout from accept (not header_timeout) to be answered, and no
+    # more: a client that stops reading is cut then. About 4 s (a 4 MB CRL is built once).
+    cfg = HubConfig(root=tmp_path, fleet="acme")
+    cfg.crl_dir.mkdir()
+    (cfg.crl_dir / "device.crl").write_bytes(der := big_crl_der())
+    limits = Limits(header_timeout=0.3, request_timeout=1.5, max_per_source=2)
+    running = crlhttp.start(cfg, "127.0.0.1", 0, limits)
+
+    def read_after(pause: float) -> int:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", running.port))
+            sock.sendall(b"GET /crl/device.crl HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(pause)
+            got = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(1 << 20):
+                    got += len(chunk)
+            return got
+
+    try:
+        assert read_after(0.8) > len(der)  # past header_timeout: the whole answer (headers and body)
+        assert read_after(2.5) < len(der)  # past request_timeout: cut, what the kernel held and no more
+    finally:
+        running()
 
 
 def test_port_rules(tmp_path, monkeypatch):
