@@ -4,9 +4,10 @@ No I/O beyond reading the two files of the CRL directory, no HTTP library: `answ
 target, conditional headers, now) into a status, headers and body, so every rule here is tested without a socket
 (tests/unit/test_crl_http.py).
 
-- Only the names in ROUTES exist, matched byte for byte against the raw request target (the query string is
-  ignored): nothing is ever joined to a directory from a request, so `/crl/../fleet.toml`, `/crl/%2e%2e/...` or
-  `/crl//device.crl` are 404 whatever they would normalise to.
+- Only the names in ROUTES exist, matched byte for byte against the raw request target's path (the query string
+  is ignored, an absolute-form target `http://host/crl/device.crl` is its path, RFC 9112 3.2.2): nothing is ever
+  joined to a directory from a request, so `/crl/../fleet.toml`, `/crl/%2e%2e/...` or `/crl//device.crl` are 404
+  whatever they would normalise to.
 - GET and HEAD only (anything else: 405 with `Allow`), bodies only on 200.
 - `ETag` is a hash of the DER; `Last-Modified` is the CRL's thisUpdate; `If-None-Match` (weak comparison, `*`) wins
   over `If-Modified-Since` (RFC 9110 13.2.2); either gives 304 with the validators and no body.
@@ -145,7 +146,11 @@ def answer(files: CrlFiles, method: str, target: str, if_none_match: str | None 
     """The answer to one request: `target` is the raw request target (path and query, as received)."""
     if method not in ("GET", "HEAD"):
         return Answer(405, {"Allow": ALLOW})
-    route = ROUTES.get(target.split("?", 1)[0])
+    path = target.split("?", 1)[0]
+    if path[:7].lower() == "http://":  # absolute-form: the path after the authority
+        slash = path.find("/", 7)
+        path = path[slash:] if slash >= 0 else "/"
+    route = ROUTES.get(path)
     if route is None:
         return Answer(404)
     name, missing = route

@@ -91,6 +91,7 @@ def test_the_device_crl_over_http_is_the_published_one(hub, tmp_path):
     max_age = int(headers["cache-control"].split("max-age=")[1].split(",")[0])
     assert 0 < max_age <= 300 and "public" in headers["cache-control"]
 
+    assert http(hub, "GET", f"http://127.0.0.1:{hub.crl_port}/crl/device.crl")[2] == body  # absolute-form
     status, head_headers, head_body = http(hub, "HEAD", "/crl/device.crl?cache-buster=1")
     assert status == 200 and head_body == b""
     assert {k: head_headers[k] for k in ("etag", "last-modified", "content-length", "content-type")} == \

@@ -59,6 +59,8 @@ def test_the_device_crl_as_published(files):
     assert ans.headers["Cache-Control"] == f"public, max-age={MAX_AGE}, no-transform"
     assert ans.headers["ETag"].startswith('"') and ans.headers["ETag"].endswith('"')
     assert answer(files, "HEAD", "/crl/device.crl?x=1", now=NOW) == ans  # aiohttp leaves a HEAD's body out
+    assert answer(files, "GET", "http://crl.example.com:8080/crl/device.crl", now=NOW) == ans  # absolute-form
+    assert answer(files, "GET", "HTTP://x/crl/device.crl?a", now=NOW) == ans
 
 
 def test_the_service_crl_pem_goes_out_as_der(files):
@@ -86,7 +88,9 @@ def test_other_methods_are_405(files, method):
 
 @pytest.mark.parametrize("target", ["/crl/../crl/device.crl", "/crl/%2e%2e/crl/device.crl", "/crl/./device.crl",
                                     "/crl//device.crl", "/crl/device.crl/", "/crl/device.crl.pem", "/crl/device%2Ecrl",
-                                    "/crl/service.crl.pem", "crl/device.crl", "/CRL/DEVICE.CRL", ""])
+                                    "/crl/service.crl.pem", "crl/device.crl", "/CRL/DEVICE.CRL", "", "http://",
+                                    "http://x", "http://x/crl/../crl/device.crl", "https://x/crl/device.crl",
+                                    "http:/crl/device.crl", "http://x//crl/device.crl"])
 def test_only_the_exact_names_exist(files, target):
     write(files.crl_dir, "device.crl", crl())
     write(files.crl_dir, "service.crl.pem", crl(), pem=True)
