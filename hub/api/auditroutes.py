@@ -18,7 +18,7 @@ from aiohttp import web
 
 from hub.registry.store import Registry
 
-from .queries import BadRequest, parse_time
+from .queries import BadRequest, NotFound, parse_time
 from .routing import PREFIX, Route, json_response, q, query_params
 
 AUDIT_SCHEMA = (
@@ -105,10 +105,27 @@ def query_audit(registry: Registry, params: dict[str, str]) -> dict:
     return {"items": page, "next_cursor": encode_cursor(page[-1]["id"]) if len(rows) > limit else None}
 
 
+def known_device(registry: Registry, device_id: str) -> bool:
+    """A registered device (decommissioned ones too: their rows stay), or an id some audit row names (e.g. an
+    enrollment attempt for an id never registered)."""
+    return bool(registry.query("SELECT 1 FROM devices WHERE id = ? UNION ALL "
+                               "SELECT 1 FROM audit WHERE device_id = ? LIMIT 1", [device_id, device_id]))
+
+
+def audit_page(registry: Registry, params: dict[str, str]) -> dict:
+    """GET /audit: `query_audit`, and a 404 for a device filter naming an id the hub has never heard of (an
+    empty page would read as "nothing happened to it")."""
+    page = query_audit(registry, params)
+    if not page["items"] and "device" in params and "cursor" not in params \
+            and not known_device(registry, params["device"]):
+        raise NotFound(f"no device {params['device']!r}")
+    return page
+
+
 async def audit(api, request: web.Request, principal) -> web.Response:
     params = query_params(request)
     await api.run(apply_schema, api.registry)
-    return json_response(await api.run(query_audit, api.registry, params))
+    return json_response(await api.run(audit_page, api.registry, params))
 
 
 def verify_chain(registry: Registry) -> dict:
@@ -155,7 +172,7 @@ ROUTES: tuple[Route, ...] = (
                 "page size"),
               q("cursor", {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
                 "next_cursor of the previous page")),
-          response="AuditPage", errors=(400, 403)),
+          response="AuditPage", errors=(400, 403, 404)),
     Route("GET", f"{PREFIX}/audit/verify", "audit.verify", "admin",
           "Recompute the audit log's HMAC chain: rows checked, the head (last id and mac: compare it with one you "
           "kept, to see rows cut off the end) and the first row that does not verify", verify,

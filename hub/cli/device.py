@@ -3,6 +3,7 @@ client of the fleet API (hub/cli/client.py: the local hub by default, `--hub URL
 
 from __future__ import annotations
 
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from hub.cli.util import DirOpt, HubOpt, JsonOpt, ProfileOpt, api, device_id_arg, fail, print_json, print_table, say
+from hub.cli.util import (DirOpt, HubOpt, JsonOpt, ProfileOpt, api, command_args, device_id_arg, fail, print_json,
+                          print_table, say)
 
 device_app = typer.Typer(help="Add, list, inspect, edit, suspend, resume, revoke, decommission and command devices.",
                          no_args_is_help=True)
@@ -30,6 +32,32 @@ def parse_labels(labels: list[str]) -> dict[str, str]:
             fail(f"label {item!r} is not key=value")
         result[key] = value
     return result
+
+
+#: `device show`'s names for the API's fields (the others: underscores as spaces)
+SHOW_NAMES = {"cert_not_after": "cert until"}
+_ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
+
+
+def when(value: Optional[str], chars: int = 19) -> str:
+    """An API timestamp (UTC, ISO 8601) as the tables show it: '2027-01-31 12:00:00' (`chars` of it)."""
+    return (value or "-")[:chars].replace("T", " ")
+
+
+def human(value: object) -> str:
+    """A field of a device as a person reads it: lists comma-separated, labels k=v, yes/no, '-' for none,
+    timestamps to the second."""
+    if value is None or value == "" or value == [] or value == {}:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(human(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={human(v)}" for k, v in value.items())
+    if isinstance(value, str) and _ISO_TIME.match(value):
+        return when(value)
+    return str(value)
 
 
 def _row(d: dict) -> dict:
@@ -177,20 +205,19 @@ def device_show(device_id: str = typer.Argument(...), directory: Optional[Path] 
     device_id_arg(device_id)
     with api(directory, hub, profile) as client:
         detail = client.get(f"{DEVICES}/{device_id}")
-        events = client.get("/api/v1/audit", {"device": device_id, "limit": 10})["items"]
+        events = client.get("/api/v1/audit", {"device": device_id, "limit": 10, "api_calls": "exclude"})["items"]
     certs = detail.pop("certificates", [])
     if as_json:
         print_json({"device": detail, "certificates": certs, "audit": events})
         return
-    print_table([{"key": k, "value": ", ".join(v) if isinstance(v, list) else
-                  ", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else v}
-                 for k, v in detail.items()], [("key", "device"), ("value", "")])
+    print_table([{"key": SHOW_NAMES.get(k, k.replace("_", " ")), "value": human(v)} for k, v in detail.items()],
+                [("key", "device"), ("value", "")])
     if certs:
-        print_table([{**c, "not_after": c["not_after"][:16].replace("T", " ")} for c in certs],
+        print_table([{**c, "not_after": when(c["not_after"], 16)} for c in certs],
                     [("serial", "certificate serial", 16), ("status", "status", 10), ("not_after", "not after", 16),
                      ("revocation_reason", "revocation reason")])
     if events:
-        print_table([{**e, "at": e["at"][:19].replace("T", " ")} for e in events],
+        print_table([{**e, "at": when(e["at"])} for e in events],
                     [("at", "at", 19), ("actor", "actor", 12), ("action", "action", 14), ("outcome", "outcome", 6),
                      ("detail", "detail")])
 
@@ -296,7 +323,8 @@ def device_send(
     device_id: str = typer.Argument(...),
     command: str = typer.Argument(..., help="ping, report or renew (what the agent implements)."),
     directory: Optional[Path] = DirOpt,
-    arg: list[str] = typer.Option([], "--arg", help="key=value argument (repeatable)."),
+    arg: list[str] = typer.Option([], "--arg", help="Command argument key=value, or key alone for key=true, e.g. "
+                                                    "rotate_key (repeatable)."),
     wait: float = typer.Option(10.0, help="Seconds to wait for the device's acknowledgement (0: don't; at most "
                                           "30)."),
     hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt,
@@ -305,8 +333,8 @@ def device_send(
     import json
 
     device_id_arg(device_id)
-    args = {k: (v.lower() == "true" if v.lower() in ("true", "false") else v)
-            for k, v in parse_labels(arg).items()}
+    args = {k: (v.lower() == "true" if isinstance(v, str) and v.lower() in ("true", "false") else v)
+            for k, v in command_args(arg).items()}
     if not 0 <= wait <= 30:
         fail("--wait must be between 0 and 30 seconds")
     with api(directory, hub, profile) as client:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from hub.cli.util import DirOpt, HubOpt, JsonOpt, ProfileOpt, api, fail, print_json, print_table, say
+from hub.cli.util import DirOpt, HubOpt, JsonOpt, ProfileOpt, api, command_args, fail, print_json, print_table, say
 
 job_app = typer.Typer(help="Roll a command out over a selector of devices (rate, timeout, abort threshold) and "
                            "follow, pause, resume or cancel it.", no_args_is_help=True)
@@ -23,7 +23,8 @@ DEVICE_COLUMNS = [("device_id", "device", 12), ("state", "state", 9), ("sent_at"
 
 
 def parse_args(items: list[str], args_json: Optional[str]) -> dict:
-    """--arg key=value (a JSON value when it parses as one: true, 3, "x"; else the text) and --args-json."""
+    """--arg key=value (a JSON value when it parses as one: true, 3, "x"; else the text; a bare key is true) and
+    --args-json."""
     args: dict = {}
     if args_json is not None:
         try:
@@ -32,12 +33,9 @@ def parse_args(items: list[str], args_json: Optional[str]) -> dict:
             fail("--args-json is not valid JSON")
         if not isinstance(args, dict):
             fail("--args-json must be a JSON object")
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            fail(f"--arg {item!r} is not key=value")
+    for key, value in command_args(items).items():
         try:
-            args[key] = json.loads(value)
+            args[key] = json.loads(value) if isinstance(value, str) else value
         except ValueError:
             args[key] = value
     return args
@@ -92,7 +90,8 @@ def _show(job: dict) -> None:
 def job_create(
     name: str = typer.Argument(..., help="A name for the job (printable ASCII, up to 100 characters)."),
     command: str = typer.Option(..., "--command", help="ping, report, renew or another command the agents know."),
-    arg: list[str] = typer.Option([], "--arg", help="Command argument key=value, e.g. rotate_key=true (repeatable)."),
+    arg: list[str] = typer.Option([], "--arg", help="Command argument key=value, or key alone for key=true, "
+                                                    "e.g. rotate_key (repeatable)."),
     args_json: Optional[str] = typer.Option(None, "--args-json", help="The command's arguments as a JSON object."),
     ids: list[str] = typer.Option([], "--id", help="Device id(s), comma-separated or repeated."),
     group: Optional[str] = typer.Option(None, "--group", help="Devices in this group."),

@@ -72,6 +72,18 @@ def device_id_arg(device_id: str) -> str:
         fail(str(exc))
 
 
+def command_args(items: list[str], option: str = "--arg") -> dict[str, object]:
+    """Command arguments from repeated `--arg`: key=value (the value as text) or a bare key, a flag that is true
+    (`--arg rotate_key` is rotate_key=true)."""
+    args: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not key or key != key.strip():
+            fail(f"{option} {item!r} is not an argument: give key=value, or key alone for a flag (key=true)")
+        args[key] = value if sep else True
+    return args
+
+
 def errors():
     """Exception types the CLI turns into one clean error line."""
     from hsm.errors import HsmError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import re
 import stat
 import subprocess
 import time
@@ -189,6 +190,77 @@ def test_audit_json_records_cli_actions(hub):
                                                                       ("device.add", "ok", "svc.local-admin")]
     calls = hub.cli_json("audit", "--actor", "svc.local-admin", "--action", "api.devices.create", "--limit", "1")
     assert [(r["action"], r["outcome"]) for r in calls] == [("api.devices.create", "ok")]
+
+
+# --- human output at 80 columns (issue 15) ------------------------------------------------------------------------
+
+LONG_ID = "cli-human-" + "x" * 53  # 63 characters: the longest id there is
+STAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+
+
+def assert_fits(text: str) -> list[str]:
+    lines = text.splitlines()
+    assert lines and max(len(line) for line in lines) <= 80, text
+    return lines
+
+
+def test_device_show_prints_human_values(hub):
+    hub.add_device("cli-human-1", "--group", "sensors", "--group", "line-b", "--label", "site=berlin",
+                   "--label", "rack=7")
+    hub.add_device("cli-human-2")
+    shown = hub.cli_ok("device", "show", "cli-human-1")
+    fields = dict(line.split(None, 1) if len(line.split(None, 1)) == 2 else (line.strip(), "")
+                  for line in assert_fits(shown)[1:] if not line.startswith(("at ", "20")))
+    assert fields["groups"] == "line-b, sensors" or fields["groups"] == "sensors, line-b", shown
+    assert fields["labels"] in ("rack=7, site=berlin", "site=berlin, rack=7"), shown
+    assert fields["online"] == "no" and fields["last"] == "seen   -", shown
+    bare = hub.cli_ok("device", "show", "cli-human-2")
+    for repr_ in ("[", "]", "{", "}", "None", "False", "True", "'"):
+        assert repr_ not in shown and repr_ not in bare, (repr_, shown, bare)
+    assert re.search(r"^groups +-$", bare, re.M) and re.search(r"^labels +-$", bare, re.M), bare
+    assert re.search(r"^created +" + STAMP.pattern + "$", bare, re.M), bare
+    assert "api.devices" not in bare  # the API's per-call rows are not the device's history
+
+
+def test_list_and_audit_keep_timestamps_whole_at_80_columns(hub):
+    token = hub.add_device(LONG_ID, "--group", "a-rather-long-group-name", "--group", "another-long-group")
+    leaf = est_enroll(hub, LONG_ID, token)
+    hub.cli_ok("device", "suspend", LONG_ID, "--reason", "a reason long enough to want the whole width " * 3)
+    listed = assert_fits(hub.cli_ok("device", "list", "--id-prefix", "cli-human-x"))
+    row = next(line for line in listed if line.startswith("cli-human-"))
+    assert f"{leaf.not_valid_after_utc:%Y-%m-%d}" in row, listed  # "cert until" whole, not "2026-12-…"
+    assert "\u2026" in row.split()[0]  # (the id gave way instead)
+    audit = assert_fits(hub.cli_ok("audit", "--device", LONG_ID))
+    assert len(audit) >= 4
+    for line in audit[1:]:
+        assert STAMP.match(line), audit
+    shown = "\n".join(assert_fits(hub.cli_ok("device", "show", LONG_ID)))
+    assert re.search(r"^\S+ +\S+ +" + f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M}", shown, re.M), shown
+
+
+def test_audit_of_an_unknown_device_says_so(hub):
+    message = assert_clean_error(hub.cli("audit", "--device", "nosuch"), "'nosuch'")
+    assert message == "error: no device 'nosuch'"
+    assert_clean_error(hub.cli("audit", "--device", "nosuch", "--json"), "no device 'nosuch'")
+    # a device that exists with nothing matching is an empty answer; a decommissioned one still has its trail
+    hub.add_device("cli-audit-gone")
+    assert hub.cli_json("audit", "--device", "cli-audit-gone", "--action", "device.revoked") == []
+    hub.cli_ok("device", "decommission", "cli-audit-gone")
+    rows = hub.cli_json("audit", "--device", "cli-audit-gone")
+    assert "device.add" in {r["action"] for r in rows}
+
+
+def test_command_arguments_are_key_value_or_a_flag(hub):
+    hub.add_device("cli-args-1")
+    for cmd in (("device", "send", "cli-args-1", "ping"), ("job", "create", "j", "--command", "ping", "--id",
+                                                           "cli-args-1")):
+        bad = assert_clean_error(hub.cli(*cmd, "--arg", "=x"), "--arg '=x'", "argument")
+        assert "label" not in bad
+    # a bare name is a flag (true): the command goes as far as the device being offline
+    proc = hub.cli("device", "send", "cli-args-1", "ping", "--arg", "rotate_key")
+    assert_clean_error(proc, "not online")
+    dry = hub.cli_json("job", "create", "j", "--command", "renew", "--id", "cli-args-1", "--arg", "rotate_key")
+    assert dry["matched"] == 1
 
 
 # --- the serve process --------------------------------------------------------------------------------------------

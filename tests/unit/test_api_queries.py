@@ -213,3 +213,16 @@ def test_openapi_schemas_carry_the_servers_constraints():
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             assert ("413" in op["responses"]) == ("requestBody" in op), (method, path)
+
+
+def test_audit_of_a_device_never_heard_of_is_404_not_an_empty_page(reg):
+    """GET /audit?device=: 404 for an id neither registered nor named by any audit row; an unregistered id that
+    tried to enroll has its denial rows; a device with nothing matching gets an empty page."""
+    from hub.api.auditroutes import audit_page
+
+    with pytest.raises(NotFound, match="no device 'nosuch'"):
+        audit_page(reg, {"device": "nosuch"})
+    reg.audit("est.enroll", "denied", NOW, actor="ghost-1", device_id="ghost-1", detail="unauthorized")
+    assert [r["action"] for r in audit_page(reg, {"device": "ghost-1"})["items"]] == ["est.enroll"]
+    assert audit_page(reg, {"device": "ghost-1", "action": "device.revoked"})["items"] == []
+    assert audit_page(reg, {"device": "dev-0001", "action": "device.revoked"})["items"] == []
