@@ -8,6 +8,16 @@ ROOT=$(pwd)
 VENV="$ROOT/.venv"
 STAMP="$VENV/.tessera-stamp"
 SCAN_VENV="$ROOT/.venv-tlsscan"  # sslyze for tests/integration/test_tls_scan.py, apart from $VENV (see pyproject)
+# The venvs install only from hash-checked locks, one per lock group and Python minor version:
+# requirements/py3.11.lock (pyproject's dependencies, the test extra, the build backend) and
+# requirements/tlsscan-py3.11.lock (the tlsscan extra). `./dev.sh lock` makes them (requirements/lockinput.py
+# says from what); setup refuses a lock that no longer matches pyproject.toml.
+LOCK_DIR="$ROOT/requirements"
+LOCK_PYTHONS=(3.11 3.13)           # Debian 12 and Debian 13; `./dev.sh lock` adds the running one
+LOCK_PLATFORM=x86_64-manylinux_2_36  # wheels must exist for glibc 2.36 (Debian 12) on x86_64
+LOCK_SDIST_ONLY=(sslyze)           # packages that publish no wheel (pure Python): the only ones built at install
+UV_VERSION=0.13.8                  # the lock tool, in .dev-state/uv (./dev.sh lock only)
+PY_MINOR=$(/usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl ca-certificates softhsm2 opensc mosquitto
               mosquitto-clients libengine-pkcs11-openssl curl procps shellcheck systemd
@@ -18,6 +28,41 @@ APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl ca-certificates softh
               libtpm2-pkcs11-1 libtpm2-pkcs11-tools python3-tpm2-pkcs11-tools dbus-daemon)
 
 log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
+
+# This machine's pip configuration may name file:// indexes that hold only some packages; pip then prints
+# "WARNING: Location 'file:///.../simple/<name>/' is ignored" for every other package it looks up. Those lines
+# (and only those) are dropped; every other message, and pip's exit status, passes through.
+PIP_NOISE="^WARNING: Location 'file:[^']*' is ignored: "
+pip_quiet() {
+  local py=$1 rc=0
+  shift
+  { "$py" -m pip "$@" 2>&1 1>&3 3>&- | { grep -v -E "$PIP_NOISE" || true; } >&2; } 3>&1 || rc=$?
+  return $rc
+}
+
+lock_file() {  # lock_file GROUP [PYTHON_MINOR]
+  local prefix=""
+  [ "$1" = main ] || prefix="$1-"
+  echo "$LOCK_DIR/${prefix}py${2:-$PY_MINOR}.lock"
+}
+
+check_lock() {  # check_lock GROUP: one line and exit 1 if the lock is missing or older than pyproject's lists
+  /usr/bin/python3 "$LOCK_DIR/lockinput.py" check "$1" "$(lock_file "$1")" || exit 1
+}
+
+# Installs the lock of GROUP into the venv whose python is $1, removes what the lock does not name, so the venv
+# holds exactly the locked set.
+install_locked() {  # install_locked PYTHON GROUP
+  local py=$1 lock extra=()
+  lock=$(lock_file "$2")
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 pip_quiet "$py" install -q --disable-pip-version-check --require-hashes \
+    -r "$lock"
+  mapfile -t extra < <("$py" "$LOCK_DIR/lockinput.py" extraneous "$lock")
+  if [ ${#extra[@]} -gt 0 ]; then
+    log "pip: removing what $(basename "$lock") does not name: ${extra[*]}"
+    pip_quiet "$py" uninstall -q -y "${extra[@]}"
+  fi
+}
 
 need_root() {
   if [ "$(id -u)" -ne 0 ]; then
@@ -79,8 +124,10 @@ keep_tpm2_pkcs11_private() {
 install_venv() {
   # The venv must sit on the distribution's Python: its ssl module links the system libssl, which the
   # token-key TLS route (libp11 engine / pkcs11-provider through ctypes) needs.
-  local want
-  want=$( (cat pyproject.toml; /usr/bin/python3 -V) | sha256sum | cut -d' ' -f1)
+  local want lock
+  check_lock main
+  lock=$(lock_file main)
+  want=$( (cat pyproject.toml "$lock"; /usr/bin/python3 -V) | sha256sum | cut -d' ' -f1)
   if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
     return
   fi
@@ -89,20 +136,21 @@ install_venv() {
     rm -rf "$VENV"
     /usr/bin/python3 -m venv "$VENV"
   fi
-  log "pip: installing tessera (editable) and test tools"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+  log "pip: installing ${lock#"$ROOT"/} (hash-checked), then tessera (editable, no dependencies)"
+  install_locked "$VENV/bin/python" main
+  # (setuptools' "Editable installation ... be careful with folders" notice is not for this checkout)
+  PYTHONWARNINGS="ignore:Editable installation" \
+    pip_quiet "$VENV/bin/python" install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$want" > "$STAMP"
 }
 
 install_scan_venv() {
   # sslyze pins its own cryptography and brings nassl's OpenSSL builds: its own venv, so that it never changes
-  # what the hub's tests run with. Its requirements are pyproject's `tlsscan` extra.
-  local stamp="$SCAN_VENV/.tessera-stamp" want reqs=()
-  mapfile -t reqs < <(/usr/bin/python3 -c 'import tomllib
-for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["tlsscan"]: print(r)')
-  [ ${#reqs[@]} -gt 0 ] || { echo "dev.sh: pyproject.toml has no tlsscan extra" >&2; exit 1; }
-  want=$( (printf '%s\n' "${reqs[@]}"; /usr/bin/python3 -V) | sha256sum | cut -d' ' -f1)
+  # what the hub's tests run with. Its requirements are pyproject's `tlsscan` extra, locked apart.
+  local stamp="$SCAN_VENV/.tessera-stamp" want lock
+  check_lock tlsscan
+  lock=$(lock_file tlsscan)
+  want=$( (cat "$lock"; /usr/bin/python3 -V) | sha256sum | cut -d' ' -f1)
   if [ -x "$SCAN_VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return
   fi
@@ -110,11 +158,44 @@ for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-depende
     log "venv: creating $SCAN_VENV (sslyze) on /usr/bin/python3"
     /usr/bin/python3 -m venv "$SCAN_VENV"
   fi
-  log "pip: installing the TLS scanner (${reqs[*]}) into $SCAN_VENV"
-  "$SCAN_VENV/bin/python" -m pip install -q --disable-pip-version-check "${reqs[@]}"
+  log "pip: installing the TLS scanner from ${lock#"$ROOT"/} into $SCAN_VENV"
+  install_locked "$SCAN_VENV/bin/python" tlsscan
   echo "$want" > "$stamp"
 }
 
+# ./dev.sh lock [--upgrade | --upgrade-package NAME ...]: (re)make every lock with uv. Without options the pins
+# already in a lock are kept and only what pyproject.toml added, removed or re-ranged changes; --upgrade moves
+# everything to the newest versions that have wheels for $LOCK_PLATFORM (sdists only for $LOCK_SDIST_ONLY).
+lock() {
+  local uv="$ROOT/.dev-state/uv/bin/uv" pythons=("${LOCK_PYTHONS[@]}") py group out tmp digest nobin=()
+  if [ ! -x "$uv" ] || [ "$("$uv" --version | cut -d' ' -f2)" != "$UV_VERSION" ]; then
+    log "lock: installing uv $UV_VERSION into .dev-state/uv"
+    /usr/bin/python3 -m venv "$ROOT/.dev-state/uv"
+    pip_quiet "$ROOT/.dev-state/uv/bin/python" install -q --disable-pip-version-check "uv==$UV_VERSION"
+  fi
+  [[ " ${pythons[*]} " == *" $PY_MINOR "* ]] || pythons+=("$PY_MINOR")
+  for py in "${LOCK_SDIST_ONLY[@]}"; do nobin+=(--no-binary "$py"); done
+  mkdir -p "$LOCK_DIR"
+  for group in main tlsscan; do
+    digest=$(/usr/bin/python3 "$LOCK_DIR/lockinput.py" digest "$group")
+    for py in "${pythons[@]}"; do
+      out=$(lock_file "$group" "$py")
+      tmp=$(mktemp "$LOCK_DIR/.lock.XXXXXX")
+      [ -f "$out" ] && grep -v '^# lock-input-sha256: ' "$out" > "$tmp"   # the current pins are uv's preferences
+      /usr/bin/python3 "$LOCK_DIR/lockinput.py" requirements "$group" \
+        | "$uv" pip compile - --quiet --generate-hashes --python-version "$py" --python-platform "$LOCK_PLATFORM" \
+            --only-binary :all: "${nobin[@]}" --no-annotate --custom-compile-command "./dev.sh lock" \
+            --output-file "$tmp" "$@" \
+        || { rm -f "$tmp"; echo "dev.sh lock: uv could not lock $group for Python $py" >&2; exit 1; }
+      { echo "# Tessera's $group dependencies for CPython $py on Linux ($LOCK_PLATFORM wheels), hash-checked."
+        echo "# Made by ./dev.sh lock from pyproject.toml (requirements/lockinput.py); do not edit by hand."
+        echo "# lock-input-sha256: $digest"
+        cat "$tmp"; } > "$out"
+      rm -f "$tmp"
+      log "lock: ${out#"$ROOT"/} ($(grep -c '==' "$out") pins)"
+    done
+  done
+}
 setup() {
   install_apt
   keep_tpm2_pkcs11_private
@@ -126,6 +207,7 @@ cmd=${1:-help}
 shift || true
 case "$cmd" in
   setup) setup ;;
+  lock) lock "$@" ;;
   test)
     setup
     exec "$VENV/bin/python" -m pytest "$@" ;;
@@ -136,6 +218,6 @@ case "$cmd" in
     setup
     exec "$VENV/bin/python" -m bench "$@" ;;
   *)
-    echo "usage: ./dev.sh demo | test [pytest args] | bench [names] | setup" >&2
+    echo "usage: ./dev.sh demo | test [pytest args] | bench [names] | setup | lock [--upgrade]" >&2
     exit 2 ;;
 esac
