@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -80,7 +81,10 @@ def pin_root(cfg: AgentConfig, ca_file: Path | None, ca_fingerprint: str | None)
             raise EnrollError(f"cannot read the fleet CA file {ca_file}: {exc.strerror}") from None
     if not ca_fingerprint:
         raise EnrollError("give the fleet CA (--ca-file) or its SHA-256 fingerprint (--ca-fingerprint)")
-    want = ca_fingerprint.lower().removeprefix("sha256:").replace(":", "")
+    want = ca_fingerprint.strip().lower().removeprefix("sha256:").replace(":", "")
+    if not re.fullmatch(r"[0-9a-f]{64}", want):
+        raise EnrollError(f"--ca-fingerprint {ca_fingerprint[:80]!r} is not a SHA-256 fingerprint (64 hex digits, "
+                          "colons allowed: openssl x509 -noout -fingerprint -sha256 -in fleet-root.pem)")
     import ssl
 
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -111,6 +111,17 @@ def _refused(status: int, data: bytes) -> EstClientError:
     return EstClientError(f"hub refused ({status}): {text}", status=status, code=code)
 
 
+def _unverified(exc: ssl.SSLCertVerificationError, host: str, port: int) -> str:
+    """What a failed check of the hub's certificate means, instead of a bare CERTIFICATE_VERIFY_FAILED."""
+    why = exc.verify_message or exc.reason or str(exc)
+    if exc.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+        return (f"the hub's certificate is not valid for {host} ({why}): reach the hub by a name it was given "
+                "(tessera-hub init --hostname)")
+    return (f"the hub's certificate at {host}:{port} does not verify against the fleet root this device trusts "
+            f"({why}): that root (--ca-file) is another fleet's, or this is another fleet's hub; the hub's own root "
+            "is <hub dir>/ca/root.pem")
+
+
 class EstClient:
     """One EST server, e.g. EstClient("https://hub:8443", cafile="fleet-root.pem")."""
 
@@ -139,6 +150,8 @@ class EstClient:
             resp = conn.getresponse()
             data = resp.read(limit + 1)
             return resp.status, resp.getheader("Content-Type", ""), data
+        except ssl.SSLCertVerificationError as exc:
+            raise EstClientError(_unverified(exc, self.host, self.port)) from None
         except ssl.SSLError as exc:
             raise EstClientError(f"TLS with the hub failed: {exc.reason or exc}") from None
         except (OSError, http.client.HTTPException) as exc:
