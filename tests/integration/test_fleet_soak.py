@@ -14,12 +14,12 @@ telemetry for a few minutes, with a broker restart and a hub restart in the midd
   starts it again); the hub restart is fleetfixtures' restart_hub (SIGTERM, exit 0, serve again on the same
   ports). A kill -9 of Mosquitto is not part of this: Mosquitto writes its in-memory queues to disk only at a clean
   exit (or every autosave_interval), so messages it acknowledged and had not delivered yet die with it.
-- Memory stays flat: the RSS of the serve process, of its Mosquitto and of the agents is sampled every
+- Memory stays flat: the RSS of the serve process, of its Mosquitto and EST workers and of the agents is sampled every
   SAMPLE_EVERY s; for each process, from WARMUP_S after its start, the median of the last quarter of its samples
   may exceed the median of the first quarter by at most max(GROWTH_MIB, GROWTH_FRACTION of it). The curve is
   written to <tmp>/memory-curve.tsv and printed, with the restart moments.
 
-Cost: the fleet's start (~60-90 s for 200 agents on a 2-core machine) + TESSERA_SOAK_SECONDS (default 120) of soak
+Cost: the fleet's start (~45 s for 200 agents on a 2-core machine) + TESSERA_SOAK_SECONDS (default 120) of soak
 + the stop: about 3 minutes. A manual run can go longer: TESSERA_SOAK_SECONDS=1800. Marked `fleet` (deselect with
 `-m "not fleet"`); it runs with the rest of the suite by default.
 """
@@ -70,8 +70,9 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-def broker_of(hub_pid: int) -> int | None:
-    """The hub's Mosquitto: its child process named mosquitto."""
+def children_of(hub_pid: int) -> dict[int, str]:
+    """The hub's child processes: {pid: 'mosquitto' | 'est-worker' | their command name}."""
+    out = {}
     for task in Path(f"/proc/{hub_pid}/task").glob("*"):
         try:
             children = (task / "children").read_text().split()
@@ -79,11 +80,17 @@ def broker_of(hub_pid: int) -> int | None:
             continue
         for child in children:
             try:
-                if Path(f"/proc/{child}/comm").read_text().strip() == "mosquitto":
-                    return int(child)
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                comm = Path(f"/proc/{child}/comm").read_text().strip()
             except OSError:
                 continue
-    return None
+            out[int(child)] = "est-worker" if b"hub.est.worker" in cmdline else comm
+    return out
+
+
+def broker_of(hub_pid: int) -> int | None:
+    """The hub's Mosquitto."""
+    return next((pid for pid, kind in children_of(hub_pid).items() if kind == "mosquitto"), None)
 
 
 class Subscriber:
@@ -203,8 +210,9 @@ class Sampler(threading.Thread):
             proc = self.fleet.hub.proc
             if proc is not None and proc.poll() is None:
                 self._add(t, "hub", proc.pid, rss_kib(proc.pid))
-                broker = broker_of(proc.pid)
-                self._add(t, "mosquitto", broker, rss_kib(broker) if broker else None)
+                for pid, kind in children_of(proc.pid).items():  # Mosquitto and the EST worker processes
+                    if kind in ("mosquitto", "est-worker"):
+                        self._add(t, kind, pid, rss_kib(pid))
             if t >= next_agents:
                 next_agents = t + AGENT_SAMPLE_EVERY
                 sizes = [s for a in self.fleet.agents if a.proc is not None and (s := rss_kib(a.proc.pid))]
@@ -225,7 +233,7 @@ class Sampler(threading.Thread):
         out = []
         for key in sorted({(k, p) for _, k, p, _ in self.rows}):
             kind, pid = key
-            start = self.started.get(key, 0.0) if kind in ("hub", "mosquitto") else 0.0
+            start = self.started.get(key, 0.0) if kind in ("hub", "mosquitto", "est-worker") else 0.0
             samples = [(t, r / 1024) for t, k, p, r in self.rows if (k, p) == key and t >= start + WARMUP_S]
             if len(samples) < 8:
                 continue
@@ -364,7 +372,7 @@ def test_soak_loses_no_telemetry_and_memory_stays_flat(soak_fleet, tmp_path):
     assert not lost, (f"{sum(len(v) for v in lost.values())} telemetry message(s) of {len(lost)} device(s) never "
                       f"reached the reader: {dict(list(lost.items())[:5])}")
     assert expected >= n * 2, f"only {expected} telemetry messages spooled: the soak did not run"
-    for kind in ("hub", "mosquitto"):
+    for kind in ("hub", "mosquitto", "est-worker"):
         assert any(s["kind"] == kind for s in segments), f"no {kind} process ran long enough to be judged: {segments}"
     grown = [s for s in segments if s["last_mib"] - s["first_mib"] > max(GROWTH_MIB, GROWTH_FRACTION * s["first_mib"])]
     assert not grown, f"memory grew after warm-up: {grown}"
