@@ -91,8 +91,11 @@ def create_fleet(root: Path, fleet: str, now: datetime, *, validity_days: int = 
         cfg.ca_module = ca_module or (uri.module_path or "")
         cfg.ca_softhsm_conf = os.environ.get("SOFTHSM2_CONF", "")
         token = cfg.ca_token
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(root, 0o700)
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the hub directory {root}: {exc.strerror or exc}") from None
     for d in (cfg.crl_dir, cfg.log_dir, cfg.broker_dir):
         d.mkdir(exist_ok=True, mode=0o700)
     try:  # the broker's authorization plugin: a missing compiler or header is found now, not at `serve`

@@ -88,6 +88,8 @@ def init(
                            ca_pin_source=ca_pin_source, ca_module=ca_module, hostnames=hostname,
                            est_port=est_port, mqtt_port=mqtt_port, public_url=public_url,
                            public_crl_url=public_crl_url)
+    except OSError as exc:  # one line naming the path, not a bare "[Errno 2] ..."
+        fail(f"cannot create the fleet in {root}: {exc.filename or root}: {exc.strerror or exc}")
     except errors() as exc:
         fail(str(exc))
     if as_json:
@@ -185,7 +187,7 @@ def token_create(
         try:
             with os.fdopen(fd, "w", newline="") as fh, Progress(console=err, transient=True) as progress:
                 task = progress.add_task("creating devices and tokens", total=count)
-                writer = csv.writer(fh)
+                writer = csv.writer(fh, lineterminator="\n")  # LF: the file is for shells and editors too
                 writer.writerow(["device_id", "token"])
                 for n in range(0, count, BATCH):
                     batch = [{"id": i, "groups": list(group)} for i in ids[n:n + BATCH]]

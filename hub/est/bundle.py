@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import urlsplit
 
 from hub.ca.policy import check_device_id
 
@@ -37,6 +39,32 @@ class BundleError(Exception):
     """The token CSV or the output directory is not usable."""
 
 
+#: a DNS name or an IPv4 address (what devices put in a TLS connect and agent.toml holds), or [IPv6]
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
+def check_hub_url(url: str) -> str:
+    """The EST URL devices use: https://host[:port] (a trailing '/' dropped); BundleError otherwise."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
+        port = 0
+    host = parts.netloc.rsplit(":", 1)[0] if port else parts.netloc  # (userinfo, spaces, quotes: no host match)
+    if parts.scheme != "https" or port == 0 or not _HOST_RE.fullmatch(host) or parts.path not in ("", "/") \
+            or parts.query or parts.fragment:
+        raise BundleError(f"--hub-url must be an https URL with a host, like https://hub.example.com:8443, not "
+                          f"{url[:200]!r}")
+    return url.rstrip("/")
+
+
+def check_host(host: str, what: str = "--mqtt-host") -> str:
+    """A host name or address for agent.toml; BundleError otherwise."""
+    if not _HOST_RE.fullmatch(host):
+        raise BundleError(f"{what} must be a host name or IP address, not {host[:200]!r}")
+    return host
+
+
 def read_tokens(path: Path) -> Iterator[tuple[str, str]]:
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
@@ -52,7 +80,11 @@ def read_tokens(path: Path) -> Iterator[tuple[str, str]]:
 def write_bundles(tokens_csv: Path, out: Path, root_pem: Path, hub_url: str, mqtt_host: str, mqtt_port: int,
                   module: str = "", softhsm_conf: str = "/var/lib/tessera-agent/softhsm/softhsm2.conf",
                   progress: Callable[[int], None] = lambda n: None) -> int:
-    """Write out/<device>/{agent.toml, fleet-root.pem, enroll-token}; returns how many bundles."""
+    """Write out/<device>/{agent.toml, fleet-root.pem, enroll-token}; returns how many bundles. The URL and host
+    are checked before anything is written."""
+    hub_url = check_hub_url(hub_url)
+    if mqtt_host:
+        check_host(mqtt_host)
     if out.exists() and any(out.iterdir()):
         raise BundleError(f"{out} exists and is not empty; refusing to mix batches")
     out.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -130,6 +130,46 @@ def test_token_create_batch(hub, tmp_path):
     assert "fac-00026" not in hub.device_list()
 
 
+def test_token_file_has_lf_line_endings(hub, tmp_path):
+    out = tmp_path / "lf.csv"
+    hub.cli_ok("token", "create", "--count", "3", "--prefix", "lf", "--out", str(out))
+    data = out.read_bytes()
+    assert b"\r" not in data and data.count(b"\n") == 4 and data.startswith(b"device_id,token\n"), data[:40]
+
+
+BAD_HUB_URLS = ["127.0.0.1:8443", "http://127.0.0.1:8443", "https://:8443", "https://hub:99999",
+                "https://hub:8443/est", 'https://hub"x:8443', "https://user@hub:8443"]
+
+
+def test_bundle_refuses_a_hub_url_that_is_not_https_with_a_host(hub, tmp_path):
+    tokens = tmp_path / "b.csv"
+    hub.cli_ok("token", "create", "--count", "2", "--prefix", "bu", "--out", str(tokens))
+    out = tmp_path / "bundles"
+    for url in BAD_HUB_URLS:
+        proc = hub.cli("bundle", "--tokens", str(tokens), "--out", str(out), "--hub-url", url)
+        assert_clean_error(proc, "--hub-url must be an https URL with a host", repr(url), progress=True)
+        assert not out.exists()  # refused before anything was written
+    bad_host = hub.cli("bundle", "--tokens", str(tokens), "--out", str(out), "--hub-url", "https://hub:8443",
+                       "--mqtt-host", 'x"\ny = "1')
+    assert_clean_error(bad_host, "--mqtt-host must be a host name", progress=True)
+    assert not out.exists()
+    hub.cli_ok("bundle", "--tokens", str(tokens), "--out", str(out), "--hub-url", "https://[::1]:8443/")
+    assert 'hub_url = "https://[::1]:8443"\n' in (out / "bu-00001" / "agent.toml").read_text()
+
+
+@pytest.mark.parametrize("where, why", [("/proc/x", "No such file or directory"),
+                                        ("/etc/hostname/x", "Not a directory")])
+def test_init_in_an_impossible_directory_is_one_line_naming_it(where, why):
+    message = assert_clean_error(run_cli("init", "--fleet", FLEET, "--dir", where))
+    assert message == f"error: cannot create the hub directory {where}: {why}"
+
+
+def test_init_failing_inside_the_directory_names_the_path(tmp_path):
+    (tmp_path / "ca").write_text("not a directory")
+    message = assert_clean_error(run_cli("init", "--fleet", FLEET, "--dir", str(tmp_path)))
+    assert message == f"error: cannot create the fleet in {tmp_path}: {tmp_path / 'ca'}: File exists"
+
+
 # --- suspend / resume ---------------------------------------------------------------------------------------------
 
 def test_suspend_blocks_enrollment_and_resume_restores_it(hub):
