@@ -415,12 +415,20 @@ class Registry:
         return serial
 
     def _issuing(self, action: str, device_id: str, now: datetime, source: str | None,
-                 body: Callable[[Database], x509.Certificate]) -> x509.Certificate:
-        """Run `body` in one BEGIN IMMEDIATE transaction. A RegistryError rolls back and is audited 'denied' in
-        its own committed transaction; any other exception (issue() failing) rolls back and is audited 'error'."""
+                 check: Callable[[Database], Any], issue: Callable[[], x509.Certificate],
+                 body: Callable[[Database, x509.Certificate], x509.Certificate]) -> x509.Certificate:
+        """Issue a certificate: `check` on a plain read (refusals never cost a signature), then `issue()` outside
+        any lock, then `body(db, cert)` in one BEGIN IMMEDIATE transaction, which checks everything again and
+        records the certificate (a request that lost a race to the same token is refused there, and its
+        certificate, never recorded nor returned, is dropped). Signing outside the write lock keeps the one
+        writer's turn short: with the signature inside it, every EST worker process queued behind it.
+        A RegistryError (rolled back) is audited 'denied' in its own committed transaction; any other exception
+        (issue() failing) is audited 'error'."""
         try:
+            check(self._db())
+            cert = issue()
             with self._write() as db:
-                return body(db)
+                return body(db, cert)
         except RegistryError as exc:
             self.audit(action, "denied", now, EST_ACTOR, device_id, f"{exc.code}: {exc}", source)
             raise
@@ -432,14 +440,14 @@ class Registry:
                source: str | None = None) -> x509.Certificate:
         """Use a bootstrap token and record the certificate `issue()` builds, atomically.
 
-        The CSR is checked by the caller before this; so if issue() raises, that is an internal error: everything
-        rolls back, the token stays unused, an 'error' audit row is written and the exception propagates. issue()
-        runs while the write lock is held: keep it short and never call the registry from it. Raises
-        TokenRejected, UnknownDevice, DeviceNotActive (each also audited 'denied')."""
+        The CSR is checked by the caller before this; so if issue() raises, that is an internal error: nothing is
+        written but an 'error' audit row, the token stays unused and the exception propagates. issue() runs
+        after a read-only check of the token and before the transaction that checks it again and spends it
+        (`_issuing`). Raises TokenRejected, UnknownDevice, DeviceNotActive (each also audited 'denied')."""
         now_s = _ts(now)
         presented = token_hash(token)
 
-        def body(db: Database) -> x509.Certificate:
+        def check(db: Database) -> dict[str, Any]:
             row = self._one(db, "SELECT * FROM tokens WHERE token_hash = ?", [presented])
             if row is None or not hmac.compare_digest(row["token_hash"], presented):
                 raise TokenRejected("unknown enrollment token", "unknown_token")
@@ -451,12 +459,15 @@ class Registry:
             if row["expires"] <= now_s:
                 raise TokenRejected(f"token expired at {row['expires']}", "token_expired")
             self._require_status(db, device_id, ENROLLABLE_STATUSES)
+            return row
+
+        def body(db: Database, cert: x509.Certificate) -> x509.Certificate:
+            row = check(db)
             db.execute("UPDATE tokens SET used_at = ?, used_from = ? WHERE id = ? AND used_at IS NULL",
                        [now_s, source, row["id"]])
             # the first enrollment makes a pending device active (no authz event: a pending device has no
             # certificate, so no live session to re-check)
             db.execute("UPDATE devices SET status = 'active' WHERE id = ? AND status = 'pending'", [device_id])
-            cert = issue()
             # a token re-enrollment replaces the old credential at once (no grace: it may be why we re-enroll)
             if db.execute("UPDATE certificates SET status = 'superseded', grace_until = ? "
                           "WHERE device_id = ? AND status = 'active'", [now_s, device_id]).rowcount:
@@ -465,7 +476,7 @@ class Registry:
             self._audit_row(db, "enroll", "ok", now, EST_ACTOR, device_id, f"serial {serial}", source)
             return cert
 
-        return self._issuing("enroll", device_id, now, source, body)
+        return self._issuing("enroll", device_id, now, source, check, issue, body)
 
     def _check_cert(self, db: Database, serial: str, device_id: str, now: datetime) -> dict[str, Any]:
         try:
@@ -499,11 +510,14 @@ class Registry:
         """Renew: record the new certificate as active; the presented one becomes 'superseded', NOT revoked: the
         broker still admits it for `grace` (so the device can switch over) or until the device has connected with
         the new one, whichever comes first; it can never reenroll again.
-        issue() failing is handled as in enroll(). Raises CertRejected, UnknownDevice, DeviceNotActive (audited)."""
+        issue() runs and failing is handled as in enroll(). Raises CertRejected, UnknownDevice, DeviceNotActive
+        (audited)."""
 
-        def body(db: Database) -> x509.Certificate:
-            old = self._check_cert(db, presented_serial_hex, device_id, now)
-            cert = issue()
+        def check(db: Database) -> dict[str, Any]:
+            return self._check_cert(db, presented_serial_hex, device_id, now)
+
+        def body(db: Database, cert: x509.Certificate) -> x509.Certificate:
+            old = check(db)
             db.execute("UPDATE certificates SET status = 'superseded', grace_until = ? WHERE serial = ?",
                        [_ts(now + max(grace, timedelta(0))), old["serial"]])
             serial = self._insert_cert(db, device_id, cert, now)
@@ -512,7 +526,7 @@ class Registry:
                             f"serial {serial} supersedes {old['serial']}", source)
             return cert
 
-        return self._issuing("reenroll", device_id, now, source, body)
+        return self._issuing("reenroll", device_id, now, source, check, issue, body)
 
     def revoked_certificates(self, now: datetime | None = None) -> list[dict[str, Any]]:
         """Revoked certificates, for the CRL: [{'serial': hex, 'revoked_at': iso, 'reason': str}], in revocation

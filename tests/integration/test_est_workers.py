@@ -44,8 +44,8 @@ def _self_signed(cn: str) -> x509.Certificate:
 
 
 def _racer(path: str, tokens: list[tuple[str, str]], barrier, results) -> None:
-    """One process: for each (device, token), wait for the others, then enroll with it (issue() takes 30 ms, so
-    every other process is inside or waiting at the same transaction)."""
+    """One process: for each (device, token), wait for the others, then enroll with it (issue() takes 30 ms: every
+    process passes the read-only pre-check, signs, and then they all race to the one transaction that spends it)."""
     from hub.registry.store import Registry, TokenRejected
 
     registry = Registry(path)
