@@ -20,7 +20,9 @@ processes, and the supervisor keeps the broker, the fleet API, jobs and CRLs. Ho
   BEGIN IMMEDIATE transaction with a busy timeout (hub/registry/store.py), and `enroll` checks and spends the
   token inside one such transaction; a second process waits for the lock and then finds the token used
   (tests/integration/test_est_workers.py races processes on one token). The audit chain reads its head inside
-  the same transaction, so rows from several processes still chain.
+  the same transaction, so rows from several processes still chain. SQLite has one writer at a time, so what
+  scales is what happens outside its lock: the certificate is signed before the transaction (after a read-only
+  check of the token), and writers of all processes queue on an flock instead of SQLite's sleeping busy handler.
 - Limits are per worker: each gets 1/N of every `[est]` budget (`share`; rounded up, at least 1), so what
   fleet.toml says is what the whole hub admits: request rate and burst per source, failures per source and
   device, per source and hub-wide, connections open at once per source. A source whose connections happen to
