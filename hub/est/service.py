@@ -51,6 +51,7 @@ _TOKEN_CODES = frozenset({"unknown_token", "token_device_mismatch", "token_used"
 _GENERIC_401 = Unauthorized("unauthorized", "the device id and enrollment token were not accepted")
 #: The answer to a request without credentials: the challenge of RFC 7030 3.2.3, not a failure.
 _CHALLENGE = "missing_auth"
+RETRY_AFTER_STOPPING = 5  # seconds: a request that met the registry closed by a stopping process
 
 
 @dataclass
@@ -131,7 +132,17 @@ class EstService:
             if any(p == path for _, p in routes):
                 return _error(405, "method_not_allowed", f"{req.method} is not allowed on {path}")
             return _error(404, "not_found", f"no EST resource at {path[:100]!r}")
-        return handler(req)
+        try:
+            return handler(req)
+        except RegistryError as exc:
+            if exc.code != "closed":
+                raise
+            # the registry was closed under this request (its process is stopping): nothing was decided, and
+            # the device must try again, not take it as a refusal (nothing audited or counted: no registry)
+            log.warning("%s %s from %s: the registry is closed (stopping); answered 503", req.method, path,
+                        req.source)
+            return _error(503, "unavailable", "the hub is stopping; retry in a few seconds",
+                          {"Retry-After": str(RETRY_AFTER_STOPPING)})
 
     # --- read-only resources -----------------------------------------------------------------------------------
     def _cacerts_response(self, req: EstRequest) -> EstResponse:
@@ -216,6 +227,8 @@ class EstService:
         except DeviceNotActive as exc:
             return self._deny("enroll", req, Forbidden("device_not_active", str(exc)), device_id, audit=False)
         except RegistryError as exc:
+            if exc.code == "closed":
+                raise  # handle(): 503
             return self._deny("enroll", req, Forbidden(getattr(exc, "code", "registry"), str(exc)), device_id)
         log.info("enrolled %s from %s (serial %x)", device_id, req.source, cert.serial_number)
         stats.of(self.registry).enrolled()
@@ -271,6 +284,8 @@ class EstService:
             return self._deny("reenroll", req, Forbidden(getattr(exc, "code", "device_not_active"), str(exc)),
                               device_id, audit=False)
         except RegistryError as exc:
+            if exc.code == "closed":
+                raise  # handle(): 503
             return self._deny("reenroll", req, Forbidden(getattr(exc, "code", "registry"), str(exc)), device_id)
         log.info("re-enrolled %s from %s (serial %x)", device_id, req.source, cert.serial_number)
         stats.of(self.registry).renewed()
