@@ -204,7 +204,7 @@ class Device:
         values.update(top)
         lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
         lines += ["", "[token]", f"label = {json.dumps(t.label)}", f"pin_source = {json.dumps(f'file:{t.pin_file}')}",
-                  f"softhsm_conf = {json.dumps(str(t.conf))}", f"module = {json.dumps(t.module)}",
+                  f"softhsm_conf = {json.dumps(str(getattr(t, 'conf', '')))}", f"module = {json.dumps(t.module)}",
                   f"key_label = {json.dumps(KEY_LABEL)}",
                   "", "[telemetry]", f"interval = {float(self.interval)}", ""]
         self.config.write_text("\n".join(lines))
@@ -248,7 +248,8 @@ class Device:
         """`tessera-agent key show --label L --json` on this device's token."""
         t = self.token
         return run_agent_cli("key", "show", "--label", label, "--token-label", t.label, "--pin-source",
-                             f"file:{t.pin_file}", "--softhsm-conf", str(t.conf), "--module", t.module, "--json")
+                             f"file:{t.pin_file}", "--softhsm-conf", str(getattr(t, "conf", "")), "--module", t.module,
+                             "--json")
 
     def private_keys(self) -> list:
         """Private key objects in the token (pkcs11-tool -O, PIN typed on a pty)."""
@@ -317,14 +318,15 @@ class Device:
 
 
 def new_device(hub: Hub, base: Path, device_id: str, interval: float = 1.0, register: bool = True,
-               **config: Any) -> tuple[Device, str]:
-    """A registered device (token from `tessera-hub device add`), its own SoftHSM token and agent.toml."""
+               token_maker: Any = None, **config: Any) -> tuple[Device, str]:
+    """A registered device (token from `tessera-hub device add`), its own SoftHSM token (or token_maker(base,
+    device_id)'s) and agent.toml."""
     from hsm.softhsm import create_token
 
     base = Path(base) / device_id
     base.mkdir(parents=True, exist_ok=True)
     token = hub.add_device(device_id) if register else ""
-    soft = create_token(base / "softhsm", label=TOKEN_LABEL)
+    soft = token_maker(base, device_id) if token_maker else create_token(base / "softhsm", label=TOKEN_LABEL)
     dev = Device(device_id, base, hub, soft, interval=interval)
     dev.write_config(**config)
     return dev, token
@@ -337,6 +339,37 @@ def make_device(hub, tmp_path):
 
     def factory(device_id: str, **kw: Any) -> tuple[Device, str]:
         dev, token = new_device(hub, tmp_path, device_id, **kw)
+        made.append(dev)
+        return dev, token
+
+    yield factory
+    for dev in made:
+        dev.destroy()
+
+
+@pytest.fixture(params=["softhsm", "tpm"])
+def make_token_device(request, hub, tmp_path):
+    """make_device on each token type in turn: SoftHSM2, then TPM 2.0 (tests/integration/tpmfixtures.py: one
+    tpm2-pkcs11 store for the test, whose environment the agents inherit, and a token per device, labelled with
+    its device id)."""
+    maker = None
+    if request.param == "tpm":
+        from tests.integration.tpmfixtures import create_tpm_token
+
+        stack = request.getfixturevalue("tpm_stack")
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        store = tmp_path / "tpm-store"
+        store.mkdir(mode=0o700)
+        for name, value in dict(stack.env, TPM2_PKCS11_STORE=str(store)).items():
+            monkeypatch.setenv(name, value)
+
+        def maker(base: Path, device_id: str):
+            return create_tpm_token(stack, base / "tpm", label=device_id[:32], store=store)
+    made: list[Device] = []
+
+    def factory(device_id: str, **kw: Any) -> tuple[Device, str]:
+        device_id = f"{device_id}-{request.param}"  # the hub is the module's: one device id per token type
+        dev, token = new_device(hub, tmp_path, device_id, token_maker=maker, **kw)
         made.append(dev)
         return dev, token
 
@@ -370,5 +403,6 @@ def snapshot_spool(dev: Device, dest: Path) -> list[dict]:
 
 __all__ = ["AGENT_CLI_TIMEOUT", "Device", "KEY_LABEL", "TOKEN_LABEL", "agent_binary", "agent_env", "broker_log",
            "broker_pids", "ca_fingerprint", "child_env", "device_messages", "enrolled_device",
-           "hub", "make_device", "messages_log", "new_device", "one_line", "run_agent_cli", "set_pdeathsig",
+           "hub", "make_device", "make_token_device", "messages_log", "new_device", "one_line", "run_agent_cli",
+           "set_pdeathsig",
            "snapshot_spool", "telemetry", "telemetry_hub", "wait_until", "write_secret"]

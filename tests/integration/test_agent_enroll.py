@@ -13,8 +13,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device are fixtures)
-    KEY_LABEL, TOKEN_LABEL, ca_fingerprint, hub, make_device, one_line,
+from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device, make_token_device are fixtures)
+    KEY_LABEL, ca_fingerprint, hub, make_device, make_token_device, one_line,
 )
 
 pytestmark = pytest.mark.integration
@@ -28,12 +28,12 @@ def hub_certs(hub, device_id: str) -> list[dict]:
     return hub.show(device_id)["certificates"]
 
 
-def test_enroll_writes_private_state_and_destroys_the_token(hub, make_device):
-    dev, token = make_device("enroll-1")
+def test_enroll_writes_private_state_and_destroys_the_token(hub, make_token_device):
+    dev, token = make_token_device("enroll-1")
     token_file = dev.token_file(token)
     proc = dev.enroll(token_file)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "enrolled enroll-1" in one_line(proc.stdout), proc.stdout
+    assert f"enrolled {dev.id}" in one_line(proc.stdout), proc.stdout
 
     # state directory and file modes
     assert mode(dev.state) == 0o700
@@ -46,13 +46,13 @@ def test_enroll_writes_private_state_and_destroys_the_token(hub, make_device):
     # identity.json matches the stored certificate and the hub's registry
     ident = dev.identity()
     leaf = x509.load_pem_x509_certificates((dev.state / "cert.pem").read_bytes())[0]
-    assert ident["device_id"] == "enroll-1"
+    assert ident["device_id"] == dev.id
     assert ident["serial"] == format(leaf.serial_number, "x")
     assert ident["fingerprint_sha256"] == leaf.fingerprint(hashes.SHA256()).hex()
     assert ident["key_label"] == KEY_LABEL
-    assert ident["key_uri"].startswith(f"pkcs11:token={TOKEN_LABEL};object={KEY_LABEL};")
+    assert ident["key_uri"].startswith(f"pkcs11:token={dev.token.label};object={KEY_LABEL};")
     assert (dev.state / "fleet-root.pem").read_bytes() == hub.root_pem.read_bytes()
-    certs = hub_certs(hub, "enroll-1")
+    certs = hub_certs(hub, dev.id)
     assert [(c["serial"], c["status"]) for c in certs] == [(ident["serial"], "active")]
 
     # the key is in the token, non-extractable, and it is the certificate's key
@@ -86,8 +86,8 @@ def test_second_enroll_says_already_enrolled_and_changes_nothing(hub, make_devic
     assert len(dev.private_keys()) == 1
 
 
-def test_failed_enrollment_leaves_nothing_and_retry_reuses_the_key(hub, make_device):
-    dev, token = make_device("enroll-3")
+def test_failed_enrollment_leaves_nothing_and_retry_reuses_the_key(hub, make_token_device):
+    dev, token = make_token_device("enroll-3")
     wrong = dev.token_file("A" * 43, "wrong-token")
     proc = dev.enroll(wrong)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -97,7 +97,7 @@ def test_failed_enrollment_leaves_nothing_and_retry_reuses_the_key(hub, make_dev
     # nothing half-done: no certificate, no identity, nothing issued, token file kept for a retry
     assert not (dev.state / "cert.pem").exists()
     assert not (dev.state / "identity.json").exists()
-    assert hub_certs(hub, "enroll-3") == []
+    assert hub_certs(hub, dev.id) == []
     assert wrong.exists()
     status = dev.status()
     assert status["enrolled"] is False and status["cert_serial"] is None
@@ -113,7 +113,7 @@ def test_failed_enrollment_leaves_nothing_and_retry_reuses_the_key(hub, make_dev
     keys = dev.private_keys()
     assert [k.id for k in keys] == [first_id]
     assert dev.identity()["key_uri"].endswith("id=" + "".join(f"%{b:02X}" for b in bytes.fromhex(first_id)))
-    assert [c["status"] for c in hub_certs(hub, "enroll-3")] == ["active"]
+    assert [c["status"] for c in hub_certs(hub, dev.id)] == ["active"]
     assert not right.exists()
 
 

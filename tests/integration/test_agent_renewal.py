@@ -15,8 +15,8 @@ from datetime import timedelta
 import pytest
 
 from tests.helpers import ROOT
-from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device are fixtures)
-    KEY_LABEL, agent_env, broker_log, hub, make_device, telemetry, wait_until,
+from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device, make_token_device are fixtures)
+    KEY_LABEL, agent_env, broker_log, hub, make_device, make_token_device, telemetry, wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -73,8 +73,14 @@ def lifetime(dev) -> timedelta:
     return datetime.fromisoformat(ident["not_after"]) - datetime.fromisoformat(ident["not_before"])
 
 
-def test_renew_with_key_rotation_while_telemetry_flows(hub, make_device):
-    dev, token = make_device("ren-1", interval=0.1)
+def test_renew_with_key_rotation_while_telemetry_flows(hub, make_token_device):
+    dev, token = make_token_device("ren-1", interval=0.1)
+    if getattr(dev.token, "kind", "") == "tpm":
+        # tpm2-pkcs11 reads a token's objects once, at C_Initialize: the running agent's engine never sees the key
+        # the renew child generated ("object not found", offline for good) until the module is initialized again
+        # (a new process). Stopped here, not run to its 30 s wait for "online": remove this with the fix.
+        pytest.xfail("tpm2-pkcs11: a running agent does not see a key another process generated (the session "
+                     "switch after a rotation needs a module reload)")
     dev.enroll_ok(token)
     dev.start()
     dev.wait_state("online", 30)
@@ -82,9 +88,9 @@ def test_renew_with_key_rotation_while_telemetry_flows(hub, make_device):
     before = dev.status()
     old_keys = dev.private_keys()
     assert len(old_keys) == 1
-    connects_before = broker_log(hub).count("as ren-1 ")
+    connects_before = broker_log(hub).count(f"as {dev.id} ")
 
-    proc = hub.cli("device", "send", "ren-1", "renew", "--arg", "rotate_key=true", "--wait", "15")
+    proc = hub.cli("device", "send", dev.id, "renew", "--arg", "rotate_key=true", "--wait", "15")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ack = json.loads(proc.stdout)
     assert ack["ok"] and ack["result"] == {"renewal": "scheduled", "rotate_key": True}
@@ -105,17 +111,35 @@ def test_renew_with_key_rotation_while_telemetry_flows(hub, make_device):
     keys = dev.private_keys()
     assert len(keys) == 1 and keys[0].id != old_keys[0].id, keys
     # the hub: the new certificate is active, the old one superseded (not revoked)
-    certs = {c["serial"]: c["status"] for c in hub.show("ren-1")["certificates"]}
+    certs = {c["serial"]: c["status"] for c in hub.show(dev.id)["certificates"]}
     assert certs == {before["cert_serial"]: "superseded", after["cert_serial"]: "active"}
     # the agent reconnected with the new certificate
-    assert broker_log(hub).count("as ren-1 ") > connects_before
+    assert broker_log(hub).count(f"as {dev.id} ") > connects_before
 
     assert dev.stop() == 0
-    tel = telemetry(hub, "ren-1")
+    tel = telemetry(hub, dev.id)
     seqs = sorted({t["seq"] for t in tel})
     assert seqs == list(range(1, seqs[-1] + 1)), f"gap in telemetry across the renewal: {seqs}"
     assert seqs[-1] >= 25
     assert dev.status()["spool_depth"] == 0
+
+
+def test_cli_renew_with_key_rotation_then_run(hub, make_token_device):
+    """`tessera-agent renew --rotate-key` with no agent running (what failed on a TPM: the new key's template),
+    then `run` connects with the new key, through the engine, on each token type."""
+    dev, token = make_token_device("ren-cli", interval=0.2)
+    dev.enroll_ok(token)
+    before = dev.identity()
+    proc = dev.cli("renew", "--rotate-key", "--wait", "0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after = dev.identity()
+    assert after["serial"] != before["serial"] and after["key_label"] != before["key_label"], after
+    assert [k.label for k in dev.private_keys()] == [after["key_label"]]  # the old key is gone
+    certs = {c["serial"]: c["status"] for c in hub.show(dev.id)["certificates"]}
+    assert certs[after["serial"]] == "active", certs
+    dev.start()
+    st = dev.wait_state("online", 30)
+    assert st["cert_serial"] == after["serial"], st
 
 
 def test_agent_renews_by_itself_past_two_thirds_of_the_lifetime(hub, make_device):

@@ -203,12 +203,14 @@ class TpmToken:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def create_tpm_token(stack: TpmStack, directory: Path, label: str = "tessera") -> TpmToken:
+def create_tpm_token(stack: TpmStack, directory: Path, label: str = "tessera", store: Path | None = None) -> TpmToken:
+    """A new token in `store` (default: a store of its own, `directory/store`); its PIN file in `directory`."""
     from hsm.tokeninit import init_token
 
     directory.mkdir(mode=0o700, parents=True)
-    store = directory / "store"
-    store.mkdir(mode=0o700)
+    if store is None:
+        store = directory / "store"
+        store.mkdir(mode=0o700)
     pin = secrets.token_hex(8)
     pin_file = directory / "pin"
     write_secret(pin_file, pin)
