@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 from hub.cli.util import (DirOpt, HubOpt, JsonOpt, ProfileOpt, api, config, device_id_arg, err, errors, fail, now,
-                          out, print_json, registry)
+                          out, print_json, registry, say)
 from hub.config import hub_dir
 from hub.cli.audit import audit_app
 from hub.cli.device import device_app
@@ -247,8 +247,9 @@ def bundle(
     if as_json:
         print_json({"bundles": n, "dir": str(out_dir)})
         return
-    out.print(f"{n} bundles in {out_dir}; copy one onto each device (e.g. to /etc/tessera/bundle) and run "
-              "provisioning/factory/provision-device.sh there")
+    say(f"{n} bundles in {out_dir}; for each device copy its bundle onto it (e.g. to /boot/tessera-bundle), then "
+        "run there: sudo provisioning/raspberry-pi/install.sh --bundle /boot/tessera-bundle, then sudo "
+        "provisioning/factory/provision-device.sh (see provisioning/README.md)")
 
 
 @ca_app.command("move-to-token")

@@ -7,6 +7,11 @@
 #   --source DIR  the Tessera source tree to install into the venv (default: this repository)
 #   --dry-run     print every action, change nothing
 #   --root DIR    install into DIR instead of / (a throwaway root for testing; no apt, no users, no systemctl)
+#   --skip-apt    do not install the apt packages (they are there already)
+#   --skip-venv   do not create the venv in /opt/tessera (it is there already)
+#   -h, --help    print this help and exit
+#
+# Then: sudo provisioning/factory/provision-device.sh (PIN, token, key, enroll, start; see its --help).
 set -euo pipefail
 
 SOURCE=$(cd "$(dirname "$0")/../.." && pwd)
@@ -17,7 +22,7 @@ SKIP_APT=0
 SKIP_VENV=0
 APT_PACKAGES=(python3 python3-venv softhsm2 libengine-pkcs11-openssl opensc ca-certificates)
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-2}"; }  # the comment block above
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -27,7 +32,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1; shift ;;
     --skip-apt) SKIP_APT=1; shift ;;
     --skip-venv) SKIP_VENV=1; shift ;;
-    -h|--help) usage ;;
+    -h|--help) usage 0 ;;
     *) echo "install.sh: unknown option $1" >&2; usage ;;
   esac
 done

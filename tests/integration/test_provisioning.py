@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -59,6 +60,81 @@ def test_install_refuses_a_directory_that_is_not_a_bundle(tmp_path):
     assert res.returncode == 1 and "not a bundle" in res.stderr
 
 
+PROVISION = PROV / "factory" / "provision-device.sh"
+
+
+def provision(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(PROVISION), *args], capture_output=True, text=True, timeout=60)
+
+
+def script_options(path: Path) -> set[str]:
+    """Every option the script's argument loop accepts (its case labels)."""
+    return {opt for line in path.read_text().splitlines()
+            if (m := re.match(r"\s+((?:-[-a-z]+\|?)+)\)", line)) for opt in m.group(1).split("|")}
+
+
+@pytest.mark.parametrize("script", [PROVISION, PROV / "raspberry-pi" / "install.sh"], ids=lambda p: p.name)
+def test_help_is_a_usage_text_listing_every_option(script):
+    res = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert "set -euo" not in res.stdout and "pipefail" not in res.stdout, res.stdout
+    options = script_options(script)
+    assert {"--dry-run", "--help"} <= options
+    for option in options:
+        assert re.search(rf"(^|[\s\[,]){re.escape(option)}\b", res.stdout), f"{option} is not in the help:\n{res.stdout}"
+    if script == PROVISION:
+        assert max(len(line) for line in res.stdout.splitlines()) <= 80, res.stdout
+    bad = subprocess.run(["bash", str(script), "--no-such-option"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown option --no-such-option" in bad.stderr
+
+
+def fake_device(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A device layout (config, token, PIN path) and provision-device.sh's arguments for it."""
+    dev = tmp_path / "device"
+    dev.mkdir(mode=0o700)
+    (dev / "agent.toml").write_text('device_id = "pd-1"\nhub_url = "https://127.0.0.1:1"\n[token]\nmodule = ""\n'
+                                    f'label = "pd-1"\nsofthsm_conf = "{dev}/softhsm2.conf"\n')
+    (dev / "enroll-token").write_text("not-a-real-token\n")
+    return dev, ["--config", str(dev / "agent.toml"), "--token-file", str(dev / "enroll-token"), "--pin-file",
+                 str(dev / "pin"), "--agent", str(BIN / "tessera-agent")]
+
+
+def test_provision_dry_run_prints_every_step_and_changes_nothing(tmp_path):
+    dev, args = fake_device(tmp_path)
+    before = sorted(p.name for p in dev.iterdir())
+    res = provision(*args, "--no-user-switch", "--dry-run")
+    assert res.returncode == 0, res.stdout + res.stderr
+    steps = [line for line in res.stdout.splitlines() if line.startswith("+ ")]
+    assert f"create {dev / 'pin'} (0600)" in steps[0], res.stdout
+    assert any(" token init --token-label pd-1 " in s for s in steps), res.stdout
+    assert any(" enroll --config " in s for s in steps), res.stdout
+    assert res.stdout.rstrip().endswith("dry run: nothing was changed")
+    assert sorted(p.name for p in dev.iterdir()) == before  # no PIN, no SoftHSM config, the token still there
+    # as root with the service user: the user would be created (--create-user), the PIN chowned, the unit started
+    res = provision(*args, "--user", "tessera-test-nosuch", "--create-user", "--dry-run")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "+ useradd --system" in res.stdout and "tessera-test-nosuch" in res.stdout
+    assert "+ chown tessera-test-nosuch:tessera-test-nosuch" in res.stdout
+    assert "+ runuser -u tessera-test-nosuch -- " in res.stdout
+    assert sorted(p.name for p in dev.iterdir()) == before
+    assert subprocess.run(["id", "tessera-test-nosuch"], capture_output=True).returncode != 0
+
+
+def test_provision_without_the_service_user_says_what_to_do(tmp_path):
+    dev, args = fake_device(tmp_path)
+    before = sorted(p.name for p in dev.iterdir())
+    res = provision(*args, "--user", "tessera-test-nosuch")
+    assert res.returncode == 1 and res.stdout == "", res.stdout + res.stderr
+    message = res.stderr.strip()
+    assert len(message.splitlines()) == 1 and "chown" not in message, message
+    assert "no user 'tessera-test-nosuch'" in message and "install.sh" in message and "--create-user" in message
+    assert sorted(p.name for p in dev.iterdir()) == before  # checked before anything was created
+    missing = provision("--config", str(dev / "nope.toml"), "--no-user-switch")
+    assert missing.returncode == 1 and f"no agent configuration {dev / 'nope.toml'}" in missing.stderr
+    no_value = provision("--config")
+    assert no_value.returncode == 2 and "--config needs a value" in no_value.stderr
+
+
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     with running_hub(tmp_path_factory.mktemp("prov"), **LENIENT_LIMITS) as h:
@@ -73,6 +149,9 @@ def make_bundles(hub, tmp_path: Path, count: int, prefix: str) -> Path:
     res = hub.cli("bundle", "--tokens", str(csv_path), "--out", str(out), "--hub-url", hub.url,
                   "--mqtt-host", "127.0.0.1")
     assert res.returncode == 0, res.stderr
+    hint = " ".join(res.stdout.split())  # what to run on the device, in order: install.sh, then provision-device.sh
+    assert f"{count} bundles in {out}" in hint, res.stdout
+    assert "install.sh --bundle" in hint and hint.index("install.sh") < hint.index("provision-device.sh"), hint
     return out
 
 
