@@ -299,8 +299,9 @@ def test_command_arguments_are_key_value_or_a_flag(hub):
     # a bare name is a flag (true): the command goes as far as the device being offline
     proc = hub.cli("device", "send", "cli-args-1", "ping", "--arg", "rotate_key")
     assert_clean_error(proc, "not online")
-    dry = hub.cli_json("job", "create", "j", "--command", "renew", "--id", "cli-args-1", "--arg", "rotate_key")
-    assert dry["matched"] == 1
+    job = hub.cli_json("job", "create", "j", "--command", "renew", "--id", "cli-args-1", "--arg", "rotate_key",
+                       "--arg", "n=3", "--yes")
+    assert job["args"] == {"rotate_key": True, "n": 3}
 
 
 # --- the serve process --------------------------------------------------------------------------------------------
