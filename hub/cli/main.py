@@ -76,7 +76,8 @@ def init(
     public_crl_url: str = typer.Option("", "--public-crl-url", help="Base URL of the plain-http CRL distribution "
                                                                     "point (listed first), e.g. http://crl.example.com "
                                                                     "\\[default: http://<first --hostname or "
-                                                                    "localhost>:<fleet.toml \\[crl] http_port, 8080>]."),
+                                                                    "localhost>:<fleet.toml \\[crl] http_port, "
+                                                                    "8080>]."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Create a fleet: root, device and service CAs, the hub's TLS certificate, an empty registry."""

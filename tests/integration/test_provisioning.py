@@ -81,7 +81,8 @@ def test_help_is_a_usage_text_listing_every_option(script):
     options = script_options(script)
     assert {"--dry-run", "--help"} <= options
     for option in options:
-        assert re.search(rf"(^|[\s\[,]){re.escape(option)}\b", res.stdout), f"{option} is not in the help:\n{res.stdout}"
+        assert re.search(rf"(^|[\s\[,]){re.escape(option)}\b", res.stdout), \
+            f"{option} is not in the help:\n{res.stdout}"
     if script == PROVISION:
         assert max(len(line) for line in res.stdout.splitlines()) <= 80, res.stdout
     bad = subprocess.run(["bash", str(script), "--no-such-option"], capture_output=True, text=True, timeout=60)
