@@ -17,7 +17,6 @@ LOCK_PYTHONS=(3.11 3.13)           # Debian 12 and Debian 13; `./dev.sh lock` ad
 LOCK_PLATFORM=x86_64-manylinux_2_36  # wheels must exist for glibc 2.36 (Debian 12) on x86_64
 LOCK_SDIST_ONLY=(sslyze)           # packages that publish no wheel (pure Python): the only ones built at install
 UV_VERSION=0.13.8                  # the lock tool, in .dev-state/uv (./dev.sh lock only)
-PY_MINOR=$(/usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl ca-certificates softhsm2 opensc mosquitto
               mosquitto-clients libengine-pkcs11-openssl curl procps shellcheck systemd
@@ -40,10 +39,14 @@ pip_quiet() {
   return $rc
 }
 
+py_minor() {  # the system Python's minor version (asked when needed: on a fresh machine apt installs it first)
+  /usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])'
+}
+
 lock_file() {  # lock_file GROUP [PYTHON_MINOR]
   local prefix=""
   [ "$1" = main ] || prefix="$1-"
-  echo "$LOCK_DIR/${prefix}py${2:-$PY_MINOR}.lock"
+  echo "$LOCK_DIR/${prefix}py${2:-$(py_minor)}.lock"
 }
 
 check_lock() {  # check_lock GROUP: one line and exit 1 if the lock is missing or older than pyproject's lists
@@ -173,7 +176,8 @@ lock() {
     /usr/bin/python3 -m venv "$ROOT/.dev-state/uv"
     pip_quiet "$ROOT/.dev-state/uv/bin/python" install -q --disable-pip-version-check "uv==$UV_VERSION"
   fi
-  [[ " ${pythons[*]} " == *" $PY_MINOR "* ]] || pythons+=("$PY_MINOR")
+  py=$(py_minor)
+  [[ " ${pythons[*]} " == *" $py "* ]] || pythons+=("$py")
   for py in "${LOCK_SDIST_ONLY[@]}"; do nobin+=(--no-binary "$py"); done
   mkdir -p "$LOCK_DIR"
   for group in main tlsscan; do
