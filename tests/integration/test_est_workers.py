@@ -250,3 +250,33 @@ def test_sigterm_and_sigkill_leave_no_worker_behind(tmp_path):
         hub.proc = None
         hub.start()  # and serve starts again on the same directory
         assert len(workers_of(hub)) == 2
+
+
+def test_two_workers_sign_with_ca_keys_in_a_token(tmp_path):
+    """Each worker opens its own PKCS#11 session (no session crosses a fork): both sign device certificates."""
+    import subprocess
+
+    from hsm.softhsm import create_token
+    from tests.integration.hubfixtures import hub_binary, init_hub
+
+    hub = init_hub(tmp_path, workers=2, **LENIENT_LIMITS)
+    token = create_token(tmp_path / "tok", label="fleet-ca")
+    res = subprocess.run([hub_binary(), "ca", "move-to-token", "--token-label", "fleet-ca", "--pin-source",
+                          f"file:{token.pin_file}", "--dir", str(hub.dir)], capture_output=True, text=True,
+                         env=dict(os.environ, SOFTHSM2_CONF=str(token.conf)), timeout=120)
+    assert res.returncode == 0, res.stderr
+    hub.start()
+    try:
+        device_ca = x509.load_pem_x509_certificate((hub.dir / "ca" / "device-ca.pem").read_bytes())
+        ids = [f"tok-{i}" for i in range(16)]
+        tokens = {d: hub.add_device(d) for d in ids}
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda d: enroll(hub, d, tokens[d], make_csr(new_key(), d)), ids))
+        assert [a.status for a in answers] == [200] * len(ids), [a.text for a in answers if a.status != 200]
+        for a in answers:
+            parse_pkcs7(a.body)[0].verify_directly_issued_by(device_ca)  # signed in the token
+        log = hub.stderr_path.read_text(errors="replace")
+        assert {w for w in ("[est-0]", "[est-1]") if any(w in line and "enrolled tok-" in line
+                                                            for line in log.splitlines())} == {"[est-0]", "[est-1]"}
+    finally:
+        assert hub.stop() == 0
