@@ -27,6 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         if not console.is_terminal:
             console.line()  # Live leaves the cursor after the table's last line when writing to a file or pipe
         for rnd in rounds:
-            say(rnd.out)
+            say(escape(rnd.out))
             say(f"revocation latency: CLI round trip {rnd.cli_ms:.0f} ms, {rnd.victim} saw its session cut after "
                 f"{rnd.cut_ms:.0f} ms; {rnd.victim} now [bold]{rnd.state}[/]")
             say(rnd.result_line(online_before))
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         say("everything stopped")
-    say(("[green]" if verdict.startswith("DEMO PASS") else "[red]") + verdict.replace("[", "\\[") + "[/]")
+    say(("[green]" if verdict.startswith("DEMO PASS") else "[red]") + escape(verdict) + "[/]")
     return 0 if verdict.startswith("DEMO PASS") else 1
 
 
