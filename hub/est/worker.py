@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 from datetime import timedelta
@@ -116,27 +117,31 @@ def main(argv: list[str]) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
-    from hub.ca.authority import load_ca
+    from hsm.errors import HsmError
+    from hub.ca.authority import CaError, load_ca
     from hub.config import HubConfig
     from hub.est import server as estserver
     from hub.est.pool import share
     from hub.est.service import EstService
-    from hub.registry.store import Registry
+    from hub.registry.store import Registry, RegistryError
     from hub.serve import stats
 
     config = settings["config"]
     cfg = HubConfig(**{**config, "root": Path(config["root"])})
     listener = socket.socket(fileno=listen_fd)
-    ca = load_ca(cfg.ca_dir, cfg.ca_token)
-    registry = Registry(cfg.registry_path)
+    try:  # what serve checked already can still fail here (a token gone, a PIN file changed): one line, exit 1
+        ca = load_ca(cfg.ca_dir, cfg.ca_token)
+        registry = Registry(cfg.registry_path)
+        tls = estserver.server_context(cfg.tls_dir / "est.pem", cfg.tls_dir / "est.key",
+                                       cfg.ca_dir / "device-ca.pem")
+    except (CaError, HsmError, RegistryError, OSError, ssl.SSLError) as exc:
+        log.error("EST worker %d cannot start: %s", index, exc)
+        return 1
     changed = threading.Event()
     hub_stats = stats.install(registry, _reporting_stats(changed))
     limiter, limits = share(cfg, int(settings["workers"]))
-    # the distribution points new certificates name (HubConfig.crl_urls where the configuration has them)
-    crl = getattr(cfg, "crl_urls", None) or cfg.crl_url
-    service = EstService(ca, registry, cfg.policy, cfg.crl_dir, crl, limiter,
+    service = EstService(ca, registry, cfg.policy, cfg.crl_dir, cfg.crl_urls, limiter,
                          supersede_grace=timedelta(seconds=cfg.supersede_grace_seconds))
-    tls = estserver.server_context(cfg.tls_dir / "est.pem", cfg.tls_dir / "est.key", cfg.ca_dir / "device-ca.pem")
     server = estserver.EstHTTPServer(listener.getsockname(), service, tls, limits, sock=listener)
     serving = threading.Thread(target=server.serve_forever, name="est-server", daemon=True)
     serving.start()
