@@ -25,9 +25,10 @@ Micro pass (in-process, single-threaded, after the server is stopped)
     alone, a thread start/join, one INFO log line, and 1-vs-2-thread scaling of the CPU-heavy steps (2x: the step
     releases the GIL; <= 1x: it holds it).
 
-``--servers K`` (experiment, not how the hub runs): K serve processes on copies of the fleet dir that share the
-one registry.sqlite3 through a symlink, clients round-robin over their ports; each process has its own rate
-limiter, broker and admin socket.
+serve runs with its default number of EST worker processes (`[est] workers`: one per CPU); the scaling over
+workers is bench/est_workers_bench.py. ``--servers K`` (an older experiment, before the workers): K serve
+processes on copies of the fleet dir that share the one registry.sqlite3 through a symlink, clients round-robin
+over their ports; each process has its own rate limiter, broker and admin socket.
 """
 
 from __future__ import annotations

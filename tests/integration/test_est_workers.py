@@ -1,7 +1,7 @@
 """EST worker processes (hub/est/pool.py): tokens exactly-once across processes, serve with 2 workers enrolls and
-renews and counts every worker's events, a killed worker is replaced, and nothing outlives serve.
+renews and counts every worker's events, a killed worker is replaced, nothing outlives serve, CA keys in a token.
 
-Cost: about 25 s on 2 cores (one race of 6 processes on a registry, two hubs with 2 workers each).
+Cost: about 50 s on 2 cores (one race of 6 processes on a registry, four hubs with 2 workers each).
 """
 
 from __future__ import annotations
