@@ -159,15 +159,15 @@ class EstService:
 
     # --- enrollment ----------------------------------------------------------------------------------------------
     def _deny(self, action: str, req: EstRequest, exc: EstError, device_id: str | None,
-              audit: bool = True) -> EstResponse:
+              audit: bool = True, audit_code: str | None = None) -> EstResponse:
         """The error response. Counts a failure for (source, device) unless it is a 429 or the 401 challenge;
-        audits 'denied' (aggregated) if `audit` (False where the registry has audited the refusal itself, and for
-        the never-audited credential status); token problems are answered with one generic 401."""
+        audits 'denied' (aggregated: the registry's own refusals too, which it is told not to audit) if `audit`
+        (False for the never-audited credential status); token problems are answered with one generic 401."""
         if exc.status != 429 and exc.code != _CHALLENGE:
             self.limiter.fail(req.source, device_id, self.monotonic())
         stats.of(self.registry).denied(exc.code, exc.status)
-        if audit:
-            self.denials.denied(action, req.source, exc.code, exc.message, device_id)
+        if audit:  # audit_code: the registry's precise reason where the answer is more general
+            self.denials.denied(action, req.source, audit_code or exc.code, exc.message, device_id)
         log.warning("%s denied for %r from %s: %s %s", action, device_id or "?", req.source, exc.status, exc.code)
         shown = _GENERIC_401 if exc.code in _TOKEN_CODES else exc
         headers = {"WWW-Authenticate": est.www_authenticate()} if shown.status == 401 else {}
@@ -219,13 +219,14 @@ class EstService:
             cert = self.registry.enroll(
                 device_id, creds.password, now,
                 lambda: self.ca.issue_device_cert(csr.public_key(), device_id, self.policy, now, self.crl_urls),
-                source=req.source)
+                source=req.source, audit_denied=False)
         except EstError as exc:
             return self._deny("enroll", req, exc, device_id)
-        except TokenRejected as exc:  # answered with the generic 401 (the registry audited the precise reason)
-            return self._deny("enroll", req, Unauthorized(exc.code, str(exc)), device_id, audit=False)
+        except TokenRejected as exc:  # answered with the generic 401 (the audit row keeps the precise reason)
+            return self._deny("enroll", req, Unauthorized(exc.code, str(exc)), device_id)
         except DeviceNotActive as exc:
-            return self._deny("enroll", req, Forbidden("device_not_active", str(exc)), device_id, audit=False)
+            return self._deny("enroll", req, Forbidden("device_not_active", str(exc)), device_id,
+                              audit_code=exc.code)
         except RegistryError as exc:
             if exc.code == "closed":
                 raise  # handle(): 503
@@ -275,14 +276,14 @@ class EstService:
             cert = self.registry.reenroll(
                 device_id, format(current.serial_number, "x"), now,
                 lambda: self.ca.issue_device_cert(csr.public_key(), device_id, self.policy, now, self.crl_urls),
-                source=req.source, grace=self.supersede_grace)
+                source=req.source, grace=self.supersede_grace, audit_denied=False)
         except EstError as exc:
             return self._deny("reenroll", req, exc, device_id)
         except PolicyError as exc:
             return self._deny("reenroll", req, Forbidden("bad_client_cert", str(exc)), device_id)
         except (CertRejected, DeviceNotActive) as exc:
             return self._deny("reenroll", req, Forbidden(getattr(exc, "code", "device_not_active"), str(exc)),
-                              device_id, audit=False)
+                              device_id)
         except RegistryError as exc:
             if exc.code == "closed":
                 raise  # handle(): 503

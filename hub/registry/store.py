@@ -416,28 +416,31 @@ class Registry:
 
     def _issuing(self, action: str, device_id: str, now: datetime, source: str | None,
                  check: Callable[[Database], Any], issue: Callable[[], x509.Certificate],
-                 body: Callable[[Database, x509.Certificate], x509.Certificate]) -> x509.Certificate:
+                 body: Callable[[Database, x509.Certificate], x509.Certificate],
+                 audit_denied: bool = True) -> x509.Certificate:
         """Issue a certificate: `check` on a plain read (refusals never cost a signature), then `issue()` outside
         any lock, then `body(db, cert)` in one BEGIN IMMEDIATE transaction, which checks everything again and
         records the certificate (a request that lost a race to the same token is refused there, and its
         certificate, never recorded nor returned, is dropped). Signing outside the write lock keeps the one
         writer's turn short: with the signature inside it, every EST worker process queued behind it.
-        A RegistryError (rolled back) is audited 'denied' in its own committed transaction; any other exception
-        (issue() failing) is audited 'error'."""
+        A RegistryError (rolled back) is audited 'denied' in its own committed transaction unless `audit_denied`
+        is False (the EST service aggregates its denials: hub/est/denials.py); any other exception (issue()
+        failing) is audited 'error'."""
         try:
             check(self._db())
             cert = issue()
             with self._write() as db:
                 return body(db, cert)
         except RegistryError as exc:
-            self.audit(action, "denied", now, EST_ACTOR, device_id, f"{exc.code}: {exc}", source)
+            if audit_denied and exc.code != "closed":
+                self.audit(action, "denied", now, EST_ACTOR, device_id, f"{exc.code}: {exc}", source)
             raise
         except Exception as exc:
             self.audit(action, "error", now, EST_ACTOR, device_id, f"{type(exc).__name__}: {exc}", source)
             raise
 
     def enroll(self, device_id: str, token: str, now: datetime, issue: Callable[[], x509.Certificate],
-               source: str | None = None) -> x509.Certificate:
+               source: str | None = None, audit_denied: bool = True) -> x509.Certificate:
         """Use a bootstrap token and record the certificate `issue()` builds, atomically.
 
         The CSR is checked by the caller before this; so if issue() raises, that is an internal error: nothing is
@@ -476,7 +479,7 @@ class Registry:
             self._audit_row(db, "enroll", "ok", now, EST_ACTOR, device_id, f"serial {serial}", source)
             return cert
 
-        return self._issuing("enroll", device_id, now, source, check, issue, body)
+        return self._issuing("enroll", device_id, now, source, check, issue, body, audit_denied)
 
     def _check_cert(self, db: Database, serial: str, device_id: str, now: datetime) -> dict[str, Any]:
         try:
@@ -506,7 +509,7 @@ class Registry:
 
     def reenroll(self, device_id: str, presented_serial_hex: str, now: datetime,
                  issue: Callable[[], x509.Certificate], source: str | None = None,
-                 grace: timedelta = SUPERSEDE_GRACE) -> x509.Certificate:
+                 grace: timedelta = SUPERSEDE_GRACE, audit_denied: bool = True) -> x509.Certificate:
         """Renew: record the new certificate as active; the presented one becomes 'superseded', NOT revoked: the
         broker still admits it for `grace` (so the device can switch over) or until the device has connected with
         the new one, whichever comes first; it can never reenroll again.
@@ -526,7 +529,7 @@ class Registry:
                             f"serial {serial} supersedes {old['serial']}", source)
             return cert
 
-        return self._issuing("reenroll", device_id, now, source, check, issue, body)
+        return self._issuing("reenroll", device_id, now, source, check, issue, body, audit_denied)
 
     def revoked_certificates(self, now: datetime | None = None) -> list[dict[str, Any]]:
         """Revoked certificates, for the CRL: [{'serial': hex, 'revoked_at': iso, 'reason': str}], in revocation

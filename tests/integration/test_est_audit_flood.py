@@ -93,3 +93,25 @@ def test_429s_are_aggregated_too(tmp_path):
         by_code[code] = by_code.get(code, 0) + row_count(r["detail"])
     assert by_code == {"bad_base64": 21, "rate_limited": 39}, rows
     assert len(rows) <= 4
+
+
+def test_token_guesses_over_many_device_ids_are_aggregated(tmp_path):
+    """Refusals the registry decides (unknown or used tokens, devices not active) go through the same aggregation:
+    a guesser spreading 200 wrong tokens over 40 registered device ids writes a handful of rows, not 200."""
+    with running_hub(tmp_path, failures_per_minute=100000, source_failures_per_minute=100000,
+                     rate_per_source=100000.0, rate_burst=100000) as hub:
+        out = tmp_path / "tokens.csv"
+        hub.cli_ok("token", "create", "--count", "40", "--prefix", "guess", "--out", str(out))
+        ids = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
+        mark = hub.last_audit_id()
+        guesses = [(ids[n % len(ids)], f"guess-{n:04d}-{'x' * 24}") for n in range(200)]
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda g: enroll(hub, g[0], g[1], make_csr(new_key(), g[0])), guesses))
+        assert {a.status for a in answers} == {401} and {a.code for a in answers} == {"unauthorized"}
+        while_running = [r for r in hub.audit_since(mark) if r["outcome"] == "denied"]
+        assert len(while_running) <= 2, while_running
+    rows = [r for r in hub.audit_since(mark) if r["outcome"] == "denied"]
+    assert all(r["action"] == "enroll" and r["detail"].startswith("unknown_token:") for r in rows), rows
+    assert sum(row_count(r["detail"]) for r in rows) == len(guesses)
+    assert 1 <= len(rows) <= 3
+    assert all(hub.cert_count(device_id) == 0 for device_id in ids[:3])
