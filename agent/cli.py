@@ -145,6 +145,33 @@ def enroll(
     _write_missing_config(_config_path(config), cfg)
 
 
+@app.command()
+def bootstrap(
+    bundle: Path = typer.Option(..., "--bundle", help="The device's factory bundle (from `tessera-hub bundle`): "
+                                                      "agent.toml, fleet-root.pem, enroll-token."),
+    config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """From a factory bundle to an enrolled device: PIN file, SoftHSM2 token, key, enrollment, agent.toml.
+
+    Each step runs only if it is still to do, so a re-run changes nothing (and says so)."""
+    from .bootstrap import BootstrapError, bootstrap as do_bootstrap
+
+    _logging(verbose)
+    path = _config_path(config)
+    try:
+        report = do_bootstrap(bundle, path, overrides)
+    except BootstrapError as exc:
+        fail(str(exc))
+    for line in report.lines:
+        sys.stdout.write(f"  {line}\n")
+    if not report.changed:
+        sys.stdout.write("bootstrap: everything was in place; nothing changed\n")
+    run_cmd = "systemctl enable --now tessera-agent" if path == Path("/etc/tessera/agent.toml") else \
+        f"tessera-agent run --config {path}"
+    sys.stdout.write(f"next: {run_cmd}   (then: tessera-agent status --config {path})\n")
+
+
 def _write_missing_config(path: Path, cfg) -> None:
     """Enrolled without a configuration file (options only): write one, so `run` and `status` find the same
     settings (hub, device id, token, PIN source)."""

@@ -22,6 +22,14 @@ CKU_SO = 0
 _TOKEN_INFO_FLAGS_OFFSET = 96  # label[32] manufacturerID[32] model[16] serialNumber[16], then CK_FLAGS
 
 
+class TokenExists(HsmError):
+    """init_token: a token with that label is already initialized (nothing was changed)."""
+
+
+def _exists(label: str) -> str:
+    return f"a token labelled {label!r} already exists"
+
+
 def init_token(module: str, label: str, so_pin: str, user_pin: str, env: dict[str, str] | None = None) -> None:
     """Initialize the first free token of `module` with `label` and set its user PIN.
 
@@ -41,8 +49,8 @@ def init_token(module: str, label: str, so_pin: str, user_pin: str, env: dict[st
         env=env, timeout=60,
     )
     if proc.returncode != 0:
-        msg = (proc.stderr.strip().splitlines() or ["token initialization failed"])[-1]
-        raise HsmError(msg.removeprefix("error: "))
+        msg = (proc.stderr.strip().splitlines() or ["token initialization failed"])[-1].removeprefix("error: ")
+        raise (TokenExists if msg == _exists(label) else HsmError)(msg)
 
 
 def _check(rv: int, what: str) -> None:
@@ -88,7 +96,7 @@ def _run(module: str, label: str, so_pin: bytes, user_pin: bytes) -> None:
         for slot in _slots(lib):
             tlabel, flags = _token_info(lib, slot)
             if flags & CKF_TOKEN_INITIALIZED and tlabel == label:
-                raise HsmError(f"a token labelled {label!r} already exists")
+                raise HsmError(_exists(label))
             if not flags & CKF_TOKEN_INITIALIZED and free is None:
                 free = slot
         if free is None:
