@@ -181,7 +181,7 @@ def _write_missing_config(path: Path, cfg) -> None:
     if path.exists():
         return
     text = render(cfg, header=f"Tessera agent configuration for {cfg.device_id}, written by `tessera-agent "
-                              "enroll`.\nEvery key is listed with its value; see agent/config.py.")
+                              "enroll`.\nEvery key is listed with its value; docs/agent-toml.md says what each means.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         write_atomic(path, text.encode(), 0o644)

@@ -1,31 +1,7 @@
-"""Agent configuration: /etc/tessera/agent.toml (documented below), every key overridable with --set key=value.
+"""Agent configuration: /etc/tessera/agent.toml, every key overridable with --set key=value.
 
-    device_id   = "sensor-0001"                 # this device's id (the hub issues CN=<device_id>)
-    hub_url     = "https://hub.example:8443"    # EST base URL
-    mqtt_host   = ""                            # default: the hub_url host
-    mqtt_port   = 8883
-    ca_file     = "/var/lib/tessera-agent/fleet-root.pem"   # the fleet root: the only trust anchor
-    state_dir   = "/var/lib/tessera-agent"
-    renew_command_min_interval = 600.0          # seconds between renewals asked for by a `renew` command (0: off)
-
-    [token]                                     # the PKCS#11 token holding the device key
-    module       = ""                           # default: the platform's SoftHSM2
-    label        = "tessera"
-    pin_source   = "file:/etc/tessera/token-pin"   # or env:NAME
-    softhsm_conf = ""                           # SoftHSM2 only: its config (token directory)
-    key_label    = "device-key"
-    key_type     = "ec-p256"                    # ec-p256 | ec-p384 | rsa-2048 | rsa-3072
-
-    [telemetry]
-    interval = 30.0                             # seconds
-    source   = "builtin"                        # or an executable printing one JSON object
-
-    [spool]
-    max_messages = 100000
-    drop_policy  = "oldest"                     # or "newest" (refuse new messages when full)
-
-    [renewal]
-    fraction = 0.6667                           # renew at 2/3 of the certificate lifetime
+Every key, its default and its meaning are declared once, below (`_key`); docs/agent-toml.md is generated from
+them (`python docs/generate.py`; a test fails when it is out of date).
 """
 
 from __future__ import annotations
@@ -46,42 +22,56 @@ class ConfigError(Exception):
     """The agent configuration is missing or invalid; the message names the key."""
 
 
+def _key(default, doc: str):
+    """A configuration key: its default and the one line docs/agent-toml.md prints for it (docs/generate.py)."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class TokenSection:
-    module: str = ""
-    label: str = "tessera"
-    pin_source: str = "file:/etc/tessera/token-pin"
-    softhsm_conf: str = ""
-    key_label: str = "device-key"
-    key_type: str = "ec-p256"
+    """The PKCS#11 token holding the device key."""
+    module: str = _key("", "PKCS#11 module (.so) of the token; empty: the platform's SoftHSM2")
+    label: str = _key("tessera", "token label")
+    pin_source: str = _key("file:/etc/tessera/token-pin", "where the user PIN is: file:/path (0600) or env:NAME")
+    softhsm_conf: str = _key("", "SoftHSM2 only: its config file (names the token directory); empty: SoftHSM2's "
+                                 "own default")
+    key_label: str = _key("device-key", "label of the device key pair in the token")
+    key_type: str = _key("ec-p256", "type of a key the agent generates: ec-p256, ec-p384, rsa-2048 or rsa-3072")
 
 
 @dataclass(frozen=True)
 class TelemetrySection:
-    interval: float = 30.0
-    source: str = "builtin"
+    """What the agent publishes on devices/<id>/telemetry."""
+    interval: float = _key(30.0, "seconds between telemetry messages")
+    source: str = _key("builtin", "builtin (uptime, load, memory, temperature where known) or an executable that "
+                                  "prints one JSON object per run")
 
 
 @dataclass(frozen=True)
 class SpoolSection:
-    max_messages: int = 100_000
-    drop_policy: str = "oldest"
+    """The disk spool: QoS 1 messages kept until the broker acknowledged them."""
+    max_messages: int = _key(100_000, "messages kept at most")
+    drop_policy: str = _key("oldest", "when full: oldest (drop the oldest message) or newest (refuse new ones)")
 
 
 @dataclass(frozen=True)
 class RenewalSection:
-    fraction: float = 2 / 3
+    """When the agent renews its certificate by itself."""
+    fraction: float = _key(2 / 3, "renew once this fraction of the certificate's lifetime has passed")
 
 
 @dataclass(frozen=True)
 class AgentConfig:
-    device_id: str = ""
-    hub_url: str = ""
-    mqtt_host: str = ""
-    mqtt_port: int = 8883
-    ca_file: str = "/var/lib/tessera-agent/fleet-root.pem"
-    state_dir: str = "/var/lib/tessera-agent"
-    renew_command_min_interval: float = 600.0
+    """The top-level keys of agent.toml."""
+    device_id: str = _key("", "this device's id (the hub issues CN=<device_id>)")
+    hub_url: str = _key("", "the hub's EST base URL, e.g. https://hub.example.com:8443")
+    mqtt_host: str = _key("", "the broker's host; empty: hub_url's host")
+    mqtt_port: int = _key(8883, "the broker's mTLS port")
+    ca_file: str = _key("/var/lib/tessera-agent/fleet-root.pem", "the fleet root certificate: the only trust "
+                                                                  "anchor")
+    state_dir: str = _key("/var/lib/tessera-agent", "certificate, identity, status and spool (0700)")
+    renew_command_min_interval: float = _key(600.0, "seconds between renewals asked for by a `renew` command "
+                                                    "(0: no limit)")
     token: TokenSection = field(default_factory=TokenSection)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
     spool: SpoolSection = field(default_factory=SpoolSection)

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from hub.ca.policy import check_device_id
 
 AGENT_TOML = """\
-# Tessera agent configuration for {device_id} (factory bundle). See agent/config.py for every key.
+# Tessera agent configuration for {device_id} (factory bundle). Every key: docs/agent-toml.md.
 device_id = "{device_id}"
 hub_url = "{hub_url}"
 mqtt_host = "{mqtt_host}"
