@@ -3,6 +3,8 @@ client of the fleet API (hub/cli/client.py: the local hub by default, `--hub URL
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import sys
 from datetime import datetime
@@ -72,36 +74,76 @@ def _cells(r: dict) -> dict:
             "cert_expires": (r["cert_expires"] or "-")[:10], "groups": ", ".join(r["groups"]) or "-"}
 
 
+OutOpt = typer.Option(None, "--out", help="Write the token to this file (created 0600; an existing file is "
+                                          "refused) instead of stdout.", show_default=False)
+
+
 @device_app.command("add")
 def device_add(
     device_id: str = typer.Argument(..., help="Device id: a-z, 0-9 and '-', up to 63 characters."),
     directory: Optional[Path] = DirOpt,
     label: list[str] = typer.Option([], "--label", help="key=value label (repeatable)."),
     group: list[str] = typer.Option([], "--group", help="Group membership (repeatable)."),
+    out_file: Optional[Path] = OutOpt,
     hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt,
 ) -> None:
-    """Register a device and print its one-time enrollment token (alone, on stdout)."""
+    """Register a device and print its one-time enrollment token (alone, on stdout; or into --out, 0600)."""
     device_id_arg(device_id)
     body = {"id": device_id, "groups": list(group), "labels": parse_labels(label)}
-    with api(directory, hub, profile) as client:
+    with _token_out(out_file) as deliver, api(directory, hub, profile) as client:
         result = client.post(DEVICES, body)
-    if as_json:
-        print_json(result["devices"][0] | {"token_expires": result["token_expires"]})
+        token = result["devices"][0]["token"]
+        if as_json:  # with --out, the token goes only into the file
+            shown = result["devices"][0] | {"token_expires": result["token_expires"]}
+            print_json(shown if out_file is None else {k: v for k, v in shown.items() if k != "token"}
+                       | {"token_file": str(out_file)})
+            if out_file is None:
+                return
+        deliver(token)
+
+
+@contextlib.contextmanager
+def _token_out(path: Optional[Path]):
+    """Where a token goes: stdout, or a new 0600 file, created before the hub is asked (so a file that cannot be
+    made costs no token) and removed again if the call fails."""
+    if path is None:
+        yield lambda token: sys.stdout.write(token + "\n")
         return
-    sys.stdout.write(result["devices"][0]["token"] + "\n")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        fail(f"{path} exists; refusing to overwrite a token file")
+    except OSError as exc:
+        fail(f"{path}: {exc.strerror or exc}")
+    done = False
+
+    def deliver(token: str) -> None:
+        nonlocal done
+        os.write(fd, (token + "\n").encode())
+        done = True
+
+    try:
+        yield deliver
+    finally:
+        os.close(fd)
+        if not done:
+            path.unlink(missing_ok=True)
 
 
 @device_app.command("token")
 def device_token(device_id: str = typer.Argument(...), directory: Optional[Path] = DirOpt,
+                 out_file: Optional[Path] = OutOpt,
                  hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt) -> None:
     """Issue a fresh one-time enrollment token for an existing device (the previous unused one stops working)."""
     device_id_arg(device_id)
-    with api(directory, hub, profile) as client:
+    with _token_out(out_file) as deliver, api(directory, hub, profile) as client:
         result = client.post(f"{DEVICES}/{device_id}/token")
-    if as_json:
-        print_json(result)
-        return
-    sys.stdout.write(result["token"] + "\n")
+        if as_json:  # with --out, the token goes only into the file
+            print_json(result if out_file is None else {k: v for k, v in result.items() if k != "token"}
+                       | {"token_file": str(out_file)})
+            if out_file is None:
+                return
+        deliver(result["token"])
 
 
 def _time_opt(value: Optional[str], option: str) -> Optional[str]:

@@ -62,6 +62,26 @@ def test_device_add_twice(hub):
     assert_clean_error(hub.cli("device", "add", "cli-twice"), "already exists")
 
 
+def test_device_add_and_token_out_write_a_private_file(hub, tmp_path):
+    out = tmp_path / "token"
+    assert hub.cli_ok("device", "add", "cli-out", "--out", str(out)) == ""  # nothing on stdout
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    token = out.read_text().strip()
+    assert len(token) >= 32 and hub.show("cli-out")["device"]["status"] == "pending"
+    # an existing file is refused before the hub is asked: no device, and the file is untouched
+    assert_clean_error(hub.cli("device", "add", "cli-out-2", "--out", str(out)), "exists")
+    assert out.read_text().strip() == token and hub.cli("device", "show", "cli-out-2").returncode == 1
+    # a refused call leaves no file behind
+    again = tmp_path / "again"
+    assert_clean_error(hub.cli("device", "add", "cli-out", "--out", str(again)), "already exists")
+    assert not again.exists()
+    fresh = tmp_path / "fresh"
+    shown = hub.cli_json("device", "token", "cli-out", "--out", str(fresh))
+    assert "token" not in shown and shown["token_file"] == str(fresh)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600 and fresh.read_text().strip() != token
+    est_enroll(hub, "cli-out", fresh.read_text().strip())
+
+
 def test_device_show_unknown(hub):
     message = assert_clean_error(hub.cli("device", "show", "nope"), "'nope'")
     assert message == "error: no device 'nope'"
