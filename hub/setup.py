@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import shutil
 import socket
 from datetime import datetime
 from pathlib import Path
@@ -91,11 +93,37 @@ def create_fleet(root: Path, fleet: str, now: datetime, *, validity_days: int = 
         cfg.ca_module = ca_module or (uri.module_path or "")
         cfg.ca_softhsm_conf = os.environ.get("SOFTHSM2_CONF", "")
         token = cfg.ca_token
+    existed = root.exists()
+    before = set(os.listdir(root)) if existed and root.is_dir() else set()
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root, 0o700)
     except OSError as exc:
         raise ConfigError(f"cannot create the hub directory {root}: {exc.strerror or exc}") from None
+    try:
+        _populate(cfg, fleet, now, key_type, token)
+    except BaseException:
+        _undo(root, existed, before)  # a failed init leaves the directory as it found it
+        raise
+    return cfg
+
+
+def _undo(root: Path, existed: bool, before: set[str]) -> None:
+    """Remove what a failed init created under `root` (and `root` itself if init made it)."""
+    for name in set(os.listdir(root)) - before:
+        path = root / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    if not existed:
+        with contextlib.suppress(OSError):
+            root.rmdir()
+
+
+def _populate(cfg: HubConfig, fleet: str, now: datetime, key_type: str, token) -> None:
+    """Everything init writes into the hub directory: broker plugin, CA hierarchy, identities, registry, CRL, toml."""
     for d in (cfg.crl_dir, cfg.log_dir, cfg.broker_dir):
         d.mkdir(exist_ok=True, mode=0o700)
     try:  # the broker's authorization plugin: a missing compiler or header is found now, not at `serve`
@@ -122,4 +150,4 @@ def create_fleet(root: Path, fleet: str, now: datetime, *, validity_days: int = 
     finally:
         ca.close()
     cfg.save()
-    return cfg
+

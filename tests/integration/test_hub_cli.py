@@ -374,3 +374,20 @@ def test_sigterm_received_by_another_thread_stops_the_hub(tmp_path):
             h.proc.wait(timeout=10)
         h.kill()
     assert rc == 0, "tessera-hub serve did not exit within 10 s of a SIGTERM received by a non-main thread"
+
+
+def test_a_failed_init_leaves_the_directory_as_it_found_it(tmp_path):
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "ca").write_text("not a directory\n")  # init's CA step fails on it, after other steps wrote files
+    proc = run_cli("init", "--fleet", FLEET, "--dir", str(given))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in given.iterdir()) == ["ca"] and (given / "ca").read_text() == "not a directory\n"
+    fresh = tmp_path / "fresh"
+    pin = tmp_path / "pin"
+    pin.write_text("1234\n")
+    pin.chmod(0o600)
+    proc = run_cli("init", "--fleet", FLEET, "--dir", str(fresh), "--ca-key", "pkcs11:token=no-such-token",
+                   "--ca-pin-source", f"file:{pin}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert not fresh.exists()  # made by init, removed again
