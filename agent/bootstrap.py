@@ -26,7 +26,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import AgentConfig, ConfigError, load, render
+from .config import AgentConfig, ConfigError, load, save
 
 BUNDLE_FILES = ("agent.toml", "fleet-root.pem")
 TOKEN_NAME = "enroll-token"
@@ -174,13 +174,8 @@ def ensure_enrolled(cfg: AgentConfig, bundle: Path, report: Report) -> None:
 
 
 def write_config(cfg: AgentConfig, config_path: Path, report: Report) -> None:
-    from .state import write_atomic
-
-    text = render(cfg, header=f"Tessera agent configuration for {cfg.device_id}, written by `tessera-agent "
-                              "bootstrap`.\nEvery key is listed with its value.")
     try:
-        config_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        write_atomic(config_path, text.encode(), 0o644)
+        save(cfg, config_path, "bootstrap")
     except OSError as exc:
         raise BootstrapError(f"cannot write {config_path}: {exc.strerror or exc}") from None
     report.did(f"configuration: wrote {config_path}")

@@ -175,16 +175,12 @@ def bootstrap(
 def _write_missing_config(path: Path, cfg) -> None:
     """Enrolled without a configuration file (options only): write one, so `run` and `status` find the same
     settings (hub, device id, token, PIN source)."""
-    from .config import render
-    from .state import write_atomic
+    from .config import save
 
     if path.exists():
         return
-    text = render(cfg, header=f"Tessera agent configuration for {cfg.device_id}, written by `tessera-agent "
-                              "enroll`.\nEvery key is listed with its value; docs/agent-toml.md says what each means.")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        write_atomic(path, text.encode(), 0o644)
+        save(cfg, path, "enroll")
     except OSError as exc:
         err.print(f"warning: cannot write {path} ({exc.strerror or exc}); `run` and `status` need these settings "
                   "there (or the same options again)", highlight=False)

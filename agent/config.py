@@ -183,6 +183,17 @@ def render(cfg: AgentConfig, header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(cfg: AgentConfig, path: Path, written_by: str) -> None:
+    """Write `cfg` to `path` as agent.toml (0644, atomically; its directory made 0755 if missing). OSError."""
+    from .state import write_atomic
+
+    text = render(cfg, header=f"Tessera agent configuration for {cfg.device_id}, written by `tessera-agent "
+                              f"{written_by}`.\nEvery key is listed with its value; docs/agent-toml.md says what "
+                              "each means.")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    write_atomic(path, text.encode(), 0o644)
+
+
 def to_dict(cfg: AgentConfig) -> dict:
     """The configuration as plain data (load_dict() reads it back), e.g. to hand it to a child process."""
     return asdict(cfg)
