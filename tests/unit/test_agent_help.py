@@ -11,40 +11,25 @@ import re
 import subprocess
 import sys
 from importlib.metadata import version
-from pathlib import Path
 
 import pytest
 import typer
 
 from agent.cli import app
+from tests.clihelp import commands, render as _render, squash
 from tests.helpers import ROOT, child_env
 
-AGENT = str(Path(sys.executable).with_name("tessera-agent"))
+
+def render(*args: str) -> subprocess.CompletedProcess:
+    return _render("tessera-agent", *args, unset=())
+
+
 NAMED_DEFAULT = re.compile(r"\\?\[default: ([^\]]+)\]")
 ACRONYMS = {"EST", "MQTT", "PEM", "TLS", "URI", "CSR", "JSON", "PKCS", "SIGTERM", "SIGHUP", "CLI", "PIN", "SHA",
             "CKR", "MTLS", "PID", "ENV", "NAME"}
 
 
-def _commands(cmd, path: tuple[str, ...] = ()):
-    yield path, cmd
-    if hasattr(cmd, "commands"):  # a group (typer vendors its own click: no isinstance against click's classes)
-        for name, sub in cmd.commands.items():
-            yield from _commands(sub, (*path, name))
-
-
-COMMANDS = list(_commands(typer.main.get_command(app)))
-
-
-def render(*args: str) -> subprocess.CompletedProcess:
-    env = child_env(COLUMNS="80", TERM="dumb")
-    env.pop("NO_COLOR", None)
-    return subprocess.run([AGENT, *args], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT,
-                          stdin=subprocess.DEVNULL)
-
-
-def squash(text: str) -> str:
-    """The rendered text without whitespace and box drawing, so a wrapped phrase still matches."""
-    return re.sub(r"[\s│╭╮╰╯─]", "", text)
+COMMANDS = list(commands(typer.main.get_command(app)))
 
 
 @pytest.mark.parametrize("path,cmd", COMMANDS, ids=[" ".join(p) or "tessera-agent" for p, _ in COMMANDS])

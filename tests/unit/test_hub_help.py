@@ -8,29 +8,23 @@ command (43 commands, about 0.4 s each: ~17 s idle, 33 s measured on a busy 2-co
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from importlib.metadata import version
-from pathlib import Path
 
 import pytest
 import typer
 
 from hub.cli.main import app
+from tests.clihelp import commands, render as _render, squash
 from tests.helpers import ROOT, child_env
 
-HUB = str(Path(sys.executable).with_name("tessera-hub"))
+
+def render(*args: str) -> subprocess.CompletedProcess:
+    return _render("tessera-hub", *args, unset=("TESSERA_HUB_DIR", "TESSERA_HUB", "TESSERA_PROFILE", "LINES"))
 
 
-def _commands(cmd, path: tuple[str, ...] = ()):
-    yield path, cmd
-    if hasattr(cmd, "commands"):  # a group (typer vendors its own click: no isinstance against click's classes)
-        for name, sub in cmd.commands.items():
-            yield from _commands(sub, (*path, name))
-
-
-COMMANDS = list(_commands(typer.main.get_command(app)))
+COMMANDS = list(commands(typer.main.get_command(app)))
 
 
 def bracketed(text: str) -> list[str]:
@@ -51,19 +45,6 @@ def bracketed(text: str) -> list[str]:
 def test_bracketed_finds_nested_defaults():
     assert bracketed(r"port \[default: fleet.toml \[crl] http_port, 8080]. A [x] y") == \
         ["[default: fleet.toml [crl] http_port, 8080]", "[x]"]
-
-
-def render(*args: str) -> subprocess.CompletedProcess:
-    env = child_env(COLUMNS="80", TERM="dumb")
-    for name in ("NO_COLOR", "TESSERA_HUB_DIR", "TESSERA_HUB", "TESSERA_PROFILE", "LINES"):
-        env.pop(name, None)
-    return subprocess.run([HUB, *args], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT,
-                          stdin=subprocess.DEVNULL)
-
-
-def squash(text: str) -> str:
-    """The rendered text without whitespace and box drawing, so a wrapped phrase still matches."""
-    return re.sub(r"[\s│╭╮╰╯─]", "", text)
 
 
 @pytest.mark.parametrize("path,cmd", COMMANDS, ids=[" ".join(p) or "tessera-hub" for p, _ in COMMANDS])
