@@ -5,11 +5,12 @@ provision-device.sh does, in order, each step only if it is still to do:
 
 1. the configuration: the bundle's agent.toml (with any --set overrides) unless the target config file already
    exists, in which case that one is used, and it must name the bundle's device;
-2. the token PIN: a `file:` PIN source that does not exist yet is created (32 random hex characters, 0600); an
+2. the fleet root: copied to `ca_file` (0644) unless the same certificate is there; a different one is refused
+   (before anything else is made);
+3. the token PIN: a `file:` PIN source that does not exist yet is created (32 random hex characters, 0600); an
    `env:` source must be set;
-3. the token: with no `[token] module` (SoftHSM2), its config is created where it is missing and the token
+4. the token: with no `[token] module` (SoftHSM2), its config is created where it is missing and the token
    initialized unless a token with that label exists; a hardware token (a module set) is left to its vendor's tool;
-4. the fleet root: copied to `ca_file` (0644) unless the same certificate is there; a different one is refused;
 5. enrollment (agent/enroll.py): the key is generated in the token, the certificate stored, the token file
    destroyed; an identity already valid for this device means there is nothing to do;
 6. the configuration file written (0644) if it did not exist.
@@ -187,9 +188,9 @@ def bootstrap(bundle: Path, config_path: Path, overrides: list[str] = ()) -> Rep
     cfg, config_exists = load_config(bundle, config_path, list(overrides))
     if config_exists:
         report.kept(f"configuration: {config_path} (kept)")
+    ensure_root(cfg, bundle, report)  # first: another fleet's root already here is refused before anything is made
     ensure_pin(cfg, report)
     ensure_token(cfg, report)
-    ensure_root(cfg, bundle, report)
     ensure_enrolled(cfg, bundle, report)
     if not config_exists:
         write_config(cfg, config_path, report)

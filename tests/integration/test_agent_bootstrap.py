@@ -107,7 +107,8 @@ def test_another_devices_bundle_or_a_foreign_root_is_refused_and_changes_nothing
     refused = run_agent_cli("bootstrap", "--bundle", str(out / "bx-00002"), "--config",
                             str(fresh / "etc" / "agent.toml"), *device_layout(fresh))
     assert refused.returncode == 1 and "another fleet root" in refused.stderr, refused.stderr
-    assert (out / "bx-00002" / "enroll-token").exists() and not (fresh / "etc" / "agent.toml").exists()
+    assert (out / "bx-00002" / "enroll-token").exists() and not (fresh / "etc").exists()  # no PIN, no config
+    assert not (fresh / "softhsm").exists()  # no token either
     assert hub.show("bx-00002")["device"]["status"] == "pending"
 
 
