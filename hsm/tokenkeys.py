@@ -59,7 +59,23 @@ def _refuse(*_a, **_k):
     raise ExportRefused("the private key lives in a PKCS#11 token and cannot be exported")
 
 
-class TokenECPrivateKey(ec.EllipticCurvePrivateKey):
+class _Unexportable:
+    """What both token key classes share: the private key never leaves the token (no numbers, no bytes, no
+    pickling) and a copy is the same handle."""
+    private_numbers = _refuse
+    private_bytes = _refuse
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        _refuse()
+
+
+class TokenECPrivateKey(_Unexportable, ec.EllipticCurvePrivateKey):
     """An EC private key whose operations happen in the token."""
 
     def __init__(self, token_key, public: ec.EllipticCurvePublicKey):
@@ -90,20 +106,8 @@ class TokenECPrivateKey(ec.EllipticCurvePrivateKey):
     def exchange(self, algorithm, peer_public_key) -> bytes:
         raise ExportRefused("token keys are sign-only: ECDH is refused")
 
-    private_numbers = _refuse
-    private_bytes = _refuse
 
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __reduce__(self):
-        _refuse()
-
-
-class TokenRSAPrivateKey(rsa.RSAPrivateKey):
+class TokenRSAPrivateKey(_Unexportable, rsa.RSAPrivateKey):
     """An RSA private key whose operations happen in the token (PKCS#1 v1.5 and PSS signatures)."""
 
     def __init__(self, token_key, public: rsa.RSAPublicKey):
@@ -148,15 +152,3 @@ class TokenRSAPrivateKey(rsa.RSAPrivateKey):
 
     def decrypt(self, ciphertext: bytes, padding_) -> bytes:
         raise ExportRefused("token keys are sign-only: decryption is refused")
-
-    private_numbers = _refuse
-    private_bytes = _refuse
-
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __reduce__(self):
-        _refuse()

@@ -26,7 +26,6 @@ import concurrent.futures
 import json
 import logging
 import ssl
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +35,7 @@ from aiohttp import web
 from cryptography import x509
 
 from hub.authz.policy import API_PERMISSIONS
+from hub.loopthread import LoopThread
 from hub.registry.store import Registry, _ts, serial_hex
 from hub.tlsposture import harden
 
@@ -250,24 +250,13 @@ def make_app(api: Api) -> web.Application:
     return app
 
 
-class ApiServer:
+class ApiServer(LoopThread):
     """A running API listener; call it to stop (idempotent). `port` is the bound port."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, runner: web.AppRunner, thread: threading.Thread,
-                 api: Api, port: int):
-        self.loop, self.runner, self.thread, self.api, self.port = loop, runner, thread, api, port
-        self._stopped = False
-
-    def __call__(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        try:
-            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=5)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=5)
-            self.api.pool.shutdown(wait=True)  # pending audit rows are written before the registry closes
+    def __init__(self, loop: asyncio.AbstractEventLoop, runner: web.AppRunner, api: Api, port: int):
+        self.api = api
+        # after the loop: pending audit rows are written before the registry closes
+        super().__init__(loop, runner, port, "tessera-api", after_stop=lambda: api.pool.shutdown(wait=True))
 
 
 def start_api(cfg, live, host: str, port: int) -> ApiServer:
@@ -289,16 +278,7 @@ def start_api(cfg, live, host: str, port: int) -> ApiServer:
         raise
     bound = site._server.sockets[0].getsockname()[1]  # noqa: SLF001  (aiohttp exposes no public accessor)
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=run, name="tessera-api", daemon=True)
-    thread.start()
-    return ApiServer(loop, runner, thread, api, bound)
+    return ApiServer(loop, runner, api, bound)
 
 
 def configured_port(cfg) -> tuple[int, bool]:

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from typing import Callable
 
 from aiohttp import web
 
 from hub.config import DEFAULT_CRL_HTTP_PORT, HubConfig
+from hub.loopthread import LoopThread
 from hub.est.connlimits import ConnectionGate, Limits, Reaper, Ticket
 from hub.serve.crlfiles import CrlFiles, answer
 
@@ -97,24 +97,12 @@ class _GatedServer(web.Server):
             self.reaper.extend(entry[1], self.limits.request_timeout)
 
 
-class CrlListener:
+class CrlListener(LoopThread):
     """A running listener; call it to stop (idempotent). `port` is the bound port."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, runner: web.ServerRunner, server: _GatedServer,
-                 thread: threading.Thread, port: int):
-        self.loop, self.runner, self.server, self.thread, self.port = loop, runner, server, thread, port
-        self._stopped = False
-
-    def __call__(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        try:
-            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=5)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=5)
-            self.server.reaper.stop()
+    def __init__(self, loop: asyncio.AbstractEventLoop, runner: web.ServerRunner, server: _GatedServer, port: int):
+        self.server = server
+        super().__init__(loop, runner, port, "crl-http", after_stop=server.reaper.stop)
 
 
 def start(cfg: HubConfig, host: str, port: int, limits: Limits | None = None) -> CrlListener:
@@ -155,16 +143,7 @@ def start(cfg: HubConfig, host: str, port: int, limits: Limits | None = None) ->
         loop.close()
         raise
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=run, name="crl-http", daemon=True)
-    thread.start()
-    return CrlListener(loop, runner, server, thread, bound)
+    return CrlListener(loop, runner, server, bound)
 
 
 def configured_port(cfg: HubConfig, override: int | None = None) -> tuple[int, bool]:

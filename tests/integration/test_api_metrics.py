@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import ssl
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import free_port
+from tests.integration.agentfixtures import wait_until
 from tests.integration.brokerfixtures import BROKER_LIMITS, enroll_device, session, sessions, wait_ready
 from tests.integration.hubfixtures import enroll, make_csr, new_key, running_hub
 
@@ -76,17 +76,6 @@ def mh(tmp_path_factory):
         m.identity("admin", "admin")
         m.identity("reader", "telemetry-reader")
         yield m
-
-
-def wait_for(fn, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.2)
 
 
 def test_every_metric_is_present_and_parses(mh):
@@ -180,10 +169,10 @@ def test_a_single_device_status_change_is_timed(mh, tmp_path):
 
 def test_broker_connections_follow_a_device_session(mh, tmp_path):
     dev = enroll_device(mh.hub, "met-conn", tmp_path)
-    base = wait_for(lambda: mh.value("tessera_broker_connections"), 30, "a broker client count")
+    base = wait_until(lambda: mh.value("tessera_broker_connections"), 30, "a broker client count")
     assert base >= 1  # the hub's own session
     with sessions(session(mh.hub, dev)):
-        wait_for(lambda: (mh.value("tessera_broker_connections") or 0) >= base + 1, 30,
+        wait_until(lambda: (mh.value("tessera_broker_connections") or 0) >= base + 1, 30,
                  "the device's session in the broker's client count")
 
 
@@ -206,7 +195,7 @@ def test_device_counts_match_the_registry(mh, tmp_path):
     dev = enroll_device(mh.hub, "met-online", tmp_path)
     with sessions(session(mh.hub, dev)) as (s,):
         s.publish(f"devices/{dev.id}/status", b"online", retain=True)
-        wait_for(lambda: mh.hub.query("SELECT online FROM devices WHERE id = ?", (dev.id,))[0]["online"], 10,
+        wait_until(lambda: mh.hub.query("SELECT online FROM devices WHERE id = ?", (dev.id,))[0]["online"], 10,
                  "presence")
         families = mh.scrape()
         want = _registry_counts(mh)
@@ -223,7 +212,7 @@ def test_device_counts_match_the_registry(mh, tmp_path):
 
 
 def test_crl_age_and_next_update(mh):
-    age = wait_for(lambda: mh.value("tessera_crl_age_seconds", crl="device") is not None, 30, "the device CRL")
+    age = wait_until(lambda: mh.value("tessera_crl_age_seconds", crl="device") is not None, 30, "the device CRL")
     assert age
     assert 0 <= mh.value("tessera_crl_age_seconds", crl="device") < 3600
     assert 0 < mh.value("tessera_crl_next_update_seconds", crl="device") <= 8 * 86400

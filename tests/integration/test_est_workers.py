@@ -24,6 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.integration.hubfixtures import (EST_PREFIX, LENIENT_LIMITS, b64_body, enroll, make_csr, new_key,
                                            parse_pkcs7, request, running_hub, write_key, write_pem)
+from tests.integration.agentfixtures import wait_until
 from tests.integration.test_api_metrics import MetricsHub
 
 pytestmark = pytest.mark.integration
@@ -125,17 +126,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-def wait_until(fn, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 def _enroll_new(hub, device_id: str, tmp_path: Path) -> tuple[Path, Path]:
