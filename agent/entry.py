@@ -33,8 +33,13 @@ def run_daemon(argv: list[str]) -> int:
 
     try:
         from .session import Agent
+        from .sessionrenew import RESTART_EXIT, reexec, take_resume
 
-        return Agent(load(args.config, args.overrides)).run()
+        agent = Agent(load(args.config, args.overrides), resume=take_resume())
+        rc = agent.run()
+        if rc == RESTART_EXIT:  # a new key this process' PKCS#11 module cannot see (agent.sessionrenew)
+            reexec(agent.resume_state())
+        return rc
     except (HsmError, ConfigError, StateError, SpoolError, TelemetryError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -34,7 +34,7 @@ from .config import AgentConfig
 from .estclient import EstClient
 from .refusals import (AUTH_REFUSALS, REFUSED_CAP, SUSPENDED_CAP, Refusal, classify_tls_error,  # noqa: F401
                        refusal_decision)
-from .sessionrenew import RenewalMixin
+from .sessionrenew import KeyReload, RenewalMixin
 from .spool import Spool
 from .state import CERT, IDENTITY, ROOT, SPOOL, StateError, load_identity, write_status
 from .telemetry import envelope, make_source
@@ -53,7 +53,7 @@ CONFIG_ERRORS = (PinError, ModuleNotFound, TokenNotFound, KeyNotFound, TlsRouteE
 
 class Agent(RenewalMixin):
     def __init__(self, cfg: AgentConfig, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-                 monotonic: Callable[[], float] = time.monotonic):
+                 monotonic: Callable[[], float] = time.monotonic, resume: dict | None = None):
         self.cfg, self.clock, self.monotonic = cfg, clock, monotonic
         self.state = cfg.state
         ident = load_identity(self.state)
@@ -86,6 +86,7 @@ class Agent(RenewalMixin):
         self._last_log = ""
         self.connected_at: float | None = None
         self._identity_watch = FileWatch(self.state / IDENTITY, monotonic=monotonic)  # renewals by other processes
+        self._resume(resume)  # handed over by this process' previous image (agent.sessionrenew)
 
     # --- status -------------------------------------------------------------------------------------------------
     def _set_state(self, state: str, error: str = "") -> None:
@@ -116,8 +117,8 @@ class Agent(RenewalMixin):
         if self._ctx is None:
             from hsm.tls import client_context
 
-            self._ctx = client_context(self.state / ROOT, self.state / CERT, self.ident.key_uri,
-                                       self.cfg.token_config)
+            self._ctx = self._key_context(lambda: client_context(self.state / ROOT, self.state / CERT,
+                                                                 self.ident.key_uri, self.cfg.token_config))
         return self._ctx
 
     def _new_client(self) -> mqtt.Client:
@@ -237,6 +238,8 @@ class Agent(RenewalMixin):
                 self._set_state("failed", f"configuration error: {exc}")
                 self.spool.close()
                 raise
+            except KeyReload as exc:
+                return self._stop_for_restart(exc)
             except Exception as exc:
                 self._retry_after("connect failed", str(exc) or exc.__class__.__name__)
                 continue

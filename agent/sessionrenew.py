@@ -3,14 +3,26 @@
 
 Either way the session then reconnects with the new certificate; the spool keeps every unacknowledged QoS 1
 message, so the switch loses nothing (messages in flight are sent again: at-least-once).
+
+A rotated key may be invisible to this process: tpm2-pkcs11 (1.9.0) reads its store's objects once, at
+C_Initialize, so a key another process (the renewal child, `tessera-agent renew`) generated afterwards is "not
+found" through either OpenSSL route until the module is initialized again; OpenSSL offers no way to do that for
+a loaded engine or provider. So when a key this process has not loaded before cannot be loaded, and another key
+was, the session ends with RESTART_EXIT and `tessera-agent run` re-executes itself (same pid, same arguments;
+agent.entry), handing over what the new image must continue (telemetry seq, the renew-command rate limit) in
+$TESSERA_AGENT_RESUME. SoftHSM2 shows new objects at once, so there the switch stays in-process.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from datetime import datetime
+
+from hsm.errors import HsmError, ModuleNotFound, PinError, TlsRouteError, TokenNotFound
 
 from .config import to_dict
 from .renewal import decide, next_check_delay, renew_command_refusal
@@ -20,11 +32,90 @@ log = logging.getLogger("tessera.agent")
 
 RENEW_RETRY = 60.0      # seconds before retrying a failed renewal
 RENEW_MIN_INTERVAL = 600.0  # a renewed certificate that is due again at once means the clock is wrong
+RESTART_EXIT = 75           # Agent.run's answer when the process must restart to load a new key (EX_TEMPFAIL)
+RESUME_ENV = "TESSERA_AGENT_RESUME"
+#: errors that a restart cannot cure: the key is not the problem
+_NOT_THE_KEY = (PinError, ModuleNotFound, TokenNotFound, TlsRouteError)
+
+
+class KeyReload(Exception):
+    """A key this process has not loaded before is not visible to its PKCS#11 module: restart to load it."""
+
+
+def take_resume() -> dict | None:
+    """What the previous image of this process handed over (and removed from the environment), or None."""
+    raw = os.environ.pop(RESUME_ENV, None)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        log.warning("ignoring an unreadable $%s", RESUME_ENV)
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def reexec(resume: dict) -> None:
+    """Replace this process by a fresh `tessera-agent run` with the same arguments (returns only on failure)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.environ[RESUME_ENV] = json.dumps(resume)
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    os.execv(sys.executable, [sys.executable, *argv[1:]])
 
 
 class RenewalMixin:
-    """Needs the Agent's cfg, state, ident, device, status, clock, monotonic, stop_event, _ctx, _set_state and
-    _identity_watch."""
+    """Needs the Agent's cfg, state, ident, device, status, clock, monotonic, stop_event, _ctx, _set_state,
+    _identity_watch, _seq and _renew_command_at."""
+
+    _loaded_keys: frozenset = frozenset()   # key URIs this process has built a TLS context with
+
+    def _key_context(self, build):
+        """build() (the TLS context with self.ident's key); KeyReload when the key is new to this process, cannot
+        be loaded, and an older key could: the module probably does not see keys made after it started."""
+        key = self.ident.key_uri
+        try:
+            ctx = build()
+        except _NOT_THE_KEY:
+            raise
+        except HsmError as exc:
+            if self._loaded_keys and key not in self._loaded_keys:
+                raise KeyReload(f"a key new to this process cannot be loaded ({exc}): its PKCS#11 module may not "
+                                "show keys made after it started (tpm2-pkcs11 does not); restarting the agent to "
+                                "load it") from exc
+            raise
+        self._loaded_keys = self._loaded_keys | {key}
+        return ctx
+
+    def _stop_for_restart(self, exc: KeyReload) -> int:
+        """End the session so that agent.entry re-executes the agent (the spool closed, nothing lost)."""
+        log.warning("%s", exc)
+        if self._acked:
+            self.spool.ack_many(self._acked)
+            self._acked = []
+        self._set_state("restarting")
+        self.spool.close()
+        return RESTART_EXIT
+
+    def resume_state(self) -> dict:
+        """What a re-executed agent continues from (agent.entry hands it over): no secrets."""
+        ago = None if self._renew_command_at is None else max(0.0, self.monotonic() - self._renew_command_at)
+        return {"telemetry_seq": self._seq, "renew_command_ago": ago, "renewed_at": self.status.get("renewed_at"),
+                "serial": self.ident.serial}
+
+    def _resume(self, resume: dict | None) -> None:
+        if not resume:
+            return
+        if isinstance(resume.get("telemetry_seq"), int):
+            self._seq = resume["telemetry_seq"]
+        ago = resume.get("renew_command_ago")
+        if isinstance(ago, (int, float)):
+            self._renew_command_at = self.monotonic() - float(ago)
+        if resume.get("renewed_at"):
+            self.status["renewed_at"] = resume["renewed_at"]
+        log.info("restarted to load the key of certificate %s; telemetry continues after seq %d", self.ident.serial,
+                 self._seq)
 
     def _request_renewal(self, args: dict | None = None) -> dict:
         now = self.monotonic()

@@ -75,12 +75,6 @@ def lifetime(dev) -> timedelta:
 
 def test_renew_with_key_rotation_while_telemetry_flows(hub, make_token_device):
     dev, token = make_token_device("ren-1", interval=0.1)
-    if getattr(dev.token, "kind", "") == "tpm":
-        # tpm2-pkcs11 reads a token's objects once, at C_Initialize: the running agent's engine never sees the key
-        # the renew child generated ("object not found", offline for good) until the module is initialized again
-        # (a new process). Stopped here, not run to its 30 s wait for "online": remove this with the fix.
-        pytest.xfail("tpm2-pkcs11: a running agent does not see a key another process generated (the session "
-                     "switch after a rotation needs a module reload)")
     dev.enroll_ok(token)
     dev.start()
     dev.wait_state("online", 30)
