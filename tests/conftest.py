@@ -26,7 +26,7 @@ _pp = os.environ.get("PYTHONPATH", "")
 if str(ROOT) not in _pp.split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), _pp) if p)
 
-from tests.helpers import CA, free_port  # noqa: E402  (after the sys.path fix above)
+from tests.helpers import CA, ROUTES_ENV, free_port, selected_routes  # noqa: E402  (after the sys.path fix above)
 
 # hypothesis profiles: "ci" (CI=true, as .ci/run has it) replays the same examples on every run, keeps no
 # database and sets no deadline (what recent hypothesis versions' own "ci" profile does, spelled out so every
@@ -39,8 +39,25 @@ hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" i
 
 __all__ = ["free_port"]
 
+# The TLS routes: `tls_route` below runs a test on each route this run selects ($TESSERA_TEST_ROUTES, see
+# tests.helpers.selected_routes); agentfixtures.make_token_device crosses it with the token types.
+
 # `token` (SoftHSM and TPM 2.0 in turn), `tpmtoken` and the session's `tpm_stack`.
 pytest_plugins = ["tests.integration.tpmfixtures"]
+
+
+@pytest.fixture(params=selected_routes())
+def tls_route(request) -> str:
+    """The OpenSSL route (provider | engine) of a TLS test: each route $TESSERA_TEST_ROUTES selects in turn (unset:
+    both; the test id shows it, e.g. [softhsm-provider]). Give it to children explicitly: run_tls_child(...,
+    route=tls_route), child_env(tls_route). A selected route that is not installed fails the test (./dev.sh setup
+    installs both). A test decorated with tests.helpers.one_tls_route gets the first selected route only."""
+    from hsm.tls import available_routes
+
+    if request.param not in available_routes():
+        pytest.fail(f"TLS route {request.param!r} is not installed here (./dev.sh setup installs it; "
+                    f"{ROUTES_ENV}=... selects the routes a run tests)")
+    return request.param
 
 
 @pytest.fixture

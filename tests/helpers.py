@@ -5,7 +5,8 @@ Two kinds of children:
 * functions named ``child_*`` run through ``hsm.worker.run_isolated`` (a spawned process importing this
   module), for python-pkcs11 work on a per-test token;
 * ``python -m tests.helpers`` reads one JSON request on stdin and prints one JSON answer on stdout, for the
-  TLS stack (hsm.tls loads the token key through the libp11 engine, once per process).
+  TLS stack (hsm.tls loads the token key through pkcs11-provider or the libp11 engine, once per process; the
+  route is given to each child explicitly, see child_env and selected_routes).
 
 Neither ever puts a PIN in argv: children read it from the token's pin-source.
 """
@@ -46,12 +47,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """Environment for a child process: the repository importable, no inherited SOFTHSM2_CONF / TLS route."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("SOFTHSM2_CONF", "TESSERA_TLS_ROUTE", "PKCS11_PROVIDER_MODULE")}
+# --- the OpenSSL routes a run tests (hsm.tls: pkcs11-provider or the libp11 engine) ------------------------------
+
+ROUTES = ("provider", "engine")   # hsm.tls.available_routes()' order: what the product picks first comes first
+ROUTES_ENV = "TESSERA_TEST_ROUTES"
+#: What a child must not inherit from the test run's environment: its token and TLS route are given explicitly.
+_NOT_INHERITED = ("SOFTHSM2_CONF", "TESSERA_TLS_ROUTE", "PKCS11_PROVIDER_MODULE", "TESSERA_PKCS11_PROVIDER")
+
+
+def selected_routes() -> tuple[str, ...]:
+    """The TLS routes this run tests: $TESSERA_TEST_ROUTES = provider | engine | both (unset: both)."""
+    value = os.environ.get(ROUTES_ENV, "").strip() or "both"
+    if value == "both":
+        return ROUTES
+    if value in ROUTES:
+        return (value,)
+    raise ValueError(f"{ROUTES_ENV} must be one of provider, engine, both; not {value!r}")
+
+
+def run_route() -> str | None:
+    """The route of every TLS child not given one, when the run is forced to one route; None: the product's own
+    choice (hsm.tls.choose_route: the best installed route)."""
+    routes = selected_routes()
+    return routes[0] if len(routes) == 1 else None
+
+
+def one_tls_route(test):
+    """Decorator for a test that never puts the token key into a TLS context: `tls_route` (tests/conftest.py) runs
+    it on the first selected route only (the product's first choice), not on each."""
+    import pytest
+
+    return pytest.mark.parametrize("tls_route", selected_routes()[:1], indirect=True)(test)
+
+
+def child_env(route: str | None = None, **extra: str) -> dict[str, str]:
+    """Environment for a child process: the repository importable, nothing inherited that picks a token or a TLS
+    route; TESSERA_TLS_ROUTE is `route`, else the run's forced route (run_route()), else unset."""
+    env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
     pp = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), pp) if p)
+    chosen = route or run_route()
+    if chosen:
+        env["TESSERA_TLS_ROUTE"] = chosen
     env.update(extra)
     return env
 
@@ -393,10 +430,12 @@ def child_sign(cfg, label: str, data: bytes, mode: str, hash_name: str = "sha256
 
 # --- `python -m tests.helpers`: a TLS client in its own process ------------------------------------------------
 
-def run_tls_child(request: dict, timeout: float = 60.0, env: dict[str, str] | None = None) -> dict:
-    """Run one TLS client request in a fresh interpreter; returns its JSON answer (with its stderr)."""
+def run_tls_child(request: dict, timeout: float = 60.0, env: dict[str, str] | None = None,
+                  route: str | None = None) -> dict:
+    """Run one TLS client request in a fresh interpreter (on `route`, else as child_env says); returns its JSON
+    answer (with its stderr)."""
     proc = subprocess.run([PYTHON, "-m", "tests.helpers"], input=json.dumps(request), capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env=env or child_env())
+                          text=True, timeout=timeout, cwd=ROOT, env=env or child_env(route))
     try:
         answer = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):

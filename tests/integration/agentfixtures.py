@@ -178,6 +178,11 @@ class Device:
     interval: float = 1.0
     proc: subprocess.Popen | None = None
     runs: int = 0
+    route: str | None = None        # TESSERA_TLS_ROUTE of its children; None: as child_env says (the run's)
+
+    def env(self) -> dict[str, str]:
+        """agent_env for this device's children: its TLS route given explicitly when it has one."""
+        return agent_env(**({"TESSERA_TLS_ROUTE": self.route} if self.route else {}))
 
     # paths
     @property
@@ -216,7 +221,7 @@ class Device:
     # CLI
     def cli(self, *args: str, timeout: float = AGENT_CLI_TIMEOUT) -> subprocess.CompletedProcess:
         """`tessera-agent ARGS -c agent.toml`."""
-        return run_agent_cli(*args, "-c", str(self.config), timeout=timeout)
+        return run_agent_cli(*args, "-c", str(self.config), timeout=timeout, env=self.env())
 
     def enroll(self, token_file: Path, *extra: str, ca: bool = True) -> subprocess.CompletedProcess:
         args = ["enroll", "--token-file", str(token_file), *extra]
@@ -249,7 +254,7 @@ class Device:
         t = self.token
         return run_agent_cli("key", "show", "--label", label, "--token-label", t.label, "--pin-source",
                              f"file:{t.pin_file}", "--softhsm-conf", str(getattr(t, "conf", "")), "--module", t.module,
-                             "--json")
+                             "--json", env=self.env())
 
     def private_keys(self) -> list:
         """Private key objects in the token (pkcs11-tool -O, PIN typed on a pty)."""
@@ -266,7 +271,7 @@ class Device:
         self.runs += 1
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen([agent_binary(), "run", "-c", str(self.config), *extra], stdout=fh,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=agent_env(),
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env(),
                                          cwd=ROOT, preexec_fn=set_pdeathsig)
         return self.proc
 
@@ -318,16 +323,16 @@ class Device:
 
 
 def new_device(hub: Hub, base: Path, device_id: str, interval: float = 1.0, register: bool = True,
-               token_maker: Any = None, **config: Any) -> tuple[Device, str]:
+               token_maker: Any = None, route: str | None = None, **config: Any) -> tuple[Device, str]:
     """A registered device (token from `tessera-hub device add`), its own SoftHSM token (or token_maker(base,
-    device_id)'s) and agent.toml."""
+    device_id)'s) and agent.toml; its children use TLS route `route` (None: child_env's choice)."""
     from hsm.softhsm import create_token
 
     base = Path(base) / device_id
     base.mkdir(parents=True, exist_ok=True)
     token = hub.add_device(device_id) if register else ""
     soft = token_maker(base, device_id) if token_maker else create_token(base / "softhsm", label=TOKEN_LABEL)
-    dev = Device(device_id, base, hub, soft, interval=interval)
+    dev = Device(device_id, base, hub, soft, interval=interval, route=route)
     dev.write_config(**config)
     return dev, token
 
@@ -348,10 +353,17 @@ def make_device(hub, tmp_path):
 
 
 @pytest.fixture(params=["softhsm", "tpm"])
-def make_token_device(request, hub, tmp_path):
-    """make_device on each token type in turn: SoftHSM2, then TPM 2.0 (tests/integration/tpmfixtures.py: one
-    tpm2-pkcs11 store for the test, whose environment the agents inherit, and a token per device, labelled with
-    its device id)."""
+def make_token_device(request, hub, tmp_path, tls_route):
+    """make_device on each token type and TLS route in turn: SoftHSM2, then TPM 2.0 (tests/integration/
+    tpmfixtures.py: one tpm2-pkcs11 store for the test, whose environment the agents inherit, and a token per device,
+    labelled with its device id), each on every route of the run (`tls_route`: pkcs11-provider, the libp11 engine;
+    $TESSERA_TEST_ROUTES selects). Test ids name both: [softhsm-provider], [tpm-engine]. The device's id gets
+    both as suffix (`<id>-<token>-<route>`) and its agent children get the route explicitly (Device.route).
+
+    The full token x route matrix is for tests that put the token key into TLS (run, renew, rotate: mTLS to the
+    broker and to EST); a test that never does (enroll: a bootstrap token over server-authenticated TLS, the CSR
+    signed through python-pkcs11) is decorated with tests.helpers.one_tls_route and runs on one route per token type,
+    the route adding nothing there but time."""
     maker = None
     if request.param == "tpm":
         from tests.integration.tpmfixtures import create_tpm_token
@@ -368,8 +380,8 @@ def make_token_device(request, hub, tmp_path):
     made: list[Device] = []
 
     def factory(device_id: str, **kw: Any) -> tuple[Device, str]:
-        device_id = f"{device_id}-{request.param}"  # the hub is the module's: one device id per token type
-        dev, token = new_device(hub, tmp_path, device_id, token_maker=maker, **kw)
+        device_id = f"{device_id}-{request.param}-{tls_route}"  # the hub is the module's: one id per variant
+        dev, token = new_device(hub, tmp_path, device_id, token_maker=maker, route=tls_route, **kw)
         made.append(dev)
         return dev, token
 

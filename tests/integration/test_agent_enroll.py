@@ -2,7 +2,9 @@
 
 Covers: the state directory and its modes, the one-time token file destroyed, idempotent re-enrollment (no new
 certificate at the hub), a failed enrollment that leaves no certificate or identity and is retried with the same
-token key, and bootstrap by root CA fingerprint (right and wrong).
+token key, and bootstrap by root CA fingerprint (right and wrong). The token tests run on each token type, on one
+TLS route (enroll signs the CSR through python-pkcs11 and authenticates with the bootstrap token, never with the
+token key in TLS: see agentfixtures.make_token_device).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from tests.helpers import one_tls_route
 from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device, make_token_device are fixtures)
     KEY_LABEL, ca_fingerprint, hub, make_device, make_token_device, one_line,
 )
@@ -28,6 +31,7 @@ def hub_certs(hub, device_id: str) -> list[dict]:
     return hub.show(device_id)["certificates"]
 
 
+@one_tls_route  # enroll never puts the token key into TLS (see make_token_device)
 def test_enroll_writes_private_state_and_destroys_the_token(hub, make_token_device):
     dev, token = make_token_device("enroll-1")
     token_file = dev.token_file(token)
@@ -86,6 +90,7 @@ def test_second_enroll_says_already_enrolled_and_changes_nothing(hub, make_devic
     assert len(dev.private_keys()) == 1
 
 
+@one_tls_route  # enroll never puts the token key into TLS (see make_token_device)
 def test_failed_enrollment_leaves_nothing_and_retry_reuses_the_key(hub, make_token_device):
     dev, token = make_token_device("enroll-3")
     wrong = dev.token_file("A" * 43, "wrong-token")

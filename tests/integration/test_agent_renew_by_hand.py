@@ -2,9 +2,11 @@
 certificate (agent.certwatch: identity.json replaced) and switches its MQTT session to it without losing a message,
 and `renew` says that it did.
 
-Real hub and broker, the agent and `renew` as separate processes on one SoftHSM token. The superseded certificate
-is then refused by the broker: a second agent started on a copy of the old state ends in state `refused`.
-Cost: ~20 s per case (one hub for the module).
+Real hub and broker, the agent and `renew` as separate processes on one SoftHSM token, on each TLS route
+(`tls_route`: both the running agent and `renew` put the token key into TLS; the token types are crossed with
+the routes in test_agent_renewal.py's rotation tests). The superseded certificate is then refused by the broker:
+a second agent started on a copy of the old state ends in state `refused`.
+Cost: ~6 s per case (one hub for the module).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize("rotate", [False, True], ids=["renew", "rotate-key"])
-def test_renew_by_hand_switches_the_running_agent(hub, make_device, rotate):  # noqa: F811
-    dev, token = make_device(f"hand-{'rot' if rotate else 'ren'}", interval=0.1)
+def test_renew_by_hand_switches_the_running_agent(hub, make_device, tls_route, rotate):  # noqa: F811
+    dev, token = make_device(f"hand-{'rot' if rotate else 'ren'}-{tls_route}", interval=0.1, route=tls_route)
     dev.enroll_ok(token)
     old_state = dev.base / "old-state"
     shutil.copytree(dev.state, old_state)
@@ -52,7 +54,7 @@ def test_renew_by_hand_switches_the_running_agent(hub, make_device, rotate):  # 
     time.sleep(1.0)                                             # telemetry on the new session
 
     if not rotate:  # the same key: the superseded certificate alone is what the broker must refuse
-        ghost = Device(dev.id, dev.base / "ghost", hub, dev.token, interval=1.0)
+        ghost = Device(dev.id, dev.base / "ghost", hub, dev.token, interval=1.0, route=dev.route)
         ghost.base.mkdir()
         ghost.write_config()
         shutil.copytree(old_state, ghost.state)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers import ROOT
 from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device, make_token_device are fixtures)
-    KEY_LABEL, agent_env, broker_log, hub, make_device, make_token_device, telemetry, wait_until,
+    KEY_LABEL, broker_log, hub, make_device, make_token_device, telemetry, wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -59,7 +59,7 @@ if __name__ == "__main__":   # hsm.worker spawns children that import __main__
 def run_with_clock(dev, offset: timedelta, seconds: float, mode: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", CLOCK_CHILD, str(dev.config), str(offset.total_seconds()),
                            str(seconds), mode], capture_output=True, text=True, timeout=seconds + 90,
-                          env=agent_env(), cwd=ROOT, stdin=subprocess.DEVNULL)
+                          env=dev.env(), cwd=ROOT, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["stderr"] = proc.stderr
@@ -120,7 +120,7 @@ def test_renew_with_key_rotation_while_telemetry_flows(hub, make_token_device):
 
 def test_cli_renew_with_key_rotation_then_run(hub, make_token_device):
     """`tessera-agent renew --rotate-key` with no agent running (what failed on a TPM: the new key's template),
-    then `run` connects with the new key, through the engine, on each token type."""
+    then `run` connects with the new key, on each token type and TLS route."""
     dev, token = make_token_device("ren-cli", interval=0.2)
     dev.enroll_ok(token)
     before = dev.identity()

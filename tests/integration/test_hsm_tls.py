@@ -1,7 +1,9 @@
-"""mTLS with the client key in a SoftHSM token (hsm.tls.client_context through the libp11 engine).
+"""mTLS with the client key in a token (hsm.tls.client_context), on each token type (`token`: SoftHSM, TPM) and
+each TLS route (`tls_route`: pkcs11-provider, the libp11 engine; $TESSERA_TEST_ROUTES selects): ids [softhsm-provider].
 
-Every TLS client runs in its own `python -m tests.helpers` process (the engine initialises PKCS#11 once per
-process). Servers listen on 127.0.0.1 only, run under `timeout`, and are stopped in teardown.
+Every TLS client runs in its own `python -m tests.helpers` process (each route initialises PKCS#11 once per
+process), its route given explicitly (TESSERA_TLS_ROUTE). Servers listen on 127.0.0.1 only, run under `timeout`,
+and are stopped in teardown.
 """
 
 from __future__ import annotations
@@ -18,19 +20,25 @@ import pytest
 from hsm import worker
 from hsm.softhsm import write_secret
 from tests.helpers import (
-    child_env, free_port, run_tls_child, start_server, stop_process, token_dict, wait_for_text,
+    child_env, free_port, one_tls_route, run_tls_child, start_server, stop_process, token_dict, wait_for_text,
 )
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def device(token, ca):
-    """A token key 'device' (EC P-256) with a clientAuth certificate from `ca` for CN=device-<random>."""
+def device(token, tls_route, ca):
+    """A token key 'device' (EC P-256) with a clientAuth certificate from `ca` for CN=device-<random>, used on
+    route `tls_route`."""
     cn = f"device-{secrets.token_hex(4)}"
     info = worker.generate_key(token.config, "device", "ec-p256")
     cert = ca.issue_client(worker.make_csr(token.config, "device", common_name=cn), name="device")
-    return {"cn": cn, "info": info, "cert": cert, "token": token}
+    return {"cn": cn, "info": info, "cert": cert, "token": token, "route": tls_route}
+
+
+def tls_child(req: dict, device: dict) -> dict:
+    """run_tls_child on the device's route."""
+    return run_tls_child(req, route=device["route"])
 
 
 def _request(op: str, ca, device, **extra) -> dict:
@@ -56,7 +64,7 @@ def s_server(ca, tmp_path):
 
 def test_https_get_against_openssl_s_server(device, ca, s_server):
     port, log = s_server
-    answer = run_tls_child(_request("https_get", ca, device, host="127.0.0.1", port=port))
+    answer = tls_child(_request("https_get", ca, device, host="127.0.0.1", port=port), device)
     assert answer["ok"], answer
     assert answer["status"] == 200
     body = answer["body"]
@@ -130,8 +138,8 @@ def test_mqtt_publish_through_mosquitto(device, ca, mosquitto, tmp_path):
                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_text(log, "Sending SUBACK to subscriber", 15)
-        answer = run_tls_child(_request("mqtt_publish", ca, device, host="127.0.0.1", port=port,
-                                        client_id=device["cn"], topic=topic, payload=payload))
+        answer = tls_child(_request("mqtt_publish", ca, device, host="127.0.0.1", port=port,
+                                    client_id=device["cn"], topic=topic, payload=payload), device)
         assert answer["ok"], answer
         assert answer["connect_failure"] is False, answer
         assert answer["published"] is True, answer
@@ -166,13 +174,13 @@ def _assert_one_line(answer: dict, *secrets_: str) -> str:
     return msg
 
 
-def test_certificate_for_another_key_is_refused(token, ca):
+def test_certificate_for_another_key_is_refused(token, tls_route, ca):
     worker.generate_key(token.config, "mine", "ec-p256")
     other = worker.generate_key(token.config, "other", "ec-p256")
     mine = worker.describe_key(token.config, "mine")
     cert = ca.issue_client(other.public_key_pem, cn="mismatch", name="other")
     answer = run_tls_child({"op": "context", "cafile": str(ca.cert_path), "cert": str(cert), "key_uri": mine.uri,
-                            "token": token_dict(token.config)})
+                            "token": token_dict(token.config)}, route=tls_route)
     assert not answer["ok"], answer
     assert "HsmError" in answer["error_mro"], answer
     msg = _assert_one_line(answer, token.pin)
@@ -180,29 +188,29 @@ def test_certificate_for_another_key_is_refused(token, ca):
     # control: the matching certificate is accepted
     good = ca.issue_client(mine.public_key_pem, cn="match", name="mine")
     ok = run_tls_child({"op": "context", "cafile": str(ca.cert_path), "cert": str(good), "key_uri": mine.uri,
-                        "token": token_dict(token.config)})
+                        "token": token_dict(token.config)}, route=tls_route)
     assert ok["ok"], ok
 
 
-def test_mismatch_message_names_certificate_and_key(token, ca):
+def test_mismatch_message_names_certificate_and_key(token, tls_route, ca):
     worker.generate_key(token.config, "mine", "ec-p256")
     other = worker.generate_key(token.config, "other", "ec-p256")
     mine = worker.describe_key(token.config, "mine")
     cert = ca.issue_client(other.public_key_pem, cn="mismatch", name="other")
     answer = run_tls_child({"op": "context", "cafile": str(ca.cert_path), "cert": str(cert), "key_uri": mine.uri,
-                            "token": token_dict(token.config)})
+                            "token": token_dict(token.config)}, route=tls_route)
     assert not answer["ok"], answer
     msg = _assert_one_line(answer, token.pin)
     assert "does not match" in msg and str(cert) in msg and mine.uri in msg, msg
 
 
-def test_wrong_pin_through_the_engine(device, ca, tmp_path):
+def test_wrong_pin(device, ca, tmp_path):
     wrong = secrets.token_hex(8)
     pin_file = tmp_path / "wrong-pin"
     write_secret(pin_file, wrong)
     req = _request("context", ca, device)
     req["token"]["pin_source"] = f"file:{pin_file}"
-    answer = run_tls_child(req)
+    answer = tls_child(req, device)
     assert not answer["ok"], answer
     assert "HsmError" in answer["error_mro"], answer
     msg = _assert_one_line(answer, wrong, device["token"].pin)
@@ -210,33 +218,33 @@ def test_wrong_pin_through_the_engine(device, ca, tmp_path):
     assert wrong not in answer["_stderr"] and device["token"].pin not in answer["_stderr"]
 
 
-def test_missing_module_through_the_engine(device, ca, tmp_path):
+def test_missing_module(device, ca, tmp_path):
     missing = str(tmp_path / "libmissing-pkcs11.so")
     req = _request("context", ca, device)
     req["token"]["module"] = missing
-    answer = run_tls_child(req)
+    answer = tls_child(req, device)
     assert not answer["ok"], answer
     msg = _assert_one_line(answer, device["token"].pin)
     assert answer["error_type"] == "ModuleNotFound" and missing in msg, answer
 
 
-def test_missing_key_through_the_engine(device, ca):
+def test_missing_key(device, ca):
     req = _request("context", ca, device)
     req["key_uri"] = "pkcs11:token=tessera;object=no-such-key;type=private"
-    answer = run_tls_child(req)
+    answer = tls_child(req, device)
     assert not answer["ok"], answer
     assert "HsmError" in answer["error_mro"], answer
     msg = _assert_one_line(answer, device["token"].pin)
     assert "no-such-key" in msg
 
 
-def test_pin_file_mode_through_the_engine(device, ca, tmp_path):
+def test_pin_file_mode(device, ca, tmp_path):
     pin_file = tmp_path / "open-pin"
     write_secret(pin_file, device["token"].pin)
     pin_file.chmod(0o644)
     req = _request("context", ca, device)
     req["token"]["pin_source"] = f"file:{pin_file}"
-    answer = run_tls_child(req)
+    answer = tls_child(req, device)
     assert not answer["ok"], answer
     assert answer["error_type"] == "PinError", answer
     msg = _assert_one_line(answer, device["token"].pin)
@@ -245,6 +253,7 @@ def test_pin_file_mode_through_the_engine(device, ca, tmp_path):
 
 @pytest.mark.skipif(bool(glob.glob("/usr/lib/*/ossl-modules/pkcs11.so") + glob.glob("/usr/lib/ossl-modules/pkcs11.so")),
                     reason="pkcs11-provider is installed here")
+@one_tls_route
 def test_provider_route_unavailable(device, ca):
     answer = run_tls_child(_request("context", ca, device), env=child_env(TESSERA_TLS_ROUTE="provider"))
     assert not answer["ok"], answer
@@ -253,6 +262,7 @@ def test_provider_route_unavailable(device, ca):
     assert "provider" in msg and "not installed" in msg
 
 
+@one_tls_route
 def test_unknown_route_name(device, ca):
     answer = run_tls_child(_request("context", ca, device), env=child_env(TESSERA_TLS_ROUTE="pkcs11"))
     assert not answer["ok"], answer
@@ -261,9 +271,6 @@ def test_unknown_route_name(device, ca):
     assert "'pkcs11'" in msg
 
 
-def test_engine_route_forced_works(device, ca):
-    answer = run_tls_child(_request("context", ca, device), env=child_env(TESSERA_TLS_ROUTE="engine"))
-    assert answer["ok"], answer
 
 
 @pytest.mark.skip(reason="needs a Python whose ssl module statically links its own OpenSSL; not available here")
