@@ -102,8 +102,11 @@ def _errors():
 
 @app.command()
 def enroll(
-    token_file: Path = typer.Option(..., "--token-file", help="The one-time enrollment token (0600); destroyed "
-                                                              "after a successful enrollment."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="The one-time enrollment token (0600); "
+                                                                         "destroyed after a successful enrollment."),
+    birth_cert: bool = typer.Option(False, "--birth-cert", help="Enroll with the factory birth certificate in the "
+                                                                "token (IEEE 802.1AR IDevID, token.key_label) "
+                                                                "instead of a token file; the hub names the device."),
     hub: str = typer.Option("", "--hub", help="Hub EST URL, e.g. https://hub:8443 "
                                               "\\[default: hub_url from the config]."),
     ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="The fleet root CA certificate (PEM)."),
@@ -118,13 +121,30 @@ def enroll(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Generate the device key in the token, get a certificate from the hub (EST) and store it."""
-    from .enroll import AlreadyEnrolled, enroll as do_enroll
+    from .enroll import AlreadyEnrolled, enroll as do_enroll, enroll_birth
 
     _logging(verbose)
+    if birth_cert == (token_file is not None):
+        fail("give --token-file (a one-time enrollment token) or --birth-cert (the factory birth certificate)")
     extra = [f"hub_url={hub}"] if hub else []
     extra += [f"device_id={device_id}"] if device_id else []
     extra += [f"token.pin_source={pin_source}"] if pin_source else []
     cfg = _cfg(config, [*overrides, *extra], missing_ok=True)
+    if birth_cert:
+        if ca_file is None and not ca_fingerprint and Path(cfg.ca_file).is_file():
+            ca_file = Path(cfg.ca_file)
+        try:
+            ident = enroll_birth(cfg, ca_file, ca_fingerprint or None)
+        except AlreadyEnrolled as exc:
+            out_console.print(str(exc))
+            return
+        except _errors() as exc:
+            fail(str(exc))
+        out_console.print(f"enrolled [bold]{ident.device_id}[/] with its birth certificate: certificate "
+                          f"{ident.serial[:16]}… valid until {ident.not_after[:19]}Z; key {ident.key_uri}")
+        _write_missing_config(_config_path(config), _cfg(config, [*overrides, *extra, f"device_id={ident.device_id}"],
+                                                         missing_ok=True))
+        return
     if not cfg.device_id:
         found = _known_device_id(token_file, cfg.state)
         if not found:
@@ -293,6 +313,40 @@ def status(config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
     for key, value in data.items():
         out_console.print(f"[bold]{key:15}[/] {value if value is not None else '-'}", highlight=False)
 
+
+
+@app.command("tls-config")
+def tls_config(out: Path = typer.Option(..., "--out", help="Directory for openssl-pkcs11.cnf (0600) and "
+                                                             "device-key.pem (the key's URI file)."),
+               config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt) -> None:
+    """Files and command lines for mosquitto_pub / openssl s_client with the device key (pkcs11-provider)."""
+    import os
+
+    from . import tlsconfig
+    from .state import CERT, ROOT, load_identity
+
+    cfg = _cfg(config, overrides)
+    try:
+        ident = load_identity(cfg.state)
+    except _errors() as exc:
+        fail(str(exc))
+    if ident is None:
+        fail(f"{cfg.state} holds no enrolled identity: run `tessera-agent enroll` first")
+    if not tlsconfig.provider_installed():
+        fail("pkcs11-provider is not installed (apt-get install pkcs11-provider; Debian 12: from "
+             "bookworm-backports); see docs/tokens.md")
+    tok = cfg.token_config
+    setup = tlsconfig.tool_setup(out, device_id=ident.device_id, key_uri=ident.key_uri, module=tok.module_path,
+                                 softhsm_conf=tok.softhsm_conf or "", cert=cfg.state / CERT, ca=cfg.state / ROOT,
+                                 host=cfg.broker_host, port=cfg.mqtt_port)
+    setup.env.update({k: os.environ[k] for k in tlsconfig.MODULE_ENV if os.environ.get(k)})
+    try:
+        tlsconfig.write(setup, ident.key_uri, tok.module_path, tok.pin_source)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    sys.stdout.write(f"wrote {setup.conf_path} and {setup.key_path} (run this again after a key rotation)\n"
+                     f"publish:   {setup.shell(setup.mosquitto_pub)}\n"
+                     f"handshake: {setup.shell(setup.s_client)}\n")
 
 def _alive(pid) -> bool:
     import os
