@@ -5,7 +5,10 @@ Ack: ``{"id": ..., "ok": true, "result": {...}, "ts": ...}`` or ``{"id": ..., "o
 
 A message runs only if it is live (not retained) and the broker stamped it as sent by a commander principal
 (`command_refusal`): the Tessera broker plugin strips every client-supplied MQTT 5 property from a PUBLISH and adds
-`tessera-sender` and `tessera-role`, so those two cannot be forged by the publisher.
+`tessera-sender` and `tessera-role`, so those two cannot be forged by the publisher. On MQTT 3.1.1 (no properties,
+e.g. RabbitMQ) the broker's publish permissions are the only sender check: only commander roles may publish on a
+device's commands topic (agent/mqttproto.py, MQTT311_CONTRACT). The ack names the command's id either way, so the
+hub correlates acks by payload on both protocols.
 """
 
 from __future__ import annotations
@@ -36,11 +39,15 @@ def _shown(value: object) -> str:
     return repr(text[:SHOWN_CHARS]) + ("..." if len(text) > SHOWN_CHARS else "")
 
 
-def command_refusal(retain: bool, user_properties: Iterable[tuple[str, str]] | None) -> str | None:
-    """Why a message on the commands topic must not run, or None when it may: it must not be retained and must
-    carry exactly one `tessera-role` user property naming a role in COMMANDER_ROLES. The reason is one line,
+def command_refusal(retain: bool, user_properties: Iterable[tuple[str, str]] | None,
+                    protocol: str = "5") -> str | None:
+    """Why a message on the commands topic must not run, or None when it may: it must not be retained and, on
+    MQTT 5, must carry exactly one `tessera-role` user property naming a role in COMMANDER_ROLES (on "3.1.1" there
+    are no properties: the broker's publish permission on the topic is the check). The reason is one line,
     sender-supplied text escaped and truncated."""
     props = list(user_properties or ())
+    if protocol == "3.1.1":
+        return "retained message; commands are only taken live" if retain else None
     roles = [v for k, v in props if k == ROLE_PROPERTY]
     senders = [v for k, v in props if k == SENDER_PROPERTY]
     who = f"sender {_shown(senders[0])}" if len(senders) == 1 else "unknown sender"

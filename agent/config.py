@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 from hsm.token import TokenConfig
 
+from .mqttproto import PROTOCOLS as MQTT_PROTOCOLS
+
 DEFAULT_PATH = Path("/etc/tessera/agent.toml")
 
 
@@ -61,6 +63,13 @@ class RenewalSection:
 
 
 @dataclass(frozen=True)
+class MqttSection:
+    """The MQTT protocol spoken to the broker (agent/mqttproto.py: how auto decides and what 3.1.1 changes)."""
+    protocol: str = _key("auto", "auto (MQTT 5, falling back to 3.1.1 where the broker refuses 5, e.g. RabbitMQ; "
+                                 "the choice is kept per broker address and MQTT 5 retried daily), 5 or 3.1.1")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """The top-level keys of agent.toml."""
     device_id: str = _key("", "this device's id (the hub issues CN=<device_id>)")
@@ -76,6 +85,7 @@ class AgentConfig:
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
     spool: SpoolSection = field(default_factory=SpoolSection)
     renewal: RenewalSection = field(default_factory=RenewalSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
 
     @property
     def token_config(self) -> TokenConfig:
@@ -96,7 +106,8 @@ class AgentConfig:
                 raise ConfigError(f"configuration key {name!r} is not set")
 
 
-_SECTIONS = {"token": TokenSection, "telemetry": TelemetrySection, "spool": SpoolSection, "renewal": RenewalSection}
+_SECTIONS = {"token": TokenSection, "telemetry": TelemetrySection, "spool": SpoolSection, "renewal": RenewalSection,
+             "mqtt": MqttSection}
 
 
 def _coerce(cls, name: str, value, where: str):
@@ -163,6 +174,8 @@ def load(path: Path | None = None, overrides: list[str] = (), missing_ok: bool =
         raise ConfigError("telemetry.interval must be positive (seconds)")
     if not (math.isfinite(cfg.renew_command_min_interval) and cfg.renew_command_min_interval >= 0):
         raise ConfigError("renew_command_min_interval must be a number of seconds >= 0")
+    if cfg.mqtt.protocol not in MQTT_PROTOCOLS:
+        raise ConfigError(f"mqtt.protocol must be one of {', '.join(MQTT_PROTOCOLS)}, not {cfg.mqtt.protocol[:32]!r}")
     if not 0 < cfg.mqtt_port < 65536:
         raise ConfigError("mqtt_port must be a TCP port number")
     return cfg

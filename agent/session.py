@@ -6,6 +6,7 @@ One thread runs everything (paho's network loop included), so there is no lockin
 - reconnects back off exponentially with full jitter; a revoked or expired certificate is recognised from the
   TLS alert, reported in status.json and retried only slowly;
 - a CONNACK refusal (0x87 for every reason) is explained by the hub (GET /tessera/v1/credential): `refusal_decision`;
+- MQTT 5 first; a broker refusing it (RabbitMQ: 3.1.1 only) gets MQTT 3.1.1 at once, remembered (agent.mqttproto);
 - commands run only live and from a commander (agent.commands); `renew` commands are rate limited (agent.renewal);
 - at 2/3 of the certificate lifetime (agent.renewal.decide) the agent re-enrolls over mTLS and reconnects with
   the new certificate; a certificate stored by another process (`tessera-agent renew` from a shell) is noticed
@@ -31,6 +32,7 @@ from .backoff import SLOW_CAP, Backoff
 from .certwatch import FileWatch
 from .commands import CommandHandler, builtin_handlers, command_refusal
 from .config import AgentConfig
+from .mqttproto import V5, V311, after_success, broker_key, choose, forget_memory, load_memory, save_memory, v5_refused
 from .estclient import EstClient
 from .refusals import (AUTH_REFUSALS, REFUSED_CAP, SUSPENDED_CAP, Refusal, classify_tls_error,  # noqa: F401
                        refusal_decision)
@@ -83,6 +85,8 @@ class Agent(RenewalMixin):
         self._renew_requested: str | None = None   # None, "renew" or "rotate"
         self._renew_command_at: float | None = None  # monotonic time of the last accepted `renew` command
         self._connack: int | None = None            # the refusal code of the last CONNACK, if it was one
+        self.protocol = V5                           # the MQTT protocol of the current (or last) connection
+        self._handshake_done = self._no_connack = False  # how the last attempt ended (agent.mqttproto.v5_refused)
         self._last_log = ""
         self.connected_at: float | None = None
         self._identity_watch = FileWatch(self.state / IDENTITY, monotonic=monotonic)  # renewals by other processes
@@ -102,7 +106,8 @@ class Agent(RenewalMixin):
         self.status.update(updated=self.clock().isoformat(), cert_serial=self.ident.serial,
                            cert_not_after=self.ident.not_after, key_uri=self.ident.key_uri,
                            spool_depth=self.spool.depth(), broker=f"{self.cfg.broker_host}:{self.cfg.mqtt_port}",
-                           telemetry_seq=self._seq)  # the last telemetry seq spooled (this process counts from 1)
+                           telemetry_seq=self._seq,  # the last telemetry seq spooled (this process counts from 1)
+                           mqtt_protocol=self.protocol)
         try:
             write_status(self.state, self.status)
         except OSError as exc:
@@ -121,8 +126,12 @@ class Agent(RenewalMixin):
                                                                  self.ident.key_uri, self.cfg.token_config))
         return self._ctx
 
-    def _new_client(self) -> mqtt.Client:
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device, protocol=mqtt.MQTTv5)
+    def _new_client(self, protocol: str = V5) -> mqtt.Client:
+        # 3.1.1: a clean session, as the MQTT 5 one (no session expiry: it ends at disconnect; commands are live only)
+        c = (mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device, protocol=mqtt.MQTTv5)
+             if protocol == V5 else
+             mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device, protocol=mqtt.MQTTv311,
+                         clean_session=True))
         c.will_set(self.topics["status"], json.dumps({"state": "offline"}), qos=1, retain=True)
         c.tls_set_context(self._context())
         c.max_inflight_messages_set(WINDOW)
@@ -159,7 +168,7 @@ class Agent(RenewalMixin):
     def _on_message(self, client, userdata, msg) -> None:
         if msg.topic != self.topics["commands"]:
             return
-        refused = command_refusal(msg.retain, getattr(msg.properties, "UserProperty", None))
+        refused = command_refusal(msg.retain, getattr(msg.properties, "UserProperty", None), self.protocol)
         if refused:
             log.warning("ignoring a message on %s: %s", msg.topic, refused)
             return
@@ -168,16 +177,50 @@ class Agent(RenewalMixin):
         self._spool_dirty = True
 
     def _connect(self) -> mqtt.Client:
-        client = self._new_client()
+        """Connect with the protocol agent.mqttproto chooses; with `auto`, an MQTT 5 attempt the broker refuses as a
+        protocol is followed at once by MQTT 3.1.1, and that choice recorded for this broker address."""
+        setting, broker = self.cfg.mqtt.protocol, broker_key(self.cfg.broker_host, self.cfg.mqtt_port)
+        memory = load_memory(self.state)
+        self.protocol = proto = choose(setting, memory, broker, self.clock())
+        fell_back = False
+        try:
+            client = self._connect_with(proto)
+        except ConnectionError as exc:
+            if not (setting == "auto" and proto == V5 and v5_refused(self._connack, self._handshake_done,
+                                                                      self._no_connack,
+                                                                      classify_tls_error(self._last_log))):
+                raise
+            log.warning("the broker at %s refused MQTT 5 (%s); connecting with MQTT 3.1.1", broker, exc)
+            self.protocol, fell_back = V311, True
+            client = self._connect_with(V311)
+        try:
+            action = after_success(setting, self.protocol, fell_back, memory)
+            if action == "save":
+                save_memory(self.state, broker, V311, self.clock())
+            elif action == "forget":
+                forget_memory(self.state)
+        except OSError as exc:  # only costs a refused MQTT 5 attempt at the next start
+            log.warning("cannot record the MQTT protocol for %s: %s", broker, exc)
+        return client
+
+    def _connect_with(self, protocol: str) -> mqtt.Client:
+        client = self._new_client(protocol)
         self._connected, self._last_log, self._connack = False, "", None
+        self._handshake_done = self._no_connack = False
         self._handed.clear()
         self._cursor = 0
         self._spool_dirty = True  # a new session: everything still in the spool goes out again
-        client.connect(self.cfg.broker_host, self.cfg.mqtt_port, keepalive=30)
+        client.connect(self.cfg.broker_host, self.cfg.mqtt_port, keepalive=30)  # TCP and the TLS handshake
+        self._handshake_done = True
         deadline = self.monotonic() + CONNECT_TIMEOUT
         while not self._connected and self.monotonic() < deadline and not self.stop_event.is_set():
-            rc = client.loop(timeout=0.05)
+            try:
+                rc = client.loop(timeout=0.05)
+            except ValueError as exc:  # a CONNACK paho cannot read as MQTT 5 (a 3.1.1 return code such as 1)
+                self._no_connack = True
+                raise ConnectionError(f"unreadable CONNACK ({exc})") from None
             if rc != mqtt.MQTT_ERR_SUCCESS:
+                self._no_connack = self._connack is None
                 raise ConnectionError(self._last_log or f"connection lost ({mqtt.error_string(rc)})")
         if not self._connected:
             client.disconnect()

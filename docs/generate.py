@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def fleet_toml() -> str:
 
 
 def topics() -> str:
+    from agent.mqttproto import MQTT311_CONTRACT
     from hub.authz.policy import (ACTIONS, CONTROL_TOPIC, DEFAULT_ROLES, GRANTABLE_ROLES, ROLE_PROPERTY,
                                   SENDER_PROPERTY)
 
@@ -90,7 +92,8 @@ def topics() -> str:
             "\"pid\"}` or `{\"state\": \"offline\"}` (also the last will); a command on `devices/<id>/commands` is",
             "`{\"id\", \"command\", \"args\"}` (at most 16 KiB, run only if live and sent by a role of",
             "`commander`, `admin` or `hub`), answered on `devices/<id>/commands/ack` with",
-            "`{\"id\", \"ok\": true, \"result\", \"ts\"}` or `{\"id\", \"ok\": false, \"error\", \"ts\"}`.", ""]
+            "`{\"id\", \"ok\": true, \"result\", \"ts\"}` or `{\"id\", \"ok\": false, \"error\", \"ts\"}`.", "",
+            "## MQTT 3.1.1", "", *textwrap.wrap(MQTT311_CONTRACT, 116, break_on_hyphens=False), ""]
     return "\n".join(out)
 
 

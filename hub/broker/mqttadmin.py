@@ -1,4 +1,9 @@
-"""The hub's own MQTT connection (admin certificate from the service CA): presence and broker control."""
+"""The hub's own MQTT connection (admin certificate from the service CA): presence and broker control.
+
+It speaks the protocol its broker driver supports (`BrokerDriver.mqtt_protocol`): MQTT 5 with a session expiry, or
+on a 3.1.1 broker (RabbitMQ) clean_session=false, the same persistent session. Nothing else here needs MQTT 5:
+commands and their acks are correlated by the id in the payload (agent/mqttproto.py, MQTT311_CONTRACT).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ STATUS_TOPIC = "devices/+/status"
 DEVICE_TOPICS = ("devices/+/telemetry", "devices/+/events", "devices/+/commands/ack")
 _RESPONSE_RE = re.compile(r"([A-Za-z0-9-]{1,64}) (ok seq=(\d+) kicked=(\d+)|error (.*))", re.S)
 SESSION_EXPIRY = 3600  # seconds the broker keeps the hub's subscriptions and queue while it is away
+PROTOCOLS = ("5", "3.1.1")
 SYS_CLIENTS = "$SYS/broker/clients/connected"  # Mosquitto's own count, retained, refreshed every sys_interval
 
 
@@ -34,7 +40,11 @@ class AdminClient:
 
     def __init__(self, host: str, port: int, cafile: Path, certfile: Path, keyfile: Path,
                  on_status: Callable[[str, bytes], None],
-                 on_device_message: Callable[[str, str, bytes], None] = lambda device, kind, payload: None):
+                 on_device_message: Callable[[str, str, bytes], None] = lambda device, kind, payload: None,
+                 protocol: str = "5"):
+        if protocol not in PROTOCOLS:
+            raise BrokerError(f"the hub's MQTT client speaks MQTT {' or '.join(PROTOCOLS)}, not {protocol[:16]!r}")
+        self.protocol = protocol
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_verify_locations(cafile=str(cafile))
@@ -45,7 +55,12 @@ class AdminClient:
         self._sys = False
         self._responses: dict[str, re.Match] = {}
         self._cond = threading.Condition()
-        c = self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=CLIENT_ID, protocol=mqtt.MQTTv5)
+        if protocol == "5":
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=CLIENT_ID, protocol=mqtt.MQTTv5)
+        else:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=CLIENT_ID, protocol=mqtt.MQTTv311,
+                            clean_session=False)
+        self.client = c
         c.tls_set_context(ctx)
         c.reconnect_delay_set(min_delay=0.05, max_delay=2)
         c.on_connect, c.on_disconnect, c.on_message = self._on_connect, self._on_disconnect, self._on_message
@@ -53,10 +68,14 @@ class AdminClient:
 
     def start(self, timeout: float = 10.0) -> None:
         # A persistent session: while this connection is briefly down the broker queues the fleet's QoS 1
-        # messages for the hub instead of dropping them.
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY
-        self.client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
+        # messages for the hub instead of dropping them (3.1.1: clean_session=false, kept until the broker's own
+        # limit, e.g. RabbitMQ's durable queue for the client id).
+        if self.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY
+            self.client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
+        else:
+            self.client.connect_async(self.host, self.port, keepalive=30)
         self.client.loop_start()
         if not self.connected.wait(timeout):
             raise BrokerError(f"the hub's admin client could not connect to the broker at {self.host}:{self.port}")
