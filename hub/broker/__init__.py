@@ -27,6 +27,10 @@ class SyncResult:
 class BrokerDriver(ABC):
     """What the hub needs from a broker: lifecycle, health, and immediate enforcement of registry changes."""
 
+    #: the MQTT protocol the hub's own client (hub.broker.mqttadmin) speaks to this broker: "5", or "3.1.1" for a
+    #: broker without MQTT 5 (RabbitMQ 3.10); devices find out by themselves (agent/mqttproto.py)
+    mqtt_protocol: str = "5"
+
     @abstractmethod
     def start(self) -> None:
         """Start (or adopt) the broker; return once it accepts connections and enforces the registry."""

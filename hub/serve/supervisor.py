@@ -64,7 +64,9 @@ def run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool 
         check_private_files(cfg)
         explicit_api = api_port if api_port is not None else cfg.api_port
         explicit_crl = crl_port if crl_port is not None else cfg.crl_http_port
-        check_ports_free(host, {"EST": est_port, "MQTT": mqtt_port, "API": explicit_api or 0,
+        broker_ports = ({"MQTT": mqtt_port} if cfg.broker_kind == "mosquitto"  # a RabbitMQ node has the MQTT port
+                        else {"RabbitMQ auth": cfg.rabbitmq_auth_port})
+        check_ports_free(host, {"EST": est_port, **broker_ports, "API": explicit_api or 0,
                                 "CRL": explicit_crl or 0})
         _run(cfg, host, est_port, mqtt_port, verbose, announce, stop, api_port, est_workers, crl_port)
     finally:
@@ -97,10 +99,19 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
     registry.prune_authz_events(_now() - AUTHZ_EVENTS_KEPT)
     limits = Limits(max_payload=cfg.max_payload, max_queued_bytes=cfg.max_queued_bytes,
                     connect_rate=cfg.connect_rate, connect_burst=cfg.connect_burst)
-    broker = MosquittoBroker(cfg.broker_dir, host, mqtt_port, cafile=cfg.ca_dir / "device-chain.pem",
-                             certfile=tls_dir / "est.pem", keyfile=tls_dir / "est.key",
-                             registry_path=cfg.registry_path, device_ca=cfg.ca_dir / "device-ca.pem",
-                             service_ca=cfg.ca_dir / "service-ca.pem", limits=limits, on_event=event)
+    if cfg.broker_kind == "rabbitmq":
+        from hub.broker.rabbitmq import RabbitMQBroker
+
+        broker = RabbitMQBroker(cfg.broker_dir, registry, ca, cfg.rabbitmq_management,
+                                cafile=cfg.ca_dir / "device-chain.pem", certfile=tls_dir / "est.pem",
+                                keyfile=tls_dir / "est.key", device_ca=cfg.ca_dir / "device-ca.pem",
+                                service_ca=cfg.ca_dir / "service-ca.pem", auth_port=cfg.rabbitmq_auth_port,
+                                on_event=event)
+    else:
+        broker = MosquittoBroker(cfg.broker_dir, host, mqtt_port, cafile=cfg.ca_dir / "device-chain.pem",
+                                 certfile=tls_dir / "est.pem", keyfile=tls_dir / "est.key",
+                                 registry_path=cfg.registry_path, device_ca=cfg.ca_dir / "device-ca.pem",
+                                 service_ca=cfg.ca_dir / "service-ca.pem", limits=limits, on_event=event)
     live = LiveHub(cfg, ca, registry, broker)
     from hub.jobs import schema as jobs_schema
     from hub.jobs.runner import JobRunner
@@ -115,7 +126,7 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
         stack.append(jobs.flush)  # after the hub's MQTT session ended: every ack it received is applied
         admin_mqtt = AdminClient(host, mqtt_port, cfg.ca_dir / "root.pem", tls_dir / "admin.pem",
                                  tls_dir / "admin.key", on_status=live.on_status,
-                                 on_device_message=live.on_device_message)
+                                 on_device_message=live.on_device_message, protocol=broker.mqtt_protocol)
         admin_mqtt.start()
         stack.append(admin_mqtt.stop)
         broker.attach_admin(admin_mqtt)
