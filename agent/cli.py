@@ -102,8 +102,11 @@ def _errors():
 
 @app.command()
 def enroll(
-    token_file: Path = typer.Option(..., "--token-file", help="The one-time enrollment token (0600); destroyed "
-                                                              "after a successful enrollment."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="The one-time enrollment token (0600); "
+                                                                         "destroyed after a successful enrollment."),
+    birth_cert: bool = typer.Option(False, "--birth-cert", help="Enroll with the factory birth certificate in the "
+                                                                "token (IEEE 802.1AR IDevID, token.key_label) "
+                                                                "instead of a token file; the hub names the device."),
     hub: str = typer.Option("", "--hub", help="Hub EST URL, e.g. https://hub:8443 "
                                               "\\[default: hub_url from the config]."),
     ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="The fleet root CA certificate (PEM)."),
@@ -118,13 +121,30 @@ def enroll(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Generate the device key in the token, get a certificate from the hub (EST) and store it."""
-    from .enroll import AlreadyEnrolled, enroll as do_enroll
+    from .enroll import AlreadyEnrolled, enroll as do_enroll, enroll_birth
 
     _logging(verbose)
+    if birth_cert == (token_file is not None):
+        fail("give --token-file (a one-time enrollment token) or --birth-cert (the factory birth certificate)")
     extra = [f"hub_url={hub}"] if hub else []
     extra += [f"device_id={device_id}"] if device_id else []
     extra += [f"token.pin_source={pin_source}"] if pin_source else []
     cfg = _cfg(config, [*overrides, *extra], missing_ok=True)
+    if birth_cert:
+        if ca_file is None and not ca_fingerprint and Path(cfg.ca_file).is_file():
+            ca_file = Path(cfg.ca_file)
+        try:
+            ident = enroll_birth(cfg, ca_file, ca_fingerprint or None)
+        except AlreadyEnrolled as exc:
+            out_console.print(str(exc))
+            return
+        except _errors() as exc:
+            fail(str(exc))
+        out_console.print(f"enrolled [bold]{ident.device_id}[/] with its birth certificate: certificate "
+                          f"{ident.serial[:16]}… valid until {ident.not_after[:19]}Z; key {ident.key_uri}")
+        _write_missing_config(_config_path(config), _cfg(config, [*overrides, *extra, f"device_id={ident.device_id}"],
+                                                         missing_ok=True))
+        return
     if not cfg.device_id:
         found = _known_device_id(token_file, cfg.state)
         if not found:

@@ -153,6 +153,69 @@ def enroll(cfg: AgentConfig, token_file: Path, ca_file: Path | None = None, ca_f
     return ident
 
 
+BIRTH_CERT = "birth-cert.pem"  # the birth certificate as read from the token (public), for the TLS stack
+
+
+def enroll_birth(cfg: AgentConfig, ca_file: Path | None = None, ca_fingerprint: str | None = None,
+                 now: datetime | None = None) -> Identity:
+    """Enroll with the factory birth certificate (IEEE 802.1AR IDevID) in the token: the certificate labelled
+    token.key_label and the key with its CKA_ID authenticate EST simpleenroll over mTLS (no enrollment token);
+    the CSR is signed by that same key (the hub requires it). The hub decides the device id: the operational
+    certificate's CN (a configured device_id must match it). Idempotent (AlreadyEnrolled) like enroll()."""
+    from hsm.certificates import read_certificate
+    from hsm.tls import client_context
+
+    try:
+        cfg.require("hub_url")
+    except ConfigError as exc:
+        raise EnrollError(str(exc)) from None
+    state = ensure_dir(cfg.state)
+    now = now or _now()
+    ident = load_identity(state)
+    if ident and datetime.fromisoformat(ident.not_after) > now:
+        raise AlreadyEnrolled(f"{ident.device_id} is enrolled (certificate {ident.serial[:16]}…, valid until "
+                              f"{ident.not_after[:19]}Z); use `tessera-agent renew` to renew")
+    root = pin_root(cfg, ca_file, ca_fingerprint)
+    write_atomic(state / ROOT, root.public_bytes(serialization.Encoding.PEM), 0o644)
+    try:
+        birth_der, key_id = read_certificate(cfg.token_config, cfg.token.key_label)
+    except KeyNotFound:
+        raise EnrollError(f"no birth certificate labelled {cfg.token.key_label!r} in token {cfg.token.label!r} "
+                          "(the factory writes it next to the key: tessera-factory birth)") from None
+    birth = x509.load_der_x509_certificate(birth_der)
+    try:
+        info = worker.describe_key(cfg.token_config, key_id=key_id)
+    except KeyNotFound:
+        raise EnrollError(f"the token holds the birth certificate {cfg.token.key_label!r} but no key with its "
+                          f"CKA_ID {key_id.hex()}") from None
+    require_sign_only(info)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if serialization.load_pem_public_key(info.public_key_pem.encode()).public_bytes(
+            serialization.Encoding.DER, spki) != birth.public_key().public_bytes(serialization.Encoding.DER, spki):
+        raise EnrollError(f"the birth certificate {cfg.token.key_label!r} is not for the token key {info.label!r}")
+    write_atomic(state / BIRTH_CERT, birth.public_bytes(serialization.Encoding.PEM), 0o644)
+    csr_der = worker.make_csr(cfg.token_config, key_id=info.id)  # empty subject: the hub decides it
+    ctx = client_context(state / ROOT, state / BIRTH_CERT, info.uri, cfg.token_config)
+    try:
+        certs = EstClient(cfg.hub_url, cafile=str(state / ROOT), context=ctx).simpleenroll_with_cert(csr_der)
+    except EstClientError as exc:
+        raise EnrollError(str(exc)) from None
+    public_key = birth.public_key()
+    cns = certs[0].subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    device_id = str(cns[0].value) if len(cns) == 1 else ""
+    if cfg.device_id and device_id != cfg.device_id:
+        raise EnrollError(f"the hub issued a certificate for {device_id!r}, but this device is configured as "
+                          f"{cfg.device_id!r}; refusing it")
+    try:
+        leaf, chain = verify_issued(certs, root, device_id, public_key, _now())
+    except StateError as exc:
+        raise EnrollError(f"refusing the hub's certificate: {exc}") from None
+    ident = store_certificate(state, leaf, chain, device_id, info.label, info.uri, now, renewed=False)
+    log.info("enrolled %s with its birth certificate (serial %s): certificate %s valid until %s", device_id,
+             birth.subject.rfc4514_string(), ident.serial, ident.not_after)
+    return ident
+
+
 def renew(cfg: AgentConfig, rotate_key: bool = False, now: datetime | None = None) -> Identity:
     """EST simplereenroll over mTLS with the current certificate and token key; optionally with a fresh key."""
     from hsm.tls import client_context

@@ -201,6 +201,15 @@ class EstClient:
         return self._leaf_first(csr_der, self._certs(*self._request("POST", est.PATH_SIMPLEENROLL,
                                                                     self._body(csr_der), headers)))
 
+    def simpleenroll_with_cert(self, csr_der: bytes) -> list[x509.Certificate]:
+        """Enroll authenticated by the client context's certificate (a factory birth certificate, RFC 7030
+        3.3.2): no Authorization header; returns [leaf, *chain] with the leaf first."""
+        import est
+
+        headers = {"Content-Type": est.CT_PKCS10}
+        return self._leaf_first(csr_der, self._certs(*self._request("POST", est.PATH_SIMPLEENROLL,
+                                                                    self._body(csr_der), headers)))
+
     def simplereenroll(self, csr_der: bytes) -> list[x509.Certificate]:
         """Re-enroll; the client context must carry the current certificate and key."""
         import est

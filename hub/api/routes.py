@@ -269,8 +269,10 @@ def all_routes() -> tuple[Route, ...]:
 
     from . import reportroutes
 
+    from . import manufacturerroutes
+
     return DEVICE_ROUTES + statusroutes.ROUTES + identityroutes.ROUTES + auditroutes.ROUTES + jobroutes.ROUTES \
-        + reportroutes.ROUTES
+        + reportroutes.ROUTES + manufacturerroutes.ROUTES
 
 
 def all_schemas() -> dict:
@@ -281,5 +283,7 @@ def all_schemas() -> dict:
 
     from . import reportroutes
 
+    from . import manufacturerroutes
+
     return {**statusroutes.SCHEMAS, **identityroutes.SCHEMAS, **auditroutes.SCHEMAS, **jobroutes.SCHEMAS,
-            **reportroutes.SCHEMAS}
+            **reportroutes.SCHEMAS, **manufacturerroutes.SCHEMAS}

@@ -15,6 +15,7 @@ from hub.cli.audit import audit_app
 from hub.cli.device import device_app
 from hub.cli.identity import identity_app
 from hub.cli.job import job_app
+from hub.cli.manufacturer import manufacturer_app
 from hub.cli.role import role_app
 from hub.cli.report import report_app
 from hub.cli.watch import watch
@@ -38,6 +39,7 @@ app.add_typer(role_app, name="role")
 app.add_typer(report_app, name="report")
 app.add_typer(job_app, name="job")
 app.add_typer(audit_app, name="audit")
+app.add_typer(manufacturer_app, name="manufacturer")
 
 
 def _print_version(value: bool) -> None:

@@ -119,17 +119,19 @@ class EstHTTPServer(ThreadingHTTPServer):
     request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], service: EstService, tls: ssl.SSLContext,
-                 limits: Limits = Limits(), sock: socket.socket | None = None):
+                 limits: Limits = Limits(), sock: socket.socket | None = None, gate: ConnectionGate | None = None):
         """Binds `address`; or, with `sock`, serves that listening socket (shared with other worker processes:
         hub/est/pool.py), which is made non-blocking: another process may take a connection first, and accept()
-        must then return at once instead of blocking the serve loop."""
+        must then return at once instead of blocking the serve loop. `gate`: the connection admission (default
+        this process's ConnectionGate; the workers' counts connections across the pool)."""
         self.service, self.tls, self.limits = service, tls, limits
-        self.gate = ConnectionGate(limits.max_per_source, limits.max_queue)
+        self.gate = gate or ConnectionGate(limits.max_per_source, limits.max_queue)
         self.pool = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="est")
         self._inflight: dict[Future, socket.socket] = {}  # accepted connections not finished, with their socket
         self._inflight_lock = threading.Lock()
         self.reaper = Reaper(tick=min(0.2, limits.header_timeout / 10))
         super().__init__(address, _Handler, bind_and_activate=sock is None)
+        service.trust.refresh(tls, force=True)  # manufacturer CAs (birth certificates) as trust anchors too
         if sock is not None:
             self.socket.close()
             sock.setblocking(False)
@@ -176,6 +178,7 @@ class EstHTTPServer(ThreadingHTTPServer):
 
     def service_actions(self) -> None:  # serve_forever's loop, about twice a second
         self.service.denials.flush()
+        self.service.trust.refresh(self.tls)  # a manufacturer added since (hub/est/methods/idevid.py)
 
     def server_close(self) -> None:
         """Close: nothing more is accepted, the connections still queued are closed unanswered, and the requests

@@ -33,6 +33,7 @@ from est.errors import BadRequest, EstError, Forbidden, PayloadTooLarge, TooMany
 from hub.ca.authority import FleetCA
 from hub.ca.policy import Policy, PolicyError, check_device_id
 from hub.est.denials import DenialAudit
+from hub.est.methods import idevid
 from hub.est.ratelimit import RateLimiter
 from hub.serve import stats
 from hub.registry.store import SUPERSEDE_GRACE, CertRejected, DeviceNotActive, Registry, RegistryError, TokenRejected
@@ -109,6 +110,7 @@ class EstService:
         self.crl_urls = (crl_urls,) if isinstance(crl_urls, str) else tuple(crl_urls)
         self.clock, self.monotonic = clock, monotonic
         self.denials = DenialAudit(registry, clock, monotonic)
+        self.trust = idevid.ManufacturerTrust(registry, monotonic)  # birth certificates' CAs (hub/est/methods)
         self.key_policy = est.KeyPolicy(ec_curves=frozenset(policy.ec_curves), min_rsa_bits=policy.rsa_min_bits)
         self._cacerts = est.certs_only_response([ca.root, ca.device_ca, ca.service_ca])
         self._csrattrs = est.csrattrs_response()
@@ -169,7 +171,8 @@ class EstService:
         if audit:  # audit_code: the registry's precise reason where the answer is more general
             self.denials.denied(action, req.source, audit_code or exc.code, exc.message, device_id)
         log.warning("%s denied for %r from %s: %s %s", action, device_id or "?", req.source, exc.status, exc.code)
-        shown = _GENERIC_401 if exc.code in _TOKEN_CODES else exc
+        shown = _GENERIC_401 if exc.code in _TOKEN_CODES else idevid.GENERIC if idevid.is_birth_refusal(exc.code) \
+            else exc
         headers = {"WWW-Authenticate": est.www_authenticate()} if shown.status == 401 else {}
         if isinstance(exc, TooManyRequests):
             headers["Retry-After"] = str(exc.retry_after)
@@ -204,6 +207,8 @@ class EstService:
             raise TooManyRequests("rate_limited", "too many failed attempts; retry later", retry_after=wait)
 
     def _simpleenroll(self, req: EstRequest) -> EstResponse:
+        if req.peer_cert_der and "authorization" not in req.headers:  # a birth certificate, RFC 7030 3.3.2
+            return idevid.simpleenroll(self, req, self.trust)
         device_id = None
         try:
             self._admit(req)
@@ -235,14 +240,18 @@ class EstService:
         stats.of(self.registry).enrolled()
         return self._issued(cert)
 
-    @staticmethod
-    def _client_cert(req: EstRequest, what: str) -> tuple[x509.Certificate, str]:
+    def _client_cert(self, req: EstRequest, what: str) -> tuple[x509.Certificate, str]:
         """The TLS client certificate (the listener verified it against the device CA) and its CN, the device id.
         Raises Unauthorized without one, Forbidden without a single CN, PolicyError for an invalid id."""
         if not req.peer_cert_der:
             raise Unauthorized("client_cert_required",
                                f"{what} needs the current device certificate as TLS client certificate")
         current = x509.load_der_x509_certificate(req.peer_cert_der)
+        try:  # the listener also trusts manufacturer CAs (birth certificates): only the device CA counts here
+            current.verify_directly_issued_by(self.ca.device_ca)
+        except Exception:  # noqa: BLE001
+            raise Forbidden("not_device_cert", f"{what} needs a certificate from this fleet's device CA, not "
+                            f"{current.issuer.rfc4514_string()[:120]}'s") from None
         cns = current.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         if len(cns) != 1:
             raise Forbidden("bad_client_cert", "client certificate has no single CN")
