@@ -23,12 +23,13 @@ processes, and the supervisor keeps the broker, the fleet API, jobs and CRLs. Ho
   the same transaction, so rows from several processes still chain. SQLite has one writer at a time, so what
   scales is what happens outside its lock: the certificate is signed before the transaction (after a read-only
   check of the token), and writers of all processes queue on an flock instead of SQLite's sleeping busy handler.
-- Limits are per worker: each gets 1/N of every `[est]` budget (`share`; rounded up, at least 1), so what
-  fleet.toml says is what the whole hub admits: request rate and burst per source, failures per source and
-  device, per source and hub-wide, connections open at once per source. A source whose connections happen to
-  land unevenly can meet its limit somewhat before the configured total (never after it, but for the rounding
-  up: at most N-1 over). Shared counters (in the registry or shared memory) would cost a write or a cross-process
-  lock per request, for an exactness no limit here needs.
+- Limits are the hub's, exact across workers: the supervisor holds every `[est]` budget as fleet.toml says it
+  (request rate and burst per source, failures per source and device, per source and hub-wide, connections open
+  at once per source) in one LimitServer thread (hub/est/sharedlimits.py), and each worker asks it over its own
+  socketpair (a round trip of some tens of microseconds per decision, a dict operation here). So a source gets
+  exactly its budget whichever workers its requests reach, and a worker restarted does not reset a budget. A
+  worker whose supervisor does not answer (stopped; gone while the worker finishes what it serves) decides alone
+  meanwhile with its `share`: 1/N of every budget (rounded up, at least 1), which was the design before.
 - Denials are audited aggregated per worker: at most one row per worker, action, source and reason a minute
   (hub/est/denials.py), so a flood writes N rows a minute per key rather than one.
 - Events: EstService calls back only into its Prometheus counters (enrollments, renewals, denials by reason;
@@ -61,6 +62,7 @@ from typing import Callable
 from hub.config import ConfigError, HubConfig
 from hub.est.connlimits import Limits
 from hub.est.ratelimit import RateLimiter
+from hub.est.sharedlimits import LimitServer
 from hub.serve import stats
 
 log = logging.getLogger("tessera.hub.est")
@@ -76,7 +78,8 @@ class WorkerError(ConfigError):
 
 
 def share(cfg: HubConfig, workers: int) -> tuple[RateLimiter, Limits]:
-    """One worker's rate limiter and listener limits: 1/`workers` of each hub-wide `[est]` budget (ceil, >= 1)."""
+    """One worker's own rate limiter and listener limits, for when the supervisor does not answer
+    (hub/est/sharedlimits.py): 1/`workers` of each hub-wide `[est]` budget (ceil, >= 1)."""
     def part(value: float) -> int:
         return max(1, math.ceil(value / workers))
 
@@ -85,6 +88,13 @@ def share(cfg: HubConfig, workers: int) -> tuple[RateLimiter, Limits]:
     base = Limits.from_config(cfg)
     return limiter, Limits(header_timeout=base.header_timeout, request_timeout=base.request_timeout,
                            max_per_source=part(base.max_per_source))
+
+
+def hub_limits(cfg: HubConfig) -> tuple[RateLimiter, Limits]:
+    """The hub-wide `[est]` budgets as fleet.toml says (the supervisor's LimitServer holds them for all workers)."""
+    limiter = RateLimiter(cfg.rate_per_source, cfg.rate_burst, cfg.failures_per_minute,
+                          cfg.source_failures_per_minute, cfg.global_failures_per_minute)
+    return limiter, Limits.from_config(cfg)
 
 
 def listen(host: str, port: int, backlog: int = 1024) -> socket.socket:
@@ -126,6 +136,8 @@ class EstPool:
         self.stats = stats.of(registry)
         self.on_event = on_event
         self.listener = listen(cfg.est_host, cfg.est_port)
+        limiter, limits = hub_limits(cfg)
+        self.limits = LimitServer(limiter, limits.max_per_source)
         self.port = self.listener.getsockname()[1]
         self.cfg = dataclasses.replace(cfg, est_port=self.port)  # port 0: the one bound
         self._lock = threading.Lock()
@@ -186,20 +198,23 @@ class EstPool:
             w.control.close()
         with self._lock:
             self._workers.clear()
+        self.limits.stop()
         self.listener.close()
 
     # --- workers --------------------------------------------------------------------------------------------------
     def _spawn(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair()
+        limits = self.limits.channel()
         try:
-            cmd = [sys.executable, "-m", "hub.est.worker", str(self.listener.fileno()), str(theirs.fileno())]
-            proc = subprocess.Popen(cmd, pass_fds=(self.listener.fileno(), theirs.fileno()),
-                                    stdin=subprocess.DEVNULL)
+            fds = (self.listener.fileno(), theirs.fileno(), limits.fileno())
+            cmd = [sys.executable, "-m", "hub.est.worker", *map(str, fds)]
+            proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL)
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
+            limits.close()
         # the supervisor's configuration as it runs (fleet.toml and what serve's options changed)
         config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self.cfg).items()}
         settings = {"index": index, "workers": self.workers, "verbose": self.verbose, "config": config}

@@ -1,8 +1,9 @@
-"""One EST worker process (`python -m hub.est.worker LISTEN_FD CONTROL_FD`, started by hub/est/pool.py).
+"""One EST worker process (`python -m hub.est.worker LISTEN_FD CONTROL_FD LIMITS_FD`, started by hub/est/pool.py).
 
 It serves the listening socket it inherited with its own EstService: its own registry connection, its own CA
 (file keys loaded from ca/, token keys through its own PKCS#11 session: it is a fresh interpreter, nothing of the
-supervisor's sessions is inherited), its own share of the limits (hub/est/pool.py `share`). The control socket
+supervisor's sessions is inherited); the limits are the hub's, held by the supervisor (LIMITS_FD: a
+hub/est/sharedlimits.py LimitClient). The control socket
 carries JSON lines: the supervisor sends the settings first; the worker answers {"ready": pid} once it serves,
 then {"counts": delta} with its EST event counters (enrollments, renewals, denials by reason) whenever they moved,
 so the supervisor's Prometheus counters (hub/serve/stats.py) count every worker's events. EOF on the control
@@ -105,7 +106,7 @@ def _report(control: _Control, hub_stats, changed: threading.Event, stop: thread
 
 
 def main(argv: list[str]) -> int:
-    listen_fd, control_fd = int(argv[0]), int(argv[1])
+    listen_fd, control_fd, limits_fd = int(argv[0]), int(argv[1]), int(argv[2])
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = _Control(socket.socket(fileno=control_fd))
     settings = control.read()
@@ -121,7 +122,9 @@ def main(argv: list[str]) -> int:
     from hub.ca.authority import CaError, load_ca
     from hub.config import HubConfig
     from hub.est import server as estserver
+    from hub.est.connlimits import Limits
     from hub.est.pool import share
+    from hub.est.sharedlimits import LimitClient, SharedGate
     from hub.est.service import EstService
     from hub.registry.store import Registry, RegistryError
     from hub.serve import stats
@@ -139,10 +142,13 @@ def main(argv: list[str]) -> int:
         return 1
     changed = threading.Event()
     hub_stats = stats.install(registry, _reporting_stats(changed))
-    limiter, limits = share(cfg, int(settings["workers"]))
+    own_limiter, own_limits = share(cfg, int(settings["workers"]))  # when the supervisor does not answer
+    limiter = LimitClient(socket.socket(fileno=limits_fd), own_limiter)  # the hub's budgets, the supervisor's
+    limits = Limits.from_config(cfg)
     service = EstService(ca, registry, cfg.policy, cfg.crl_dir, cfg.crl_urls, limiter,
                          supersede_grace=timedelta(seconds=cfg.supersede_grace_seconds))
-    server = estserver.EstHTTPServer(listener.getsockname(), service, tls, limits, sock=listener)
+    server = estserver.EstHTTPServer(listener.getsockname(), service, tls, limits, sock=listener,
+                                     gate=SharedGate(limiter, own_limits.max_per_source, limits.max_queue))
     serving = threading.Thread(target=server.serve_forever, name="est-server", daemon=True)
     serving.start()
 

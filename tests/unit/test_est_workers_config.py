@@ -1,4 +1,4 @@
-"""fleet.toml [est] workers (hub/config.py) and each worker's share of the hub-wide limits (hub/est/pool.py)."""
+"""fleet.toml [est] workers (hub/config.py), the limits the pool holds and each worker's share (hub/est/pool.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import pytest
 
 from hub.config import MAX_EST_WORKERS, ConfigError, HubConfig, load_config
-from hub.est.pool import share
+from hub.est.pool import hub_limits, share
 
 
 def write(tmp_path, **values: str) -> HubConfig:
@@ -37,7 +37,17 @@ def test_bad_counts_are_one_clear_error(tmp_path, value):
     assert "[est] workers" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_each_worker_gets_its_share_of_every_limit(tmp_path):
+def test_the_pool_holds_the_hub_wide_limits_as_configured(tmp_path):
+    cfg = write(tmp_path, rate_per_source="100.0", rate_burst="200", failures_per_minute="30",
+                source_failures_per_minute="301", global_failures_per_minute="3000", max_connections_per_source="5")
+    limiter, limits = hub_limits(cfg)
+    assert (limiter.rate, limiter.burst, limiter.max_failures) == (100.0, 200, 30)
+    assert (limiter.max_source_failures, limiter.max_global_failures) == (301, 3000)
+    assert limits.max_per_source == 5
+    assert (limits.header_timeout, limits.request_timeout) == (cfg.header_timeout, cfg.request_timeout)
+
+
+def test_each_worker_has_its_share_of_every_limit_for_when_the_supervisor_does_not_answer(tmp_path):
     cfg = write(tmp_path, rate_per_source="100.0", rate_burst="200", failures_per_minute="30",
                 source_failures_per_minute="301", global_failures_per_minute="3000", max_connections_per_source="5")
     limiter, limits = share(cfg, 2)
