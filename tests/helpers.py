@@ -457,9 +457,14 @@ def _context(req: dict):
     return client_context(req["cafile"], req["cert"], req["key_uri"], TokenConfig(**req["token"]))
 
 
+def _route(ctx) -> dict:
+    from hsm.tls import route_of
+
+    return {"route": route_of(ctx)}
+
+
 def _op_context(req: dict) -> dict:
-    _context(req)
-    return {}
+    return _route(_context(req))
 
 
 def _op_https_get(req: dict) -> dict:
@@ -471,7 +476,8 @@ def _op_https_get(req: dict) -> dict:
         conn.request("GET", "/")
         resp = conn.getresponse()
         body = resp.read().decode(errors="replace")
-        return {"status": resp.status, "body": body, "tls_version": conn.sock.version() if conn.sock else None}
+        return {"status": resp.status, "body": body, "tls_version": conn.sock.version() if conn.sock else None,
+                **_route(ctx)}
     finally:
         conn.close()
 
@@ -483,7 +489,7 @@ def _op_mqtt_publish(req: dict) -> dict:
 
     ctx = _context(req)
     connected = threading.Event()
-    result: dict = {}
+    result: dict = _route(ctx)
 
     def on_connect(client, userdata, flags, reason_code, properties):
         result["connect_reason"] = str(reason_code)

@@ -19,6 +19,7 @@ import pytest
 
 from hsm import worker
 from hsm.softhsm import write_secret
+from hsm.tls import available_routes, provider_path
 from tests.helpers import (
     child_env, free_port, one_tls_route, run_tls_child, start_server, stop_process, token_dict, wait_for_text,
 )
@@ -66,7 +67,7 @@ def test_https_get_against_openssl_s_server(device, ca, s_server):
     port, log = s_server
     answer = tls_child(_request("https_get", ca, device, host="127.0.0.1", port=port), device)
     assert answer["ok"], answer
-    assert answer["status"] == 200
+    assert answer["status"] == 200 and answer["route"] == device["route"], answer
     body = answer["body"]
     # s_server -www prints the verified client certificate it received: it must be ours
     assert "Verify return code: 0 (ok)" in body
@@ -142,7 +143,7 @@ def test_mqtt_publish_through_mosquitto(device, ca, mosquitto, tmp_path):
                                     client_id=device["cn"], topic=topic, payload=payload), device)
         assert answer["ok"], answer
         assert answer["connect_failure"] is False, answer
-        assert answer["published"] is True, answer
+        assert answer["published"] is True and answer["route"] == device["route"], answer
         assert sub.wait(timeout=30) == 0
     finally:
         stop_process(sub)
@@ -189,7 +190,7 @@ def test_certificate_for_another_key_is_refused(token, tls_route, ca):
     good = ca.issue_client(mine.public_key_pem, cn="match", name="mine")
     ok = run_tls_child({"op": "context", "cafile": str(ca.cert_path), "cert": str(good), "key_uri": mine.uri,
                         "token": token_dict(token.config)}, route=tls_route)
-    assert ok["ok"], ok
+    assert ok["ok"] and ok["route"] == tls_route, ok
 
 
 def test_mismatch_message_names_certificate_and_key(token, tls_route, ca):
@@ -212,10 +213,65 @@ def test_wrong_pin(device, ca, tmp_path):
     req["token"]["pin_source"] = f"file:{pin_file}"
     answer = tls_child(req, device)
     assert not answer["ok"], answer
-    assert "HsmError" in answer["error_mro"], answer
+    assert answer["error_type"] == "PinError", answer
     msg = _assert_one_line(answer, wrong, device["token"].pin)
-    assert "PIN" in msg, msg
+    assert "wrong PIN" in msg, msg
     assert wrong not in answer["_stderr"] and device["token"].pin not in answer["_stderr"]
+
+
+# --- PIN attempts, counted by OpenSC's pkcs11-spy between OpenSSL and the token -----------------------------------
+
+SPY = next(iter(sorted(glob.glob("/usr/lib/*/pkcs11/pkcs11-spy.so") + glob.glob("/usr/lib/pkcs11/pkcs11-spy.so"))), "")
+
+
+def _spied(req: dict, token, log) -> dict:
+    """Environment for a TLS child whose token module is pkcs11-spy in front of the token's (req changed to match).
+    The spy logs every call, the PIN too: its log is made 0600 before the spy appends to it."""
+    assert SPY, "pkcs11-spy.so (package opensc) not found"
+    write_secret(log, "")
+    req["token"]["module"] = SPY
+    return {"PKCS11SPY": token.module, "PKCS11SPY_OUTPUT": str(log)}
+
+
+def _logins(log) -> list[str]:
+    """The return value of each C_Login in a pkcs11-spy log, in order."""
+    return re.findall(r"\bC_Login\n(?:.*\n)*?Returned:\s+\d+ (\w+)", log.read_text())
+
+
+def test_one_wrong_pin_attempt_is_one_login(device, ca, tmp_path):
+    """On each route, a wrong PIN reaches the token once: neither route tries it again (pkcs11-provider asks for
+    the PIN once per slot and retry; hsm.tls answers the first request only), and a forced route never falls back."""
+    write_secret(tmp_path / "wrong-pin", "not-" + device["token"].pin)
+    req = _request("context", ca, device)
+    req["token"]["pin_source"] = f"file:{tmp_path / 'wrong-pin'}"
+    log = tmp_path / "spy-wrong.log"
+    answer = run_tls_child(req, env=child_env(device["route"], **_spied(req, device["token"], log)))
+    assert answer["error_type"] == "PinError", answer
+    assert _logins(log) == ["CKR_PIN_INCORRECT"], log.read_text()[-3000:]
+    # control: the spy sees the one login of the right PIN, and the key loads through it on the same route
+    req = _request("context", ca, device)
+    log = tmp_path / "spy-right.log"
+    answer = run_tls_child(req, env=child_env(device["route"], **_spied(req, device["token"], log)))
+    assert answer["ok"] and answer["route"] == device["route"], answer
+    assert _logins(log) == ["CKR_OK"], log.read_text()[-3000:]
+
+
+@one_tls_route
+def test_a_wrong_pin_is_not_retried_on_the_engine(device, ca, tmp_path):
+    """The product's own choice (no route forced, both installed): the provider's wrong PIN is final, the engine
+    does not try it again (it did: the provider leaves no error behind, which looked like 'provider unusable')."""
+    if {"provider", "engine"} - set(available_routes()):
+        pytest.fail(f"both routes must be installed here (./dev.sh setup installs them): {available_routes()}")
+    write_secret(tmp_path / "wrong-pin", "not-" + device["token"].pin)
+    req = _request("context", ca, device)
+    req["token"]["pin_source"] = f"file:{tmp_path / 'wrong-pin'}"
+    log = tmp_path / "spy.log"
+    env = child_env(**_spied(req, device["token"], log))
+    env.pop("TESSERA_TLS_ROUTE", None)
+    answer = run_tls_child(req, env=env)
+    assert answer["error_type"] == "PinError", answer
+    assert "using the libp11 engine" not in answer["_stderr"], answer["_stderr"]
+    assert _logins(log) == ["CKR_PIN_INCORRECT"], log.read_text()[-3000:]
 
 
 def test_missing_module(device, ca, tmp_path):
@@ -233,7 +289,7 @@ def test_missing_key(device, ca):
     req["key_uri"] = "pkcs11:token=tessera;object=no-such-key;type=private"
     answer = tls_child(req, device)
     assert not answer["ok"], answer
-    assert "HsmError" in answer["error_mro"], answer
+    assert answer["error_type"] == "HsmError", answer  # not a PinError: the PIN was right, the key is missing
     msg = _assert_one_line(answer, device["token"].pin)
     assert "no-such-key" in msg
 
@@ -251,15 +307,30 @@ def test_pin_file_mode(device, ca, tmp_path):
     assert "0644" in msg
 
 
-@pytest.mark.skipif(bool(glob.glob("/usr/lib/*/ossl-modules/pkcs11.so") + glob.glob("/usr/lib/ossl-modules/pkcs11.so")),
-                    reason="pkcs11-provider is installed here")
 @one_tls_route
-def test_provider_route_unavailable(device, ca):
-    answer = run_tls_child(_request("context", ca, device), env=child_env(TESSERA_TLS_ROUTE="provider"))
+def test_provider_route_unavailable(device, ca, tmp_path):
+    missing = tmp_path / "nowhere" / "pkcs11.so"
+    answer = run_tls_child(_request("context", ca, device),
+                           env=child_env("provider", TESSERA_PKCS11_PROVIDER=str(missing)))
     assert not answer["ok"], answer
     assert answer["error_type"] == "TlsRouteError", answer
     msg = _assert_one_line(answer, device["token"].pin)
-    assert "provider" in msg and "not installed" in msg
+    assert "provider" in msg and "not installed" in msg and "TESSERA_PKCS11_PROVIDER" in msg, msg
+
+
+@one_tls_route
+def test_provider_outside_openssls_module_directory(device, ca, tmp_path):
+    """pkcs11-provider found outside OpenSSL's module directory is loaded by the path it was found at (by name,
+    OpenSSL looks only in $OPENSSL_MODULES, here an empty directory, and fails with a DSO error)."""
+    copy = tmp_path / "elsewhere" / "pkcs11.so"
+    copy.parent.mkdir()
+    shutil.copy2(provider_path() or pytest.fail("pkcs11-provider is not installed (./dev.sh setup installs it)"),
+                 copy)
+    (tmp_path / "empty").mkdir()
+    answer = run_tls_child(_request("context", ca, device),
+                           env=child_env("provider", TESSERA_PKCS11_PROVIDER=str(copy),
+                                         OPENSSL_MODULES=str(tmp_path / "empty")))
+    assert answer["ok"] and answer["route"] == "provider", answer
 
 
 @one_tls_route
@@ -269,7 +340,6 @@ def test_unknown_route_name(device, ca):
     assert answer["error_type"] == "TlsRouteError", answer
     msg = _assert_one_line(answer)
     assert "'pkcs11'" in msg
-
 
 
 
