@@ -140,11 +140,19 @@ def issue_birth(signer: Signer, device: TokenConfig, serial: str, batch: Path, d
     now = now or datetime.now(timezone.utc)
     key_id = b"idevid:" + serial.encode()
     info = worker.generate_key(device, key_label, key_type, key_id)
-    der = worker.run_isolated(_sign, signer, "birth", {
-        "serial": serial, "public_key_pem": info.public_key_pem, "now": now.isoformat(), "model": model, "days": days})
-    cert = x509.load_der_x509_certificate(der)
-    cert.verify_directly_issued_by(ca)
-    write_certificate(device, der, key_label, info.id)
+    try:
+        der = worker.run_isolated(_sign, signer, "birth", {"serial": serial, "public_key_pem": info.public_key_pem,
+                                                           "now": now.isoformat(), "model": model, "days": days})
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            cert.verify_directly_issued_by(ca)
+        except Exception:  # noqa: BLE001  (InvalidSignature, or another key type)
+            raise FactoryError(f"the CA certificate {ca.subject.rfc4514_string()} is not the one whose key is in "
+                               f"the CA token {signer.token.label!r}") from None
+        write_certificate(device, der, key_label, info.id)
+    except BaseException:  # no half-provisioned token: a re-run starts from scratch
+        worker.delete_key(device, key_label)
+        raise
     new = not batch.exists() or batch.stat().st_size == 0
     with open(batch, "a", newline="") as fh:
         writer = csv.writer(fh)

@@ -1,0 +1,182 @@
+"""Birth certificates without a hub: hub.est.methods.idevid.identify (which CA, validity, serialNumber) and the
+allowlist in hub.manufacturer.store (manufacturer CAs, all-or-nothing batches, first use, re-provisioning),
+on a temporary registry file with file keys and a fixed clock."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from est.errors import Forbidden
+from hub.est.methods.idevid import identify, is_birth_refusal
+from hub.manufacturer import factory, store
+from hub.registry.errors import DeviceExists
+from hub.registry.store import Registry
+
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def _key():
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_ca(name: str = "maker"):
+    key = _key()
+    fields = factory.ca_fields(name, "", key.public_key(), T0 - timedelta(days=1), 3650)
+    return _build(fields, key), key
+
+
+def _build(fields: dict, key) -> x509.Certificate:
+    builder = x509.CertificateBuilder(**fields["fields"]).public_key(fields["public_key"]).issuer_name(fields["issuer"])
+    for ext, critical in fields["extensions"]:
+        builder = builder.add_extension(ext, critical=critical)
+    return builder.sign(key, hashes.SHA256())
+
+
+def birth(ca: x509.Certificate, ca_key, serial: str = "SN-1", days: int | None = None, key=None) -> x509.Certificate:
+    key = key or _key()
+    return _build(factory.birth_fields(ca, serial, key.public_key(), T0 - timedelta(days=1), "model-x", days), ca_key)
+
+
+def der(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+@pytest.fixture(scope="module")
+def maker():
+    return make_ca("maker")
+
+
+@pytest.fixture
+def reg(tmp_path: Path):
+    r = Registry(tmp_path / "registry.sqlite3")
+    yield r
+    r.close()
+
+
+def test_identify_names_the_manufacturer_and_the_serial(maker):
+    ca, key = maker
+    other, _ = make_ca("other")
+    cert = birth(ca, key, "SN-42")
+    assert cert.not_valid_after_utc == factory.NO_EXPIRY  # 802.1AR: no well-defined expiry
+    name, serial, _ = identify(der(cert), [("other", other), ("maker", ca)], T0)
+    assert (name, serial) == ("maker", "SN-42")
+
+
+@pytest.mark.parametrize("case,code", [("unknown_ca", "birth_not_manufacturer"), ("expired", "birth_expired"),
+                                       ("no_serial", "birth_no_serial"), ("same_name_other_key", "birth_not_manufacturer")])
+def test_identify_refusals_have_precise_codes_and_one_generic_answer(maker, case, code):
+    ca, key = maker
+    if case == "unknown_ca":
+        other, other_key = make_ca("other")
+        cert, cas = birth(other, other_key), [("maker", ca)]
+    elif case == "expired":
+        cert, cas = birth(ca, key, days=1), [("maker", ca)]
+    elif case == "same_name_other_key":  # an impostor CA with the manufacturer's very subject
+        impostor, impostor_key = make_ca("maker")
+        cert, cas = birth(impostor, impostor_key), [("maker", ca)]
+    else:
+        fields = factory.birth_fields(ca, "SN-1", _key().public_key(), T0 - timedelta(days=1), "", None)
+        fields["fields"]["subject_name"] = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "no serial")])
+        cert, cas = _build(fields, key), [("maker", ca)]
+    with pytest.raises(Forbidden) as info:
+        identify(der(cert), cas, T0 + timedelta(days=3))
+    assert info.value.code == code and is_birth_refusal(code)
+
+
+def test_a_fleet_ca_or_a_leaf_is_refused_as_manufacturer_ca(maker):
+    ca, key = maker
+    with pytest.raises(store.ManufacturerError) as info:
+        store.load_ca(_pem(ca), fleet_cas=[ca])
+    assert info.value.code == "fleet_ca"
+    with pytest.raises(store.ManufacturerError) as info:
+        store.load_ca(_pem(birth(ca, key)))
+    assert info.value.code == "bad_ca"
+    with pytest.raises(store.ManufacturerError):
+        store.load_ca("not a certificate")
+
+
+def _pem(cert: x509.Certificate) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _issuer(ca, key, cert_key):
+    def issue(device_id: str) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+        return (x509.CertificateBuilder().subject_name(name).issuer_name(ca.subject).public_key(cert_key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(T0)
+                .not_valid_after(T0 + timedelta(days=30)).sign(key, hashes.SHA256()))
+    return issue
+
+
+def _tables(reg: Registry) -> dict:
+    return {t: reg.query(f"SELECT * FROM {t} ORDER BY rowid") for t in ("devices", "certificates")} | {
+        "births": reg.query("SELECT * FROM births ORDER BY serial")}
+
+
+def test_batches_are_all_or_nothing(reg, maker):
+    ca, _ = maker
+    store.add_manufacturer(reg, "maker", ca, T0, "test")
+    with pytest.raises(store.ManufacturerError):
+        store.add_manufacturer(reg, "maker-2", ca, T0, "test")  # the same CA twice
+    store.import_batch(reg, "maker", "b1", [{"serial": "SN-1", "device_id": "dev-1"}], "acme", T0, "test")
+    before = _tables(reg)
+    for rows, err in (([{"serial": "SN-2"}, {"serial": "SN-2"}], store.ManufacturerError),   # twice in the batch
+                      ([{"serial": "SN-3"}, {"serial": "SN-1"}], store.ManufacturerError),   # allowlisted already
+                      ([{"serial": "SN-4", "device_id": "dev-1"}], DeviceExists),           # device id taken
+                      ([{"serial": "SN-5", "cert_sha256": "xyz"}], store.ManufacturerError),
+                      ([{"serial": "bad serial"}], store.ManufacturerError)):
+        with pytest.raises(err):
+            store.import_batch(reg, "maker", "b2", rows, "acme", T0, "test")
+    with pytest.raises(store.ManufacturerError) as info:
+        store.import_batch(reg, "nobody", "b2", [{"serial": "SN-6"}], "acme", T0, "test")
+    assert info.value.code == "unknown"
+    assert _tables(reg) == before
+    assert reg.get_device("dev-1")["status"] == "pending"
+
+
+def test_a_birth_certificate_enrolls_once_unless_reprovisioning_is_allowed(reg, maker):
+    ca, key = maker
+    store.add_manufacturer(reg, "maker", ca, T0, "test")
+    cert = birth(ca, key, "SN-7")
+    digest = store.fingerprint(cert)
+    store.import_batch(reg, "maker", "b1", [{"serial": "SN-7", "cert_sha256": digest}], "acme", T0, "test")
+    issue = _issuer(ca, key, _key())
+    device_id, _ = store.enroll(reg, "maker", "SN-7", digest, T0, issue, source="10.0.0.7")
+    assert device_id == "sn-7" and reg.get_device("sn-7")["status"] == "active"
+    before = _tables(reg)
+    with pytest.raises(store.BirthRejected) as info:
+        store.enroll(reg, "maker", "SN-7", digest, T0, issue)
+    assert (info.value.code, info.value.device_id) == ("birth_used", "sn-7")
+    with pytest.raises(store.BirthRejected) as info:
+        store.lookup(reg, "maker", "SN-7", "0" * 64)
+    assert info.value.code == "birth_cert_mismatch"
+    with pytest.raises(store.BirthRejected) as info:
+        store.lookup(reg, "maker", "SN-8", digest)
+    assert info.value.code == "birth_not_allowlisted"
+    assert _tables(reg) == before
+
+    assert store.allow_reprovision(reg, "sn-7", T0, "operator")["reprovision"] is True
+    store.enroll(reg, "maker", "SN-7", digest, T0 + timedelta(hours=1), issue)
+    assert sorted(c["status"] for c in reg.certificates_of("sn-7")) == ["active", "superseded"]
+    with pytest.raises(store.BirthRejected):  # the permission was used up
+        store.enroll(reg, "maker", "SN-7", digest, T0 + timedelta(hours=2), issue)
+
+    reg.set_status("sn-7", "suspended", T0, "operator")
+    store.allow_reprovision(reg, "sn-7", T0, "operator")
+    with pytest.raises(store.BirthRejected) as info:
+        store.lookup(reg, "maker", "SN-7", digest)
+    assert info.value.code == "device_suspended"
+    actions = [r["action"] for r in reg.audit_log(limit=50)]
+    assert "manufacturer.add" in actions and "manufacturer.import" in actions
+    assert actions.count("manufacturer.allow_reprovision") == 2 and actions.count("enroll") == 2
