@@ -22,7 +22,7 @@ import sys
 import time
 from datetime import datetime
 
-from hsm.errors import HsmError, ModuleNotFound, PinError, TlsRouteError, TokenNotFound
+from hsm.errors import HsmError, PinError
 
 from .config import to_dict
 from .renewal import decide, next_check_delay, renew_command_refusal
@@ -34,8 +34,11 @@ RENEW_RETRY = 60.0      # seconds before retrying a failed renewal
 RENEW_MIN_INTERVAL = 600.0  # a renewed certificate that is due again at once means the clock is wrong
 RESTART_EXIT = 75           # Agent.run's answer when the process must restart to load a new key (EX_TEMPFAIL)
 RESUME_ENV = "TESSERA_AGENT_RESUME"
-#: errors that a restart cannot cure: the key is not the problem
-_NOT_THE_KEY = (PinError, ModuleNotFound, TokenNotFound, TlsRouteError)
+#: never retried by a restart: each wrong PIN counts towards the token's lockout. Anything else about a key new to
+#: this process is worth one restart (pkcs11-provider reports the invisible key as "no private key found ...
+#: (missing token?)", a TlsRouteError, as its login session is already open); a fresh image that fails again has
+#: loaded no key yet, so it fails as any agent would, once
+_NOT_THE_KEY = (PinError,)
 
 
 class KeyReload(Exception):

@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device are fixtures)
-    device_messages, hub, make_device, one_line, run_agent_cli, telemetry, wait_until,
+from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device, make_token_device are fixtures)
+    device_messages, hub, make_device, make_token_device, one_line, run_agent_cli, telemetry, wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -30,38 +30,39 @@ def send(hub, device_id: str, command: str, *args: str):
     return proc, ack
 
 
-def test_connect_publish_and_answer_commands(hub, make_device):
-    dev, token = make_device("sess-1", interval=0.2)
+def test_connect_publish_and_answer_commands(hub, make_token_device):
+    """On each token type (SoftHSM2, TPM 2.0 through tpm2-pkcs11): every handshake signs with the token key."""
+    dev, token = make_token_device("sess-1", interval=0.2)
     dev.enroll_ok(token)
     dev.start()
     dev.wait_state("online", 30)
 
     # the hub's registry shows the device online (retained status message seen by the hub)
-    wait_until(lambda: hub.device_list()["sess-1"]["online"], 15, "device list shows sess-1 online")
+    wait_until(lambda: hub.device_list()[dev.id]["online"], 15, f"device list shows {dev.id} online")
 
     # telemetry arrives: the device's envelope, seq counting from 1 without gaps
-    tel = wait_until(lambda: (t := telemetry(hub, "sess-1")) and len(t) >= 5 and t, 15, "5 telemetry messages")
+    tel = wait_until(lambda: (t := telemetry(hub, dev.id)) and len(t) >= 5 and t, 15, "5 telemetry messages")
     seqs = [t["seq"] for t in tel]
     assert sorted(set(seqs)) == list(range(1, max(seqs) + 1)), seqs
     first = tel[0]
-    assert first["device"] == "sess-1" and set(first) == {"device", "ts", "seq", "readings"}
+    assert first["device"] == dev.id and set(first) == {"device", "ts", "seq", "readings"}
     ts = datetime.fromisoformat(first["ts"].replace("Z", "+00:00"))
     assert abs((datetime.now(timezone.utc) - ts).total_seconds()) < 60
     assert "load_1" in first["readings"] and "mem_total_kb" in first["readings"]
 
     # commands: ping, report, and an unknown one (refused in the ack, exit 1)
-    proc, ack = send(hub, "sess-1", "ping")
+    proc, ack = send(hub, dev.id, "ping")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert ack["ok"] is True and ack["result"] == {"pong": True}
-    proc, ack = send(hub, "sess-1", "report")
+    proc, ack = send(hub, dev.id, "report")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert ack["result"]["device"] == "sess-1" and ack["result"]["state"] == "online"
+    assert ack["result"]["device"] == dev.id and ack["result"]["state"] == "online"
     assert ack["result"]["pid"] == dev.proc.pid
     assert ack["result"]["cert_not_after"] == dev.identity()["not_after"]
-    proc, ack = send(hub, "sess-1", "selfdestruct")
+    proc, ack = send(hub, dev.id, "selfdestruct")
     assert proc.returncode == 1 and ack["ok"] is False and "unknown command" in ack["error"], proc.stdout
     # the acks travelled as device messages too
-    acks = [r for r in device_messages(hub, "sess-1") if r["kind"] == "commands/ack"]
+    acks = [r for r in device_messages(hub, dev.id) if r["kind"] == "commands/ack"]
     assert len(acks) >= 3
 
     # the running agent's view
@@ -73,7 +74,7 @@ def test_connect_publish_and_answer_commands(hub, make_device):
     assert dev.stop() == 0, dev.log_text()
     assert time.monotonic() - started < 5
     assert dev.status()["connection"] == "stopped"
-    wait_until(lambda: not hub.device_list()["sess-1"]["online"], 15, "device list shows sess-1 offline")
+    wait_until(lambda: not hub.device_list()[dev.id]["online"], 15, f"device list shows {dev.id} offline")
     assert "Traceback" not in dev.log_text(), dev.log_text()
 
 
