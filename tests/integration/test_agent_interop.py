@@ -24,6 +24,9 @@ default for every algorithm (ENGINE_set_default(engine, ENGINE_METHOD_ALL)), so 
 TPM's salted auth session goes into the engine and fails ("Could not start Auth Session with the TPM", "Error
 unsealing wrapping key"), the login fails and the key is "not found". Use the provider route with a TPM.
 
+Routes follow the run's selection ($TESSERA_TEST_ROUTES, tests/helpers.py): a test of a route the run does not
+select is skipped; a selected route that is not installed fails (./dev.sh setup installs both).
+
 Cost: one enrolled device per token type (module scope), one short tool run per test.
 """
 
@@ -37,6 +40,7 @@ import subprocess
 
 import pytest
 
+from tests.helpers import selected_routes
 from tests.integration.agentfixtures import (  # noqa: F401  (hub is a fixture)
     agent_env, broker_log, device_messages, hub, new_device, wait_until, write_secret,
 )
@@ -44,6 +48,16 @@ from tests.integration.agentfixtures import (  # noqa: F401  (hub is a fixture)
 pytestmark = pytest.mark.integration
 
 TPM_ENGINE_FAILURE = "Could not start Auth Session with the TPM"
+
+
+def route(name: str) -> None:
+    """Skip unless the run tests OpenSSL route `name`; fail if it does but the route is not installed."""
+    from hsm.tls import available_routes
+
+    if name not in selected_routes():
+        pytest.skip(f"the {name} route is not selected ($TESSERA_TEST_ROUTES)")
+    if name not in available_routes():
+        pytest.fail(f"TLS route {name!r} is not installed here (./dev.sh setup installs it)")
 
 
 @pytest.fixture(scope="module", params=["softhsm", "tpm"])
@@ -67,12 +81,19 @@ def tooldev(request, hub, tmp_path_factory):
         dev, token = new_device(hub, base, f"interop-{kind}", token_maker=maker)
         try:
             dev.enroll_ok(token)
-            proc = dev.cli("tls-config", "--out", str(base / "tools"))
-            assert proc.returncode == 0, proc.stdout + proc.stderr
             dev.kind = kind
-            yield dev, proc.stdout
+            yield dev
         finally:
             dev.destroy()
+
+
+@pytest.fixture(scope="module")
+def provider_tools(tooldev):
+    """(device, what `tessera-agent tls-config` printed) for the provider-route tests."""
+    route("provider")
+    proc = tooldev.cli("tls-config", "--out", str(tooldev.base.parent / "tools"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tooldev, proc.stdout
 
 
 def tool_env(dev, **extra) -> dict[str, str]:
@@ -92,8 +113,8 @@ def sent(hub, dev, payload: str) -> list[dict]:
                       10, f"{payload!r} in device-messages.jsonl")
 
 
-def test_tls_config_writes_the_provider_files(tooldev):
-    dev, out = tooldev
+def test_tls_config_writes_the_provider_files(provider_tools):
+    dev, out = provider_tools
     tools = dev.base.parent / "tools"
     conf, key = tools / "openssl-pkcs11.cnf", tools / "device-key.pem"
     assert stat.S_IMODE(conf.stat().st_mode) == 0o600
@@ -112,10 +133,10 @@ def test_tls_config_writes_the_provider_files(tooldev):
     assert proc.stdout == cert.stdout
 
 
-def test_mosquitto_pub_through_the_provider_publishes_as_the_device(hub, tooldev):
+def test_mosquitto_pub_through_the_provider_publishes_as_the_device(hub, provider_tools):
     """The command line tls-config printed, run as printed (only the message changed): CONNACK, PUBACK, and the
     broker named the client by its token-backed certificate."""
-    dev, out = tooldev
+    dev, out = provider_tools
     payload = json.dumps({"via": "mosquitto_pub", "route": "provider", "token": dev.kind})
     line = printed(out, "publish").replace("-m hello", f"-m {payload!r}") + " -d"
     proc = subprocess.run(["sh", "-c", line], capture_output=True, text=True, timeout=30, env=tool_env(dev),
@@ -135,10 +156,10 @@ def mqtt_connect(client_id: str) -> bytes:
     return b"\x10" + bytes([len(body)]) + body + b"\xe0\x00"
 
 
-def test_openssl_s_client_through_the_provider_authenticates_with_the_token_key(hub, tooldev):
+def test_openssl_s_client_through_the_provider_authenticates_with_the_token_key(hub, provider_tools):
     """openssl s_client as printed (the key as its pkcs11: URI): the handshake verifies, the broker accepts the
     MQTT CONNECT of a client it authenticated by the token-backed certificate (CONNACK 0)."""
-    dev, out = tooldev
+    dev, out = provider_tools
     argv = ["sh", "-c", printed(out, "handshake") + " -quiet"]
     proc = subprocess.run(argv, input=mqtt_connect(dev.id), capture_output=True, timeout=30, env=tool_env(dev))
     err = proc.stderr.decode(errors="replace")
@@ -170,7 +191,8 @@ def mosquitto_pub_engine(hub, dev, workdir, conf, payload: str) -> subprocess.Co
 
 
 def test_mosquitto_pub_through_the_engine_works_on_softhsm_and_fails_on_a_tpm(hub, tooldev, tmp_path):
-    dev, _ = tooldev
+    route("engine")
+    dev = tooldev
     conf = engine_conf(tmp_path / "openssl-engine.cnf", dev.token)
     payload = json.dumps({"via": "mosquitto_pub", "route": "engine", "token": dev.kind})
     proc = mosquitto_pub_engine(hub, dev, tmp_path / "work", conf, payload)
@@ -188,7 +210,8 @@ def test_mosquitto_pub_through_the_engine_works_on_softhsm_and_fails_on_a_tpm(hu
 
 def test_mosquitto_pub_through_the_engine_without_the_pin_cannot_use_the_key(hub, tooldev, tmp_path):
     """Control: an engine config lacking the PIN fails: the key really is in the token."""
-    dev, _ = tooldev
+    route("engine")
+    dev = tooldev
     conf = engine_conf(tmp_path / "openssl-nopin.cnf", dev.token, with_pin=False)
     proc = mosquitto_pub_engine(hub, dev, tmp_path / "work", conf, "should-not-arrive")
     assert proc.returncode != 0, proc.stdout + proc.stderr
@@ -196,9 +219,9 @@ def test_mosquitto_pub_through_the_engine_without_the_pin_cannot_use_the_key(hub
     assert [r for r in device_messages(hub, dev.id, "events") if r["payload"] == "should-not-arrive"] == []
 
 
-def test_tls_config_refuses_an_env_pin_source(tooldev, tmp_path):
+def test_tls_config_refuses_an_env_pin_source(provider_tools, tmp_path):
     """pkcs11-provider reads the PIN itself, from a file: an env: PIN source is one clear error, nothing written."""
-    dev, _ = tooldev
+    dev, _ = provider_tools
     proc = dev.cli("tls-config", "--out", str(tmp_path / "t"), "--set", "token.pin_source=env:TOKEN_PIN")
     assert proc.returncode == 1
     assert "file: PIN source" in " ".join(proc.stderr.split()), proc.stderr
