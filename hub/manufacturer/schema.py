@@ -1,4 +1,5 @@
-"""The manufacturer side tables in the registry file; `apply_schema` is idempotent (run by serve and the API).
+"""The manufacturer side tables in the registry; `apply_schema` is idempotent (run at first use by the EST service
+and the API). Plain SQL both SQLite and PostgreSQL run (hub/registry/sql.py).
 
   manufacturers  one row per trusted manufacturer CA: name, the CA certificate (PEM), its SHA-256, who added it
   births         the allowlist: one row per expected birth certificate, keyed by (manufacturer, serialNumber);
@@ -20,7 +21,7 @@ MANUFACTURER_SCHEMA = (
         device_id TEXT NOT NULL UNIQUE REFERENCES devices(id), cert_sha256 TEXT, batch TEXT NOT NULL,
         imported TEXT NOT NULL, used_at TEXT, used_from TEXT,
         reprovision INTEGER NOT NULL DEFAULT 0 CHECK (reprovision IN (0, 1)),
-        PRIMARY KEY (manufacturer, serial)) WITHOUT ROWID""",
+        PRIMARY KEY (manufacturer, serial))""",
 )
 
 

@@ -108,7 +108,9 @@ def add_manufacturer(registry: Registry, name: str, ca: x509.Certificate, now: d
         if taken:
             what = "name" if taken["name"] == name else f"CA (as {taken['name']!r})"
             raise ManufacturerError(f"a manufacturer with that {what} exists already", code="exists")
-        db.table("manufacturers").insert(row)
+        db.execute("INSERT INTO manufacturers (name, ca_pem, ca_sha256, subject, added, added_by) "
+                   "VALUES (?, ?, ?, ?, ?, ?)", [row[k] for k in ("name", "ca_pem", "ca_sha256", "subject", "added",
+                                                               "added_by")])
         registry.append_audit(db, [(row["added"], actor, "manufacturer.add", None, "ok",
                                     f"{name}: CA {row['subject']} sha256 {row['ca_sha256']}", source)])
     return public(row)
@@ -192,15 +194,21 @@ def import_batch(registry: Registry, name: str, batch: str, rows: Iterable[Mappi
                          None)
             if taken:
                 raise DeviceExists(f"device {taken['id']!r} already exists")
-        db.conn.executemany("INSERT INTO devices (id, fleet, status, labels, groups, created, online) "
+        _executemany(db, "INSERT INTO devices (id, fleet, status, labels, groups, created, online) "
                             "VALUES (?, ?, 'pending', '{}', '[]', ?, 0)", [(d, fleet, at) for _, d, _ in parsed])
-        db.conn.executemany("INSERT INTO births (manufacturer, serial, device_id, cert_sha256, batch, imported) "
+        _executemany(db, "INSERT INTO births (manufacturer, serial, device_id, cert_sha256, batch, imported) "
                             "VALUES (?, ?, ?, ?, ?, ?)", [(name, s, d, h, batch, at) for s, d, h in parsed])
         registry.append_audit(db, [(at, actor, "manufacturer.import", d, "ok",
                                     f"{name} serial {s} batch {batch}" + ("; certificate pinned" if h else ""),
                                     source) for s, d, h in parsed])
     return {"manufacturer": name, "batch": batch, "imported": len(parsed),
             "devices": [d for _, d, _ in parsed][:100]}
+
+
+def _executemany(db, sql: str, rows: list[tuple]) -> None:
+    """Many rows in one call: a PostgreSQL connection's own executemany, else sqlite3's."""
+    run = getattr(db, "executemany", None)
+    (run or db.conn.executemany)(sql, rows)
 
 
 def allow_reprovision(registry: Registry, device_id: str, now: datetime, actor: str,
