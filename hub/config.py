@@ -12,8 +12,11 @@ from urllib.parse import urlsplit
 from hsm.token import TokenConfig
 
 from hub.ca.policy import Policy
+from hub.registry.sql import check_url
 
 DEFAULT_DIR = "tessera-hub"
+BROKER_KINDS = ("mosquitto", "rabbitmq")
+DEFAULT_RABBITMQ_AUTH_PORT = 8446  # loopback: RabbitMQ's HTTP auth back end requests (hub/broker/rabbitmq/)
 #: The most EST worker processes `[est] workers = 0` picks (SQLite has one writer; each worker is ~40 MB).
 MAX_EST_WORKERS = 8
 #: The plain-HTTP CRL listener's port when fleet.toml's [crl] http_port is not set.
@@ -82,6 +85,14 @@ class HubConfig:
     supersede_grace_seconds: int = 300
     #: The HTTPS fleet API's port; None: 8444 if free (serve runs on without the API otherwise), 0: any free port.
     api_port: int | None = None
+    #: The registry: '' is registry.sqlite3 in the hub directory; a PostgreSQL URL is refused until every part of
+    #: the hub runs on it (hub/registry/sql.py: check_url).
+    registry_url: str = ""
+    #: The broker the hub drives: "mosquitto" (a child process) or "rabbitmq" (a cluster it is pointed at,
+    #: hub/broker/rabbitmq/): each node's management API URL, and the loopback port of the hub's auth back end.
+    broker_kind: str = "mosquitto"
+    rabbitmq_management: list[str] = field(default_factory=list)
+    rabbitmq_auth_port: int = DEFAULT_RABBITMQ_AUTH_PORT
 
     # --- derived paths ---
     @property
@@ -205,6 +216,14 @@ class HubConfig:
             "[ca]", "# store = \"file\" (keys in ca/, mode 0600) or \"pkcs11\" (keys in a token; PIN from pin_source)",
             f"store = {q(self.ca_store)}", f"module = {q(self.ca_module)}", f"token_label = {q(self.ca_token_label)}",
             f"pin_source = {q(self.ca_pin_source)}", f"softhsm_conf = {q(self.ca_softhsm_conf)}", "",
+            "[broker]", "# kind = \"mosquitto\" (a child of serve) or \"rabbitmq\" (a cluster serve is pointed at; [mqtt] port",
+            "# is a node's MQTT port): each node's management API URL, and the port of the hub's auth back end",
+            f"kind = {q(self.broker_kind)}",
+            f"management_urls = [{', '.join(q(u) for u in self.rabbitmq_management)}]",
+            f"auth_port = {self.rabbitmq_auth_port}", "",
+            "[registry]", "# empty: the SQLite file registry.sqlite3 in this directory (PostgreSQL for several hubs on",
+            "# one fleet, postgresql+psycopg://user@host:port/db?passfile=..., is not supported by serve yet)",
+            f"url = {q(self.registry_url)}", "",
         ])
 
     def save(self) -> None:
@@ -253,6 +272,24 @@ def _seconds(section: dict, key: str, default: float) -> float:
     return float(value)
 
 
+def _broker(section: dict) -> dict:
+    """[broker]: kind, management_urls (http(s) URLs, rabbitmq only, at least one), auth_port."""
+    kind = section.get("kind", "mosquitto")
+    if kind not in BROKER_KINDS:
+        raise ValueError(f"[broker] kind must be one of {', '.join(BROKER_KINDS)}, not {str(kind)[:32]!r}")
+    urls = section.get("management_urls", [])
+    if not isinstance(urls, list) or not all(isinstance(u, str) and urlsplit(u).scheme in ("http", "https")
+                                             and urlsplit(u).netloc for u in urls):
+        raise ValueError("[broker] management_urls must be a list of http(s) URLs (one per RabbitMQ node)")
+    if kind == "rabbitmq" and not urls:
+        raise ValueError("[broker] kind = \"rabbitmq\" needs management_urls (one per node)")
+    port = _port(section, "auth_port", "broker")
+    if kind == "rabbitmq" and port == 0:
+        raise ValueError("[broker] auth_port must be a fixed port: every node's configuration names it")
+    return {"broker_kind": kind, "rabbitmq_management": urls,
+            "rabbitmq_auth_port": DEFAULT_RABBITMQ_AUTH_PORT if port is None else port}
+
+
 def load_config(root: Path) -> HubConfig:
     """Read fleet.toml from a hub directory; ConfigError if this is not a fleet directory."""
     path = root / "fleet.toml"
@@ -261,8 +298,8 @@ def load_config(root: Path) -> HubConfig:
                           "run `tessera-hub init` or pass --dir / set TESSERA_HUB_DIR")
     try:
         data = tomllib.loads(path.read_text())
-        sections = ("fleet", "issuance", "est", "mqtt", "ca", "api", "crl")
-        fleet, iss, est, mqtt, ca, api, crl = (data.get(k, {}) for k in sections)
+        sections = ("fleet", "issuance", "est", "mqtt", "ca", "api", "crl", "broker")
+        fleet, iss, est, mqtt, ca, api, crl, broker = (data.get(k, {}) for k in sections)
         api_port = api.get("port")
         if api_port is not None and (isinstance(api_port, bool) or not isinstance(api_port, int)
                                      or not 0 <= api_port < 65536):
@@ -293,6 +330,8 @@ def load_config(root: Path) -> HubConfig:
             ca_store=ca.get("store", "file"), ca_module=ca.get("module", ""),
             ca_token_label=ca.get("token_label", ""), ca_pin_source=ca.get("pin_source", ""),
             ca_softhsm_conf=ca.get("softhsm_conf", ""),
+            **_broker(broker),
+            registry_url=check_url(data.get("registry", {}).get("url", "")),
         )
     except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"{path} is not valid: {exc}") from None

@@ -116,6 +116,9 @@ class Hub:
     dir: Path
     port: int = 0
     mqtt_port: int = 0
+    #: `serve --mqtt-port` when set (a RabbitMQ node's MQTT port, tests/integration/rabbitfixtures.py); 0: a free
+    #: port chosen at start, for the hub's own Mosquitto
+    broker_port: int = 0
     #: `serve --crl-port` (the plain-HTTP CRL listener): unless set, a free port chosen at start, so test hubs never
     #: contend for the default 8080 (new certificates still name fleet.toml's [crl] port: hub/serve/crlhttp.py)
     crl_port: int = 0
@@ -228,7 +231,7 @@ class Hub:
     def start(self, timeout: float = 30.0) -> None:
         assert self.proc is None, "already started"
         self.port = free_port()
-        self.mqtt_port = free_port()
+        self.mqtt_port = self.broker_port or free_port()
         while self.mqtt_port == self.port:
             self.mqtt_port = free_port()
         while not self.crl_port or self.crl_port in (self.port, self.mqtt_port):  # set beforehand: that port

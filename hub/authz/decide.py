@@ -1,0 +1,97 @@
+"""The registry-side authorization decisions in Python: who is admitted and with which rights (no broker code).
+
+The Mosquitto plugin (hub/broker/mosquitto/tessera_authz.c) makes these decisions in C from the same registry
+rows (hub/authz/schema.py: CREDENTIAL_QUERY, RULES_QUERY); the RabbitMQ auth back end (hub/broker/rabbitmq/auth.py)
+makes them here. `credential_refusal` is the plugin's function of the same name, word for word; a change to
+either must be made to both (tests/integration/test_rabbitmq_authz.py runs one table of cases against both).
+Reads only; `now` is passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Mapping
+
+from hub.registry.store import _ts
+
+from .policy import Grants, expand
+from .schema import CREDENTIAL_QUERY, RULES_QUERY
+
+#: Every credential row of one principal (the RabbitMQ back end is told a name, never a certificate serial).
+PRINCIPAL_CREDENTIALS = ("SELECT principal, kind, role, cert_status, principal_status, not_before, not_after, "
+                         "grace_until, groups, serial FROM authz_credentials WHERE principal = ?1")
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    kind: str      # device, service or hub
+    role: str
+    groups: tuple[str, ...]
+    grants: Grants
+
+
+def credential_refusal(row: Mapping[str, str | None], now: str, active_serial: str | None = None,
+                       serial: str | None = None) -> str | None:
+    """Why the certificate with authz_credentials `row` may not be used at `now` (a stored timestamp), or None.
+
+    `active_serial`: the certificate the principal last connected with while it was active (the plugin's
+    per-broker memory); a superseded certificate is refused once another one connected."""
+    if row["principal_status"] != "active":
+        return "suspended" if row["principal_status"] == "suspended" else "revoked"
+    if row["cert_status"] == "superseded":
+        if (row["grace_until"] or "") <= now:
+            return "superseded"
+        if active_serial and serial and active_serial != serial:
+            return "superseded"
+    elif row["cert_status"] != "active":
+        return "revoked"
+    if (row["not_before"] or "") > now:
+        return "not yet valid"
+    if (row["not_after"] or "") <= now:
+        return "expired"
+    return None
+
+
+def connect(db: sqlite3.Connection, issuer: str, serial: str, cn: str, client_id: str | None,
+            now: datetime) -> tuple[Principal | None, str | None]:
+    """The plugin's connect decision for a verified certificate (issuer 'device' or 'service', serial in hex):
+    (principal, None) if admitted, (None, reason) if not. The rate limit is the broker's, not here."""
+    db.row_factory = sqlite3.Row
+    row = db.execute(CREDENTIAL_QUERY, [issuer, serial]).fetchone()
+    if row is None:
+        return None, "unknown certificate"
+    reason = credential_refusal(row, _ts(now))
+    if reason is None and cn != row["principal"]:
+        reason = "certificate CN mismatch"
+    if reason is None and client_id != row["principal"]:
+        reason = "client id mismatch"
+    if reason:
+        return None, reason
+    return _principal(db, row), None
+
+
+def by_name(db: sqlite3.Connection, name: str, now: datetime) -> tuple[Principal | None, str | None]:
+    """Admission by principal name alone (what a broker that only passes the certificate's CN can ask): the
+    principal must be active and hold at least one usable certificate; which one was presented is the TLS
+    listener's business (its CRL holds the revoked and spent superseded ones, hub/broker/rabbitmq/crl.py)."""
+    db.row_factory = sqlite3.Row
+    rows = db.execute(PRINCIPAL_CREDENTIALS, [name]).fetchall()
+    if not rows:
+        return None, "unknown principal"
+    at = _ts(now)
+    reasons = [credential_refusal(r, at) for r in rows]
+    usable = [r for r, why in zip(rows, reasons) if why is None]
+    if not usable:
+        order = ("revoked", "suspended", "superseded", "expired", "not yet valid")
+        return None, min(reasons, key=lambda r: order.index(r) if r in order else len(order))
+    return _principal(db, usable[0]), None
+
+
+def _principal(db: sqlite3.Connection, row: Mapping) -> Principal:
+    groups = tuple(g for g in json.loads(row["groups"] or "[]") if isinstance(g, str))
+    rules = [(r[0], r[1]) for r in db.execute(RULES_QUERY, [row["role"]])]
+    return Principal(row["principal"], row["kind"], row["role"], groups, expand(rules, row["principal"], groups))

@@ -1,0 +1,209 @@
+"""The RabbitMQ driver: the hub drives a RabbitMQ cluster it is pointed at (it does not run the nodes).
+
+What the hub does for the cluster:
+- renders each node's configuration (config.py: mTLS MQTT listener, ssl_cert_login from the CN, the hub's HTTP
+  auth back end as the only back end, no password users, no auth cache, a CRL hash directory);
+- serves that auth back end (authserver.py over auth.py: the registry and hub/authz/policy.py, the same data the
+  Mosquitto plugin enforces) and keeps the listener's CRLs (crl.py: revoked, held and spent superseded
+  certificates, which the back end cannot see: it is told a name, never a serial);
+- follows authz_events (every FOLLOW_EVERY s, and at once on `sync()`): a principal that is refused now, or whose
+  rights changed (groups, role, re-enrolment), has its connections closed by user name through the management
+  API, which closes them on every node (RabbitMQ caches a session's topic rights, so a kick is how a change
+  bites); a superseded certificate whose grace ended gets into the CRL and its principal is kicked (a session on
+  the new certificate reconnects at once).
+Secrets (0600 files in the broker directory): the auth path segment RabbitMQ presents and the management
+user's password. Differences from Mosquitto (MQTT 3.1.1 only, no sender stamping, retained messages per node,
+receive rules enforced at subscribe time): docs in README "RabbitMQ".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+
+from hub.authz.decide import by_name
+from hub.authz.policy import HUB_PRINCIPAL
+from hub.ca.authority import FleetCA
+from hub.registry.store import Registry, _ts
+
+from .. import BrokerDriver, BrokerError, SyncResult
+from . import authserver
+from .auth import AuthBackend
+from .config import ClusterTls, Node, write_node_files
+from .crl import CrlDir
+from .mgmt import Mgmt, MgmtError
+
+log = logging.getLogger("tessera.hub.broker.rabbitmq")
+
+FOLLOW_EVERY = 0.2  # seconds between reads of authz_events (and checks for ended graces)
+#: authz event reasons after which a live session's cached rights are stale (it is kicked and reconnects)
+RIGHTS_CHANGED = ("groups changed", "re-enrolled", "re-provisioned")
+
+
+def read_secret(path: Path) -> str:
+    """The secret in `path`, created (0600, random) if missing; a wider mode is refused."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o077:
+            raise BrokerError(f"{path} must not be readable by others (chmod 600)") from None
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(24))
+    return path.read_text().strip()
+
+
+class RabbitMQBroker(BrokerDriver):
+    mqtt_protocol = "3.1.1"  # the MQTT plugin of RabbitMQ 3.10 (the hub's own client speaks it too)
+
+    def __init__(self, broker_dir: Path, registry: Registry, ca: FleetCA, mgmt_urls: Sequence[str],
+                 cafile: Path, certfile: Path, keyfile: Path, device_ca: Path, service_ca: Path,
+                 auth_port: int, auth_host: str = "127.0.0.1",
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 on_event: Callable[[str, str], None] = lambda kind, detail: None):
+        self.dir = broker_dir / "rabbitmq"
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.registry, self.clock, self.on_event = registry, clock, on_event
+        self.auth_host, self.auth_port = auth_host, auth_port
+        self.tls = ClusterTls(cafile, certfile, keyfile, self.dir / "crl")
+        self.auth_secret = read_secret(self.dir / "auth.secret")
+        self.mgmt = Mgmt(mgmt_urls, read_secret(self.dir / "mgmt.secret"))
+        self.crls = CrlDir(ca, self.tls.crl_dir, device_ca, service_ca)
+        self.backend = AuthBackend(registry.path, self.mgmt_secret, clock)
+        self._server = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.seq = 0
+        self._kick_log: list[tuple[int, int]] = []  # (seq, kicked) of recent passes
+        self._grace_seen = ""
+
+    @property
+    def mgmt_secret(self) -> str:
+        return (self.dir / "mgmt.secret").read_text().strip()
+
+    @property
+    def auth_base(self) -> str:
+        return f"http://{self.auth_host}:{self.auth_port}/{self.auth_secret}"
+
+    def render(self, out: Path, nodes: Sequence[Node]) -> list[Path]:
+        """Write every node's configuration into out/<node name>/ (0600 files); returns the node directories."""
+        self.crls.write(self.registry, self.clock(), force=True)
+        dirs = []
+        for node in nodes:
+            write_node_files(out / node.name, node, self.tls, self.auth_base)
+            dirs.append(out / node.name)
+        return dirs
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+    def start(self, timeout: float = 60.0) -> None:
+        self.crls.write(self.registry, self.clock(), force=True)
+        try:
+            self._server = authserver.start(self.backend, self.auth_secret, self.auth_host, self.auth_port)
+        except OSError as exc:
+            raise BrokerError(f"cannot listen for RabbitMQ's auth requests on {self.auth_host}:{self.auth_port}: "
+                              f"{exc.strerror or exc}") from None
+        self.seq = self._max_seq()
+        self._grace_seen = _ts(self.clock())
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BrokerError(f"no RabbitMQ management API answered within {timeout:.0f} s "
+                                  f"({', '.join(self.mgmt.urls)})")
+            time.sleep(0.2)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._follow, name="rabbitmq-follow", daemon=True)
+        self._thread.start()
+        self.on_event("broker.started", f"RabbitMQ cluster {', '.join(self.mgmt.urls)}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._server is not None:
+            self._server()
+            self._server = None
+
+    def attach_admin(self, admin) -> None:
+        """The hub's MQTT session is not this driver's doorbell: kicks go through the management API."""
+
+    def healthy(self) -> bool:
+        return any(self.mgmt.healthy(url) for url in self.mgmt.urls)
+
+    @property
+    def pid(self) -> str:  # serve's "hub ready" line names the broker
+        return "rabbitmq"
+
+    # --- following the registry -------------------------------------------------------------------------------
+    def _max_seq(self) -> int:
+        return int(self.registry.query("SELECT COALESCE(MAX(seq), 0) AS s FROM authz_events")[0]["s"])
+
+    def _follow(self) -> None:
+        while not self._stop.wait(FOLLOW_EVERY):
+            try:
+                self._apply()
+            except (MgmtError, sqlite3.Error, OSError) as exc:
+                log.warning("rabbitmq: applying authz events failed (retrying): %s", exc)
+
+    def _apply(self) -> int:
+        """Apply events newer than self.seq and graces that ended; returns the sessions kicked."""
+        with self._lock:
+            now = self.clock()
+            events = self.registry.query("SELECT seq, principal, reason FROM authz_events WHERE seq > ? "
+                                         "ORDER BY seq", [self.seq])
+            ended = self._ended_graces(now)
+            if not events and not ended:
+                return 0
+            self.crls.write(self.registry, now)
+            targets: set[str] = set(ended)
+            everyone = False
+            for ev in events:
+                if ev["principal"] is None:
+                    everyone = True
+                    continue
+                admitted, _ = by_name(self._db(), ev["principal"], now)
+                if admitted is None or ev["reason"] in RIGHTS_CHANGED:
+                    targets.add(ev["principal"])
+            if everyone:
+                targets |= self.mgmt.connected_users() - {HUB_PRINCIPAL}
+            kicked = 0
+            for name in sorted(targets):
+                n = self.mgmt.close_user(name)
+                if n:
+                    log.info("rabbitmq: kicked %d connection(s) of principal=%s", n, name)
+                kicked += n
+            if events:
+                self.seq = events[-1]["seq"]
+                self._kick_log = (self._kick_log + [(self.seq, kicked)])[-64:]
+            return kicked
+
+    def _db(self) -> sqlite3.Connection:
+        return self.backend._db()
+
+    def _ended_graces(self, now: datetime) -> set[str]:
+        """Principals with a superseded certificate whose grace ended since the last look."""
+        at, since = _ts(now), self._grace_seen
+        rows = self.registry.query(
+            "SELECT principal FROM authz_credentials WHERE cert_status = 'superseded' AND grace_until > ? "
+            "AND grace_until <= ?", [since, at])
+        self._grace_seen = at
+        return {r["principal"] for r in rows}
+
+    def sync(self, timeout: float = 2.0, after: int | None = None) -> SyncResult:
+        started = time.monotonic()
+        try:
+            kicked = self._apply()
+        except (MgmtError, sqlite3.Error, OSError) as exc:
+            raise BrokerError(f"RabbitMQ did not confirm: {exc}") from None
+        if after is not None:
+            kicked = sum(k for s, k in self._kick_log if s > after)
+        return SyncResult(seq=self.seq, kicked=kicked, seconds=time.monotonic() - started)

@@ -1,0 +1,70 @@
+"""The RabbitMQ management API, as the hub uses it: health, the connections of a user, closing them (stdlib HTTP).
+
+The hub logs in as auth.MGMT_USER with its secret (Basic auth in the request header, never in argv or a URL).
+DELETE /api/connections/username/{name} closes that user's connections on every node of the cluster (connection
+tracking is cluster-wide); `close_user` tries the nodes in turn until one answers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Sequence
+
+from .auth import MGMT_USER
+
+
+class MgmtError(Exception):
+    """No node's management API answered (message names the nodes and the last error)."""
+
+
+class Mgmt:
+    def __init__(self, urls: Sequence[str], secret: str, timeout: float = 2.0):
+        self.urls, self.timeout = [u.rstrip("/") for u in urls], timeout
+        token = base64.b64encode(f"{MGMT_USER}:{secret}".encode()).decode()
+        self._headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+
+    def _call(self, url: str, method: str, path: str, timeout: float | None = None) -> tuple[int, Any]:
+        req = urllib.request.Request(url + path, method=method, headers=self._headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+                body = resp.read()
+                return resp.status, (json.loads(body) if body else None)
+        except urllib.error.HTTPError as exc:
+            return exc.code, None
+
+    def call(self, method: str, path: str, timeout: float | None = None) -> tuple[int, Any]:
+        """The first node that answers (any HTTP status); MgmtError if none does."""
+        last = None
+        for url in self.urls:
+            try:
+                return self._call(url, method, path, timeout)
+            except (OSError, ValueError) as exc:
+                last = exc
+        raise MgmtError(f"no RabbitMQ management API answered ({', '.join(self.urls)}): {last}")
+
+    def healthy(self, url: str) -> bool:
+        try:
+            status, _ = self._call(url.rstrip("/"), "GET", "/api/health/checks/alarms", timeout=1.0)
+            return status == 200
+        except (OSError, ValueError):
+            return False
+
+    def user_connections(self, name: str) -> list[dict]:
+        status, body = self.call("GET", "/api/connections/username/" + urllib.parse.quote(name, safe=""))
+        return body if status == 200 and isinstance(body, list) else []
+
+    def close_user(self, name: str) -> int:
+        """Close every connection of user `name` across the cluster; returns how many there were."""
+        found = len(self.user_connections(name))
+        status, _ = self.call("DELETE", "/api/connections/username/" + urllib.parse.quote(name, safe=""))
+        if status not in (200, 204, 404):
+            raise MgmtError(f"closing the connections of {name!r} failed: HTTP {status}")
+        return found
+
+    def connected_users(self) -> set[str]:
+        status, body = self.call("GET", "/api/connections?columns=user")
+        return {c.get("user") for c in body or [] if isinstance(c, dict)} if status == 200 else set()
