@@ -75,35 +75,57 @@ need_root() {
   fi
 }
 
+codename() { sed -n "s/^VERSION_CODENAME=//p" /etc/os-release | tr -d '"'; }
+
+# Debian 12 has pkcs11-provider in bookworm-backports only: add that suite (deb822, signed by the Debian archive
+# keyring) unless a source names it already. Backports are never preferred (priority 100): only what is asked for
+# with -t bookworm-backports comes from there.
+BACKPORTS_SOURCE=/etc/apt/sources.list.d/bookworm-backports.sources
+add_backports() {
+  [ "$(codename)" = bookworm ] || return 0
+  grep -rqs --include='*.list' --include='*.sources' bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d \
+    && return 0
+  if [ ! -s /usr/share/keyrings/debian-archive-keyring.gpg ]; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends debian-archive-keyring >/dev/null
+  fi
+  log "apt: adding bookworm-backports ($BACKPORTS_SOURCE) for pkcs11-provider"
+  printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' 'Components: main' \
+    'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' > "$BACKPORTS_SOURCE"
+}
+
+install_provider() {
+  local target=()
+  [ "$(codename)" = bookworm ] && target=(-t bookworm-backports)
+  if ! apt-cache show pkcs11-provider >/dev/null 2>&1; then
+    echo "dev.sh: no pkcs11-provider package for this distribution ($(codename)); Tessera's tests need it" >&2
+    exit 1
+  fi
+  log "apt: installing pkcs11-provider${target:+ from ${target[1]}}"
+  apt-get install -y -qq --no-install-recommends "${target[@]}" pkcs11-provider >/dev/null
+}
+
 install_apt() {
   local missing=() pkg
   for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
   done
-  # pkcs11-provider exists from Debian 13 on; install it where the distribution has it.
+  # pkcs11-provider, the token-key TLS route the agent prefers (the tests run both routes): Debian 13 has it in
+  # main, Debian 12 in bookworm-backports only (install_provider).
   local want_provider=0
-  if ! dpkg-query -W -f='${Status}' pkcs11-provider 2>/dev/null | grep -q "ok installed" \
-     && [ ! -e "$ROOT/.dev-state/no-pkcs11-provider" ]; then
-    want_provider=1
-  fi
+  dpkg-query -W -f='${Status}' pkcs11-provider 2>/dev/null | grep -q "ok installed" || want_provider=1
   if [ ${#missing[@]} -eq 0 ] && [ $want_provider -eq 0 ]; then
     return
   fi
   need_root
   export DEBIAN_FRONTEND=noninteractive
+  [ $want_provider -eq 0 ] || add_backports
   log "apt: updating package lists"
   apt-get update -qq
-  if [ $want_provider -eq 1 ]; then
-    if apt-cache show pkcs11-provider >/dev/null 2>&1; then
-      missing+=(pkcs11-provider)
-    else
-      mkdir -p "$ROOT/.dev-state" && touch "$ROOT/.dev-state/no-pkcs11-provider"  # Debian 12: engine route only
-    fi
-  fi
   if [ ${#missing[@]} -gt 0 ]; then
     log "apt: installing ${missing[*]}"
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
+  [ $want_provider -eq 0 ] || install_provider
   # Tests and the demo start their own brokers; the packaged service must not hold port 1883.
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
     systemctl disable --now mosquitto >/dev/null 2>&1 || true
