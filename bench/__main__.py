@@ -20,7 +20,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get
 MODULES = {"hsm": "bench.hsm_bench", "est": "bench.est_bench", "est-workers": "bench.est_workers_bench",
            "broker": "bench.broker_bench",
            "agent": "bench.agent_bench", "api": "bench.api_bench", "crl": "bench.crl_bench",
-           "metrics": "bench.metrics_bench", "jobs": "bench.jobs_bench", "console": "bench.console_bench"}
+           "metrics": "bench.metrics_bench", "jobs": "bench.jobs_bench", "console": "bench.console_bench",
+           "tokens": "bench.token_bench"}
 
 
 def fmt(value) -> str:
