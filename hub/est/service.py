@@ -33,10 +33,10 @@ from est.errors import BadRequest, EstError, Forbidden, PayloadTooLarge, TooMany
 from hub.ca.authority import FleetCA
 from hub.ca.policy import Policy, PolicyError, check_device_id
 from hub.est.denials import DenialAudit
-from hub.est.methods import idevid
+from hub.est.methods import idevid, token
 from hub.est.ratelimit import RateLimiter
 from hub.serve import stats
-from hub.registry.store import SUPERSEDE_GRACE, CertRejected, DeviceNotActive, Registry, RegistryError, TokenRejected
+from hub.registry.store import SUPERSEDE_GRACE, CertRejected, DeviceNotActive, Registry, RegistryError
 
 log = logging.getLogger("tessera.hub.est")
 
@@ -207,38 +207,11 @@ class EstService:
             raise TooManyRequests("rate_limited", "too many failed attempts; retry later", retry_after=wait)
 
     def _simpleenroll(self, req: EstRequest) -> EstResponse:
-        if req.peer_cert_der and "authorization" not in req.headers:  # a birth certificate, RFC 7030 3.3.2
+        """simpleenroll: by a birth certificate (a TLS client certificate and no Authorization header:
+        hub/est/methods/idevid.py), else by a bootstrap token (HTTP Basic: hub/est/methods/token.py)."""
+        if req.peer_cert_der and "authorization" not in req.headers:
             return idevid.simpleenroll(self, req, self.trust)
-        device_id = None
-        try:
-            self._admit(req)
-            creds = est.parse_basic_auth(req.headers.get("authorization"))
-            try:
-                device_id = check_device_id(creds.user)
-            except PolicyError as exc:
-                raise Unauthorized("bad_device_id", str(exc)) from None
-            self._budget(req, device_id)
-            csr = est.parse_enroll_request(req.headers.get("content-type"), req.body, device_id,
-                                           key_policy=self.key_policy)
-            now = self.clock()
-            cert = self.registry.enroll(
-                device_id, creds.password, now,
-                lambda: self.ca.issue_device_cert(csr.public_key(), device_id, self.policy, now, self.crl_urls),
-                source=req.source, audit_denied=False)
-        except EstError as exc:
-            return self._deny("enroll", req, exc, device_id)
-        except TokenRejected as exc:  # answered with the generic 401 (the audit row keeps the precise reason)
-            return self._deny("enroll", req, Unauthorized(exc.code, str(exc)), device_id)
-        except DeviceNotActive as exc:
-            return self._deny("enroll", req, Forbidden("device_not_active", str(exc)), device_id,
-                              audit_code=exc.code)
-        except RegistryError as exc:
-            if exc.code == "closed":
-                raise  # handle(): 503
-            return self._deny("enroll", req, Forbidden(getattr(exc, "code", "registry"), str(exc)), device_id)
-        log.info("enrolled %s from %s (serial %x)", device_id, req.source, cert.serial_number)
-        stats.of(self.registry).enrolled()
-        return self._issued(cert)
+        return token.simpleenroll(self, req)
 
     def _client_cert(self, req: EstRequest, what: str) -> tuple[x509.Certificate, str]:
         """The TLS client certificate (the listener verified it against the device CA) and its CN, the device id.

@@ -26,6 +26,7 @@ class SlowService:
         self.started = threading.Event()
         self.answered_at: float | None = None
         self.denials = self
+        self.trust = self  # no manufacturer CAs (hub/est/methods/idevid.py ManufacturerTrust)
 
     def handle(self, req) -> EstResponse:
         self.started.set()
@@ -37,6 +38,9 @@ class SlowService:
         pass
 
     def flush(self) -> None:
+        pass
+
+    def refresh(self, *args, **kwargs) -> None:
         pass
 
     def close(self) -> None:

@@ -99,7 +99,10 @@ class ManufacturerTrust:
 def identify(peer_der: bytes, cas: list[tuple[str, x509.Certificate]], now: datetime
              ) -> tuple[str, str, x509.Certificate]:
     """(manufacturer, device serial, certificate) of a birth certificate; Forbidden with the precise code."""
-    cert = x509.load_der_x509_certificate(peer_der)
+    try:
+        cert = x509.load_der_x509_certificate(peer_der)
+    except ValueError as exc:
+        raise Forbidden("birth_not_manufacturer", f"unreadable client certificate: {str(exc)[:120]}") from None
     name = None
     for candidate, ca in cas:
         if cert.issuer != ca.subject:
@@ -162,9 +165,6 @@ def simpleenroll(service: "EstService", req: "EstRequest", trust: ManufacturerTr
         return service._deny("enroll", req, exc, device_id)
     except births.BirthRejected as exc:  # lost a race to the same birth certificate
         return service._deny("enroll", req, Forbidden(_code(exc), str(exc)), exc.device_id or device_id)
-    except ValueError as exc:  # a peer certificate cryptography cannot read
-        return service._deny("enroll", req, Forbidden("birth_not_manufacturer", f"unreadable client certificate: "
-                                                      f"{str(exc)[:120]}"), device_id)
     log.info("enrolled %s from %s with the %s birth certificate %s (serial %x)", device_id, req.source, manufacturer,
              serial, cert.serial_number)
     from hub.serve import stats
