@@ -193,6 +193,11 @@ def test_birth_key_fleet_certificate_and_paths_do_not_mix(hub, maker, tmp_path):
     before, audit_from = hub.state(), hub.last_audit_id()
     _refused(hub, post_enroll(hub, cert, key_path, make_csr(key, "idev-soft-1"), "simplereenroll"),
              "not_device_cert", before, audit_from, action="reenroll")
+    # nor reaches the broker (it trusts the device CA only): the TLS handshake fails
+    from tests.integration.brokerfixtures import probe_cert
+
+    probe = probe_cert(hub, cert, key_path, "1.2", client_id="idev-soft-1")
+    assert not probe.got_connack and probe.stage == "tls", probe
     # the batch pinned another certificate for that serial
     other, other_key, _ = soft_birth(signer, "SN-PINNED", tmp_path)
     before, audit_from = hub.state(), hub.last_audit_id()
@@ -211,3 +216,27 @@ def test_birth_key_fleet_certificate_and_paths_do_not_mix(hub, maker, tmp_path):
              audit_from)
     listed = json.loads(hub.cli_ok("manufacturer", "list", "--json"))
     assert [(m["name"], m["births"] >= 3, m["used"] >= 2) for m in listed] == [(MAKER, True, True)]
+
+
+def test_manufacturer_commands_refuse_bad_input_in_one_line_and_change_nothing(hub, maker, tmp_path):
+    _, _, ca_pem = maker
+    before, audit_from = hub.state(), hub.last_audit_id()
+    listed = hub.cli_ok("manufacturer", "list", "--json")
+    for args, says in ((("add", "fleet-own", "--ca", str(hub.device_ca_pem)), "one of this fleet's own CAs"),
+                       (("add", "again", "--ca", str(ca_pem)), "exists already"),
+                       (("add", "Bad Name", "--ca", str(ca_pem)), "invalid manufacturer name"),
+                       (("add", "nofile", "--ca", str(tmp_path / "missing.pem")), "cannot read the CA file"),
+                       (("import-batch", "nobody", str(ca_pem)), "the first line must be the header")):
+        proc = hub.cli("manufacturer", *args)
+        assert proc.returncode == 1 and says in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    batch = tmp_path / "b.csv"
+    batch.write_text("serial,device_id,cert_sha256\nSN-X1,idev-x1,\nSN-X1,idev-x2,\n")
+    proc = hub.cli("manufacturer", "import-batch", MAKER, str(batch))
+    assert proc.returncode == 1 and "appears twice" in proc.stderr, proc.stderr
+    proc = hub.cli("manufacturer", "import-batch", "nobody", str(batch))
+    assert proc.returncode == 1 and "no manufacturer 'nobody'" in proc.stderr, proc.stderr
+    proc = hub.cli("manufacturer", "allow-reprovision", "no-such-device")
+    assert proc.returncode == 1 and "no birth certificate" in proc.stderr, proc.stderr
+    assert hub.state() == before and hub.cli_ok("manufacturer", "list", "--json") == listed
+    assert [r for r in hub.audit_since(audit_from) if r["outcome"] == "ok"] == []
