@@ -180,3 +180,23 @@ def test_a_birth_certificate_enrolls_once_unless_reprovisioning_is_allowed(reg, 
     actions = [r["action"] for r in reg.audit_log(limit=50)]
     assert "manufacturer.add" in actions and "manufacturer.import" in actions
     assert actions.count("manufacturer.allow_reprovision") == 2 and actions.count("enroll") == 2
+
+
+def test_two_enrollments_racing_with_one_birth_certificate_record_one(reg, maker):
+    ca, key = maker
+    store.add_manufacturer(reg, "maker", ca, T0, "test")
+    cert = birth(ca, key, "SN-9")
+    digest = store.fingerprint(cert)
+    store.import_batch(reg, "maker", "b1", [{"serial": "SN-9"}], "acme", T0, "test")
+    issue = _issuer(ca, key, _key())
+    inner: list = []
+
+    def racing_issue(device_id: str) -> x509.Certificate:
+        if not inner:  # another request with the same birth certificate completes while this one signs
+            inner.append(store.enroll(reg, "maker", "SN-9", digest, T0, issue))
+        return issue(device_id)
+
+    with pytest.raises(store.BirthRejected) as info:
+        store.enroll(reg, "maker", "SN-9", digest, T0, racing_issue)
+    assert info.value.code == "birth_used"
+    assert [c["serial"] for c in reg.certificates_of("sn-9")] == [format(inner[0][1].serial_number, "x")]
