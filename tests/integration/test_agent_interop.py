@@ -5,6 +5,8 @@ The pkcs11-provider route (what tls-config writes, agent/tlsconfig.py): an OPENS
 the token's module and a file: PIN source, the key as a URI file (`--key device-key.pem`, a PEM block
 ``PKCS#11 PROVIDER URI`` the provider decodes; mosquitto 2.0.11 reads --key with SSL_CTX_use_PrivateKey_file) or as
 the ``pkcs11:`` URI itself (openssl s_client opens -key through OSSL_STORE). Works with both token types.
+``mosquitto_pub --key 'pkcs11:...'`` does not: libmosquitto fopen()s the --key value first ("Problem setting TLS
+options: File not found") and then reads it as a PEM file, never through OSSL_STORE.
 
 The libp11 engine route (`--tls-engine pkcs11 --keyform engine --key URI`, mosquitto-clients 2.0.11), two
 workarounds needed even where it works:
