@@ -232,9 +232,11 @@ def birth_view(row: Mapping[str, Any]) -> dict[str, Any]:
         | {"reprovision": bool(row["reprovision"])}
 
 
-def _check_birth(registry: Registry, db, manufacturer: str, serial: str, cert_sha256: str) -> dict[str, Any]:
-    row = next(db.query("SELECT b.*, d.status FROM births b JOIN devices d ON d.id = b.device_id "
-                        "WHERE b.manufacturer = ? AND b.serial = ?", [manufacturer, serial]), None)
+def _check_birth(query: Callable[[str, list], list[dict[str, Any]]], manufacturer: str, serial: str,
+                 cert_sha256: str) -> dict[str, Any]:
+    rows = query("SELECT b.*, d.status FROM births b JOIN devices d ON d.id = b.device_id "
+                 "WHERE b.manufacturer = ? AND b.serial = ?", [manufacturer, serial])
+    row = rows[0] if rows else None
     if row is None:
         raise BirthRejected(f"{manufacturer} serial {serial} is not on the allowlist", code="birth_not_allowlisted")
     if row["cert_sha256"] and row["cert_sha256"] != cert_sha256:
@@ -252,7 +254,8 @@ def _check_birth(registry: Registry, db, manufacturer: str, serial: str, cert_sh
 
 def lookup(registry: Registry, manufacturer: str, serial: str, cert_sha256: str) -> dict[str, Any]:
     """The allowlist row if that birth certificate may enroll now (read-only); else BirthRejected."""
-    return _check_birth(registry, registry._db(), manufacturer, serial, cert_sha256)
+    apply_schema(registry)
+    return _check_birth(registry.query, manufacturer, serial, cert_sha256)
 
 
 def enroll(registry: Registry, manufacturer: str, serial: str, cert_sha256: str, now: datetime,
@@ -266,7 +269,7 @@ def enroll(registry: Registry, manufacturer: str, serial: str, cert_sha256: str,
     cert = issue(device_id)
     at = _ts(now)
     with registry.write() as db:
-        row = _check_birth(registry, db, manufacturer, serial, cert_sha256)
+        row = _check_birth(lambda sql, params: list(db.query(sql, params)), manufacturer, serial, cert_sha256)
         again = row["used_at"] is not None
         db.execute("UPDATE births SET used_at = ?, used_from = ?, reprovision = 0 "
                    "WHERE manufacturer = ? AND serial = ?", [at, source, manufacturer, serial])
