@@ -2,7 +2,7 @@
 
 A slow client must not hold a worker: every connection has a deadline -- `header_timeout` from accept() to the
 end of its request headers (the TLS handshake included), then `request_timeout` from accept() for the whole
-request -- and the `Reaper` shuts its socket down when the deadline passes, whatever the worker is blocked in
+request; a kept-alive connection's next request gets the same from the end of the previous answer -- and the `Reaper` shuts its socket down when the deadline passes, whatever the worker is blocked in
 (handshake, reading, writing). The per-read timeout alone never ends a client that trickles a byte every few
 seconds. `ConnectionGate` caps the connections open at once per source address and the accepted connections
 waiting for a worker; the excess is closed at once (one TCP close, no TLS).
@@ -31,6 +31,7 @@ class Limits:
     workers: int = 64               # connections served at once
     max_queue: int = 256            # accepted connections waiting for a worker
     max_per_source: int = 32        # connections open at once from one address (queued or served)
+    keepalive_requests: int = 100   # requests one connection may carry (HTTP/1.1 keep-alive), then it is closed
 
     @classmethod
     def from_config(cls, cfg) -> "Limits":
@@ -76,12 +77,14 @@ class ConnectionGate:
 
 
 class Ticket:
-    """One watched connection: `accepted` (monotonic), its current `deadline`, `expired` once cut."""
+    """One watched connection: `accepted` (monotonic; a kept-alive connection's next request restarts it), its
+    current `deadline`, `expired` once cut, `idle` while it waits for its next request after an answered one."""
 
-    __slots__ = ("id", "accepted", "deadline", "expired", "_sock")
+    __slots__ = ("id", "accepted", "deadline", "expired", "idle", "_sock")
 
     def __init__(self, ident: int, accepted: float, deadline: float, sock: socket.socket):
         self.id, self.accepted, self.deadline, self.expired, self._sock = ident, accepted, deadline, False, sock
+        self.idle = False
 
 
 class Reaper:
@@ -111,6 +114,12 @@ class Reaper:
         with self._lock:
             ticket.deadline = ticket.accepted + seconds_from_accept
 
+    def next_request(self, ticket: Ticket, seconds: float) -> None:
+        """A kept-alive connection waits for its next request: idle, `seconds` from now for its headers."""
+        with self._lock:
+            ticket.accepted, ticket.idle = self.monotonic(), True
+            ticket.deadline = ticket.accepted + seconds
+
     def done(self, ticket: Ticket) -> None:
         with self._lock:
             self._watched.pop(ticket.id, None)
@@ -124,11 +133,16 @@ class Reaper:
         """Cut every watched connection now, whatever its deadline (a server that stops); returns how many."""
         return self.reap(everything=True)
 
-    def reap(self, everything: bool = False) -> int:
-        """Cut every connection past its deadline now (`everything`: every one); returns how many."""
+    def cut_idle(self) -> int:
+        """Cut the kept-alive connections waiting for their next request (a server that stops)."""
+        return self.reap(idle=True)
+
+    def reap(self, everything: bool = False, idle: bool = False) -> int:
+        """Cut every connection past its deadline now (`everything`: every one; `idle`: the idle ones)."""
         now, cut = self.monotonic(), 0
         with self._lock:
-            for ticket in [t for t in self._watched.values() if everything or t.deadline <= now]:
+            for ticket in [t for t in self._watched.values()
+                           if everything or (t.idle if idle else t.deadline <= now)]:
                 del self._watched[ticket.id]
                 ticket.expired = True
                 try:

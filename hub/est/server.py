@@ -3,7 +3,9 @@
 The TLS handshake runs in a worker thread (a slow client never blocks accept()). Connection limits (hub.est.connlimits):
 at most `max_per_source` connections at once per address and `max_queue` waiting for one of the `workers` (the
 excess is closed at once), a deadline for the handshake and headers and one for the whole request, one read or
-write at most 10 s; one request per connection (Connection: close). Client
+write at most 10 s. HTTP/1.1 keep-alive: a connection carries up to `keepalive_requests` requests (a factory
+station enrolling many devices pays one TLS handshake), each with the same deadlines counted from the end of the
+previous answer; an error answer, a client's Connection: close or HTTP/1.0 end it. Client
 certificates are optional at the TLS layer (simpleenroll uses a bootstrap token) but, when sent, must chain to
 the fleet's device CA: that is the only trust anchor of this listener.
 """
@@ -62,7 +64,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def __init__(self, request, client_address, server: "EstHTTPServer", ticket: Ticket | None = None):
         self.ticket = ticket  # None: not watched (bench/est_bench.py drives the handler over a socketpair)
+        self.answered = 0     # requests answered on this connection
         super().__init__(request, client_address, server)
+
+    def handle_one_request(self) -> None:
+        if self.answered and self.ticket is not None:  # kept alive: the next request's header deadline
+            self.server.reaper.next_request(self.ticket, self.server.limits.header_timeout)
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:  # its request line came: no longer idle (a stall from here is a slow client)
+        if self.ticket is not None:
+            self.ticket.idle = False
+        return super().parse_request()
 
     def log_message(self, fmt: str, *args) -> None:  # access log at debug level (never bodies or headers)
         log.debug("%s %s", self.client_address[0], fmt % args)
@@ -73,10 +86,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for name, value in headers.items():
             self.send_header(name, value)
-        self.send_header("Connection", "close")  # one request per connection: its deadlines are the request's
-        self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
+        self.answered += 1
+        if status >= 400 or self.close_connection or self.answered >= self.server.limits.keepalive_requests \
+                or self._unread_body():
+            self.send_header("Connection", "close")  # also sets close_connection
+        self._headers_buffer.append(b"\r\n" + body)  # end_headers() and the body in one write (one TLS record)
+        self.flush_headers()
+
+    def _unread_body(self) -> bool:
+        """A body this request may carry that was not read (a GET's, a chunked one): the connection must end, or
+        its bytes would be read as the next request."""
+        length = (self.headers.get("Content-Length") or "0").strip()
+        return bool(self.headers.get("Transfer-Encoding")) or (self.command != "POST" and length not in ("", "0"))
 
     def _dispatch(self, method: str) -> None:
         if self.ticket is not None:  # the headers came in time: from now on the whole request's deadline
@@ -170,7 +191,9 @@ class EstHTTPServer(ThreadingHTTPServer):
             self.reaper.done(ticket)
             self.shutdown_request(request)
             self.gate.release(client_address[0])
-            if ticket.expired:
+            if ticket.expired and ticket.idle:  # a kept-alive connection without a next request: no refusal
+                log.debug("idle connection from %s closed", client_address[0])
+            elif ticket.expired:
                 log.info("connection from %s cut: past its deadline", client_address[0])
                 self.service.refused("connection", client_address[0], EstError(
                     "request_timeout", f"request not complete within {self.limits.header_timeout:g} s (headers) "
@@ -186,6 +209,7 @@ class EstHTTPServer(ThreadingHTTPServer):
         next: a request still running then would be answered with an error, or not at all)."""
         super().server_close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.reaper.cut_idle()  # kept-alive connections between requests: nothing to finish
         with self._inflight_lock:
             running = list(self._inflight)
         if wait(running, timeout=DRAIN_S).not_done:
