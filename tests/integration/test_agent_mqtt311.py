@@ -1,8 +1,8 @@
 """MQTT 3.1.1 fallback end to end, with a real RabbitMQ 3.10 cluster (MQTT 3.1.1 only) behind a hub whose broker
 driver is RabbitMQ (tests/integration/rabbitfixtures.py: the session's 3-node cluster and hub; its own admin client
 speaks 3.1.1): an agent (SoftHSM token, `mqtt.protocol = "auto"`) falls back, remembers it across a restart,
-publishes telemetry that arrives, answers commands (`tessera-hub device send`), takes no retained command, and its
-last will marks it offline when killed. Against Mosquitto the same agent keeps MQTT 5.
+publishes telemetry that arrives, answers commands (`tessera-hub device send`, a job), takes no retained command,
+and its last will marks it offline when killed. Against Mosquitto the same agent keeps MQTT 5.
 
 An `admin` service identity (`tessera-hub identity add`) watches the device's topics over 3.1.1 and publishes the
 retained command (the hub's CLI never retains). Cost: the cluster's start when no other module started it yet
@@ -101,6 +101,11 @@ def test_auto_falls_back_to_311_on_rabbitmq(rabbit_cluster_hub, tmp_path):  # no
         proc = hub_r.cli("device", "send", DEVICE, "ping", "--wait", "15")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert json.loads(proc.stdout)["result"] == {"pong": True}
+        # and a job (hub/jobs: acks matched by the id in the payload)
+        job = json.loads(hub_r.cli_ok("job", "create", "311 ping", "--command", "ping", "--id", DEVICE, "--yes",
+                                      "--json"))
+        done = json.loads(hub_r.cli_ok("job", "wait", str(job["id"]), "--timeout", "60", "--json"))
+        assert done["state"] == "completed" and done["counts"]["acked"] == 1, done
 
         # a retained command, delivered at subscribe with the retain flag, is not run; a live one after it is
         dev.stop()
