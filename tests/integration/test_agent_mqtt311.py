@@ -2,7 +2,8 @@
 driver is RabbitMQ (tests/integration/rabbitfixtures.py: the session's 3-node cluster and hub; its own admin client
 speaks 3.1.1): an agent (SoftHSM token, `mqtt.protocol = "auto"`) falls back, remembers it across a restart,
 publishes telemetry that arrives, answers commands (`tessera-hub device send`, a job), takes no retained command,
-and its last will marks it offline when killed. Against Mosquitto the same agent keeps MQTT 5.
+and its last will marks it offline when killed. Against Mosquitto an agent keeps MQTT 5 (and, with
+mqtt.protocol = "3.1.1" forced, is commanded without the MQTT 5 role stamp).
 
 An `admin` service identity (`tessera-hub identity add`) watches the device's topics over 3.1.1 and publishes the
 retained command (the hub's CLI never retains). Cost: the cluster's start when no other module started it yet
@@ -131,7 +132,7 @@ def test_auto_falls_back_to_311_on_rabbitmq(rabbit_cluster_hub, tmp_path):  # no
         watch.stop()
 
 
-def test_auto_keeps_mqtt5_on_mosquitto(hub, make_device):  # noqa: F811
+def test_mosquitto_keeps_mqtt5_and_serves_a_forced_311(hub, make_device):  # noqa: F811
     dev, token = make_device("m5-1", interval=0.5)
     dev.enroll_ok(token)
     dev.start()
@@ -139,3 +140,14 @@ def test_auto_keeps_mqtt5_on_mosquitto(hub, make_device):  # noqa: F811
     assert st["mqtt_protocol"] == "5", st
     assert "refused MQTT 5" not in dev.log_text()
     assert not (dev.state / "mqtt-protocol.json").exists()
+
+    # forced 3.1.1 on Mosquitto: no role stamp on commands (no properties), the plugin's publish ACL is the check
+    dev.stop()
+    with dev.config.open("a") as fh:
+        fh.write('\n[mqtt]\nprotocol = "3.1.1"\n')
+    dev.start()
+    assert dev.wait_state("online", 40)["mqtt_protocol"] == "3.1.1"
+    proc = hub.cli("device", "send", "m5-1", "ping", "--wait", "15")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["result"] == {"pong": True}
+    assert not (dev.state / "mqtt-protocol.json").exists()  # an explicit setting records nothing
