@@ -248,10 +248,23 @@ def renew(cfg: AgentConfig, rotate_key: bool = False, now: datetime | None = Non
         raise EnrollError(f"renewal failed: {exc}") from None
     new = store_certificate(state, leaf, chain, ident.device_id, info.label, info.uri, now, renewed=True)
     if rotate_key and ident.key_label != info.label:
-        _drop_key(cfg, ident.key_label)
+        if _is_birth_key(cfg, ident.key_label):
+            log.info("keeping token key %s: it is the birth certificate's (IEEE 802.1AR IDevID) key", ident.key_label)
+        else:
+            _drop_key(cfg, ident.key_label)
     log.info("renewed %s: certificate %s valid until %s%s", ident.device_id, new.serial, new.not_after,
              " (new key)" if rotate_key else "")
     return new
+
+
+def _is_birth_key(cfg: AgentConfig, label: str) -> bool:
+    """Whether `label` is the key the factory made for the birth certificate (never deleted)."""
+    from hsm.certificates import IDEVID_KEY_ID_PREFIX
+
+    try:
+        return bytes(worker.describe_key(cfg.token_config, label).id).startswith(IDEVID_KEY_ID_PREFIX)
+    except Exception:  # noqa: BLE001  (_drop_key then tries, and warns if it cannot)
+        return False
 
 
 def _drop_key(cfg: AgentConfig, label: str) -> None:

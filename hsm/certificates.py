@@ -10,6 +10,10 @@ from __future__ import annotations
 from .errors import HsmError, KeyExists, KeyNotFound
 from .token import TokenConfig
 
+#: CKA_ID prefix of a key the factory made for a birth certificate (b"idevid:" + serial): the agent never deletes
+#: such a key (IEEE 802.1AR: the IDevID key lives as long as the device; re-provisioning needs it)
+IDEVID_KEY_ID_PREFIX = b"idevid:"
+
 
 def _der_integer(value: int) -> bytes:
     body = value.to_bytes((value.bit_length() + 8) // 8, "big")  # a leading 0 where the top bit is set

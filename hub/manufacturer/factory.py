@@ -129,7 +129,7 @@ def issue_birth(signer: Signer, device: TokenConfig, serial: str, batch: Path, d
                 now: datetime | None = None) -> x509.Certificate:
     """Key in the device token, the birth certificate signed by the CA, written into the token, row in `batch`."""
     from hsm import worker
-    from hsm.certificates import write_certificate
+    from hsm.certificates import IDEVID_KEY_ID_PREFIX, write_certificate
     from hub.manufacturer.store import ManufacturerError, check_serial
 
     try:
@@ -138,7 +138,7 @@ def issue_birth(signer: Signer, device: TokenConfig, serial: str, batch: Path, d
         raise FactoryError(str(exc)) from None
     ca = x509.load_pem_x509_certificate(signer.ca_pem)
     now = now or datetime.now(timezone.utc)
-    key_id = b"idevid:" + serial.encode()
+    key_id = IDEVID_KEY_ID_PREFIX + serial.encode()
     info = worker.generate_key(device, key_label, key_type, key_id)
     try:
         der = worker.run_isolated(_sign, signer, "birth", {"serial": serial, "public_key_pem": info.public_key_pem,

@@ -121,6 +121,11 @@ def test_device_with_only_its_birth_certificate_enrolls_runs_and_enrolls_once(hu
         dev.wait_state("online", timeout=30)
         wait_until(lambda: hub.show("idev-0001")["device"]["online"], 10, "the hub to see idev-0001 online")
         dev.stop()
+        # a key rotation renews onto a fresh key and keeps the birth key (the re-provisioning below needs it)
+        proc = dev.cli("renew", "--rotate-key")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert dev.identity()["key_label"] != "device-key"
+        assert dev.key_show("device-key").returncode == 0
 
         # a second enrollment with the same birth certificate (a fresh state, as after a factory reset): refused
         before, audit_from = hub.state(), hub.last_audit_id()
@@ -137,10 +142,10 @@ def test_device_with_only_its_birth_certificate_enrolls_runs_and_enrolls_once(hu
         proc = dev.cli("enroll", "--birth-cert", "--ca-file", str(hub.root_pem))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         statuses = sorted(c["status"] for c in hub.show("idev-0001")["certificates"])
-        assert statuses == ["active", "superseded"]
+        assert statuses == ["active", "superseded", "superseded"]  # enrolled, renewed, re-provisioned
         dev.write_config(device_id="", state_dir=str(base / "state-3"))
         assert dev.cli("enroll", "--birth-cert", "--ca-file", str(hub.root_pem)).returncode == 1
-        assert hub.cert_count("idev-0001") == 2
+        assert hub.cert_count("idev-0001") == 3
     finally:
         dev.destroy()
 
