@@ -73,7 +73,7 @@ def test_other_failures_are_not_v5_refusals(connack, handshake, closed, tls):
     assert not v5_refused(connack, handshake, closed, tls)
 
 
-# --- the record ---------------------------------------------------------------------------------------------------------
+# --- the record ----------------------------------------------------------------------------------------------------
 
 def test_after_success_saves_a_fallback_and_forgets_on_mqtt5():
     mem = mqttproto.Remembered(BROKER, V311, NOW.isoformat())
