@@ -32,8 +32,8 @@ from .backoff import SLOW_CAP, Backoff
 from .certwatch import FileWatch
 from .commands import CommandHandler, builtin_handlers, command_refusal
 from .config import AgentConfig
-from .mqttproto import V5, V311, after_success, broker_key, choose, forget_memory, load_memory, save_memory, v5_refused
 from .estclient import EstClient
+from .mqttproto import V5, V311, after_success, broker_key, choose, forget_memory, load_memory, save_memory, v5_refused
 from .refusals import (AUTH_REFUSALS, REFUSED_CAP, SUSPENDED_CAP, Refusal, classify_tls_error,  # noqa: F401
                        refusal_decision)
 from .sessionrenew import KeyReload, RenewalMixin
