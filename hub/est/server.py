@@ -231,8 +231,10 @@ class EstHTTPServer(ThreadingHTTPServer):
         except (ssl.SSLError, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc.__class__.__name__
             if "CERTIFICATE" in str(reason).upper():
+                why = getattr(exc, "verify_message", None)  # e.g. unknown CA (a birth certificate's), expired
                 self.service.refused("tls", client_address[0], EstError(
-                    "bad_client_cert", f"client certificate refused: {reason}", status=403))
+                    "bad_client_cert", f"client certificate refused: {reason}" + (f" ({why})" if why else ""),
+                    status=403))
             log.info("TLS handshake with %s failed: %s", client_address[0], reason)
             return
         try:
