@@ -451,10 +451,15 @@ def token_dict(cfg) -> dict:
 
 
 def _context(req: dict):
+    import ssl
+
     from hsm.tls import client_context
     from hsm.token import TokenConfig
 
-    return client_context(req["cafile"], req["cert"], req["key_uri"], TokenConfig(**req["token"]))
+    ctx = client_context(req["cafile"], req["cert"], req["key_uri"], TokenConfig(**req["token"]))
+    if req.get("max_tls"):  # "TLSv1.2": no newer version offered
+        ctx.maximum_version = ssl.TLSVersion[req["max_tls"].replace(".", "_")]
+    return ctx
 
 
 def _route(ctx) -> dict:
@@ -473,11 +478,12 @@ def _op_https_get(req: dict) -> dict:
     ctx = _context(req)
     conn = http.client.HTTPSConnection(req["host"], req["port"], context=ctx, timeout=20)
     try:
+        conn.connect()
+        version = conn.sock.version()  # before the response: an HTTP/1.0 server closes the connection after it
         conn.request("GET", "/")
         resp = conn.getresponse()
         body = resp.read().decode(errors="replace")
-        return {"status": resp.status, "body": body, "tls_version": conn.sock.version() if conn.sock else None,
-                **_route(ctx)}
+        return {"status": resp.status, "body": body, "tls_version": version, **_route(ctx)}
     finally:
         conn.close()
 

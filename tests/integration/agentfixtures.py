@@ -278,6 +278,11 @@ class Device:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def assert_route(self) -> None:
+        """The running agent's log says its token key came by this device's route (hsm.tls logs it)."""
+        if self.route:
+            assert f"loaded through the {self.route} route" in self.log_text(), self.log_text()[-3000:]
+
     def wait_state(self, state: str, timeout: float = 30.0) -> dict:
         """Wait until the running agent's status.json says `state` (fails early if the agent exits)."""
         deadline = time.monotonic() + timeout

@@ -67,6 +67,7 @@ def test_renew_by_hand_switches_the_running_agent(hub, make_device, tls_route, r
         assert dev.status_file()["session_serial"] == new_serial and proc.poll() is None
 
     assert dev.stop() == 0
+    dev.assert_route()
     last = dev.status_file()["telemetry_seq"]
     assert dev.status()["spool_depth"] == 0
     wait_until(lambda: {t["seq"] for t in telemetry(hub, dev.id)} >= set(range(1, last + 1)), 15,

@@ -111,6 +111,7 @@ def test_renew_with_key_rotation_while_telemetry_flows(hub, make_token_device):
     assert broker_log(hub).count(f"as {dev.id} ") > connects_before
 
     assert dev.stop() == 0
+    dev.assert_route()
     tel = telemetry(hub, dev.id)
     seqs = sorted({t["seq"] for t in tel})
     assert seqs == list(range(1, seqs[-1] + 1)), f"gap in telemetry across the renewal: {seqs}"
@@ -134,6 +135,7 @@ def test_cli_renew_with_key_rotation_then_run(hub, make_token_device):
     dev.start()
     st = dev.wait_state("online", 30)
     assert st["cert_serial"] == after["serial"], st
+    dev.assert_route()
 
 
 def test_agent_renews_by_itself_past_two_thirds_of_the_lifetime(hub, make_device):

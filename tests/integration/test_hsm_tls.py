@@ -63,11 +63,14 @@ def s_server(ca, tmp_path):
         stop_process(proc)
 
 
-def test_https_get_against_openssl_s_server(device, ca, s_server):
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+def test_https_get_against_openssl_s_server(device, ca, s_server, version):
+    """The token key signs the handshake on each route, in TLS 1.3 and in TLS 1.2 (its own signature schemes)."""
     port, log = s_server
-    answer = tls_child(_request("https_get", ca, device, host="127.0.0.1", port=port), device)
+    answer = tls_child(_request("https_get", ca, device, host="127.0.0.1", port=port, max_tls=version), device)
     assert answer["ok"], answer
     assert answer["status"] == 200 and answer["route"] == device["route"], answer
+    assert answer["tls_version"] == version, answer
     body = answer["body"]
     # s_server -www prints the verified client certificate it received: it must be ours
     assert "Verify return code: 0 (ok)" in body
@@ -193,6 +196,7 @@ def test_certificate_for_another_key_is_refused(token, tls_route, ca):
     assert ok["ok"] and ok["route"] == tls_route, ok
 
 
+@one_tls_route  # the message is hsm.tls's own; that each route's key is checked: the test above
 def test_mismatch_message_names_certificate_and_key(token, tls_route, ca):
     worker.generate_key(token.config, "mine", "ec-p256")
     other = worker.generate_key(token.config, "other", "ec-p256")
@@ -203,20 +207,6 @@ def test_mismatch_message_names_certificate_and_key(token, tls_route, ca):
     assert not answer["ok"], answer
     msg = _assert_one_line(answer, token.pin)
     assert "does not match" in msg and str(cert) in msg and mine.uri in msg, msg
-
-
-def test_wrong_pin(device, ca, tmp_path):
-    wrong = secrets.token_hex(8)
-    pin_file = tmp_path / "wrong-pin"
-    write_secret(pin_file, wrong)
-    req = _request("context", ca, device)
-    req["token"]["pin_source"] = f"file:{pin_file}"
-    answer = tls_child(req, device)
-    assert not answer["ok"], answer
-    assert answer["error_type"] == "PinError", answer
-    msg = _assert_one_line(answer, wrong, device["token"].pin)
-    assert "wrong PIN" in msg, msg
-    assert wrong not in answer["_stderr"] and device["token"].pin not in answer["_stderr"]
 
 
 # --- PIN attempts, counted by OpenSC's pkcs11-spy between OpenSSL and the token -----------------------------------
@@ -239,14 +229,19 @@ def _logins(log) -> list[str]:
 
 
 def test_one_wrong_pin_attempt_is_one_login(device, ca, tmp_path):
-    """On each route, a wrong PIN reaches the token once: neither route tries it again (pkcs11-provider asks for
-    the PIN once per slot and retry; hsm.tls answers the first request only), and a forced route never falls back."""
-    write_secret(tmp_path / "wrong-pin", "not-" + device["token"].pin)
+    """On each route, a wrong PIN is one clear PinError and reaches the token once: neither route tries it again
+    (pkcs11-provider asks for the PIN once per slot and retry; hsm.tls answers the first request only), and a forced
+    route never falls back."""
+    wrong = secrets.token_hex(8)
+    write_secret(tmp_path / "wrong-pin", wrong)
     req = _request("context", ca, device)
     req["token"]["pin_source"] = f"file:{tmp_path / 'wrong-pin'}"
     log = tmp_path / "spy-wrong.log"
     answer = run_tls_child(req, env=child_env(device["route"], **_spied(req, device["token"], log)))
     assert answer["error_type"] == "PinError", answer
+    msg = _assert_one_line(answer, wrong, device["token"].pin)
+    assert "wrong PIN" in msg, msg
+    assert wrong not in answer["_stderr"] and device["token"].pin not in answer["_stderr"]
     assert _logins(log) == ["CKR_PIN_INCORRECT"], log.read_text()[-3000:]
     # control: the spy sees the one login of the right PIN, and the key loads through it on the same route
     req = _request("context", ca, device)
@@ -274,6 +269,7 @@ def test_a_wrong_pin_is_not_retried_on_the_engine(device, ca, tmp_path):
     assert _logins(log) == ["CKR_PIN_INCORRECT"], log.read_text()[-3000:]
 
 
+@one_tls_route  # checked before either route is used
 def test_missing_module(device, ca, tmp_path):
     missing = str(tmp_path / "libmissing-pkcs11.so")
     req = _request("context", ca, device)
