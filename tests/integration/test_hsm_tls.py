@@ -21,7 +21,7 @@ from hsm import worker
 from hsm.softhsm import write_secret
 from hsm.tls import available_routes, provider_path
 from tests.helpers import (
-    child_env, free_port, one_tls_route, run_tls_child, start_server, stop_process, token_dict, wait_for_text,
+    child_env, free_port, one_tls_route, run_tls_child, selected_routes, start_server, stop_process, token_dict, wait_for_text,
 )
 
 pytestmark = pytest.mark.integration
@@ -223,6 +223,12 @@ def _spied(req: dict, token, log) -> dict:
     return {"PKCS11SPY": token.module, "PKCS11SPY_OUTPUT": str(log)}
 
 
+PROVIDER_ROUTE = pytest.mark.skipif("provider" not in selected_routes(),
+                                    reason="this run leaves the provider route out ($TESSERA_TEST_ROUTES)")
+BOTH_ROUTES = pytest.mark.skipif(len(selected_routes()) < 2,
+                                 reason="this run tests one TLS route only ($TESSERA_TEST_ROUTES)")
+
+
 def _logins(log) -> list[str]:
     """The return value of each C_Login in a pkcs11-spy log, in order."""
     return re.findall(r"\bC_Login\n(?:.*\n)*?Returned:\s+\d+ (\w+)", log.read_text())
@@ -251,6 +257,7 @@ def test_one_wrong_pin_attempt_is_one_login(device, ca, tmp_path):
     assert _logins(log) == ["CKR_OK"], log.read_text()[-3000:]
 
 
+@BOTH_ROUTES
 @one_tls_route
 def test_a_wrong_pin_is_not_retried_on_the_engine(device, ca, tmp_path):
     """The product's own choice (no route forced, both installed): the provider's wrong PIN is final, the engine
@@ -314,6 +321,7 @@ def test_provider_route_unavailable(device, ca, tmp_path):
     assert "provider" in msg and "not installed" in msg and "TESSERA_PKCS11_PROVIDER" in msg, msg
 
 
+@PROVIDER_ROUTE
 @one_tls_route
 def test_provider_outside_openssls_module_directory(device, ca, tmp_path):
     """pkcs11-provider found outside OpenSSL's module directory is loaded by the path it was found at (by name,
