@@ -73,6 +73,11 @@ async def allow_reprovision(api, request: web.Request, principal) -> web.Respons
                                        api.clock(), principal.name, request.remote))
 
 
+async def allow_reprovision_batch(api, request: web.Request, principal) -> web.Response:
+    return json_response(await api.run(_call, store.allow_reprovision_batch, api.registry, request.match_info["name"],
+                                       request.match_info["batch"], api.clock(), principal.name, request.remote))
+
+
 _STR = {"type": "string"}
 _NULLABLE = {"type": ["string", "null"]}
 SCHEMAS: dict[str, dict] = {
@@ -95,6 +100,8 @@ SCHEMAS: dict[str, dict] = {
     "BirthBatchImported": {"type": "object", "required": ["manufacturer", "batch", "imported"], "properties": {
         "manufacturer": _STR, "batch": _STR, "imported": {"type": "integer"},
         "devices": {"type": "array", "items": _STR, "description": "the first 100 device ids"}}},
+    "BatchReprovision": {"type": "object", "required": ["manufacturer", "batch", "allowed"], "properties": {
+        "manufacturer": _STR, "batch": _STR, "allowed": {"type": "integer"}}},
     "Birth": {"type": "object", "required": ["manufacturer", "serial", "device_id", "reprovision"], "properties": {
         "manufacturer": _STR, "serial": _STR, "device_id": _STR, "batch": _STR, "imported": _STR,
         "used_at": _NULLABLE, "used_from": _NULLABLE, "reprovision": {"type": "boolean"}}},
@@ -102,6 +109,7 @@ SCHEMAS: dict[str, dict] = {
 
 _NAME = Param("name", "path", {"type": "string"}, "manufacturer name", required=True)
 _ID = Param("id", "path", {"type": "string"}, "device id", required=True)
+_BATCH = Param("batch", "path", {"type": "string"}, "batch name (as imported)", required=True)
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", f"{PREFIX}/manufacturers", "manufacturers.list", "read",
@@ -114,6 +122,9 @@ ROUTES: tuple[Route, ...] = (
           "Allowlist a factory batch: a pending device per birth certificate serial (one transaction)",
           import_batch, params=(_NAME,), body="BirthBatch", response="BirthBatchImported",
           errors=(400, 403, 404, 409), success=201),
+    Route("POST", f"{PREFIX}/manufacturers/{{name}}/batches/{{batch}}/reprovision", "manufacturers.reprovision",
+          "act", "Let every birth certificate of a batch that enrolled already enroll once more", allow_reprovision_batch,
+          params=(_NAME, _BATCH), response="BatchReprovision", errors=(403, 404)),
     Route("POST", f"{PREFIX}/devices/{{id}}/reprovision", "devices.reprovision", "act",
           "Let the device's birth certificate enroll once more (used up by that enrollment)", allow_reprovision,
           params=(_ID,), response="Birth", errors=(403, 404)),

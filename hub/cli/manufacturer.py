@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from urllib.parse import quote
 from typing import NoReturn, Optional
 
 import typer
@@ -106,7 +107,7 @@ def import_batch(
     rows = read_batch(batch_file)
     label = batch or batch_file.stem.lower()
     with api(directory, hub, profile) as client:
-        done = client.post(f"{BASE}/{name}/batches", {"batch": label, "rows": rows})
+        done = client.post(f"{BASE}/{quote(name, safe='')}/batches", {"batch": label, "rows": rows})
     if as_json:
         print_json(done)
     else:
@@ -115,12 +116,25 @@ def import_batch(
 
 @manufacturer_app.command("allow-reprovision")
 def allow_reprovision(
-    device_id: str = typer.Argument(..., help="The device whose birth certificate may enroll once more."),
+    device_id: str = typer.Argument("", help="The device whose birth certificate may enroll once more."),
+    batch: str = typer.Option("", "--batch", help="Instead: every device of this imported batch that enrolled "
+                                                  "already (with --manufacturer)."),
+    manufacturer: str = typer.Option("", "--manufacturer", help="The batch's manufacturer (with --batch)."),
     directory: Optional[Path] = DirOpt, hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Let a device enroll with its birth certificate once more (e.g. after a factory reset); the next enrollment
-    uses the permission up and replaces the device's certificate at once."""
+    """Let a device (or a whole batch) enroll with its birth certificate once more (e.g. after a factory reset);
+    the next enrollment uses the permission up and replaces the device's certificate at once."""
+    if bool(device_id) == bool(batch) or bool(batch) != bool(manufacturer):
+        fail("give a device id, or --batch NAME with --manufacturer NAME")
+    if batch:
+        with api(directory, hub, profile) as client:
+            done = client.post(f"{BASE}/{quote(manufacturer, safe='')}/batches/{quote(batch, safe='')}/reprovision")
+        if as_json:
+            print_json(done)
+        else:
+            say(f"{done['allowed']} devices of {done['manufacturer']} batch {done['batch']} may enroll once more")
+        return
     device_id_arg(device_id)
     with api(directory, hub, profile) as client:
         birth = client.post(f"/api/v1/devices/{device_id}/reprovision")

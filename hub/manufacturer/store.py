@@ -227,6 +227,22 @@ def allow_reprovision(registry: Registry, device_id: str, now: datetime, actor: 
     return birth_view(row)
 
 
+def allow_reprovision_batch(registry: Registry, manufacturer: str, batch: str, now: datetime, actor: str,
+                            source: str | None = None) -> dict[str, Any]:
+    """allow_reprovision for every birth certificate of one imported batch that enrolled already (one transaction,
+    one audit row). ManufacturerError 'unknown' if the manufacturer has no such batch."""
+    apply_schema(registry)
+    with registry.write() as db:
+        if not next(db.query("SELECT 1 FROM births WHERE manufacturer = ? AND batch = ? LIMIT 1",
+                             [manufacturer, batch]), None):
+            raise ManufacturerError(f"{manufacturer} has no batch {str(batch)[:80]!r}", code="unknown")
+        n = db.execute("UPDATE births SET reprovision = 1 WHERE manufacturer = ? AND batch = ? "
+                       "AND used_at IS NOT NULL AND reprovision = 0", [manufacturer, batch]).rowcount
+        registry.append_audit(db, [(_ts(now), actor, "manufacturer.allow_reprovision", None, "ok",
+                                    f"{manufacturer} batch {batch}: {n} birth certificates", source)])
+    return {"manufacturer": manufacturer, "batch": batch, "allowed": n}
+
+
 def birth_view(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("manufacturer", "serial", "device_id", "batch", "imported", "used_at", "used_from")} \
         | {"reprovision": bool(row["reprovision"])}

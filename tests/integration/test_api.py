@@ -149,7 +149,7 @@ def test_role_without_api_permissions_and_revoked_identity_get_403(api):
 
 
 def _probe(route) -> tuple[str, object]:
-    path = route.path.replace("{id}", "api-dev-nobody").replace("{name}", "api-nobody")
+    path = route.path.replace("{id}", "api-dev-nobody").replace("{name}", "api-nobody").replace("{batch}", "api-nobody")
     if route.name in ("devices.create", "identities.create"):
         return path, {"devices": []}  # refused after the permission check (400): creates nothing
     if route.name == "devices.status":

@@ -244,5 +244,7 @@ def test_manufacturer_commands_refuse_bad_input_in_one_line_and_change_nothing(h
     assert proc.returncode == 1 and "no manufacturer 'nobody'" in proc.stderr, proc.stderr
     proc = hub.cli("manufacturer", "allow-reprovision", "no-such-device")
     assert proc.returncode == 1 and "no birth certificate" in proc.stderr, proc.stderr
+    proc = hub.cli("manufacturer", "allow-reprovision", "--batch", "no-such-batch", "--manufacturer", MAKER)
+    assert proc.returncode == 1 and "has no batch 'no-such-batch'" in proc.stderr, proc.stderr
     assert hub.state() == before and hub.cli_ok("manufacturer", "list", "--json") == listed
     assert [r for r in hub.audit_since(audit_from) if r["outcome"] == "ok"] == []

@@ -200,3 +200,16 @@ def test_two_enrollments_racing_with_one_birth_certificate_record_one(reg, maker
         store.enroll(reg, "maker", "SN-9", digest, T0, racing_issue)
     assert info.value.code == "birth_used"
     assert [c["serial"] for c in reg.certificates_of("sn-9")] == [format(inner[0][1].serial_number, "x")]
+
+
+def test_a_batch_may_be_allowed_to_reprovision_at_once(reg, maker):
+    ca, key = maker
+    store.add_manufacturer(reg, "maker", ca, T0, "test")
+    store.import_batch(reg, "maker", "b1", [{"serial": "SN-A"}, {"serial": "SN-B"}], "acme", T0, "test")
+    certs = {s: birth(ca, key, s) for s in ("SN-A", "SN-B")}
+    store.enroll(reg, "maker", "SN-A", store.fingerprint(certs["SN-A"]), T0, _issuer(ca, key, _key()))
+    with pytest.raises(store.ManufacturerError):
+        store.allow_reprovision_batch(reg, "maker", "b2", T0, "operator")
+    assert store.allow_reprovision_batch(reg, "maker", "b1", T0, "operator")["allowed"] == 1  # SN-B never enrolled
+    store.enroll(reg, "maker", "SN-A", store.fingerprint(certs["SN-A"]), T0, _issuer(ca, key, _key()))
+    assert len(reg.certificates_of("sn-a")) == 2
