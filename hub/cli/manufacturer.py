@@ -7,6 +7,7 @@ certificate in its token (`tessera-agent enroll --birth-cert`), no enrollment to
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from urllib.parse import quote
 from typing import NoReturn, Optional
@@ -98,14 +99,14 @@ def import_batch(
     name: str = typer.Argument(..., help="The manufacturer (from `manufacturer add`)."),
     batch_file: Path = typer.Argument(..., help="The factory's batch CSV (serial,device_id,cert_sha256)."),
     batch: str = typer.Option("", "--batch", help="The batch name kept with each entry \\[default: the file "
-                                                  "name without extension]."),
+                                                  "name without extension, other characters than a-z 0-9 - as -]."),
     directory: Optional[Path] = DirOpt, hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Allowlist a batch of birth certificates: each serial becomes a pending device (id from the file, else the
     serial in lower case) that enrolls once with its birth certificate. All or nothing."""
     rows = read_batch(batch_file)
-    label = batch or batch_file.stem.lower()
+    label = batch or re.sub(r"[^a-z0-9-]+", "-", batch_file.stem.lower()).strip("-")[:63] or "batch"
     with api(directory, hub, profile) as client:
         done = client.post(f"{BASE}/{quote(name, safe='')}/batches", {"batch": label, "rows": rows})
     if as_json:
