@@ -8,7 +8,8 @@ TLS children inherit them; nothing goes through p11-kit (dev.sh setup keeps p11-
 The resource manager is not optional: without it tpm2-pkcs11 runs out of TPM object contexts.
 
 `token` is parametrized over SoftHSM and TPM: a test that takes it runs once per token type.
-Skipped with the reason when a package is missing (dev.sh setup installs them all).
+Skipped with the reason when a package is missing (dev.sh setup installs them all). bench/token_bench.py starts
+the same stack (TpmStack, create_tpm_token) outside pytest.
 """
 
 from __future__ import annotations
