@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from hsm.token import TokenConfig
 
 from hub.ca.policy import Policy
+from hub.registry.sql import check_url
 
 DEFAULT_DIR = "tessera-hub"
 BROKER_KINDS = ("mosquitto", "rabbitmq")
@@ -84,6 +85,9 @@ class HubConfig:
     supersede_grace_seconds: int = 300
     #: The HTTPS fleet API's port; None: 8444 if free (serve runs on without the API otherwise), 0: any free port.
     api_port: int | None = None
+    #: The registry: '' is registry.sqlite3 in the hub directory; a PostgreSQL URL is refused until every part of
+    #: the hub runs on it (hub/registry/sql.py: check_url).
+    registry_url: str = ""
     #: The broker the hub drives: "mosquitto" (a child process) or "rabbitmq" (a cluster it is pointed at,
     #: hub/broker/rabbitmq/): each node's management API URL, and the loopback port of the hub's auth back end.
     broker_kind: str = "mosquitto"
@@ -217,6 +221,9 @@ class HubConfig:
             f"kind = {q(self.broker_kind)}",
             f"management_urls = [{', '.join(q(u) for u in self.rabbitmq_management)}]",
             f"auth_port = {self.rabbitmq_auth_port}", "",
+            "[registry]", "# empty: the SQLite file registry.sqlite3 in this directory (PostgreSQL for several hubs on",
+            "# one fleet, postgresql+psycopg://user@host:port/db?passfile=..., is not supported by serve yet)",
+            f"url = {q(self.registry_url)}", "",
         ])
 
     def save(self) -> None:
@@ -324,6 +331,7 @@ def load_config(root: Path) -> HubConfig:
             ca_token_label=ca.get("token_label", ""), ca_pin_source=ca.get("pin_source", ""),
             ca_softhsm_conf=ca.get("softhsm_conf", ""),
             **_broker(broker),
+            registry_url=check_url(data.get("registry", {}).get("url", "")),
         )
     except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"{path} is not valid: {exc}") from None

@@ -27,6 +27,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from .errors import RegistryError
+from .sql import POSTGRESQL, dialect, executemany
 
 KEY_NAME = "audit.key"
 #: (at, actor, action, device_id, outcome, detail, source)
@@ -78,7 +79,8 @@ def _mac(key: bytes, prev: str, row_id: int, fields: Sequence[Any]) -> str:
 def append(db: Database, key: bytes, rows: Iterable[Row]) -> int:
     """Insert audit rows (in the caller's write transaction) escaped and chained; returns how many."""
     head = next(db.query("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1"), None)
-    seq = next(db.query("SELECT seq FROM sqlite_sequence WHERE name = 'audit'"), None)
+    seq = None if dialect(db) == POSTGRESQL else next(  # PostgreSQL: ids only ever come from here
+        db.query("SELECT seq FROM sqlite_sequence WHERE name = 'audit'"), None)
     next_id = max(seq["seq"] if seq else 0, head["id"] if head else 0) + 1
     prev = (head or {}).get("mac") or ""
     batch = []
@@ -87,8 +89,8 @@ def append(db: Database, key: bytes, rows: Iterable[Row]) -> int:
         prev = _mac(key, prev, next_id, fields)
         batch.append((next_id, *fields, prev))
         next_id += 1
-    db.conn.executemany("INSERT INTO audit (id, at, actor, action, device_id, outcome, detail, source, mac) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
+    executemany(db, "INSERT INTO audit (id, at, actor, action, device_id, outcome, detail, source, mac) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", batch)
     return len(batch)
 
 

@@ -1,6 +1,8 @@
-"""The hub's device registry: devices, certificates, bootstrap tokens and an append-only audit log in SQLite.
+"""The hub's device registry: devices, certificates, bootstrap tokens and an append-only audit log.
 
-One SQLite file (WAL mode, foreign keys on, busy_timeout set), used through sqlite-utils. Every connection is
+One SQLite file (WAL mode, foreign keys on, busy_timeout set), used through sqlite-utils; or, for several hubs
+sharing one fleet, a PostgreSQL database (`postgresql+psycopg://...`, hub/registry/sql.py): the same code and
+statements, each write transaction then queued on one advisory lock instead of BEGIN IMMEDIATE + the flock. Every connection is
 per thread (``threading.local``): a ``Registry`` may be shared by threads, each gets its own connection; other
 processes open their own ``Registry`` on the same file. Every write runs in a ``BEGIN IMMEDIATE`` transaction,
 so the token check and the token use in ``enroll`` are one atomic step across threads and processes.
@@ -35,6 +37,9 @@ from hub.authz.policy import AuthzError, check_groups, check_labels
 from hub.ca.policy import PolicyError, check_device_id
 
 from . import audit as audit_chain
+from . import groupcommit
+from . import pgschema
+from .sql import WRITE_LOCK_KEY, PgDb, executemany, insert, is_postgresql, pg_connect, pg_engine
 from .errors import (CertRejected, DeviceExists, DeviceNotActive, InvalidDeviceId, InvalidName,  # noqa: F401
                      RegistryError, TokenRejected, UnknownDevice)
 from .schema import (DEVICE_STATUSES, ENROLLABLE_STATUSES, EST_ACTOR, FINAL_STATUSES,  # noqa: F401
@@ -94,8 +99,18 @@ def _json_meta(labels: Mapping[str, str] | None, groups: Sequence[str] | None) -
 class Registry:
     """The device registry in one SQLite file. Thread-safe (a connection per thread); see the module docstring."""
 
-    def __init__(self, path: Path | str, busy_timeout_ms: int = 10_000) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | str, busy_timeout_ms: int = 10_000, home: Path | str | None = None) -> None:
+        """`path`: the SQLite file, or a PostgreSQL URL (then `home`, the hub directory, holds the audit key that
+        every hub on that database must share; the SQLite registry keeps it next to the file)."""
+        self.url = str(path) if is_postgresql(path) else None
+        self._engine = None
+        if self.url is not None:
+            if home is None:
+                raise ValueError("a PostgreSQL registry needs `home` (the directory of its audit key)")
+            self.path = Path(home) / "registry.sqlite3"  # where audit.py looks for audit.key: the same directory
+            self._engine = pg_engine(self.url)
+        else:
+            self.path = Path(path)
         self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
         # Writers queue here instead of in SQLite's busy handler, which sleeps in 1-100 ms steps (the cause of
@@ -108,7 +123,10 @@ class Registry:
         self._write_depth = 0
         self._closed = False
         self._audit_key: bytes | None = None
-        open_schema(self._db(), self.path)
+        if self.url is not None:
+            pgschema.open_schema(self._db(), self.url)
+        else:
+            open_schema(self._db(), self.path)
 
     @staticmethod
     def authz_event(db: Database, principal: str | None, reason: str, now: datetime) -> None:
@@ -132,7 +150,9 @@ class Registry:
         if self._closed:
             raise RegistryError("registry is closed", code="closed")
         db: Database | None = getattr(self._local, "db", None)
-        if db is None:
+        if db is None and self._engine is not None:
+            db = self._local.db = PgDb(pg_connect(self._engine, self.url))
+        elif db is None:
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None)
             db = Database(conn, execute_plugins=False)
             db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
@@ -151,6 +171,17 @@ class Registry:
     def _write(self, db: Database | None = None) -> Iterator[Database]:
         """One write transaction, BEGIN IMMEDIATE (takes the write lock up front: no read-then-upgrade races)."""
         db = db or self._db()
+        if isinstance(db, PgDb):
+            with self._write_lock:
+                db.execute("BEGIN")
+                try:
+                    db.execute("SELECT pg_advisory_xact_lock(?)", [WRITE_LOCK_KEY])
+                    yield db
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            return
         with self._write_lock, self._process_lock():
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -191,6 +222,8 @@ class Registry:
         if db is not None:
             db.close()
             self._local.db = None
+        if self._engine is not None:
+            self._engine.dispose()
         with self._write_lock:
             if self._flock_fd is not None and self._flock_fd >= 0 and self._write_depth == 0:
                 os.close(self._flock_fd)
@@ -236,8 +269,8 @@ class Registry:
         with self._write() as db:
             if self._one(db, "SELECT 1 FROM devices WHERE id = ?", [device_id]):
                 raise DeviceExists(f"device {device_id!r} already exists")
-            db.table("devices").insert({"id": device_id, "fleet": fleet, "status": "pending", "labels": labels_json,
-                                        "groups": groups_json, "created": _ts(now), "last_seen": None, "online": 0})
+            insert(db, "devices", {"id": device_id, "fleet": fleet, "status": "pending", "labels": labels_json,
+                                   "groups": groups_json, "created": _ts(now), "last_seen": None, "online": 0})
             self._audit_row(db, "device.add", "ok", now, actor, device_id, f"fleet={fleet}")
         return self.require_device(device_id)
 
@@ -324,7 +357,7 @@ class Registry:
     def mark_presence(self, device_id: str, online: bool, now: datetime) -> bool:
         """Record presence; an 'offline' for a device already offline writes nothing (a clean stop is announced
         twice: by the agent and by the broker). Returns whether anything was written."""
-        cur = self._db().execute("UPDATE devices SET online = ?, last_seen = ? WHERE id = ? AND (online != ? OR ?)",
+        cur = self._db().execute("UPDATE devices SET online = ?, last_seen = ? WHERE id = ? AND (online != ? OR ? = 1)",
                                  [int(online), _ts(now), device_id, int(online), int(online)])
         if cur.rowcount == 0 and self._one(self._db(), "SELECT 1 FROM devices WHERE id = ?", [device_id]) is None:
             raise UnknownDevice(f"no device {device_id!r}")
@@ -343,8 +376,8 @@ class Registry:
             db.execute("UPDATE tokens SET used_at = ?, used_from = 'superseded' "
                        "WHERE device_id = ? AND used_at IS NULL", [_ts(now), device_id])
             token = secrets.token_urlsafe(24)
-            db.table("tokens").insert({"device_id": device_id, "token_hash": token_hash(token), "created": _ts(now),
-                                       "expires": _ts(now + ttl)})
+            insert(db, "tokens", {"device_id": device_id, "token_hash": token_hash(token), "created": _ts(now),
+                                  "expires": _ts(now + ttl)})
             self._audit_row(db, "token.create", "ok", now, actor, device_id, f"expires {_ts(now + ttl)}")
         return token
 
@@ -379,10 +412,10 @@ class Registry:
                     tokens.append((device_id, token_hash(token), created, expires))
                     audits += [(created, actor, "device.add", device_id, "ok", f"fleet={fleet}; batch", None),
                                (created, actor, "token.create", device_id, "ok", f"expires {expires}; batch", None)]
-                db.conn.executemany("INSERT INTO devices (id, fleet, status, labels, groups, created, online) "
-                                    "VALUES (?, ?, 'pending', ?, ?, ?, 0)", devices)
-                db.conn.executemany("INSERT INTO tokens (device_id, token_hash, created, expires) "
-                                    "VALUES (?, ?, ?, ?)", tokens)
+                executemany(db, "INSERT INTO devices (id, fleet, status, labels, groups, created, online) "
+                                "VALUES (?, ?, 'pending', ?, ?, ?, 0)", devices)
+                executemany(db, "INSERT INTO tokens (device_id, token_hash, created, expires) VALUES (?, ?, ?, ?)",
+                            tokens)
                 self.append_audit(db, audits)
                 if progress:
                     progress(len(out))
@@ -406,7 +439,7 @@ class Registry:
 
     def _insert_cert(self, db: Database, device_id: str, cert: x509.Certificate, now: datetime) -> str:
         serial = serial_hex(cert.serial_number)
-        db.table("certificates").insert({
+        insert(db, "certificates", {
             "serial": serial, "device_id": device_id, "subject": cert.subject.rfc4514_string(),
             "not_before": _ts(cert.not_valid_before_utc), "not_after": _ts(cert.not_valid_after_utc),
             "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex(), "status": "active",
@@ -421,7 +454,8 @@ class Registry:
         """Issue a certificate: `check` on a plain read (refusals never cost a signature), then `issue()` outside
         any lock, then `body(db, cert)` in one BEGIN IMMEDIATE transaction, which checks everything again and
         records the certificate (a request that lost a race to the same token is refused there, and its
-        certificate, never recorded nor returned, is dropped). Signing outside the write lock keeps the one
+        certificate, never recorded nor returned, is dropped); concurrent bodies share that transaction and its
+        fsync, each in its own savepoint (hub/registry/groupcommit.py). Signing outside the write lock keeps the one
         writer's turn short: with the signature inside it, every EST worker process queued behind it.
         A RegistryError (rolled back) is audited 'denied' in its own committed transaction unless `audit_denied`
         is False (the EST service aggregates its denials: hub/est/denials.py); any other exception (issue()
@@ -429,8 +463,7 @@ class Registry:
         try:
             check(self._db())
             cert = issue()
-            with self._write() as db:
-                return body(db, cert)
+            return groupcommit.run(self, body, cert)  # one transaction and fsync with concurrent issuings
         except RegistryError as exc:
             if audit_denied and exc.code != "closed":
                 self.audit(action, "denied", now, EST_ACTOR, device_id, f"{exc.code}: {exc}", source)
@@ -466,8 +499,10 @@ class Registry:
 
         def body(db: Database, cert: x509.Certificate) -> x509.Certificate:
             row = check(db)
-            db.execute("UPDATE tokens SET used_at = ?, used_from = ? WHERE id = ? AND used_at IS NULL",
-                       [now_s, source, row["id"]])
+            # exactly once: the row is spent only if still unused, whoever else (thread, process, hub) races for it
+            if db.execute("UPDATE tokens SET used_at = ?, used_from = ? WHERE id = ? AND used_at IS NULL",
+                          [now_s, source, row["id"]]).rowcount != 1:
+                raise TokenRejected("token already used", "token_used")
             # the first enrollment makes a pending device active (no authz event: a pending device has no
             # certificate, so no live session to re-check)
             db.execute("UPDATE devices SET status = 'active' WHERE id = ? AND status = 'pending'", [device_id])
