@@ -79,12 +79,22 @@ def init_ca(token: TokenConfig, name: str, out: Path, common_name: str = "", day
     if out.exists():
         raise FactoryError(f"{out} already exists; refusing to overwrite it")
     now = now or datetime.now(timezone.utc)
-    info = worker.generate_key(token, CA_KEY_LABEL, key_type)
-    der = worker.run_isolated(_sign, Signer(token, CA_KEY_LABEL, b""), "ca", {
-        "name": name, "common_name": common_name, "public_key_pem": info.public_key_pem, "now": now.isoformat(),
-        "days": days})
-    cert = x509.load_der_x509_certificate(der)
-    out.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    with open(out, "xb") as fh:  # exclusive: never over another CA's certificate
+        try:
+            info = worker.generate_key(token, CA_KEY_LABEL, key_type)  # KeyExists: that token has a CA key already
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+        try:
+            der = worker.run_isolated(_sign, Signer(token, CA_KEY_LABEL, b""), "ca", {
+                "name": name, "common_name": common_name, "public_key_pem": info.public_key_pem,
+                "now": now.isoformat(), "days": days})
+        except BaseException:
+            worker.delete_key(token, CA_KEY_LABEL)
+            out.unlink(missing_ok=True)
+            raise
+        cert = x509.load_der_x509_certificate(der)
+        fh.write(cert.public_bytes(serialization.Encoding.PEM))
     return cert
 
 
@@ -139,24 +149,23 @@ def issue_birth(signer: Signer, device: TokenConfig, serial: str, batch: Path, d
     ca = x509.load_pem_x509_certificate(signer.ca_pem)
     now = now or datetime.now(timezone.utc)
     key_id = IDEVID_KEY_ID_PREFIX + serial.encode()
-    info = worker.generate_key(device, key_label, key_type, key_id)
-    try:
-        der = worker.run_isolated(_sign, signer, "birth", {"serial": serial, "public_key_pem": info.public_key_pem,
-                                                           "now": now.isoformat(), "model": model, "days": days})
-        cert = x509.load_der_x509_certificate(der)
+    with open(batch, "a", newline="") as fh:  # opened first: a batch file that cannot be written stops us here
+        info = worker.generate_key(device, key_label, key_type, key_id)
         try:
-            cert.verify_directly_issued_by(ca)
-        except Exception:  # noqa: BLE001  (InvalidSignature, or another key type)
-            raise FactoryError(f"the CA certificate {ca.subject.rfc4514_string()} is not the one whose key is in "
-                               f"the CA token {signer.token.label!r}") from None
-        write_certificate(device, der, key_label, info.id)
-    except BaseException:  # no half-provisioned token: a re-run starts from scratch
-        worker.delete_key(device, key_label)
-        raise
-    new = not batch.exists() or batch.stat().st_size == 0
-    with open(batch, "a", newline="") as fh:
+            der = worker.run_isolated(_sign, signer, "birth", {"serial": serial, "public_key_pem": info.public_key_pem,
+                                                               "now": now.isoformat(), "model": model, "days": days})
+            cert = x509.load_der_x509_certificate(der)
+            try:
+                cert.verify_directly_issued_by(ca)
+            except Exception:  # noqa: BLE001  (InvalidSignature, or another key type)
+                raise FactoryError(f"the CA certificate {ca.subject.rfc4514_string()} is not the one whose key is "
+                                   f"in the CA token {signer.token.label!r}") from None
+            write_certificate(device, der, key_label, info.id)
+        except BaseException:  # no half-provisioned token: a re-run starts from scratch
+            worker.delete_key(device, key_label)
+            raise
         writer = csv.writer(fh)
-        if new:
+        if fh.tell() == 0:
             writer.writerow(BATCH_FIELDS)
         writer.writerow((serial, device_id, cert.fingerprint(hashes.SHA256()).hex()))
     return cert

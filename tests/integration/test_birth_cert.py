@@ -248,3 +248,26 @@ def test_manufacturer_commands_refuse_bad_input_in_one_line_and_change_nothing(h
     assert proc.returncode == 1 and "has no batch 'no-such-batch'" in proc.stderr, proc.stderr
     assert hub.state() == before and hub.cli_ok("manufacturer", "list", "--json") == listed
     assert [r for r in hub.audit_since(audit_from) if r["outcome"] == "ok"] == []
+
+
+def test_factory_birth_refused_midway_leaves_the_device_token_as_it_was(maker, tmp_path):
+    _, ca_token, ca_pem = maker
+    wrong = write_pem(tmp_path / "wrong-ca.pem", ForeignCA(tmp_path / "wrong").cert)
+    token = create_token(tmp_path / "softhsm", label=TOKEN_LABEL)
+    batch = tmp_path / "batch.csv"
+
+    def birth_with(ca: Path) -> subprocess.CompletedProcess:
+        return factory_cli("birth", "--serial", "SN-F1", "--batch", str(batch), "--ca", str(ca),
+                           "--ca-token-label", ca_token.label, "--ca-pin-source", f"file:{ca_token.pin_file}",
+                           "--ca-softhsm-conf", str(ca_token.conf), "--token-label", token.label,
+                           "--pin-source", f"file:{token.pin_file}", "--softhsm-conf", str(token.conf))
+    try:
+        proc = birth_with(wrong)  # not the certificate of the key in the CA token: found after signing
+        assert proc.returncode == 1 and "is not the one whose key is in the CA token" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert batch.read_text() == ""
+        proc = birth_with(ca_pem)  # the key made by the refused run is gone: a re-run starts clean
+        assert proc.returncode == 0, proc.stderr
+        assert [r["serial"] for r in csv.DictReader(batch.read_text().splitlines())] == ["SN-F1"]
+    finally:
+        token.destroy()
