@@ -423,7 +423,8 @@ class MqttSession:
     """
 
     def __init__(self, hub: Hub, chain: Path, key: Path, client_id: str, tls: str | None = None,
-                 port: int | None = None):
+                 port: int | None = None, protocol: int = mqtt.MQTTv5,
+                 credentials: tuple[str, str] | None = None):
         self.client_id = client_id
         self.port = port or hub.mqtt_port
         self.ctx = client_context(hub, chain, key, tls)
@@ -438,7 +439,9 @@ class MqttSession:
         self._ack_cond = threading.Condition()
         self._started = False
         c = self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                      protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+                                      protocol=protocol, reconnect_on_failure=False)
+        if credentials is not None:  # a CONNECT with username and password (RabbitMQ: refused by the hub)
+            c.username_pw_set(*credentials)
         c.max_inflight_messages_set(200)
         c.tls_set_context(self.ctx)
         c.on_connect, c.on_disconnect, c.on_message = self._on_connect, self._on_disconnect, self._on_message
@@ -463,6 +466,8 @@ class MqttSession:
         if self.disconnect_at is None:
             self.disconnect_at, self.disconnect_rc = time.monotonic(), reason_code
         self.disconnected.set()
+        with self._ack_cond:  # a wait_ack() stops waiting: no acknowledgement comes on a closed connection
+            self._ack_cond.notify_all()
 
     def _ack(self, mid: int, value: Any) -> None:
         with self._ack_cond:
@@ -471,8 +476,10 @@ class MqttSession:
 
     def wait_ack(self, mid: int, timeout: float = 5.0) -> Any:
         with self._ack_cond:
-            if not self._ack_cond.wait_for(lambda: mid in self._acks, timeout):
+            if not self._ack_cond.wait_for(lambda: mid in self._acks or self.disconnected.is_set(), timeout):
                 raise TimeoutError(f"{self.client_id}: no acknowledgement for message id {mid} within {timeout} s")
+            if mid not in self._acks:
+                raise TimeoutError(f"{self.client_id}: connection closed before message id {mid} was acknowledged")
             return self._acks.pop(mid)
 
     # actions

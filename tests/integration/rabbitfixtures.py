@@ -39,6 +39,8 @@ from tests.integration.hubfixtures import Hub, init_hub
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")  # the scripts themselves: /usr/sbin's wrapper would su to rabbitmq
 START_TIMEOUT = 90.0
+#: [mqtt] supersede_grace_seconds of the session hub (short: the superseded case waits it out)
+SESSION_GRACE = 3
 
 
 def rabbitmq_missing() -> str | None:
@@ -273,7 +275,7 @@ def rabbit_cluster_hub(request, tmp_path_factory) -> tuple[Hub, RabbitCluster]:
     """One 3-node cluster and its hub for the whole session (every module importing this fixture gets the same
     pair; tests use distinct device ids). Yields (hub, cluster)."""
     if "3" not in _shared:
-        cm = rabbit_hub(tmp_path_factory.mktemp("rabbit-hub"))
+        cm = rabbit_hub(tmp_path_factory.mktemp("rabbit-hub"), supersede_grace_seconds=SESSION_GRACE)
         _shared["3"] = cm.__enter__()
 
         def close() -> None:
