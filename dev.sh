@@ -25,7 +25,8 @@ APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl ca-certificates softh
               # the TPM 2.0 test token (tests/integration/tpmfixtures.py): swtpm, tpm2-abrmd, tpm2-pkcs11
               swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtss2-tcti-swtpm0 tpm2-tools
               libtpm2-pkcs11-1 libtpm2-pkcs11-tools python3-tpm2-pkcs11-tools dbus-daemon
-              postgresql)  # postgresql: the registry's PostgreSQL tests (tests/integration/pgfixtures.py)
+              postgresql  # postgresql: the registry's PostgreSQL tests (tests/integration/pgfixtures.py)
+              rabbitmq-server)  # the RabbitMQ broker driver's cluster tests (tests/integration/rabbitfixtures.py)
 
 log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
 
@@ -129,6 +130,12 @@ install_apt() {
   # Tests and the demo start their own brokers; the packaged service must not hold port 1883.
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
     systemctl disable --now mosquitto >/dev/null 2>&1 || true
+  fi
+  # The same for RabbitMQ: the tests start their own nodes (own ports, own epmd port, own cookie).
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
+    systemctl disable --now rabbitmq-server >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/rabbitmq-server ] && /etc/init.d/rabbitmq-server status >/dev/null 2>&1; then
+    /etc/init.d/rabbitmq-server stop >/dev/null 2>&1 || true
   fi
   # Tests start their own PostgreSQL servers on free ports; the packaged cluster is stopped and left to start by
   # hand only (start.conf), so it neither runs nor holds port 5432.
