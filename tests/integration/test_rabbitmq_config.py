@@ -1,0 +1,145 @@
+"""The RabbitMQ driver without RabbitMQ: fleet.toml [broker], the rendered node files, the auth back end's answers
+over a real registry and its HTTP endpoint (wrong secret: 404). Seconds.
+
+The back end's requests are the ones RabbitMQ 3.10 sends (rabbitmq_auth_backend_http, POST form fields): user
+(username, password when CONNECT carried one, client_id, vhost), vhost (username, vhost, ip, client_id), resource
+(username, vhost, resource, name, permission) and topic (... routing_key, variable_map.client_id).
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import timedelta
+
+import pytest
+
+from hub.broker.rabbitmq import authserver
+from hub.broker.rabbitmq.auth import MGMT_USER, AuthBackend, amqp_to_mqtt
+from hub.broker.rabbitmq.config import ClusterTls, Node, write_node_files
+from hub.config import ConfigError, load_config
+from tests.integration.test_authz_plugin import Pki, utcnow
+
+pytestmark = pytest.mark.integration
+
+SECRET = "0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory) -> Pki:
+    pki = Pki(tmp_path_factory.mktemp("rmq-cfg"))
+    pki.device("rc-dev", groups=("g1",))
+    pki.device("rc-other")
+    pki.device("rc-revoked")
+    pki.reg.set_status("rc-revoked", "revoked", utcnow(), actor="test")
+    old = pki.device("rc-renewed")
+    pki.renew(old, grace=timedelta(0))
+    return pki
+
+
+@pytest.fixture(scope="module")
+def backend(fleet) -> AuthBackend:
+    return AuthBackend(fleet.registry, SECRET)
+
+
+def _toml(tmp_path, broker: str):
+    (tmp_path / "fleet.toml").write_text(f'[fleet]\nname = "acme"\n[broker]\n{broker}\n')
+    return load_config(tmp_path)
+
+
+def test_broker_section(tmp_path):
+    assert _toml(tmp_path, "").broker_kind == "mosquitto"
+    cfg = _toml(tmp_path, 'kind = "rabbitmq"\nmanagement_urls = ["http://127.0.0.1:15672"]\nauth_port = 9000')
+    assert (cfg.broker_kind, cfg.rabbitmq_management, cfg.rabbitmq_auth_port) == \
+        ("rabbitmq", ["http://127.0.0.1:15672"], 9000)
+    for bad, says in (('kind = "kafka"', "[broker] kind"), ('kind = "rabbitmq"', "needs management_urls"),
+                      ('kind = "rabbitmq"\nmanagement_urls = ["ftp://x"]', "management_urls"),
+                      ('kind = "rabbitmq"\nmanagement_urls = ["http://a:1"]\nauth_port = 0', "auth_port")):
+        with pytest.raises(ConfigError, match="fleet.toml is not valid") as exc:
+            _toml(tmp_path, bad)
+        assert says in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_node_files(tmp_path):
+    tls = ClusterTls(tmp_path / "ca.pem", tmp_path / "srv.pem", tmp_path / "srv.key", tmp_path / "crl")
+    files = write_node_files(tmp_path / "r1", Node("r1", 1, 2, 3, 4), tls, f"http://127.0.0.1:5/{SECRET}")
+    for path in files.values():
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    conf = files["rabbitmq.conf"].read_text()
+    for line in ("auth_backends.1 = http", "mqtt.listeners.tcp = none", "mqtt.listeners.ssl.default = 127.0.0.1:3",
+                 "mqtt.ssl_cert_login = true", "ssl_cert_login_from = common_name", "mqtt.allow_anonymous = false",
+                 f"auth_http.user_path = http://127.0.0.1:5/{SECRET}/user", "management.tcp.ip = 127.0.0.1"):
+        assert line in conf.splitlines(), line
+    assert "default_user" not in conf and "auth_cache" not in conf  # no password user, no cache
+    adv = files["advanced.config"].read_text()
+    assert "{crl_check, peer}" in adv and f'{{dir, "{tls.crl_dir}"}}' in adv and "{fail_if_no_peer_cert, true}" in adv
+    assert "'tlsv1.1'" not in adv and "'tlsv1'" not in adv
+
+
+def test_user_answers(backend):
+    assert backend.user({"username": "rc-dev", "client_id": "rc-dev", "vhost": "/"}) == "allow"
+    refused = [{"username": "rc-dev", "password": "x"}, {"username": "rc-other", "password": ""},
+               {"username": "rc-dev", "client_id": "rc-other"}, {"username": "rc-revoked"},
+               {"username": "nobody"}, {"username": MGMT_USER}, {"username": MGMT_USER, "password": "wrong"},
+               {"username": "svc.rc", "password": SECRET}]
+    for params in refused:
+        assert backend.user(params).startswith("deny"), params
+    assert backend.user({"username": MGMT_USER, "password": SECRET}) == "allow administrator"
+    assert backend.user({"username": "rc-renewed"}) == "allow"  # its new certificate; the old one: listener CRL
+
+
+def test_vhost_and_resource_answers(backend):
+    assert backend.vhost({"username": "rc-dev", "vhost": "/", "client_id": "rc-dev"}) == "allow"
+    for params in ({"username": "rc-dev", "vhost": "other"}, {"username": MGMT_USER, "vhost": "/"},
+                   {"username": "rc-dev", "vhost": "/", "client_id": "rc-other"},
+                   {"username": "rc-revoked", "vhost": "/"}):
+        assert backend.vhost(params).startswith("deny"), params
+    base = {"username": "rc-dev", "vhost": "/"}
+    allowed = [{"resource": "exchange", "name": "amq.topic", "permission": "write"},
+               {"resource": "exchange", "name": "amq.topic", "permission": "read"},
+               {"resource": "queue", "name": "mqtt-subscription-rc-devqos1", "permission": "configure"}]
+    for params in allowed:
+        assert backend.resource({**base, **params}) == "allow", params
+    refused = [{"resource": "exchange", "name": "amq.topic", "permission": "configure"},
+               {"resource": "exchange", "name": "amq.direct", "permission": "write"},
+               {"resource": "queue", "name": "mqtt-subscription-rc-otherqos1", "permission": "read"},
+               {"resource": "queue", "name": "anything", "permission": "configure"}]
+    for params in refused:
+        assert backend.resource({**base, **params}).startswith("deny"), params
+
+
+def test_topic_answers(backend):
+    def topic(perm, key, user="rc-dev", cid=None):
+        return backend.topic({"username": user, "vhost": "/", "resource": "topic", "name": "amq.topic",
+                              "permission": perm, "routing_key": key, "variable_map.client_id": cid or user})
+    assert amqp_to_mqtt("devices.rc-dev.*") == "devices/rc-dev/+"
+    assert topic("write", "devices.rc-dev.telemetry") == "allow"
+    assert topic("read", "devices.rc-dev.commands") == "allow"
+    assert topic("read", "fleet.groups.g1.#") == "allow"
+    for perm, key, user, cid in (("write", "devices.rc-other.telemetry", "rc-dev", None),
+                                 ("write", "devices.rc-dev.commands", "rc-dev", None),
+                                 ("read", "devices.rc-other.commands", "rc-dev", None),
+                                 ("read", "#", "rc-dev", None), ("read", "devices.*.commands", "rc-dev", None),
+                                 ("read", "$share.s.devices.rc-dev.commands", "rc-dev", None),
+                                 ("write", "devices.rc-dev.telemetry", "rc-dev", "rc-other"),
+                                 ("write", "devices.rc-revoked.telemetry", "rc-revoked", None),
+                                 ("write", "devices.rc-dev.*", "rc-dev", None)):
+        assert topic(perm, key, user, cid).startswith("deny"), (perm, key, user, cid)
+
+
+def test_http_endpoint_needs_the_secret(backend):
+    server = authserver.start(backend, SECRET)
+    try:
+        def post(path, **form):
+            data = urllib.parse.urlencode(form).encode()
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", data=data, timeout=5) as resp:
+                return resp.read().decode()
+        assert post(f"/{SECRET}/user", username="rc-dev") == "allow"
+        assert post(f"/{SECRET}/user", username="rc-dev", password="x").startswith("deny")
+        for path in (f"/{SECRET[:-1]}x/user", f"/{SECRET}/nothing", "/user"):
+            with pytest.raises(urllib.error.HTTPError) as exc:
+                post(path, username="rc-dev")
+            assert exc.value.code in (404, 405), path
+    finally:
+        server()
