@@ -22,7 +22,9 @@ processes, and the supervisor keeps the broker, the fleet API, jobs and CRLs. Ho
   (tests/integration/test_est_workers.py races processes on one token). The audit chain reads its head inside
   the same transaction, so rows from several processes still chain. SQLite has one writer at a time, so what
   scales is what happens outside its lock: the certificate is signed before the transaction (after a read-only
-  check of the token), and writers of all processes queue on an flock instead of SQLite's sleeping busy handler.
+  check of the token), writers of all processes queue on an flock instead of SQLite's sleeping busy handler, and
+  the issuing transactions a process has queued meanwhile share one transaction and its fsync
+  (hub/registry/groupcommit.py: one commit per enrollment capped the hub near 1/fsync whatever the workers).
 - Limits are the hub's, exact across workers: the supervisor holds every `[est]` budget as fleet.toml says it
   (request rate and burst per source, failures per source and device, per source and hub-wide, connections open
   at once per source) in one LimitServer thread (hub/est/sharedlimits.py), and each worker asks it over its own
