@@ -240,6 +240,29 @@ def test_revoked_service_identity_is_cut_off(rh, work):
     assert not any(connects(hub, svc, p) for p in ports(cluster))
 
 
+def test_role_change_cuts_the_sessions_holding_it(rh, work):
+    """`role set` narrows a role: RabbitMQ keeps a session's topic rights, so the driver closes every session
+    (sessions opened just before the change too: a second pass once the management API lists them, ROLE_RECHECK);
+    after reconnecting the narrowed right is refused."""
+    from hub.broker.rabbitmq import ROLE_RECHECK
+
+    hub, cluster = rh
+    hub.cli_ok("role", "set", "rmq-role", "--rule", "subscribe:devices/+/status", "--rule",
+               "receive:devices/+/status", "--rule", "subscribe:devices/+/events", "--rule",
+               "receive:devices/+/events")
+    svc = add_identity(hub, "rmq-roled", "rmq-role", work)
+    port = cluster.nodes[1].mqtt_port
+    with sessions(mqtt311(hub, svc, port).connect()) as (s,):
+        assert s.subscribe("devices/+/events") == 1
+        hub.cli_ok("role", "set", "rmq-role", "--rule", "subscribe:devices/+/status", "--rule",
+                   "receive:devices/+/status")
+        assert s.disconnected.wait(ROLE_RECHECK + CUT_TIMEOUT), "the session kept the role's old rights"
+    with sessions(mqtt311(hub, svc, port).connect()) as (s,):
+        assert s.subscribe("devices/+/status") == 1
+        with pytest.raises(TimeoutError, match="connection closed"):
+            s.subscribe("devices/+/events")
+
+
 def test_superseded_certificate_is_refused_after_its_grace(rh, work):
     """A renewal supersedes the old certificate: it still connects during the grace ([mqtt]
     supersede_grace_seconds of the session's hub), then the listener's CRL refuses it and its session is cut;

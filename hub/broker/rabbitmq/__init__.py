@@ -45,6 +45,9 @@ log = logging.getLogger("tessera.hub.broker.rabbitmq")
 FOLLOW_EVERY = 0.2  # seconds between reads of authz_events (and checks for ended graces)
 #: authz event reasons after which a live session's cached rights are stale (it is kicked and reconnects)
 RIGHTS_CHANGED = ("groups changed", "re-enrolled", "re-provisioned")
+#: After a role change every connection is closed; the management API lists a connection only after its stats
+#: interval (5 s), so this much later the ones opened before the change that the first pass missed are closed too.
+ROLE_RECHECK = 6.0
 
 
 def read_secret(path: Path) -> str:
@@ -84,6 +87,7 @@ class RabbitMQBroker(BrokerDriver):
         self.seq = 0
         self._kick_log: list[tuple[int, int]] = []  # (seq, kicked) of recent passes
         self._grace_seen = ""
+        self._role_pass: tuple[float, float, set[str]] | None = None  # (due, change time in epoch ms, kicked)
 
     @property
     def mgmt_secret(self) -> str:
@@ -160,11 +164,13 @@ class RabbitMQBroker(BrokerDriver):
             now = self.clock()
             events = self.registry.query("SELECT seq, principal, reason FROM authz_events WHERE seq > ? "
                                          "ORDER BY seq", [self.seq])
-            ended = self._ended_graces(now)
-            if not events and not ended:
+            ended, graces_to = self._ended_graces(now)
+            late = self._late_role_pass()
+            if not events and not ended and not late:
+                self._grace_seen = graces_to
                 return 0
             self.crls.write(self.registry, now)
-            targets: set[str] = set(ended)
+            targets: set[str] = set(ended) | late
             everyone = False
             for ev in events:
                 if ev["principal"] is None:
@@ -174,29 +180,39 @@ class RabbitMQBroker(BrokerDriver):
                 if admitted is None or ev["reason"] in RIGHTS_CHANGED:
                     targets.add(ev["principal"])
             if everyone:
-                targets |= self.mgmt.connected_users() - {HUB_PRINCIPAL}
+                everyone_now = self.mgmt.connected_users() - {HUB_PRINCIPAL}
+                targets |= everyone_now
+                self._role_pass = (time.monotonic() + ROLE_RECHECK, time.time() * 1000, everyone_now)
             kicked = 0
             for name in sorted(targets):
                 n = self.mgmt.close_user(name)
                 if n:
                     log.info("rabbitmq: kicked %d connection(s) of principal=%s", n, name)
                 kicked += n
+            self._grace_seen = graces_to  # only once every kick went through: a failed pass is retried whole
             if events:
                 self.seq = events[-1]["seq"]
                 self._kick_log = (self._kick_log + [(self.seq, kicked)])[-64:]
             return kicked
 
+    def _late_role_pass(self) -> set[str]:
+        """Once ROLE_RECHECK is over: users connected before the last role change that its pass did not close."""
+        if self._role_pass is None or time.monotonic() < self._role_pass[0]:
+            return set()
+        _, changed_ms, done = self._role_pass
+        self._role_pass = None
+        return self.mgmt.connected_users(before_ms=changed_ms) - done - {HUB_PRINCIPAL}
+
     def _db(self) -> sqlite3.Connection:
         return self.backend._db()
 
-    def _ended_graces(self, now: datetime) -> set[str]:
-        """Principals with a superseded certificate whose grace ended since the last look."""
-        at, since = _ts(now), self._grace_seen
+    def _ended_graces(self, now: datetime) -> tuple[set[str], str]:
+        """Principals with a superseded certificate whose grace ended since the last look, and the new mark."""
+        at = _ts(now)
         rows = self.registry.query(
             "SELECT principal FROM authz_credentials WHERE cert_status = 'superseded' AND grace_until > ? "
-            "AND grace_until <= ?", [since, at])
-        self._grace_seen = at
-        return {r["principal"] for r in rows}
+            "AND grace_until <= ?", [self._grace_seen, at])
+        return {r["principal"] for r in rows}, at
 
     def sync(self, timeout: float = 2.0, after: int | None = None) -> SyncResult:
         started = time.monotonic()

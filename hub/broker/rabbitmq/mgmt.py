@@ -65,6 +65,11 @@ class Mgmt:
             raise MgmtError(f"closing the connections of {name!r} failed: HTTP {status}")
         return found
 
-    def connected_users(self) -> set[str]:
-        status, body = self.call("GET", "/api/connections?columns=user")
-        return {c.get("user") for c in body or [] if isinstance(c, dict)} if status == 200 else set()
+    def connected_users(self, before_ms: float | None = None) -> set[str]:
+        """Users with a connection (opened at or before `before_ms`, epoch ms, if given). From the management
+        statistics: a connection shows up there within the stats interval (5 s), not at once."""
+        status, body = self.call("GET", "/api/connections?columns=user,connected_at")
+        if status != 200 or not isinstance(body, list):
+            return set()
+        return {c.get("user") for c in body if isinstance(c, dict)
+                and (before_ms is None or (c.get("connected_at") or 0) <= before_ms)}
