@@ -1,8 +1,8 @@
-"""EST enrollment throughput of the hub: real `tessera-hub serve`, fresh TLS per enrollment, P-256 CSRs.
+"""EST enrollment throughput of the hub: real `tessera-hub serve`, fresh TLS per enrollment (or kept alive), P-256.
 
-``python -m bench.est_bench [--quick] [-n N] [--procs P] [--threads T] [--servers K] [--no-micro]`` prints a
-result table and a breakdown; ``run(quick)`` returns the result rows (dicts: metric, value, goal, pass; rows whose
-goal is "info" only report a number). Full run: N=3000, about 20 s; quick: N=300, about 5 s.
+``python -m bench.est_bench [--quick] [-n N] [--procs P] [--threads T] [--servers K] [--no-micro] [--keepalive]``
+prints a result table and a breakdown; ``run(quick)`` returns the result rows (dicts: metric, value, goal, pass;
+rows whose goal is "info" only report a number). Full run: N=3000, about 20 s; quick: N=300, about 5 s.
 
 Load pass
     A fleet is made in a temp dir with ``tessera-hub init``; fleet.toml's per-source rate limits are raised (every
@@ -10,7 +10,8 @@ Load pass
     runs as a subprocess on a free 127.0.0.1 port and is always stopped at the end. N P-256 keys (software "file"
     keys, cryptography) and their CSRs, and the complete HTTP requests, are made before timing. Several client
     PROCESSES (multiprocessing, spawn) with a few threads each then POST simpleenroll with Basic auth, each over a
-    NEW TCP connection and a FULL TLS handshake (a fresh SSLContext per process, no session ever passed in, so no
+    NEW TCP connection and a FULL TLS handshake (``--keepalive``: each thread over one kept-alive connection, as a
+    factory station would; the server ends it after Limits.keepalive_requests and the thread opens the next) (a fresh SSLContext per process, no session ever passed in, so no
     resumption: every connection's ``session_reused`` is checked to be False), read the response and check 200.
     The clients run on the same 2 cores as the hub, so their CPU is measured too (os.times() in each client
     process, /proc/<pid>/stat for the server, /proc/stat for the whole machine).
@@ -76,6 +77,7 @@ class Setup:
     deadline_s: float = 35.0     # the load pass stops taking new work after this (keeps the run bounded)
     micro_n: int = 400
     servers: int = 1             # >1: that many `tessera-hub serve` processes on one fleet dir (experiment)
+    keepalive: bool = False      # HTTP/1.1 keep-alive: each client thread enrolls over one TLS connection
 
 
 def _settings(quick: bool) -> Setup:
@@ -144,8 +146,9 @@ def client_context(cafile: str) -> ssl.SSLContext:
     return ctx
 
 
-def _read_response(sock: ssl.SSLSocket) -> tuple[int, bytes]:
-    """Read one HTTP/1.1 response with a Content-Length (or up to EOF): (status, body)."""
+def _read_response(sock: ssl.SSLSocket, with_close: bool = False):
+    """Read one HTTP/1.1 response with a Content-Length (or up to EOF): (status, body); `with_close`: (status,
+    body, whether the server ends the connection)."""
     buf = b""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
@@ -155,11 +158,14 @@ def _read_response(sock: ssl.SSLSocket) -> tuple[int, bytes]:
     head, _, body = buf.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split(b" ", 2)[1])
-    length = None
+    length, close = None, False
     for line in lines[1:]:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
+        name = name.strip().lower()
+        if name == b"content-length":
             length = int(value.strip())
+        elif name == b"connection":
+            close = value.strip().lower() == b"close"
     while length is None or len(body) < length:
         chunk = sock.recv(65536)
         if not chunk:
@@ -167,15 +173,53 @@ def _read_response(sock: ssl.SSLSocket) -> tuple[int, bytes]:
                 break
             raise ConnectionError("connection closed inside the response body")
         body += chunk
-    return status, body
+    return (status, body, close or length is None) if with_close else (status, body)
 
 
-def _request_bytes(method: str, path: str, port: int, headers: dict[str, str], body: bytes = b"") -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}", "Connection: close",
+def _request_bytes(method: str, path: str, port: int, headers: dict[str, str], body: bytes = b"",
+                   keepalive: bool = False) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}", *([] if keepalive else ["Connection: close"]),
              *(f"{k}: {v}" for k, v in headers.items())]
     if method == "POST":
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class KeptAlive:
+    """One client thread's TLS connection, kept between requests (HTTP/1.1 keep-alive); reopened when the server
+    ends it (Connection: close, e.g. after an error answer or its keepalive_requests) or on an error."""
+
+    def __init__(self, ctx: ssl.SSLContext, port: int):
+        self.ctx, self.port = ctx, port
+        self.sock: ssl.SSLSocket | None = None
+        self.opened = 0
+
+    def exchange(self, request: bytes) -> tuple[int, bytes, bool, str]:
+        """(status, body, session_reused, tls version) of one request; a new connection only when needed."""
+        if self.sock is None:
+            raw = socket.create_connection((HOST, self.port), timeout=IO_TIMEOUT)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                self.sock = self.ctx.wrap_socket(raw, server_hostname=HOST)
+            except BaseException:
+                raw.close()
+                raise
+            self.opened += 1
+            self.reused, self.version = self.sock.session_reused, self.sock.version() or "?"
+        try:
+            self.sock.sendall(request)
+            status, body, close = _read_response(self.sock, with_close=True)
+        except BaseException:
+            self.close()
+            raise
+        if close:
+            self.close()
+        return status, body, self.reused, self.version
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def _one_exchange(ctx: ssl.SSLContext, port: int, request: bytes) -> tuple[int, bytes, bool, str]:
@@ -213,15 +257,16 @@ def _make_csr(device_id: str):
             .sign(key, hashes.SHA256()))
 
 
-def _enroll_requests(rows: list[tuple[str, str]], port: int) -> list[tuple[str, bytes]]:
-    """[(device_id, complete HTTP request bytes)] with a new P-256 key and CSR per device."""
+def _enroll_requests(rows: list[tuple[str, str]], port: int, keepalive: bool = False) -> list[tuple[str, bytes]]:
+    """[(device_id, complete HTTP request bytes)] with a new P-256 key and CSR per device (`keepalive`: without
+    Connection: close)."""
     import est
 
     out = []
     for device_id, token in rows:
         body = est.build_csr_request_body(_make_csr(device_id))
         headers = {"Content-Type": est.CT_PKCS10, "Authorization": est.basic_auth_header(device_id, token)}
-        out.append((device_id, _request_bytes("POST", est.PATH_SIMPLEENROLL, port, headers, body)))
+        out.append((device_id, _request_bytes("POST", est.PATH_SIMPLEENROLL, port, headers, body, keepalive)))
     return out
 
 
@@ -297,8 +342,9 @@ class HubServer:
 # --- load generation (client processes) --------------------------------------------------------------------------
 
 def _client_worker(index: int, ports: list[int], cafile: str, items: list[tuple[str, bytes]], threads: int,
-                   deadline_s: float, barrier, results) -> None:
-    """One client process: `threads` threads pull enrollments from a shared deque until it is empty."""
+                   deadline_s: float, barrier, results, keepalive: bool = False) -> None:
+    """One client process: `threads` threads pull enrollments from a shared deque until it is empty (`keepalive`:
+    each thread over its own kept-alive connection, else a new connection per enrollment)."""
     import est
 
     ctx = client_context(cafile)  # one fresh context per process; sessions are never passed in
@@ -306,18 +352,24 @@ def _client_worker(index: int, ports: list[int], cafile: str, items: list[tuple[
     turn = itertools.count(index)  # round-robin over the server processes (one port each)
     lock = threading.Lock()
     acc = {"lat": [], "ok": 0, "status": collections.Counter(), "errors": collections.Counter(), "first_error": "",
-           "reused": 0, "versions": collections.Counter(), "validated": 0, "bad_answers": 0}
+           "reused": 0, "versions": collections.Counter(), "validated": 0, "bad_answers": 0, "connections": 0}
 
     def loop() -> None:
         lat, validate = [], True
+        kept = {}  # port -> KeptAlive
         while time.monotonic() < stop_at:
             try:
                 device_id, request = work.popleft()
             except IndexError:
                 break
             t0 = time.perf_counter()
+            port = ports[next(turn) % len(ports)]
             try:
-                status, body, reused, version = _one_exchange(ctx, ports[next(turn) % len(ports)], request)
+                if keepalive:
+                    conn = kept.get(port) or kept.setdefault(port, KeptAlive(ctx, port))
+                    status, body, reused, version = conn.exchange(request)
+                else:
+                    status, body, reused, version = _one_exchange(ctx, port, request)
             except Exception as exc:  # count, never stop the run
                 with lock:
                     acc["errors"][type(exc).__name__] += 1
@@ -338,8 +390,11 @@ def _client_worker(index: int, ports: list[int], cafile: str, items: list[tuple[
                 acc["ok"] += 1 if good else 0
                 acc["reused"] += 1 if reused else 0
                 acc["versions"][version] += 1
+        for conn in kept.values():
+            conn.close()
         with lock:
             acc["lat"] += lat
+            acc["connections"] += sum(c.opened for c in kept.values()) if keepalive else len(lat)
 
     barrier.wait(timeout=120)
     cpu0, t_start = os.times(), time.monotonic()
@@ -385,6 +440,7 @@ class LoadResult:
     db_audit_ok: int = -1
     workers: int = 0                # EST worker processes of the serve process(es) (hub/est/pool.py)
     worker_cpu_s: float = 0.0       # their CPU seconds (included in server_cpu_s)
+    connections: int = 0            # TLS connections the clients opened (keep-alive: far fewer than enrollments)
 
     @property
     def rate(self) -> float:
@@ -398,7 +454,7 @@ def _load_pass(servers: list[HubServer], cafile: str, requests: list[tuple[str, 
     slices = [requests[i::s.procs] for i in range(s.procs)]
     ports = [srv.port for srv in servers]
     procs = [ctx.Process(target=worker, args=(i, ports, cafile, slices[i], s.threads, s.deadline_s, barrier,
-                                              results), daemon=True, name=f"est-client-{i}")
+                                              results, s.keepalive), daemon=True, name=f"est-client-{i}")
              for i in range(s.procs)]
     mains = [srv.proc.pid for srv in servers]
     workers = [w for pid in mains for w in est_worker_pids(pid)]
@@ -462,7 +518,7 @@ def _load_pass(servers: list[HubServer], cafile: str, requests: list[tuple[str, 
         first_error=next((r["first_error"] for r in reports if r["first_error"]), ""), versions=dict(vers),
         validated=sum(r["validated"] for r in reports), bad_answers=sum(r["bad_answers"] for r in reports),
         left=sum(r["left"] for r in reports), server_threads_max=threads_max, workers=len(workers),
-        worker_cpu_s=wrk1 - wrk0)
+        worker_cpu_s=wrk1 - wrk0, connections=sum(r["connections"] for r in reports))
 
 
 def _db_counts(hub_dir: Path) -> tuple[int, int]:
@@ -837,7 +893,7 @@ def measure(quick: bool = False, setup: Setup | None = None, micro: bool = True)
         servers = [HubServer(_replica(hub_dir, k), tmp, k) for k in range(max(1, s.servers))]
         try:
             t0 = time.perf_counter()
-            requests = _enroll_requests(rows, servers[0].port)   # keys, CSRs, bodies, headers: all before timing
+            requests = _enroll_requests(rows, servers[0].port, s.keepalive)  # keys, CSRs, requests: before timing
             timings[f"{s.n} P-256 keys + CSRs + requests"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             for srv in servers:
@@ -863,11 +919,12 @@ def measure(quick: bool = False, setup: Setup | None = None, micro: bool = True)
     budget_ms = CORES / GOAL_RATE * 1e3
     client_share = load.client_cpu_s / (load.client_cpu_s + load.server_cpu_s) if load.client_cpu_s else 0.0
     rows_out = [
-        _row("est enrollments/s (fresh TLS each, P-256)", load.rate, f">= {GOAL_RATE:.0f}", load.rate >= GOAL_RATE),
+        _row(f"est enrollments/s ({'kept-alive TLS' if s.keepalive else 'fresh TLS each'}, P-256)", load.rate,
+             f">= {GOAL_RATE:.0f}", load.rate >= GOAL_RATE),
         _row("est enrollments OK (HTTP 200, answer checked)", load.ok, f"== {load.n}",
              load.ok == load.n and load.bad_answers == 0),
-        _row("est full TLS handshakes (session_reused=False)", sum(load.status.values()) - load.reused,
-             f"== {sum(load.status.values())} connections", load.reused == 0),
+        _row("est full TLS handshakes (session_reused=False)", load.connections - load.reused,
+             f"== {load.connections} connections", load.reused == 0),
         _row("est enroll latency p50 (ms)", _pct(lat, 0.5) * 1e3, "info", True),
         _row("est enroll latency p99 (ms)", _pct(lat, 0.99) * 1e3, "info", True),
         _row("est server CPU ms per enrollment", per_enroll_server_ms, "info", True),
@@ -910,7 +967,8 @@ def print_report(rep: Report) -> None:
     ld = rep.load
     print("\nload pass")
     print(f"  {ld.servers} `tessera-hub serve` process(es) with {ld.workers} EST worker process(es) in all; {ld.procs} client processes x {ld.threads} threads, "
-          f"new TCP + full TLS per enrollment, "
+          f"{ld.connections} TCP connections with a full TLS handshake each "
+          f"({'kept alive' if ld.connections < ld.ok else 'one per enrollment'}), "
           f"TLS versions {ld.versions}")
     print(f"  {ld.ok}/{ld.n} enrolled OK in {ld.wall_s:.2f} s; statuses {ld.status}; errors {ld.errors or '-'}"
           + (f" (first: {ld.first_error})" if ld.first_error else "") + (f"; {ld.left} not attempted (deadline)"
@@ -971,8 +1029,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", type=int, help="serve processes on the same fleet dir (default 1; "
                         "an experiment: the hub itself runs one)")
     parser.add_argument("--no-micro", action="store_true", help="skip the in-process micro pass")
+    parser.add_argument("--keepalive", action="store_true", help="each client thread over one kept-alive TLS "
+                        "connection (default: a new connection and full handshake per enrollment)")
     args = parser.parse_args(argv)
     s = _settings(args.quick)
+    s.keepalive = args.keepalive
     for name in ("n", "procs", "threads", "micro_n", "servers"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))

@@ -15,11 +15,13 @@ import signal
 import socket
 import ssl
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 from tests.integration.hubfixtures import (EST_PREFIX, b64_body, enroll, make_csr, new_key, request, running_hub,
                                            tls_context)
+from tests.integration.agentfixtures import wait_until
 from tests.integration.test_est_workers import workers_of
 
 pytestmark = pytest.mark.integration
@@ -27,11 +29,20 @@ pytestmark = pytest.mark.integration
 ENROLL = f"{EST_PREFIX}/simpleenroll"
 
 
+def _state(task: Path) -> str:
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "T"  # a thread that ended
+
+
 @contextmanager
 def only(hub, index: int):
     """While inside, only worker `index` (of 2) takes connections: the other one is stopped."""
     other = workers_of(hub)[1 - index]
-    os.kill(other, signal.SIGSTOP)
+    os.kill(other, signal.SIGSTOP)  # delivered asynchronously: wait until every thread of it has stopped
+    wait_until(lambda: all(_state(task) in ("T", "t") for task in Path(f"/proc/{other}/task").iterdir()), 10,
+               f"EST worker {other} stopped")
     try:
         yield
     finally:
