@@ -12,6 +12,7 @@ from hub.cli.util import (DirOpt, HubOpt, JsonOpt, ProfileOpt, api, config, devi
                           out, print_json, registry, say)
 from hub.config import hub_dir
 from hub.cli.audit import audit_app
+from hub.cli.broker import broker_app
 from hub.cli.device import device_app
 from hub.cli.identity import identity_app
 from hub.cli.job import job_app
@@ -40,6 +41,7 @@ app.add_typer(report_app, name="report")
 app.add_typer(job_app, name="job")
 app.add_typer(audit_app, name="audit")
 app.add_typer(manufacturer_app, name="manufacturer")
+app.add_typer(broker_app, name="broker")
 
 
 def _print_version(value: bool) -> None:

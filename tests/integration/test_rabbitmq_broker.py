@@ -11,10 +11,10 @@ hub.authz.policy with the documented differences (hub/broker/rabbitmq/auth.py) a
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -161,24 +161,20 @@ def test_broker_enforces_the_table(rh, work):
         else:
             creds[col] = add_identity(hub, name.removeprefix("svc."), role, work)
     expected = rabbit_expected()
-    port = cluster.nodes[2].mqtt_port
-    wrong = []
-    for col, dev in creds.items():
-        current: list[MqttSession] = []
 
-        def live() -> MqttSession:  # one session until the broker closes it (a refusal does)
-            if not current or current[-1].disconnected.is_set():
-                current.append(mqtt311(hub, dev, port).connect())
-            return current[-1]
+    def column(n: int, col: str) -> list[tuple]:
+        """Every cell of one principal, on node n % 3, one session until the broker closes it (a refusal)."""
+        dev, port, current, wrong = creds[col], ports(cluster)[n % 3], [], []
 
         def ok(action) -> bool:
             try:
-                return action(live()) in (0, 1)  # PUBACK / SUBACK QoS
+                if not current or current[-1].disconnected.is_set():
+                    current.append(mqtt311(hub, dev, port).connect())
+                return action(current[-1]) in (0, 1)  # PUBACK / SUBACK QoS
             except TimeoutError:  # closed by the broker: refused
                 return False
 
-        with contextlib.ExitStack() as stack:
-            stack.callback(lambda: [x.close() for x in current])
+        try:
             for (topic, c), cell in sorted(expected.items()):
                 if c != col:
                     continue
@@ -187,6 +183,13 @@ def test_broker_enforces_the_table(rh, work):
                     wrong.append((t, col, "publish", cell[0]))
                 if ok(lambda x: x.subscribe(t, qos=1, timeout=3)) != (cell[1] == "s"):
                     wrong.append((t, col, "subscribe", cell[1]))
+        finally:
+            for x in current:
+                x.close()
+        return wrong
+
+    with ThreadPoolExecutor(len(creds)) as pool:  # the principals at once, each on its own node
+        wrong = [w for ws in pool.map(column, range(len(creds)), creds) for w in ws]
     assert not wrong, "cells where RabbitMQ disagrees with the policy:\n" + "\n".join(map(str, wrong))
 
 

@@ -143,3 +143,24 @@ def test_http_endpoint_needs_the_secret(backend):
             assert exc.value.code in (404, 405), path
     finally:
         server()
+
+
+def test_render_command(tmp_path):
+    """`tessera-hub broker render`: every node's files (0600) and the listener CRLs; a bad --node is one line."""
+    from tests.integration.hubfixtures import init_hub
+
+    hub = init_hub(tmp_path)
+    hub.configure(auth_port=9123)
+    said = hub.cli_ok("broker", "render", "--out", str(tmp_path / "nodes"), "--node", "r1:5001:5002:5003:5004",
+                      "--node", "r2:5011:5012:5013:5014")
+    assert "r1@localhost" in said and "r2@localhost" in said
+    for name in ("r1", "r2"):
+        for f in ("rabbitmq.conf", "advanced.config", "enabled_plugins"):
+            assert (tmp_path / "nodes" / name / f).stat().st_mode & 0o777 == 0o600
+    conf = (tmp_path / "nodes" / "r2" / "rabbitmq.conf").read_text()
+    assert "mqtt.listeners.ssl.default = 127.0.0.1:5013" in conf and "127.0.0.1:9123/" in conf
+    assert len(list((hub.dir / "broker" / "rabbitmq" / "crl").glob("*.r0"))) == 2
+    for bad in ("r1:5001:5002:5003", "R1:1:2:3:4", "r1:1:1:2:3", "r1:1:2:3:99999"):
+        proc = hub.cli("broker", "render", "--out", str(tmp_path / "x"), "--node", bad)
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "--node" in proc.stderr, \
+            (bad, proc.stderr)

@@ -1,0 +1,63 @@
+"""`tessera-hub broker ...`: the broker the hub drives; `render` writes a RabbitMQ cluster's node files."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hub.cli.util import DirOpt, config, fail, say
+
+broker_app = typer.Typer(help="The broker: the configuration of a RabbitMQ cluster the hub drives.",
+                         no_args_is_help=True)
+
+_NODE_RE = re.compile(r"([a-z][a-z0-9-]{0,30}):(\d{1,5}):(\d{1,5}):(\d{1,5}):(\d{1,5})")
+
+
+def parse_node(text: str):
+    """NAME:AMQP:DIST:MQTT:MGMT (ports on 127.0.0.1 of the hub's machine)."""
+    from hub.broker.rabbitmq.config import Node
+
+    m = _NODE_RE.fullmatch(text)
+    ports = [int(p) for p in m.groups()[1:]] if m else []
+    if not m or not all(0 < p < 65536 for p in ports) or len(set(ports)) != 4:
+        fail(f"--node {text[:80]!r}: give NAME:AMQP:DIST:MQTT:MGMT (a-z name, four different ports)")
+    return Node(m.group(1), *ports)
+
+
+@broker_app.command("render")
+def render(out_dir: Path = typer.Option(..., "--out", help="Directory for one sub-directory per node."),
+           node: list[str] = typer.Option(..., "--node", help="NAME:AMQP:DIST:MQTT:MGMT, once per node."),
+           directory: Optional[Path] = DirOpt) -> None:
+    """Write each RabbitMQ node's rabbitmq.conf, advanced.config and enabled_plugins (0600) and the listener's
+    CRLs, for fleet.toml's \\[broker] auth_port; start each node with RABBITMQ_CONFIG_FILE,
+    RABBITMQ_ADVANCED_CONFIG_FILE and RABBITMQ_ENABLED_PLUGINS_FILE pointing there."""
+    from hub.broker import BrokerError
+    from hub.broker.rabbitmq import RabbitMQBroker
+    from hub.ca.authority import CaError, load_ca
+    from hub.registry.store import Registry
+
+    cfg = config(directory)
+    nodes = [parse_node(n) for n in node]
+    if len({n.name for n in nodes}) != len(nodes):
+        fail("--node: every node needs its own name")
+    registry = Registry(cfg.registry_path)
+    try:
+        ca = load_ca(cfg.ca_dir, cfg.ca_token)
+    except CaError as exc:
+        fail(str(exc))
+    try:
+        driver = RabbitMQBroker(cfg.broker_dir, registry, ca, cfg.rabbitmq_management or ["http://127.0.0.1:15672"],
+                                cafile=cfg.ca_dir / "device-chain.pem", certfile=cfg.tls_dir / "est.pem",
+                                keyfile=cfg.tls_dir / "est.key", device_ca=cfg.ca_dir / "device-ca.pem",
+                                service_ca=cfg.ca_dir / "service-ca.pem", auth_port=cfg.rabbitmq_auth_port)
+        dirs = driver.render(out_dir, nodes)
+    except (BrokerError, OSError) as exc:
+        fail(f"cannot render the node files: {exc}")
+    finally:
+        registry.close()
+        ca.close()
+    for n, d in zip(nodes, dirs):
+        say(f"{n.nodename}: {d} (MQTT 127.0.0.1:{n.mqtt_port}, management http://127.0.0.1:{n.mgmt_port})")
