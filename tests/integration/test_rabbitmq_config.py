@@ -164,3 +164,27 @@ def test_render_command(tmp_path):
         proc = hub.cli("broker", "render", "--out", str(tmp_path / "x"), "--node", bad)
         assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "--node" in proc.stderr, \
             (bad, proc.stderr)
+
+
+def test_listener_crls(fleet, tmp_path):
+    """The hash directory holds one CRL per CA, signed by it: revoked and spent superseded certificates; unchanged
+    entries are not rewritten until REFRESH, then they are (a CRL past its nextUpdate would fail every handshake)."""
+    from cryptography import x509
+
+    from hub.broker.rabbitmq.crl import LIFETIME, REFRESH, CrlDir, name_hash
+
+    crls = CrlDir(fleet.ca, tmp_path / "crl", fleet.ca.paths.device_ca, fleet.ca.paths.service_ca)
+    t0 = utcnow()
+    assert crls.write(fleet.reg, t0)
+    device = x509.load_pem_x509_crl((tmp_path / "crl" / f"{name_hash(fleet.ca.paths.device_ca)}.r0").read_bytes())
+    assert device.is_signature_valid(fleet.ca.device_ca.public_key())
+    assert device.next_update_utc - device.last_update_utc == LIFETIME
+    listed = {format(r.serial_number, "x") for r in device}
+    revoked = fleet.reg.query("SELECT serial FROM certificates WHERE device_id = 'rc-revoked'")[0]["serial"]
+    superseded = fleet.reg.query("SELECT serial FROM certificates WHERE device_id = 'rc-renewed' "
+                                 "AND status = 'superseded'")[0]["serial"]
+    current = fleet.reg.query("SELECT serial FROM certificates WHERE device_id = 'rc-dev'")[0]["serial"]
+    assert {revoked.lstrip("0"), superseded.lstrip("0")} <= listed and current.lstrip("0") not in listed
+    assert (tmp_path / "crl" / f"{name_hash(fleet.ca.paths.service_ca)}.r0").exists()
+    assert not crls.write(fleet.reg, t0 + REFRESH / 2)
+    assert crls.due(t0 + REFRESH) and crls.write(fleet.reg, t0 + REFRESH)

@@ -167,6 +167,8 @@ class RabbitMQBroker(BrokerDriver):
             ended, graces_to = self._ended_graces(now)
             late = self._late_role_pass()
             if not events and not ended and not late:
+                if self.crls.due(now):  # nothing changed for REFRESH: renew the CRLs before their nextUpdate
+                    self.crls.write(self.registry, now)
                 self._grace_seen = graces_to
                 return 0
             self.crls.write(self.registry, now)

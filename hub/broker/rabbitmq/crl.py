@@ -21,7 +21,8 @@ from hub.ca.authority import FleetCA
 from hub.ca.revocation import device_crl_entries
 from hub.registry.store import Registry, _ts
 
-LIFETIME = timedelta(days=1)  # rewritten at every change and by the driver's ticker well before this
+LIFETIME = timedelta(days=1)  # nextUpdate: rewritten at every change, and once REFRESH old (an expired CRL would
+REFRESH = timedelta(hours=6)  # make every handshake fail: Erlang cannot decide the certificate's status)
 
 _SUPERSEDED = {
     "device": "SELECT serial, grace_until FROM certificates WHERE status = 'superseded' AND grace_until <= ? "
@@ -62,12 +63,17 @@ class CrlDir:
         self.hashes = {"device": name_hash(device_ca_pem), "service": name_hash(service_ca_pem)}
         self.number = int(datetime.now().timestamp() * 1000)
         self.key: tuple | None = None
+        self.written: datetime | None = None
+
+    def due(self, now: datetime) -> bool:
+        """True once the CRLs are REFRESH old (or were never written by this process)."""
+        return self.written is None or now - self.written >= REFRESH
 
     def write(self, registry: Registry, now: datetime, force: bool = False) -> bool:
         """Rewrite the CRLs if their entries changed (or `force`); True if written."""
         found = entries(registry, now)
         key = entries_key(found)
-        if key == self.key and not force:
+        if key == self.key and not force and not self.due(now):
             return False
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for issuer, revoked in found.items():
@@ -78,5 +84,5 @@ class CrlDir:
             tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
-        self.key = key
+        self.key, self.written = key, now
         return True
