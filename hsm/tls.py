@@ -51,8 +51,13 @@ _provider: dict[str, str] = {}  # the provider loaded in this process: {"path", 
 _routes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ssl.SSLContext -> route its token key came by
 
 
-class _RouteUnusable(TlsRouteError):
-    """The provider route failed before any PIN reached the token: the engine may take over."""
+class _RouteUnusable(Exception):
+    """The provider route failed before any PIN reached the token, so the engine may take over; `error` is what
+    to raise where it may not."""
+
+    def __init__(self, error: HsmError):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _find(dirs, name: str) -> str | None:
@@ -239,11 +244,11 @@ def _store_load(libs: _OpenSSL, uri: str, pin: _PinOnce) -> int | None:
     c = libs.crypto
     method = c.UI_UTIL_wrap_read_pem_callback(ctypes.cast(pin.callback, ctypes.c_void_p), 0)
     if not method:
-        raise _RouteUnusable(f"cannot make a PIN callback for pkcs11-provider: {_err(libs)}")
+        raise _RouteUnusable(TlsRouteError(f"cannot make a PIN callback for pkcs11-provider: {_err(libs)}"))
     try:
         store = c.OSSL_STORE_open(uri.encode(), method, None, None, None)
         if not store:
-            raise _RouteUnusable(f"cannot open token key {uri} through pkcs11-provider: {_err(libs)}")
+            raise _RouteUnusable(HsmError(f"cannot open token key {uri} through pkcs11-provider: {_err(libs)}"))
         pkey = None
         try:
             while not pkey and not c.OSSL_STORE_eof(store):
@@ -270,12 +275,12 @@ def _load_provider(libs: _OpenSSL, token: TokenConfig) -> None:
         return
     path = provider_path()
     if not path:
-        raise _RouteUnusable("pkcs11-provider is not installed here")
+        raise _RouteUnusable(TlsRouteError("pkcs11-provider is not installed here"))
     # The provider reads its PKCS#11 module from the environment once, when it is loaded.
     os.environ["PKCS11_PROVIDER_MODULE"] = token.module_path
     # By path: a bare name ("pkcs11") is looked up in OpenSSL's module directory ($OPENSSL_MODULES) only.
     if not c.OSSL_PROVIDER_load(None, b"default") or not c.OSSL_PROVIDER_load(None, os.fsencode(path)):
-        raise _RouteUnusable(f"cannot load pkcs11-provider from {path}: {_err(libs)}")
+        raise _RouteUnusable(TlsRouteError(f"cannot load pkcs11-provider from {path}: {_err(libs)}"))
     _provider.update(path=path, module=token.module_path, conf=conf)
 
 
@@ -287,9 +292,9 @@ def _provider_key(libs: _OpenSSL, token: TokenConfig, key_uri: str) -> int:
         if pkey:
             return pkey
         detail = _err(libs)
-        if not pin.asked:  # no login was attempted: no token matched, or the provider could not reach it
-            raise _RouteUnusable(f"no private key found at {key_uri} through pkcs11-provider (missing token?): "
-                                 f"{detail}")
+        if not pin.asked:  # no login now: no token matched, or one this process logged into lacks the key
+            raise _RouteUnusable(HsmError(f"no private key found at {key_uri} through pkcs11-provider (no such "
+                                          f"token, or no such key)" + ("" if detail == _NO_ERROR else f": {detail}")))
         # The PIN was handed out. The provider drops C_Login's error, so look again without a PIN: a token that
         # asks for one is not logged in, so it refused the PIN; one that does not is logged in and lacks the key.
         probe = _PinOnce(None)
@@ -329,8 +334,8 @@ def use_token_key(ctx: ssl.SSLContext, cert_chain: str | os.PathLike, key_uri: s
         pkey = (_provider_key if chosen == "provider" else _engine_key)(libs, token, key_uri)
     except _RouteUnusable as exc:
         # Only failures before any PIN use land here (a PinError or a key not found after login never do).
-        if forced or chosen != "provider" or "engine" not in available_routes():
-            raise
+        if forced or "engine" not in available_routes():
+            raise exc.error from None
         log.warning("pkcs11-provider could not load %s (%s); using the libp11 engine", key_uri, exc)
         libs.crypto.ERR_clear_error()
         chosen = "engine"

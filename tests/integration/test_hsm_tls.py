@@ -21,7 +21,8 @@ from hsm import worker
 from hsm.softhsm import write_secret
 from hsm.tls import available_routes, provider_path
 from tests.helpers import (
-    child_env, free_port, one_tls_route, run_tls_child, selected_routes, start_server, stop_process, token_dict, wait_for_text,
+    child_env, free_port, one_tls_route, run_tls_child, selected_routes, start_server, stop_process, token_dict,
+    wait_for_text,
 )
 
 pytestmark = pytest.mark.integration
@@ -295,6 +296,34 @@ def test_missing_key(device, ca):
     assert answer["error_type"] == "HsmError", answer  # not a PinError: the PIN was right, the key is missing
     msg = _assert_one_line(answer, device["token"].pin)
     assert "no-such-key" in msg
+
+
+def test_missing_token(device, ca, tmp_path):
+    """No token matches: a plain HsmError (retried by the agent, a token may come back) naming the URI, no login."""
+    req = _request("context", ca, device)
+    req["key_uri"] = "pkcs11:token=no-such-token;object=device;type=private"
+    log = tmp_path / "spy.log"
+    answer = run_tls_child(req, env=child_env(device["route"], **_spied(req, device["token"], log)))
+    assert answer["error_type"] == "HsmError", answer
+    assert "no-such-token" in _assert_one_line(answer, device["token"].pin)
+    assert _logins(log) == [], log.read_text()[-3000:]
+
+
+@BOTH_ROUTES
+@one_tls_route
+def test_engine_takes_over_from_a_provider_that_does_not_load(device, ca, tmp_path):
+    """The product's own choice, the provider failing before any PIN use: the engine loads the key (warned)."""
+    broken = tmp_path / "pkcs11.so"
+    broken.write_bytes(b"\x7fELF not a provider")
+    env = child_env(TESSERA_PKCS11_PROVIDER=str(broken))
+    env.pop("TESSERA_TLS_ROUTE", None)
+    answer = run_tls_child(_request("context", ca, device), env=env)
+    assert answer["ok"] and answer["route"] == "engine", answer
+    assert "cannot load pkcs11-provider from" in answer["_stderr"] and "using the libp11 engine" in answer["_stderr"]
+    # forced, the provider's failure is the answer
+    answer = run_tls_child(_request("context", ca, device),
+                           env=child_env("provider", TESSERA_PKCS11_PROVIDER=str(broken)))
+    assert answer["error_type"] == "TlsRouteError" and str(broken) in answer["error"], answer
 
 
 def test_pin_file_mode(device, ca, tmp_path):
