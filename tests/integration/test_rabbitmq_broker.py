@@ -6,7 +6,9 @@ with protocol MQTTv311) on any node. What RabbitMQ does with a refusal: a CONNAC
 user name or password) or a closed connection at connect; a closed connection for a refused PUBLISH (3.1.1 has
 no negative PUBACK); SUBACK 0x80 for a refused subscription. The table of topics x principals is the one
 test_broker_authz_table.py runs against Mosquitto; `rabbit_expected()` derives this broker's cells from it and
-hub.authz.policy with the documented differences (hub/broker/rabbitmq/auth.py) and nothing else.
+hub.authz.policy with the documented differences (hub/broker/rabbitmq/auth.py) and nothing else. The revocation
+cases (revoke, suspend, revoked service identity, superseded after its grace) run on both drivers (`target`:
+this module's Mosquitto hub, same grace, and the cluster) with the same MQTT 3.1.1 clients and assertions.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from hub.authz.policy import DEFAULT_ROLES, allows, expand, filter_covered, valid_filter
-from tests.integration.brokerfixtures import (ConnectRefused, MqttSession, add_identity, admin_call, enroll_device,
-                                              sessions)
-from tests.integration.rabbitfixtures import rabbit_cluster_hub  # noqa: F401  (the session's cluster and hub)
+from tests.integration.brokerfixtures import (ConnectRefused, MqttSession, add_identity, admin_call, broker_hub,
+                                              enroll_device, sessions)
+from tests.integration.rabbitfixtures import SESSION_GRACE, rabbit_cluster_hub  # noqa: F401  (session's hub)
 from tests.integration.test_broker_authz_table import CUSTOM_RULES, EXPECTED, PRINCIPALS, parse_table
 
 pytestmark = pytest.mark.integration
@@ -38,6 +40,22 @@ def rh(rabbit_cluster_hub):  # noqa: F811
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("rabbit-creds")
+
+
+@pytest.fixture(scope="module")
+def mosquitto_hub(tmp_path_factory):
+    with broker_hub(tmp_path_factory.mktemp("rabbit-vs-mosquitto"), supersede_grace_seconds=SESSION_GRACE) as h:
+        yield h
+
+
+@pytest.fixture(params=["mosquitto", "rabbitmq"])
+def target(request):
+    """The revocation cases run on both drivers: (hub, MQTT ports); the hub's own session is on the first."""
+    if request.param == "mosquitto":
+        hub = request.getfixturevalue("mosquitto_hub")
+        return hub, [hub.mqtt_port]
+    hub, cluster = request.getfixturevalue("rabbit_cluster_hub")
+    return hub, ports(cluster)
 
 
 def mqtt311(hub, dev, node_port: int, client_id: str | None = None,
@@ -59,6 +77,10 @@ def connects(hub, dev, port: int, client_id: str | None = None, credentials: tup
 
 def ports(cluster) -> list[int]:
     return [n.mqtt_port for n in cluster.nodes]
+
+
+def nodes_tag(nodes: list[int]) -> str:
+    return f"n{len(nodes)}"
 
 
 def wait_cut(s: MqttSession, what: str) -> None:
@@ -217,30 +239,31 @@ def test_a_device_command_reaches_only_its_device_across_nodes(rh, work):
 # --- revocation -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["revoke", "suspend"])
-def test_status_change_cuts_a_session_on_node_2_through_the_hub_on_node_1(rh, work, how):
-    """The hub talks to node 1 (MQTT and management API); the device is on node 2: the revoke or suspend cuts
-    it there, and it can connect to no node afterwards (a suspended device again once resumed)."""
-    hub, cluster = rh
-    dev = enroll_device(hub, f"rmq-{how}", work)
-    with sessions(mqtt311(hub, dev, cluster.nodes[1].mqtt_port).connect()) as (s,):
+def test_status_change_cuts_a_session_on_node_2_through_the_hub_on_node_1(target, work, how):
+    """RabbitMQ: the hub talks to node 1 (MQTT and management API), the device is on node 2; the revoke or
+    suspend cuts it there, and it can connect to no node afterwards (a suspended device again once resumed).
+    Mosquitto: the same on its one port."""
+    hub, nodes = target
+    dev = enroll_device(hub, f"rmq-{how}", work / nodes_tag(nodes))
+    with sessions(mqtt311(hub, dev, nodes[1 % len(nodes)]).connect()) as (s,):
         args = ["device", "revoke", dev.id, "--reason", "keyCompromise"] if how == "revoke" else \
             ["device", "suspend", dev.id]
         hub.cli_ok(*args)
         wait_cut(s, how)
-    for port in ports(cluster):
+    for port in nodes:
         assert not connects(hub, dev, port), f"{how}d device connected to the node on port {port}"
     if how == "suspend":
         hub.cli_ok("device", "resume", dev.id)
-        assert connects(hub, dev, cluster.nodes[2].mqtt_port), "a resumed device must connect at once"
+        assert connects(hub, dev, nodes[-1]), "a resumed device must connect at once"
 
 
-def test_revoked_service_identity_is_cut_off(rh, work):
-    hub, cluster = rh
-    svc = add_identity(hub, "rmq-reader", "telemetry-reader", work)
-    with sessions(mqtt311(hub, svc, cluster.nodes[2].mqtt_port).connect()) as (s,):
+def test_revoked_service_identity_is_cut_off(target, work):
+    hub, nodes = target
+    svc = add_identity(hub, "rmq-reader", "telemetry-reader", work / nodes_tag(nodes))
+    with sessions(mqtt311(hub, svc, nodes[-1]).connect()) as (s,):
         hub.cli_ok("identity", "revoke", "rmq-reader")
         wait_cut(s, "identity revoke")
-    assert not any(connects(hub, svc, p) for p in ports(cluster))
+    assert not any(connects(hub, svc, p) for p in nodes)
 
 
 def test_role_change_cuts_the_sessions_holding_it(rh, work):
@@ -266,23 +289,23 @@ def test_role_change_cuts_the_sessions_holding_it(rh, work):
             s.subscribe("devices/+/events")
 
 
-def test_superseded_certificate_is_refused_after_its_grace(rh, work):
+def test_superseded_certificate_is_refused_after_its_grace(target, work):
     """A renewal supersedes the old certificate: it still connects during the grace ([mqtt]
-    supersede_grace_seconds of the session's hub), then the listener's CRL refuses it and its session is cut;
-    the new certificate keeps working."""
+    supersede_grace_seconds of both hubs), then it is refused (RabbitMQ: by the listener's CRL) and its session
+    is cut; the new certificate keeps working."""
     from tests.integration.test_broker_connect import renew_device, superseded_until
 
-    hub, cluster = rh
-    dev = enroll_device(hub, "rmq-old", work)
-    new = renew_device(hub, dev, work)
+    hub, nodes = target
+    dev = enroll_device(hub, "rmq-old", work / nodes_tag(nodes))
+    new = renew_device(hub, dev, work / nodes_tag(nodes))
     grace_until = superseded_until(hub, dev)
-    port = cluster.nodes[1].mqtt_port
+    port = nodes[1 % len(nodes)]
     assert connects(hub, dev, port), "the superseded certificate must work during its grace"
     with sessions(mqtt311(hub, dev, port).connect()) as (old,):
         while dt.datetime.now(dt.timezone.utc) < grace_until + dt.timedelta(milliseconds=100):
             time.sleep(0.05)
         wait_cut(old, "grace over")
-    assert not any(connects(hub, dev, p) for p in ports(cluster)), "a superseded certificate after its grace"
+    assert not any(connects(hub, dev, p) for p in nodes), "a superseded certificate after its grace"
     assert connects(hub, new, port)
 
 
