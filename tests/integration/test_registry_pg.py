@@ -129,6 +129,21 @@ def test_reenroll_revoke_decommission(reg: Registry, clock: Clock, mini_ca: Mini
     assert reg.prune_authz_events(clock.now + timedelta(days=1)) >= 1 and reg.authz_seq() > 0
 
 
+def test_lifecycle_edges(reg: Registry, clock: Clock, mini_ca: MiniCA) -> None:
+    reg.add_device("dev-p", "fleet-a", clock.now)
+    reg.set_status("dev-p", "suspended", clock.now, "ops")
+    assert reg.set_status("dev-p", "active", clock.now, "ops")["device"]["status"] == "pending"  # never enrolled
+    audits = count(reg, "audit")
+    assert reg.set_status("dev-p", "active", clock.now, "ops")["revoked_serials"] == []
+    assert count(reg, "audit") == audits  # the current status again: a no-op
+    enrolled(reg, mini_ca, clock, "dev-a")
+    reg.set_status("dev-a", "revoked", clock.now, "ops")
+    assert reg.decommission("dev-a", clock.now, "ops")["device"]["status"] == "decommissioned"  # after revoked
+    with pytest.raises(DeviceNotActive) as final:
+        reg.create_token("dev-a", clock.now, TTL)
+    assert final.value.code == "device_decommissioned"
+
+
 def test_batch_atomic(reg: Registry, clock: Clock, mini_ca: MiniCA) -> None:
     out = reg.create_devices_with_tokens(((f"dev-{i:04d}", {"b": "1"}, ["g"]) for i in range(1200)), "fleet-a",
                                          clock.now, TTL, chunk=500)
