@@ -28,7 +28,7 @@ processes, and the supervisor keeps the broker, the fleet API, jobs and CRLs. Ho
 - Limits are the hub's, exact across workers: the supervisor holds every `[est]` budget as fleet.toml says it
   (request rate and burst per source, failures per source and device, per source and hub-wide, connections open
   at once per source) in one LimitServer thread (hub/est/sharedlimits.py), and each worker asks it over its own
-  socketpair (a round trip of some tens of microseconds per decision, a dict operation here). So a source gets
+  socketpairs (a round trip of some tens of microseconds per decision, a dict operation here). So a source gets
   exactly its budget whichever workers its requests reach, and a worker restarted does not reset a budget. A
   worker whose supervisor does not answer (stopped; gone while the worker finishes what it serves) decides alone
   meanwhile with its `share`: 1/N of every budget (rounded up, at least 1), which was the design before.
@@ -206,17 +206,19 @@ class EstPool:
     # --- workers --------------------------------------------------------------------------------------------------
     def _spawn(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair()
-        limits = self.limits.channel()
+        limits = self.limits.channels()
         try:
-            fds = (self.listener.fileno(), theirs.fileno(), limits.fileno())
-            cmd = [sys.executable, "-m", "hub.est.worker", *map(str, fds)]
-            proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL)
+            cmd = [sys.executable, "-m", "hub.est.worker", str(self.listener.fileno()), str(theirs.fileno()),
+                   ",".join(str(c.fileno()) for c in limits)]
+            proc = subprocess.Popen(cmd, pass_fds=(self.listener.fileno(), theirs.fileno(),
+                                                   *(c.fileno() for c in limits)), stdin=subprocess.DEVNULL)
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
-            limits.close()
+            for c in limits:
+                c.close()
         # the supervisor's configuration as it runs (fleet.toml and what serve's options changed)
         config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self.cfg).items()}
         settings = {"index": index, "workers": self.workers, "verbose": self.verbose, "config": config}

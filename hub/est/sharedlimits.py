@@ -3,7 +3,8 @@
 One `LimitServer` thread in the supervisor (hub/est/pool.py) owns the hub's one RateLimiter (request bucket per
 source, failure budgets per (source, device), per source and hub-wide: hub/est/ratelimit.py, with the budgets of
 fleet.toml as they are, not 1/N shares) and the count of connections open per source across all workers. Each
-worker gets a SOCK_SEQPACKET socketpair (one message a datagram, in order) and a `LimitClient` on its end, which
+worker gets CHANNELS SOCK_SEQPACKET socketpairs (one message a datagram, in order; a thread asks over whichever is
+free) and a `LimitClient` on their ends, which
 has RateLimiter's `admit` / `check` / `fail` and the gate's `open` / `close`: every decision is made in the
 supervisor, one request at a time, so a budget of B admits exactly B whatever worker each request reaches.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import selectors
 import socket
 import threading
@@ -33,34 +35,51 @@ from hub.est.ratelimit import RateLimiter
 log = logging.getLogger("tessera.hub.est")
 
 MAX_MESSAGE = 4096  # a source address and a checked device id, JSON
+CHANNELS = 8       # per worker: its threads' round trips at once (one channel each)
 TIMEOUT = 2.0       # a worker waits this long for the supervisor's answer, then decides alone...
 DOWN_S = 5.0        # ...for this long before it asks again
 
 
+class _Owner:
+    """One worker's connections open per source, and how many of its channels are still open."""
+
+    def __init__(self, channels: int):
+        self.open: dict[str, int] = {}
+        self.channels = channels
+
+
 class LimitServer:
-    """The supervisor's side: `channel()` -> the worker's socket (pass its fd to the worker); `stop()`."""
+    """The supervisor's side: `channels(k)` -> a worker's sockets (pass their fds to it); `stop()`."""
 
     def __init__(self, limiter: RateLimiter, max_per_source: int, monotonic: Callable[[], float] = time.monotonic):
         self.limiter, self.max_per_source, self.monotonic = limiter, max_per_source, monotonic
         self.open: dict[str, int] = {}            # connections open per source, all workers
-        self._by_channel: dict[socket.socket, dict[str, int]] = {}
+        self._by_channel: dict[socket.socket, _Owner] = {}
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._pending: list[socket.socket] = []
+        self._pending: list[tuple[socket.socket, _Owner]] = []
         self._lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="est-limits", daemon=True)
         self._thread.start()
 
-    def channel(self) -> socket.socket:
-        """A new worker's channel: the returned socket is the worker's end (the caller closes it once passed)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    def channels(self, k: int = CHANNELS) -> list[socket.socket]:
+        """A new worker's `k` channels (its threads ask over whichever is free): the worker's ends (the caller
+        closes them once passed)."""
+        owner, theirs = _Owner(k), []
         with self._lock:
-            self._pending.append(ours)
+            for _ in range(k):
+                ours, their = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                self._pending.append((ours, owner))
+                theirs.append(their)
         self._wake_w.send(b"x")
         return theirs
+
+    def channel(self) -> socket.socket:
+        """A worker with one channel."""
+        return self.channels(1)[0]
 
     def stop(self) -> None:
         self._stopping = True
@@ -87,8 +106,8 @@ class LimitServer:
                         pass
                     with self._lock:
                         pending, self._pending = self._pending, []
-                    for new in pending:
-                        self._by_channel[new] = {}
+                    for new, owner in pending:
+                        self._by_channel[new] = owner
                         self._selector.register(new, selectors.EVENT_READ)
                     continue
                 try:
@@ -124,7 +143,7 @@ class LimitServer:
         if op == "fail":
             self.limiter.fail(source, msg[2], now)
             return 0
-        mine = self._by_channel[sock]
+        mine = self._by_channel[sock].open
         if op == "open":
             if self.open.get(source, 0) >= self.max_per_source:
                 return 1
@@ -146,12 +165,22 @@ class LimitServer:
                 table.pop(source, None)
 
     def _gone(self, sock: socket.socket) -> None:
-        """A worker's channel closed (it exited or died): its connections are no longer open."""
-        mine = self._by_channel.pop(sock, {})
-        for source, n in list(mine.items()):
-            self._release(mine, source, n)
+        """A worker's channel closed; the last of them (it exited or died): its connections are no longer open."""
+        owner = self._by_channel.pop(sock, None)
         self._selector.unregister(sock)
         sock.close()
+        if owner is not None:
+            owner.channels -= 1
+            if owner.channels == 0:
+                for source, n in list(owner.open.items()):
+                    self._release(owner.open, source, n)
+
+
+class _Channel:
+    __slots__ = ("sock", "seq")
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.seq = sock, 0
 
 
 class LimitClient:
@@ -161,32 +190,36 @@ class LimitClient:
     not answer within `timeout` s (then for `down_s` s without asking) or is gone (a stopping worker finishing
     what it serves): never exact, never more than the old per-worker shares allowed."""
 
-    def __init__(self, sock: socket.socket, fallback: RateLimiter, timeout: float = TIMEOUT, down_s: float = DOWN_S):
-        self.sock, self.fallback, self.timeout, self.down_s = sock, fallback, timeout, down_s
-        self._lock = threading.Lock()
-        self._seq = 0
+    def __init__(self, socks: socket.socket | list[socket.socket], fallback: RateLimiter, timeout: float = TIMEOUT,
+                 down_s: float = DOWN_S):
+        socks = [socks] if isinstance(socks, socket.socket) else list(socks)
+        self.sock, self.fallback, self.timeout, self.down_s = socks[0], fallback, timeout, down_s
+        self._free: queue.SimpleQueue[_Channel] = queue.SimpleQueue()  # a thread takes one for its round trip
+        for sock in socks:
+            self._free.put(_Channel(sock))
         self._down_until = 0.0
         self.gone = False
 
     def _ask(self, *msg) -> int | None:
         """The supervisor's answer; None: no answer (the caller uses the fallback)."""
-        with self._lock:
-            if self.gone or time.monotonic() < self._down_until:
-                return None
-            self._seq += 1
+        if self.gone or time.monotonic() < self._down_until:
+            return None
+        chan = self._free.get()
+        try:
+            chan.seq += 1
             try:
-                self.sock.settimeout(self.timeout)
-                self.sock.send(json.dumps([self._seq, *msg], separators=(",", ":")).encode())
+                chan.sock.settimeout(self.timeout)
+                chan.sock.send(json.dumps([chan.seq, *msg], separators=(",", ":")).encode())
                 deadline = time.monotonic() + self.timeout
                 while True:
-                    data = self.sock.recv(64)
+                    data = chan.sock.recv(64)
                     if not data:
                         break
                     seq, _, value = data.partition(b" ")
-                    if int(seq) == self._seq:
+                    if int(seq) == chan.seq:
                         return int(value)
                     # the late answer to a call that timed out: dropped
-                    self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                    chan.sock.settimeout(max(0.001, deadline - time.monotonic()))
             except socket.timeout:
                 self._down_until = time.monotonic() + self.down_s
                 log.warning("EST limits: the supervisor did not answer within %g s; this worker decides alone "
@@ -198,6 +231,8 @@ class LimitClient:
                 log.warning("EST limits: the supervisor is gone; this worker decides alone (its share of the limits)")
             self.gone = True
             return None
+        finally:
+            self._free.put(chan)
 
     def admit(self, source: str, now: float) -> int:
         answer = self._ask("admit", source)

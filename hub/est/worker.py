@@ -1,8 +1,8 @@
-"""One EST worker process (`python -m hub.est.worker LISTEN_FD CONTROL_FD LIMITS_FD`, started by hub/est/pool.py).
+"""One EST worker process (`python -m hub.est.worker LISTEN_FD CONTROL_FD LIMITS_FD,...`, started by hub/est/pool.py).
 
 It serves the listening socket it inherited with its own EstService: its own registry connection, its own CA
 (file keys loaded from ca/, token keys through its own PKCS#11 session: it is a fresh interpreter, nothing of the
-supervisor's sessions is inherited); the limits are the hub's, held by the supervisor (LIMITS_FD: a
+supervisor's sessions is inherited); the limits are the hub's, held by the supervisor (LIMITS_FDs: a
 hub/est/sharedlimits.py LimitClient). The control socket
 carries JSON lines: the supervisor sends the settings first; the worker answers {"ready": pid} once it serves,
 then {"counts": delta} with its EST event counters (enrollments, renewals, denials by reason) whenever they moved,
@@ -106,7 +106,7 @@ def _report(control: _Control, hub_stats, changed: threading.Event, stop: thread
 
 
 def main(argv: list[str]) -> int:
-    listen_fd, control_fd, limits_fd = int(argv[0]), int(argv[1]), int(argv[2])
+    listen_fd, control_fd, limits_fds = int(argv[0]), int(argv[1]), [int(fd) for fd in argv[2].split(",")]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = _Control(socket.socket(fileno=control_fd))
     settings = control.read()
@@ -143,7 +143,7 @@ def main(argv: list[str]) -> int:
     changed = threading.Event()
     hub_stats = stats.install(registry, _reporting_stats(changed))
     own_limiter, own_limits = share(cfg, int(settings["workers"]))  # when the supervisor does not answer
-    limiter = LimitClient(socket.socket(fileno=limits_fd), own_limiter)  # the hub's budgets, the supervisor's
+    limiter = LimitClient([socket.socket(fileno=fd) for fd in limits_fds], own_limiter)  # the supervisor's budgets
     limits = Limits.from_config(cfg)
     service = EstService(ca, registry, cfg.policy, cfg.crl_dir, cfg.crl_urls, limiter,
                          supersede_grace=timedelta(seconds=cfg.supersede_grace_seconds))

@@ -104,3 +104,34 @@ def test_an_unreadable_message_is_one_log_line_and_changes_nothing(server, caplo
     a.sock.send(b"not json")
     assert a.admit("s", 0) == 0  # the channel still works; nothing was spent by the bad message
     assert "unreadable message" in caplog.text
+
+
+def test_threads_of_workers_with_several_channels_share_one_budget_exactly(server):
+    a, b = (LimitClient(server.channels(4), RateLimiter(1.0, 4, 3)) for _ in range(2))
+    answers: list[int] = []
+    lock = threading.Lock()
+
+    def ask(client: LimitClient) -> None:
+        for _ in range(5):
+            got = client.admit("10.0.0.9", 0)
+            with lock:
+                answers.append(got)
+
+    threads = [threading.Thread(target=ask, args=((a, b)[i % 2],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert len(answers) == 40 and answers.count(0) == 4  # the burst of 4, whatever thread and channel asked
+
+
+def test_a_worker_s_connections_are_released_when_its_last_channel_closes(server):
+    socks = server.channels(2)
+    gate = SharedGate(LimitClient(socks, RateLimiter(1.0, 4, 3)), 3, 10)
+    assert gate.admit("s") is None and gate.admit("s") is None
+    assert server.open["s"] == 2
+    socks[0].close()
+    other = LimitClient(server.channel(), RateLimiter(1.0, 4, 3))
+    assert other.admit("x", 0) == 0 and server.open["s"] == 2  # one channel left: still its connections
+    socks[1].close()
+    wait_for(lambda: "s" not in server.open)
