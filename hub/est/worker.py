@@ -61,48 +61,54 @@ def _reporting_stats(changed: threading.Event):
     from hub.serve import stats
 
     class ReportingStats(stats.HubStats):
-        """This process's counters; every change wakes the reporter thread."""
+        """This process's counters; every change is also kept as not yet sent (`take()`) and wakes the reporter
+        thread (collecting the Prometheus registry for each report cost a twelfth of a busy worker's time)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._unsent_lock = threading.Lock()
+            self._unsent: dict = {}
+
+        def _moved(self, key: str, reason: str | None = None) -> None:
+            with self._unsent_lock:
+                if reason is None:
+                    self._unsent[key] = self._unsent.get(key, 0) + 1
+                else:
+                    by = self._unsent.setdefault(key, {})
+                    by[reason] = by.get(reason, 0) + 1
+            changed.set()
+
+        def take(self) -> dict:
+            """The changes since the last take(), in the shape of stats.counts() (only what moved)."""
+            with self._unsent_lock:
+                out, self._unsent = self._unsent, {}
+            return out
 
         def enrolled(self) -> None:
             super().enrolled()
-            changed.set()
+            self._moved("enrollments")
 
         def renewed(self) -> None:
             super().renewed()
-            changed.set()
+            self._moved("renewals")
 
         def denied(self, code: str, status: int | None = None) -> None:
             super().denied(code, status)
-            changed.set()
+            self._moved("denials", stats.denial_reason(code, status))
 
     return ReportingStats()
 
 
-def _delta(now: dict, sent: dict) -> dict:
-    out = {k: now[k] - sent.get(k, 0) for k in ("enrollments", "renewals") if now[k] != sent.get(k, 0)}
-    denials = {r: n - sent.get("denials", {}).get(r, 0) for r, n in now["denials"].items()
-               if n != sent.get("denials", {}).get(r, 0)}
-    if denials:
-        out["denials"] = denials
-    return out
-
-
-def _report(control: _Control, hub_stats, changed: threading.Event, stop: threading.Event) -> dict:
-    """Send the counters' changes until `stop`; returns what was sent (the caller sends the rest)."""
-    from hub.serve import stats
-
-    sent = stats.counts(hub_stats)
+def _report(control: _Control, hub_stats, changed: threading.Event, stop: threading.Event) -> None:
+    """Send the counters' changes until `stop` (the caller sends what is left)."""
     while not stop.is_set():
         if not changed.wait(0.5):
             continue
         changed.clear()
-        now = stats.counts(hub_stats)
-        delta = _delta(now, sent)
+        delta = hub_stats.take()
         if delta:
             control.send({"counts": delta})
-            sent = now
         stop.wait(MIN_REPORT_INTERVAL)
-    return sent
 
 
 def main(argv: list[str]) -> int:
@@ -164,9 +170,8 @@ def main(argv: list[str]) -> int:
             stop.set()
 
     threading.Thread(target=watch_supervisor, name="est-control", daemon=True).start()
-    reported: dict = {}
-    reporter = threading.Thread(target=lambda: reported.update(_report(control, hub_stats, changed, stop)),
-                                name="est-report", daemon=True)
+    reporter = threading.Thread(target=_report, args=(control, hub_stats, changed, stop), name="est-report",
+                                daemon=True)
     reporter.start()
     control.send({"ready": os.getpid()})
     log.debug("EST worker %d serving (pid %d)", index, os.getpid())
@@ -178,7 +183,7 @@ def main(argv: list[str]) -> int:
         serving.join(timeout=5)
         server.server_close()  # also writes the denial counts still aggregated
         reporter.join(timeout=5)
-        last = _delta(stats.counts(hub_stats), reported) if reported else {}
+        last = hub_stats.take()
         if last:
             control.send({"counts": last})
         registry.close()
