@@ -73,8 +73,9 @@ def run_route() -> str | None:
 
 
 def one_tls_route(test):
-    """Decorator for a test that never puts the token key into a TLS context: `tls_route` (tests/conftest.py) runs
-    it on the first selected route only (the product's first choice), not on each."""
+    """Decorator for a test the route adds nothing to (it never puts the token key into TLS, or picks its routes
+    itself): `tls_route` (tests/conftest.py) runs it on the first selected route only (the product's first
+    choice), not on each."""
     import pytest
 
     return pytest.mark.parametrize("tls_route", selected_routes()[:1], indirect=True)(test)

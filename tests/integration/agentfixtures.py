@@ -365,10 +365,12 @@ def make_token_device(request, hub, tmp_path, tls_route):
     $TESSERA_TEST_ROUTES selects). Test ids name both: [softhsm-provider], [tpm-engine]. The device's id gets
     both as suffix (`<id>-<token>-<route>`) and its agent children get the route explicitly (Device.route).
 
-    The full token x route matrix is for tests that put the token key into TLS (run, renew, rotate: mTLS to the
-    broker and to EST); a test that never does (enroll: a bootstrap token over server-authenticated TLS, the CSR
-    signed through python-pkcs11) is decorated with tests.helpers.one_tls_route and runs on one route per token type,
-    the route adding nothing there but time."""
+    Which tests get the whole token x route matrix (CI time: each agent case costs seconds): those where a running
+    agent loads a token key into TLS again (test_agent_renewal's rotation while telemetry flows: a second key in
+    the same process, on each token and route). A test that never puts the token key into TLS (enroll: a
+    bootstrap token over server-authenticated TLS, the CSR signed through python-pkcs11), or whose processes each
+    load one key once (what test_hsm_tls checks per token and route: handshakes, a wrong PIN, missing keys), is
+    decorated with tests.helpers.one_tls_route: one route per token type, the route adding nothing there but time."""
     maker = None
     if request.param == "tpm":
         from tests.integration.tpmfixtures import create_tpm_token

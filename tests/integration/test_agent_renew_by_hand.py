@@ -2,9 +2,8 @@
 certificate (agent.certwatch: identity.json replaced) and switches its MQTT session to it without losing a message,
 and `renew` says that it did.
 
-Real hub and broker, the agent and `renew` as separate processes on one SoftHSM token, on each TLS route
-(`tls_route`: both the running agent and `renew` put the token key into TLS; the token types are crossed with
-the routes in test_agent_renewal.py's rotation tests). The superseded certificate is then refused by the broker:
+Real hub and broker, the agent and `renew` as separate processes on one SoftHSM token; `renew` on each TLS route
+(`tls_route`: the running agent loads the same key into TLS again), `rotate-key` on one (see CASES). The superseded certificate is then refused by the broker:
 a second agent started on a copy of the old state ends in state `refused`.
 Cost: ~6 s per case (one hub for the module).
 """
@@ -16,6 +15,7 @@ import time
 
 import pytest
 
+from tests.helpers import selected_routes
 from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device are fixtures)
     Device, broker_log, hub, make_device, one_line, telemetry, wait_until,
 )
@@ -23,7 +23,13 @@ from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device a
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("rotate", [False, True], ids=["renew", "rotate-key"])
+#: renew (the same key loaded again into TLS in the running agent) on each route; rotate-key on the first route
+#: only: a new key loaded in a running agent is test_agent_renewal's rotation test, on each token and route
+CASES = [(False, route) for route in selected_routes()] + [(True, selected_routes()[0])]
+
+
+@pytest.mark.parametrize(("rotate", "tls_route"), CASES, indirect=["tls_route"],
+                         ids=[f"{'rotate-key' if r else 'renew'}-{route}" for r, route in CASES])
 def test_renew_by_hand_switches_the_running_agent(hub, make_device, tls_route, rotate):  # noqa: F811
     dev, token = make_device(f"hand-{'rot' if rotate else 'ren'}-{tls_route}", interval=0.1, route=tls_route)
     dev.enroll_ok(token)

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, one_tls_route
 from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device, make_token_device are fixtures)
     KEY_LABEL, broker_log, hub, make_device, make_token_device, telemetry, wait_until,
 )
@@ -74,6 +74,8 @@ def lifetime(dev) -> timedelta:
 
 
 def test_renew_with_key_rotation_while_telemetry_flows(hub, make_token_device):
+    """A running agent rotates its key and reconnects with it: a second token key loaded into TLS in one process,
+    on each token type and TLS route."""
     dev, token = make_token_device("ren-1", interval=0.1)
     dev.enroll_ok(token)
     dev.start()
@@ -119,9 +121,10 @@ def test_renew_with_key_rotation_while_telemetry_flows(hub, make_token_device):
     assert dev.status()["spool_depth"] == 0
 
 
+@one_tls_route  # each process loads one key once: that, per token and route, is test_hsm_tls's; the rotation above
 def test_cli_renew_with_key_rotation_then_run(hub, make_token_device):
     """`tessera-agent renew --rotate-key` with no agent running (what failed on a TPM: the new key's template),
-    then `run` connects with the new key, on each token type and TLS route."""
+    then `run` connects with the new key, on each token type."""
     dev, token = make_token_device("ren-cli", interval=0.2)
     dev.enroll_ok(token)
     before = dev.identity()
