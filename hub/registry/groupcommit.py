@@ -5,8 +5,9 @@ disk), under the write lock that every writer of every process queues on (Regist
 flock). One commit per enrollment capped the whole hub near 1/fsync, about 330 enrollments/s, however many EST
 worker processes signed in parallel: the second worker added CPU, not enrollments.
 
-`run(registry, body, cert)` queues the transaction body; whoever holds the registry's write lock next runs every
-body queued in its process so far in one BEGIN IMMEDIATE transaction, each in its own SAVEPOINT (a body that raises
+`run(registry, body, cert)` queues the transaction body; whoever holds the registry's write lock next takes the
+flock (waiting, maybe, for another process's commit) and then runs every body queued in its process by then in one
+BEGIN IMMEDIATE transaction, each in its own SAVEPOINT (a body that raises
 is rolled back alone and its exception goes to its caller, as before), and commits once: all of them durable at
 that one fsync, each caller answered after it. Threads queued behind find their body done and return. Nothing
 changes for one request at a time (a batch of one); the token check and spend stay one atomic step (inside the
@@ -53,42 +54,42 @@ def run(registry: Any, body: Callable[[Any, Any], Any], cert: Any) -> Any:
     """`body(db, cert)` in a write transaction shared with the other bodies queued meanwhile; its result, or its
     exception raised here. A registry that is not SQLite (no flock) runs it in a transaction of its own."""
     if getattr(registry, "_engine", None) is not None:
-        with registry._write() as db:
+        with registry._write(late_lock=True) as db:  # the write lock shared; the chain's at the audit row
             return body(db, cert)
     queue = _queue(registry)
     item = _Pending(body, cert)
     with queue.lock:
         queue.items.append(item)
     with registry._write_lock:
-        if not item.done:  # nobody took it yet: this thread commits everything queued so far
-            with queue.lock:
-                batch, queue.items = queue.items, []
-            _commit(registry, batch)
+        if not item.done:  # nobody took it yet: this thread commits everything queued once it has the flock
+            with registry._process_lock():  # (what queued while another process committed joins this batch)
+                with queue.lock:
+                    batch, queue.items = queue.items, []
+                _commit(registry, batch)
     if item.error is not None:
         raise item.error
     return item.result
 
 
 def _commit(registry: Any, batch: list[_Pending]) -> None:
-    """One transaction for `batch` (the caller holds the write lock); every item done afterwards, whatever
-    happened."""
+    """One transaction for `batch` (the caller holds the write lock and the flock); every item done afterwards,
+    whatever happened."""
     try:
         db = registry._db()
-        with registry._process_lock():
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for item in batch:
-                    db.execute(f"SAVEPOINT {SAVEPOINT}")
-                    try:
-                        item.result = item.body(db, item.cert)
-                    except BaseException as exc:  # this one alone is undone; its caller gets the exception
-                        db.execute(f"ROLLBACK TO {SAVEPOINT}")
-                        item.error = exc
-                    db.execute(f"RELEASE {SAVEPOINT}")
-                db.execute("COMMIT")
-            except BaseException:
-                db.rollback()
-                raise
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for item in batch:
+                db.execute(f"SAVEPOINT {SAVEPOINT}")
+                try:
+                    item.result = item.body(db, item.cert)
+                except BaseException as exc:  # this one alone is undone; its caller gets the exception
+                    db.execute(f"ROLLBACK TO {SAVEPOINT}")
+                    item.error = exc
+                db.execute(f"RELEASE {SAVEPOINT}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.rollback()
+            raise
     except BaseException as exc:  # nothing of the batch was committed (the registry closed, the disk full...)
         for item in batch:
             if item.error is None:

@@ -21,9 +21,11 @@ from typing import Any
 
 SQLITE = "sqlite"
 POSTGRESQL = "postgresql"
-#: The one advisory lock every PostgreSQL write transaction takes (see Registry._write): writers of all hubs queue
-#: on it like SQLite's writers on BEGIN IMMEDIATE, so the audit chain has one order. ("Tessera" in ASCII.)
+#: The advisory lock every PostgreSQL write transaction takes (see Registry._write): exclusively, so writers of all
+#: hubs queue on it like SQLite's writers on BEGIN IMMEDIATE; enrollments shared, and then CHAIN_LOCK_KEY for their
+#: audit rows, so the audit chain has one order. ("Tessera" in ASCII, and + 1.)
 WRITE_LOCK_KEY = 0x54657373657261
+CHAIN_LOCK_KEY = WRITE_LOCK_KEY + 1
 
 
 def is_postgresql(url: str | object) -> bool:
@@ -55,6 +57,7 @@ class PgDb:
 
     def __init__(self, conn: Any) -> None:
         self._conn = conn  # sqlalchemy.engine.Connection, isolation_level AUTOCOMMIT
+        self.chain_locked = False  # this transaction may append to the audit chain (Registry._write)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement; the result has `rowcount` (rows RETURNING: use `query`)."""

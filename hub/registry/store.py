@@ -39,7 +39,7 @@ from hub.ca.policy import PolicyError, check_device_id
 from . import audit as audit_chain
 from . import groupcommit
 from . import pgschema
-from .sql import WRITE_LOCK_KEY, PgDb, executemany, insert, is_postgresql, pg_connect, pg_engine
+from .sql import CHAIN_LOCK_KEY, WRITE_LOCK_KEY, PgDb, executemany, insert, is_postgresql, pg_connect, pg_engine
 from .errors import (CertRejected, DeviceExists, DeviceNotActive, InvalidDeviceId, InvalidName,  # noqa: F401
                      RegistryError, TokenRejected, UnknownDevice)
 from .schema import (DEVICE_STATUSES, ENROLLABLE_STATUSES, EST_ACTOR, FINAL_STATUSES,  # noqa: F401
@@ -168,19 +168,30 @@ class Registry:
         return list(self._db().query(sql, list(params)))
 
     @contextlib.contextmanager
-    def _write(self, db: Database | None = None) -> Iterator[Database]:
-        """One write transaction, BEGIN IMMEDIATE (takes the write lock up front: no read-then-upgrade races)."""
+    def _write(self, db: Database | None = None, late_lock: bool = False) -> Iterator[Database]:
+        """One write transaction, BEGIN IMMEDIATE (takes the write lock up front: no read-then-upgrade races).
+
+        On PostgreSQL the write lock is the advisory lock WRITE_LOCK_KEY, taken exclusively right after BEGIN (before
+        any row lock). `late_lock` transactions (enroll, reenroll: every row change guarded by its own WHERE and
+        checked for one row, no row changed after the first audit row) take it shared instead, so hubs run them
+        at once, and CHAIN_LOCK_KEY only when they first append to the audit log. No deadlock: an exclusive
+        writer waits holding nothing; a shared one waits for the chain holding rows, but the chain's holder changes
+        no rows any more, and nobody holds the chain while an exclusive writer runs."""
         db = db or self._db()
-        if isinstance(db, PgDb):
-            with self._write_lock:
-                db.execute("BEGIN")
-                try:
+        if isinstance(db, PgDb):  # each thread has its own connection: the server's locks are the only ones
+            db.execute("BEGIN")
+            db.chain_locked = False
+            try:
+                if late_lock:
+                    db.execute("SELECT pg_advisory_xact_lock_shared(?)", [WRITE_LOCK_KEY])
+                else:
                     db.execute("SELECT pg_advisory_xact_lock(?)", [WRITE_LOCK_KEY])
-                    yield db
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
+                    db.chain_locked = True  # no shared writer runs, so nobody holds the chain
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
             return
         with self._write_lock, self._process_lock():
             db.execute("BEGIN IMMEDIATE")
@@ -238,6 +249,9 @@ class Registry:
     def append_audit(self, db: Database, rows: Iterable[audit_chain.Row]) -> int:
         """Audit rows (at, actor, action, device_id, outcome, detail, source) in the caller's write transaction:
         escaped and chained (hub/registry/audit.py). The only way rows enter the audit log."""
+        if isinstance(db, PgDb) and not db.chain_locked:  # the chain's head is read and extended under its lock
+            db.execute("SELECT pg_advisory_xact_lock(?)", [CHAIN_LOCK_KEY])
+            db.chain_locked = True
         if self._audit_key is None:
             self._audit_key = audit_chain.load_key(self.path)
         return audit_chain.append(db, self._audit_key, rows)
@@ -556,8 +570,10 @@ class Registry:
 
         def body(db: Database, cert: x509.Certificate) -> x509.Certificate:
             old = check(db)
-            db.execute("UPDATE certificates SET status = 'superseded', grace_until = ? WHERE serial = ?",
-                       [_ts(now + max(grace, timedelta(0))), old["serial"]])
+            if db.execute("UPDATE certificates SET status = 'superseded', grace_until = ? "
+                          "WHERE serial = ? AND status = 'active'",
+                          [_ts(now + max(grace, timedelta(0))), old["serial"]]).rowcount != 1:
+                raise CertRejected(f"certificate {old['serial']} was superseded by a newer one", "cert_superseded")
             serial = self._insert_cert(db, device_id, cert, now)
             self.authz_event(db, device_id, "renewed", now)
             self._audit_row(db, "reenroll", "ok", now, EST_ACTOR, device_id,

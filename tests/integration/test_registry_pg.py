@@ -207,6 +207,56 @@ def test_reopen_keeps_schema(target, clock: Clock) -> None:
 
 # --- several hubs on one PostgreSQL -------------------------------------------------------------------------------
 
+def test_enrollments_race_other_writers_on_the_same_devices(pg_url: str, tmp_path: Path, clock: Clock,  # noqa: F811
+                                                            mini_ca: MiniCA) -> None:
+    """Enrollments (which take the write lock shared, and the chain's at their audit row) against writers that
+    take it exclusively (a new token, suspend/resume) on the same 30 devices at once, each thread its own
+    connection: every outcome is a registry answer (no deadlock, no constraint error), the chain stays whole."""
+    reg = Registry(pg_url, home=tmp_path)
+    rows = reg.create_devices_with_tokens(((f"dev-{i:03d}", None, None) for i in range(30)), "fleet-a", clock.now, TTL)
+    barrier, errors = threading.Barrier(3), []
+
+    def guarded(fn) -> None:
+        barrier.wait()
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001  (reported by the assertion)
+            errors.append(repr(exc))
+
+    def enroll_all() -> None:
+        for device_id, token in rows:
+            try:
+                reg.enroll(device_id, token, clock.now, mini_ca.issuer(device_id, clock.now))
+            except (TokenRejected, DeviceNotActive):
+                pass
+
+    def new_tokens() -> None:
+        for device_id, _ in rows:
+            try:
+                reg.create_token(device_id, clock.now, TTL)
+            except DeviceNotActive:  # suspended at that moment
+                pass
+
+    def suspend_resume() -> None:
+        for device_id, _ in rows:
+            reg.set_status(device_id, "suspended", clock.now, "ops")
+            reg.set_status(device_id, "active", clock.now, "ops")
+
+    threads = [threading.Thread(target=guarded, args=(f,)) for f in (enroll_all, new_tokens, suspend_resume)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert reg.query("SELECT COUNT(*) AS n FROM (SELECT device_id FROM certificates WHERE status = 'active' "
+                     "GROUP BY device_id HAVING COUNT(*) > 1) x")[0]["n"] == 0
+    assert reg.query("SELECT COUNT(*) AS n FROM (SELECT device_id FROM tokens WHERE used_at IS NULL "
+                     "GROUP BY device_id HAVING COUNT(*) > 1) x")[0]["n"] == 0  # one live token a device at most
+    assert count(reg, "devices", "status = 'active'") == 30 - count(reg, "devices", "status = 'pending'")
+    assert reg.verify_audit().ok
+    reg.close()
+
+
 def _hub_child(url: str, home: str, tokens: list[tuple[str, str]], now: str, barrier, queue) -> None:
     """One 'hub' (a spawned process with its own Registry on the database): tries every token once."""
     reg = Registry(url, home=Path(home))
