@@ -154,8 +154,3 @@ def page_for(fleet, op, viewport=None):
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.dialogs = dialogs
     return ctx, page
-
-
-def wait_online(fleet, device_id: str) -> None:
-    wait_until(lambda: fleet.hub.query("SELECT online FROM devices WHERE id = ?", (device_id,))[0]["online"], 30,
-               f"{device_id} online in the registry")

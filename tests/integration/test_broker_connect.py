@@ -107,7 +107,7 @@ def test_valid_device_certificate_is_accepted(hub, good, tls):
     assert p.tls_version == f"TLSv{tls}"
     time.sleep(0.1)
     log = broker_log(hub)[mark:]
-    assert f" as con-good (p5, c1, k10, u'con-good')" in log, log  # the plugin set username = principal
+    assert " as con-good (p5, c1, k10, u'con-good')" in log, log  # the plugin set username = principal
     assert refusals(hub, mark) == []
 
 

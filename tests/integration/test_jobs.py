@@ -7,14 +7,12 @@ hub restart test runs last (it restarts the hub on the same ports, so the agents
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import ssl
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
