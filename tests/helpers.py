@@ -52,7 +52,8 @@ def free_port() -> int:
 ROUTES = ("provider", "engine")   # hsm.tls.available_routes()' order: what the product picks first comes first
 ROUTES_ENV = "TESSERA_TEST_ROUTES"
 #: What a child must not inherit from the test run's environment: its token and TLS route are given explicitly.
-_NOT_INHERITED = ("SOFTHSM2_CONF", "TESSERA_TLS_ROUTE", "PKCS11_PROVIDER_MODULE", "TESSERA_PKCS11_PROVIDER")
+#: ($TESSERA_PKCS11_PROVIDER, where this machine keeps pkcs11-provider, is inherited like PATH.)
+_NOT_INHERITED = ("SOFTHSM2_CONF", "TESSERA_TLS_ROUTE", "PKCS11_PROVIDER_MODULE")
 
 
 def selected_routes() -> tuple[str, ...]:
