@@ -96,17 +96,17 @@ def test_a_device_connects_on_every_node_with_its_certificate_alone(rh, work):
         assert connects(hub, dev, port), f"node with MQTT port {port} refused a valid device"
 
 
-def test_client_id_must_be_the_principal(rh, work):
-    hub, cluster = rh
-    dev = enroll_device(hub, "rmq-cid", work)
-    other = enroll_device(hub, "rmq-cid-other", work)
-    for port in ports(cluster):
+def test_client_id_must_be_the_principal(target, work):
+    hub, nodes = target
+    dev = enroll_device(hub, "rmq-cid", work / nodes_tag(nodes))
+    other = enroll_device(hub, "rmq-cid-other", work / nodes_tag(nodes))
+    for port in nodes:
         assert not connects(hub, dev, port, client_id=other.id)
         assert not connects(hub, dev, port, client_id="tessera-hub")
 
 
-def test_no_client_certificate_is_refused(rh):
-    hub, cluster = rh
+def test_no_client_certificate_is_refused(target):
+    hub, nodes = target
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(cafile=str(hub.root_pem))
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="nocert", protocol=mqtt.MQTTv311,
@@ -114,7 +114,7 @@ def test_no_client_certificate_is_refused(rh):
     c.tls_set_context(ctx)
     refused = False
     try:
-        c.connect("127.0.0.1", cluster.nodes[0].mqtt_port, 10)
+        c.connect("127.0.0.1", nodes[-1], 10)
         c.loop(timeout=2)
         c.loop(timeout=2)
         refused = not c.is_connected()
@@ -123,20 +123,22 @@ def test_no_client_certificate_is_refused(rh):
     assert refused, "a client without a certificate got through the TLS handshake and CONNECT"
 
 
-def test_impostor_with_a_username_and_password_is_refused(rh, work):
-    """A username and password in CONNECT would win over the certificate: the hub refuses every password login,
-    whoever it names (another device, its own name, a service, the hub, the management user)."""
-    hub, cluster = rh
-    dev = enroll_device(hub, "rmq-imp", work)
-    victim = enroll_device(hub, "rmq-victim", work)
+def test_impostor_with_a_username_and_password_is_refused(target, work):
+    """A device's certificate with another principal's name as username (and password) and client id: refused on
+    both (Mosquitto's plugin goes by the certificate and refuses the client id; RabbitMQ would take the username
+    over the certificate, so the hub refuses every password login, whoever it names, its own name too)."""
     from hub.broker.rabbitmq.auth import MGMT_USER
 
-    for port in ports(cluster):
-        for name in (victim.id, dev.id, "svc.rmq-anything", "tessera-hub", MGMT_USER):
+    hub, nodes = target
+    dev = enroll_device(hub, "rmq-imp", work / nodes_tag(nodes))
+    victim = enroll_device(hub, "rmq-victim", work / nodes_tag(nodes))
+    for port in nodes:
+        for name in (victim.id, "svc.rmq-anything", "tessera-hub", MGMT_USER):
             assert not connects(hub, dev, port, client_id=name, credentials=(name, "guess")), name
         assert not connects(hub, dev, port, client_id=victim.id, credentials=(victim.id, ""))
-    audit = hub.stderr_path.read_text()
-    assert "password login refused" in audit
+    if len(nodes) > 1:  # RabbitMQ: a password is refused even with the device's own name and client id
+        assert not any(connects(hub, dev, p, credentials=(dev.id, "guess")) for p in nodes)
+        assert "password login refused" in hub.stderr_path.read_text()
 
 
 def test_the_management_user_cannot_use_mqtt_even_with_its_secret(rh, work):
