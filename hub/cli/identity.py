@@ -21,7 +21,7 @@ import typer
 from rich.markup import escape
 
 from hub.cli.util import DirOpt, HubOpt, JsonOpt, ProfileOpt, api, err, print_json, print_table, say
-from hub.cli.util import fail as _fail_markup
+from hub.cli.util import fail as _fail
 
 identity_app = typer.Typer(help="Service identities: client certificates from the service CA for back ends and "
                                 "operators (principal svc.<name>, one role).", no_args_is_help=True)
@@ -35,7 +35,7 @@ def _say(text: str) -> None:
 
 def fail(message: str) -> NoReturn:
     """One error line; the message is escaped (it can hold names, paths and subjects)."""
-    _fail_markup(escape(message))
+    _fail(message)
     raise AssertionError("unreachable")
 
 

@@ -13,10 +13,9 @@ from urllib.parse import quote
 from typing import NoReturn, Optional
 
 import typer
-from rich.markup import escape
 
 from hub.cli.util import DirOpt, HubOpt, JsonOpt, ProfileOpt, api, device_id_arg, print_json, print_table, say
-from hub.cli.util import fail as _fail_markup
+from hub.cli.util import fail as _fail
 
 manufacturer_app = typer.Typer(help="Manufacturer CAs and factory birth certificates (IEEE 802.1AR IDevID "
                                     "enrollment without tokens).", no_args_is_help=True)
@@ -29,7 +28,7 @@ COLUMNS = [("name", "name", 16), ("subject", "CA subject", 30), ("births", "birt
 
 def fail(message: str) -> NoReturn:
     """One error line; the message is escaped (it holds paths and names)."""
-    _fail_markup(escape(message))
+    _fail(message)
     raise AssertionError("unreachable")
 
 

@@ -48,7 +48,9 @@ def now() -> datetime:
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    """One error line on stderr; the message is escaped (it can hold names, paths, config sections such as
+    `[registry]`, subjects), so Rich never reads markup out of it."""
+    err.print(f"[bold red]error:[/] {_escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 

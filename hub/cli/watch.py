@@ -21,7 +21,7 @@ import typer
 from rich.markup import escape
 
 from hub.cli.util import DirOpt, config, err, registry
-from hub.cli.util import fail as _fail_markup
+from hub.cli.util import fail as _fail
 
 KINDS = ("telemetry", "events", "status")
 SUBSCRIBE_BATCH = 100  # topic filters per SUBSCRIBE packet
@@ -31,7 +31,7 @@ _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069
 
 
 def fail(message: str) -> NoReturn:
-    _fail_markup(escape(message))
+    _fail(message)
     raise AssertionError("unreachable")
 
 
