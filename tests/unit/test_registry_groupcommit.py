@@ -60,3 +60,28 @@ def test_one_at_a_time_is_a_batch_of_one(registry):
     with pytest.raises(ValueError):
         groupcommit.run(registry, _insert, 3)
     assert [r["x"] for r in registry.query("SELECT x FROM gc_test")] == [7]
+
+
+def test_many_threads_many_batches_each_answer_its_own(registry):
+    """Threads arriving while a batch commits wait for the next leader: every body runs once, each caller gets its
+    own result (or its own exception), nothing is lost between leaders."""
+    answers: dict[int, object] = {}
+
+    def worker(base: int) -> None:
+        for i in range(25):
+            x = base * 100 + i
+            try:
+                answers[x] = groupcommit.run(registry, lambda db, v: _insert(db, v % 50), x)
+            except ValueError:
+                answers[x] = "ValueError"
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(answers) == 300
+    assert all(answers[x] == ("ValueError" if x % 50 == 3 else (x % 50) * 10) for x in answers)
+    rows = registry.query("SELECT count(*) AS n FROM gc_test")[0]["n"]
+    assert rows == 300 - sum(1 for x in answers if x % 50 == 3)
+    assert not groupcommit._queue(registry).items and not groupcommit._queue(registry).leading
