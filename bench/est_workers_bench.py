@@ -1,6 +1,7 @@
 """EST scaling over worker processes: enrollments/s of `serve --est-workers N` divided by `--est-workers 1`.
 
-``python -m bench.est_workers_bench [--quick] [-n N] [--workers N] [--rounds R]``; ``run(quick)`` returns the rows.
+``python -m bench.est_workers_bench [--quick] [-n N] [--workers N] [--rounds R] [--mode M] [--threads T]``;
+``run(quick)`` returns the rows.
 Each pass is bench/est_bench.py's load pass on a fresh fleet (tokens are single-use): a real `tessera-hub serve`,
 P-256 CSRs and complete requests made before timing, client processes on the SAME cores as the hub
 (clients counted: the ratio is what this machine does with everything it runs, not the server alone). Passes
@@ -64,6 +65,11 @@ MODES = {"keepalive": "keep-alive (one TLS connection per client thread)",
          "new": "new TCP + full TLS per enrollment"}
 
 
+#: client threads per process: kept-alive clients cost little, so 24 enrollments in flight (with 12, two workers
+#: waited on each other's commits with CPU idle); new connections as the figures before keep-alive (12 in flight)
+THREADS = {"keepalive": 12, "new": 6}
+
+
 def _ratio_rows(mode: str, workers: int, results: dict[int, list[eb.LoadResult]], goal: bool) -> list[dict]:
     label = MODES[mode]
     rate = {k: statistics.median(x.rate for x in v) for k, v in results.items()}
@@ -100,12 +106,13 @@ def _ratio_rows(mode: str, workers: int, results: dict[int, list[eb.LoadResult]]
 
 
 def measure(quick: bool = False, n: int | None = None, workers: int = 2, rounds: int | None = None,
-            verbose: bool = True, modes: tuple[str, ...] = tuple(MODES)) -> list[dict]:
+            verbose: bool = True, modes: tuple[str, ...] = tuple(MODES), threads: int | None = None) -> list[dict]:
     """The ratio for each mode in `modes` (the goal is the first's: keep-alive; new connections are the second
     figure); each mode's passes alternate 1, N, 1, N..."""
     rows = []
     for mode in modes:
-        s = eb.Setup(n=n or (300 if quick else 2000), procs=2, threads=6, deadline_s=15.0 if quick else 35.0,
+        s = eb.Setup(n=n or (300 if quick else 2000), procs=2, threads=threads or THREADS[mode],
+                     deadline_s=15.0 if quick else 35.0,
                      keepalive=mode == "keepalive")
         results: dict[int, list[eb.LoadResult]] = {1: [], workers: []}
         for r in range(rounds or (1 if quick else 2)):
@@ -131,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, help="enrollments per pass (default 2000, quick 300)")
     ap.add_argument("--workers", type=int, default=2, help="the N of N workers / 1 worker (default 2)")
     ap.add_argument("--rounds", type=int, help="passes of each (default 2, quick 1)")
+    ap.add_argument("--threads", type=int, help="threads in each of the 2 client processes (default 12 kept alive, "
+                    "6 with a new connection each)")
     ap.add_argument("--mode", choices=[*MODES, "both"], default="both",
                     help="keepalive (the goal's figure), new (a new connection per enrollment) or both (default)")
     ap.add_argument("--nice", type=int, default=0, help="run hub and clients at this nice value (e.g. -10 as root: "
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.__main__ import render
 
     modes = tuple(MODES) if args.mode == "both" else (args.mode,)
-    print(render(measure(args.quick, args.n, args.workers, args.rounds, modes=modes)))
+    print(render(measure(args.quick, args.n, args.workers, args.rounds, modes=modes, threads=args.threads)))
     return 0
 
 
