@@ -87,9 +87,17 @@ class RabbitCluster:
     def __init__(self, base: Path, size: int = 3):
         self.dir = Path(base) / "rabbit"
         self.size = size
-        self.nodes = [Node(f"r{i + 1}", free_port(), free_port(), free_port(), free_port()) for i in range(size)]
-        self.epmd_port = free_port()
-        self.ctl_ports = _port_block(10)
+        self.ctl_ports = _port_block(10)  # first, so that no node port falls into the CLI's range
+        taken = set(range(self.ctl_ports, self.ctl_ports + 10))
+
+        def port() -> int:
+            p = free_port()
+            while p in taken:
+                p = free_port()
+            taken.add(p)
+            return p
+        self.nodes = [Node(f"r{i + 1}", port(), port(), port(), port()) for i in range(size)]
+        self.epmd_port = port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.epmd: subprocess.Popen | None = None
 
@@ -155,9 +163,10 @@ class RabbitCluster:
         first, others = self.nodes[0].nodename, range(1, self.size)
         with ThreadPoolExecutor(self.size) as pool:  # stop_app takes seconds: the joining nodes at once
             list(pool.map(lambda i: self.ctl(i, "stop_app"), others))
-            for i in others:  # one join at a time
-                self.ctl(i, "join_cluster", first)
-            list(pool.map(lambda i: (self.ctl(i, "start_app"), self._wait_listening(self.nodes[i])), others))
+        for i in others:  # one join and restart at a time (concurrent ones race on the cluster's schema)
+            self.ctl(i, "join_cluster", first)
+            self.ctl(i, "start_app")
+            self._wait_listening(self.nodes[i])
         members = self.running_nodes()
         assert sorted(members) == sorted(n.nodename for n in self.nodes), members
 
