@@ -188,3 +188,17 @@ def test_listener_crls(fleet, tmp_path):
     assert (tmp_path / "crl" / f"{name_hash(fleet.ca.paths.service_ca)}.r0").exists()
     assert not crls.write(fleet.reg, t0 + REFRESH / 2)
     assert crls.due(t0 + REFRESH) and crls.write(fleet.reg, t0 + REFRESH)
+
+
+def test_connect_rate_per_principal(fleet):
+    """[mqtt] connect_rate / connect_burst, as the Mosquitto plugin has them: a bucket per principal, refilled
+    with the clock passed in (a fake one here)."""
+    import datetime as dt
+
+    now = [utcnow()]
+    limited = AuthBackend(fleet.registry, SECRET, clock=lambda: now[0], connect_rate=60, connect_burst=2)
+    answers = [limited.user({"username": "rc-dev"}) for _ in range(3)]
+    assert answers[:2] == ["allow", "allow"] and answers[2] == "deny rate limited"
+    assert limited.user({"username": "rc-other"}) == "allow"  # its own bucket
+    now[0] += dt.timedelta(seconds=1)  # 60 a minute: one more token
+    assert [limited.user({"username": "rc-dev"}) for _ in range(2)] == ["allow", "deny rate limited"]

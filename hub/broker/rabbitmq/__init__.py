@@ -68,7 +68,7 @@ class RabbitMQBroker(BrokerDriver):
 
     def __init__(self, broker_dir: Path, registry: Registry, ca: FleetCA, mgmt_urls: Sequence[str],
                  cafile: Path, certfile: Path, keyfile: Path, device_ca: Path, service_ca: Path,
-                 auth_port: int, auth_host: str = "127.0.0.1",
+                 auth_port: int, auth_host: str = "127.0.0.1", connect_rate: int = 30, connect_burst: int = 10,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
                  on_event: Callable[[str, str], None] = lambda kind, detail: None):
         self.dir = broker_dir / "rabbitmq"
@@ -79,7 +79,7 @@ class RabbitMQBroker(BrokerDriver):
         self.auth_secret = read_secret(self.dir / "auth.secret")
         self.mgmt = Mgmt(mgmt_urls, read_secret(self.dir / "mgmt.secret"))
         self.crls = CrlDir(ca, self.tls.crl_dir, device_ca, service_ca)
-        self.backend = AuthBackend(registry.path, self.mgmt_secret, clock)
+        self.backend = AuthBackend(registry.path, self.mgmt_secret, clock, connect_rate, connect_burst)
         self._server = None
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -49,10 +49,27 @@ def _safe(text: str | None) -> str:
 class AuthBackend:
     """The decisions, over a read-only registry connection per thread."""
 
-    def __init__(self, registry_path: Path, mgmt_secret: str, clock: Callable[[], datetime] | None = None):
+    def __init__(self, registry_path: Path, mgmt_secret: str, clock: Callable[[], datetime] | None = None,
+                 connect_rate: int = 30, connect_burst: int = 10):
         self.registry_path, self._secret = registry_path, mgmt_secret
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self._local = threading.local()
+        # connects per principal per minute, token bucket (fleet.toml [mqtt] connect_rate/connect_burst, as the
+        # Mosquitto plugin's): principal -> (tokens, at)
+        self.rate, self.burst = connect_rate / 60.0, float(connect_burst)
+        self._buckets: dict[str, tuple[float, datetime]] = {}
+        self._bucket_lock = threading.Lock()
+
+    def _take_token(self, name: str) -> bool:
+        now = self.clock()
+        with self._bucket_lock:
+            tokens, at = self._buckets.get(name, (self.burst, now))
+            tokens = min(self.burst, tokens + max(0.0, (now - at).total_seconds()) * self.rate)
+            ok = tokens >= 1.0
+            self._buckets[name] = (tokens - 1.0 if ok else tokens, now)
+            if len(self._buckets) > 100_000:  # full buckets carry no state: forget them
+                self._buckets = {k: v for k, v in self._buckets.items() if v[0] < self.burst - 1}
+            return ok
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -87,7 +104,9 @@ class AuthBackend:
         if client_id is not None and client_id != name:
             return self._deny("login", params, "client id mismatch")
         principal, reason = self._principal(name)
-        return "allow" if principal else self._deny("login", params, reason or "refused")
+        if principal is None:
+            return self._deny("login", params, reason or "refused")
+        return "allow" if self._take_token(name) else self._deny("login", params, "rate limited")
 
     def vhost(self, params: Mapping[str, str]) -> str:
         name = params.get("username", "")
