@@ -19,19 +19,9 @@ from hub.registry.errors import RegistryError
 from hub.registry.sql import pg_sql
 from hub.registry.store import DeviceExists, DeviceNotActive, InvalidDeviceId, Registry, TokenRejected
 from tests.integration.pgfixtures import PgServer, pg_server, pg_url  # noqa: F401  (fixtures)
-from tests.unit.test_registry import TTL, Clock, MiniCA
+from tests.unit.test_registry import TTL, Clock, MiniCA, clock, mini_ca  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def mini_ca() -> MiniCA:
-    return MiniCA()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -62,6 +52,26 @@ def enrolled(reg: Registry, ca: MiniCA, clock: Clock, device_id: str = "dev-1"):
     reg.add_device(device_id, "fleet-a", clock.now)
     token = reg.create_token(device_id, clock.now, TTL)
     return reg.enroll(device_id, token, clock.now, ca.issuer(device_id, clock.now))
+
+
+def test_both_dialects_have_the_same_tables_and_columns(pg_url, tmp_path: Path) -> None:
+    """The PostgreSQL migrations (pgschema) and the SQLite schema (schema.py, hub/authz/schema.py) are two copies
+    of one design: a table, view or column added to one only is caught here."""
+    lite = Registry(tmp_path / "registry.sqlite3")
+    pg = Registry(pg_url, home=tmp_path)
+    try:
+        lite_cols = {(t["name"], c["name"])
+                     for t in lite.query("SELECT name FROM sqlite_master WHERE type IN ('table', 'view') "
+                                         "AND name NOT LIKE 'sqlite_%'")
+                     for c in lite.query(f"SELECT name FROM pragma_table_info('{t['name']}')")}
+        pg_cols = {(r["table_name"], r["column_name"])
+                   for r in pg.query("SELECT table_name, column_name FROM information_schema.columns "
+                                     "WHERE table_schema = current_schema()")}
+    finally:
+        lite.close()
+        pg.close()
+    assert lite_cols, "no SQLite tables read"
+    assert lite_cols == pg_cols, (sorted(lite_cols - pg_cols), sorted(pg_cols - lite_cols))
 
 
 # --- the same behaviour on both -----------------------------------------------------------------------------------
