@@ -130,38 +130,27 @@ def enroll(
     extra += [f"device_id={device_id}"] if device_id else []
     extra += [f"token.pin_source={pin_source}"] if pin_source else []
     cfg = _cfg(config, [*overrides, *extra], missing_ok=True)
-    if birth_cert:
-        if ca_file is None and not ca_fingerprint and Path(cfg.ca_file).is_file():
-            ca_file = Path(cfg.ca_file)
-        try:
-            ident = enroll_birth(cfg, ca_file, ca_fingerprint or None)
-        except AlreadyEnrolled as exc:
-            out_console.print(str(exc))
-            return
-        except _errors() as exc:
-            fail(str(exc))
-        out_console.print(f"enrolled [bold]{ident.device_id}[/] with its birth certificate: certificate "
-                          f"{ident.serial[:16]}… valid until {ident.not_after[:19]}Z; key {ident.key_uri}")
-        _write_missing_config(_config_path(config), _cfg(config, [*overrides, *extra, f"device_id={ident.device_id}"],
-                                                         missing_ok=True))
-        return
-    if not cfg.device_id:
+    if ca_file is None and not ca_fingerprint and Path(cfg.ca_file).is_file():
+        ca_file = Path(cfg.ca_file)  # the fleet root shipped in the factory bundle
+    if not birth_cert and not cfg.device_id:
         found = _known_device_id(token_file, cfg.state)
         if not found:
             fail("no device id: give --device-id (the id given to `tessera-hub device add`) or set device_id in "
                  f"the agent configuration ({_config_path(config)})")
         cfg = _cfg(config, [*overrides, *extra, f"device_id={found}"], missing_ok=True)
-    if ca_file is None and not ca_fingerprint and Path(cfg.ca_file).is_file():
-        ca_file = Path(cfg.ca_file)  # the fleet root shipped in the factory bundle
     try:
-        ident = do_enroll(cfg, token_file, ca_file, ca_fingerprint or None)
+        ident = (enroll_birth(cfg, ca_file, ca_fingerprint or None) if birth_cert
+                 else do_enroll(cfg, token_file, ca_file, ca_fingerprint or None))
     except AlreadyEnrolled as exc:
         out_console.print(str(exc))
         return
     except _errors() as exc:
         fail(str(exc))
-    out_console.print(f"enrolled [bold]{ident.device_id}[/]: certificate {ident.serial[:16]}… valid until "
+    how = " with its birth certificate" if birth_cert else ""
+    out_console.print(f"enrolled [bold]{ident.device_id}[/]{how}: certificate {ident.serial[:16]}… valid until "
                       f"{ident.not_after[:19]}Z; key {ident.key_uri}")
+    if birth_cert:  # the hub chose the device id (from the factory batch): the written config names it
+        cfg = _cfg(config, [*overrides, *extra, f"device_id={ident.device_id}"], missing_ok=True)
     _write_missing_config(_config_path(config), cfg)
 
 
