@@ -321,7 +321,10 @@ def tls_config(out: Path = typer.Option(..., "--out", help="Directory for openss
         fail(str(exc))
     if ident is None:
         fail(f"{cfg.state} holds no enrolled identity: run `tessera-agent enroll` first")
-    if not tlsconfig.provider_installed():
+    from hsm.tls import provider_path
+
+    provider = provider_path()
+    if provider is None:
         fail("pkcs11-provider is not installed (apt-get install pkcs11-provider; Debian 12: from "
              "bookworm-backports); see docs/tokens.md")
     tok = cfg.token_config
@@ -330,7 +333,7 @@ def tls_config(out: Path = typer.Option(..., "--out", help="Directory for openss
                                  host=cfg.broker_host, port=cfg.mqtt_port)
     setup.env.update({k: os.environ[k] for k in tlsconfig.MODULE_ENV if os.environ.get(k)})
     try:
-        tlsconfig.write(setup, ident.key_uri, tok.module_path, tok.pin_source)
+        tlsconfig.write(setup, ident.key_uri, tok.module_path, tok.pin_source, provider)
     except (ValueError, OSError) as exc:
         fail(str(exc))
     sys.stdout.write(f"wrote {setup.conf_path} and {setup.key_path} (run this again after a key rotation)\n"

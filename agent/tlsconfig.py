@@ -22,6 +22,7 @@ and changes with a key rotation: run the command again after `renew --rotate-key
 from __future__ import annotations
 
 import base64
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,6 @@ PEM_LABEL = "PKCS#11 PROVIDER URI"
 URI_DESCRIPTION = b"PKCS#11 Provider URI v1.0"
 #: environment the token's module reads, passed on to the printed command lines when set here (tpm2-pkcs11's)
 MODULE_ENV = ("TPM2_PKCS11_STORE", "TPM2_PKCS11_TCTI", "DBUS_SESSION_BUS_ADDRESS")
-PROVIDER_DIRS = ("/usr/lib/x86_64-linux-gnu/ossl-modules", "/usr/lib/aarch64-linux-gnu/ossl-modules",
-                 "/usr/lib/arm-linux-gnueabihf/ossl-modules", "/usr/lib/ossl-modules", "/usr/local/lib/ossl-modules")
 
 
 def _der(tag: int, body: bytes) -> bytes:
@@ -55,8 +54,10 @@ def uri_pem(key_uri: str) -> str:
     return "\n".join([f"-----BEGIN {PEM_LABEL}-----", *lines, f"-----END {PEM_LABEL}-----", ""])
 
 
-def provider_conf(module: str, pin_source: str) -> str:
-    """An OPENSSL_CONF that loads the default provider and pkcs11-provider for `module`, the PIN read from a file."""
+def provider_conf(module: str, pin_source: str, provider: str | None = None) -> str:
+    """An OPENSSL_CONF that loads the default provider and pkcs11-provider for `module`, the PIN read from a file;
+    `provider`: the provider's own file (hsm.tls.provider_path()), named so that a tool loads that one, wherever
+    it is, rather than looking for "pkcs11" in its OpenSSL's module directory."""
     if not pin_source.startswith("file:"):
         raise ValueError(f"third-party tools need a file: PIN source (pkcs11-provider reads it itself), not "
                          f"{pin_source.split(':', 1)[0]}:")
@@ -71,13 +72,8 @@ def provider_conf(module: str, pin_source: str) -> str:
         "[openssl_init]", "providers = provider_sect", "",
         "[provider_sect]", "default = default_sect", "pkcs11 = pkcs11_sect", "",
         "[default_sect]", "activate = 1", "",
-        "[pkcs11_sect]", f"pkcs11-module-path = {module}", f"pkcs11-module-token-pin = {pin_source}",
+        "[pkcs11_sect]", *([f"module = {provider}"] if provider else []), f"pkcs11-module-path = {module}", f"pkcs11-module-token-pin = {pin_source}",
         *quirks, "activate = 1", ""])
-
-
-def provider_installed() -> str | None:
-    """The pkcs11-provider module's path, or None."""
-    return next((str(Path(d) / "pkcs11.so") for d in PROVIDER_DIRS if (Path(d) / "pkcs11.so").exists()), None)
 
 
 @dataclass(frozen=True)
@@ -106,16 +102,12 @@ def tool_setup(out: Path, *, device_id: str, key_uri: str, module: str, softhsm_
     return ToolSetup(conf, key, env, pub, s_client)
 
 
-def write(setup: ToolSetup, key_uri: str, module: str, pin_source: str) -> None:
-    """Write the OpenSSL config (0600: it names where the PIN is) and the URI file (0644: public)."""
-    import os
+def write(setup: ToolSetup, key_uri: str, module: str, pin_source: str, provider: str | None = None) -> None:
+    """Write the OpenSSL config (0600: it names where the PIN is) and the URI file (0644: public), each whole."""
+    from .state import write_atomic
 
-    conf_text, key_text = provider_conf(module, pin_source), uri_pem(key_uri)
+    conf_text, key_text = provider_conf(module, pin_source, provider), uri_pem(key_uri)
     setup.conf_path.parent.mkdir(parents=True, exist_ok=True)
     for path, text, mode in ((setup.conf_path, conf_text, 0o600), (setup.key_path, key_text, 0o644)):
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        write_atomic(path, text.encode(), mode)
+        os.chmod(path, mode)  # whatever the umask

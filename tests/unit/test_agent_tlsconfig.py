@@ -40,3 +40,12 @@ def test_provider_conf_reads_the_pin_from_its_file_and_quiets_softhsm_at_exit() 
     assert "quirks" not in tpm and "activate = 1" in tpm
     with pytest.raises(ValueError, match="file: PIN source"):
         provider_conf("/m.so", "env:PIN")
+
+
+def test_the_config_names_the_provider_file_found(tmp_path):
+    # a tool loads the provider the agent found (hsm.tls.provider_path: $TESSERA_PKCS11_PROVIDER or the module
+    # directories), not whatever "pkcs11" its own OpenSSL module directory holds
+    text = provider_conf("/usr/lib/softhsm/libsofthsm2.so", f"file:{tmp_path / 'pin'}", "/opt/p11/pkcs11.so")
+    section = text.split("[pkcs11_sect]", 1)[1]
+    assert "\nmodule = /opt/p11/pkcs11.so\n" in section
+    assert "module = " not in provider_conf("/usr/lib/softhsm/libsofthsm2.so", f"file:{tmp_path / 'pin'}")
