@@ -15,7 +15,8 @@ from datetime import timedelta
 
 import pytest
 
-from hub.broker.rabbitmq import authserver
+from hub.broker import BrokerError
+from hub.broker.rabbitmq import authserver, read_secret
 from hub.broker.rabbitmq.auth import MGMT_USER, AuthBackend, amqp_to_mqtt
 from hub.broker.rabbitmq.config import ClusterTls, Node, write_node_files
 from hub.config import ConfigError, load_config
@@ -87,6 +88,23 @@ def test_user_answers(backend):
         assert backend.user(params).startswith("deny"), params
     assert backend.user({"username": MGMT_USER, "password": SECRET}) == "allow administrator"
     assert backend.user({"username": "rc-renewed"}) == "allow"  # its new certificate; the old one: listener CRL
+
+
+def test_an_empty_or_damaged_secret_never_lets_the_management_user_in(fleet, tmp_path):
+    # a back end given an empty secret (what a crash between creating and writing the file used to leave)
+    empty = AuthBackend(fleet.registry, "")
+    assert empty.user({"username": MGMT_USER, "password": ""}).startswith("deny")
+    # the driver's secret files: made whole (0600, 48 hex digits); an empty, short or widely readable one refused
+    path = tmp_path / "mgmt.secret"
+    made = read_secret(path)
+    assert len(made) == 48 and oct(path.stat().st_mode & 0o777) == "0o600" and read_secret(path) == made
+    assert not list(tmp_path.glob(".*.tmp"))
+    for text, mode, needle in (("", 0o600, "no whole secret"), ("abc", 0o600, "no whole secret"),
+                               (made, 0o644, "0600")):
+        path.write_text(text)
+        path.chmod(mode)
+        with pytest.raises(BrokerError, match=needle):
+            read_secret(path)
 
 
 def test_vhost_and_resource_answers(backend):

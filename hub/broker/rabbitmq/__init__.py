@@ -28,7 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
-from hub.authz.decide import by_name
+from hsm.secretfile import PrivateFileError, read_private_file
+from hsm.softhsm import write_secret
 from hub.authz.policy import HUB_PRINCIPAL
 from hub.ca.authority import FleetCA
 from hub.registry.store import Registry, _ts
@@ -48,19 +49,25 @@ RIGHTS_CHANGED = ("groups changed", "re-enrolled", "re-provisioned")
 #: After a role change every connection is closed; the management API lists a connection only after its stats
 #: interval (5 s), so this much later the ones opened before the change that the first pass missed are closed too.
 ROLE_RECHECK = 6.0
+SECRET_MIN = 32  # characters of a broker secret (read_secret writes 48 hex digits)
 
 
 def read_secret(path: Path) -> str:
-    """The secret in `path`, created (0600, random) if missing; a wider mode is refused."""
+    """The secret in `path` (0600), made if missing: random, written whole to a temp file and renamed, so a crash
+    never leaves an empty secret behind. A wider mode, or a file holding less than a whole secret (an empty
+    secret would let anyone log in as the management user), is refused."""
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.tmp")
+        write_secret(tmp, secrets.token_hex(24))
+        os.replace(tmp, path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        if os.stat(path).st_mode & 0o077:
-            raise BrokerError(f"{path} must not be readable by others (chmod 600)") from None
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(24))
-    return path.read_text().strip()
+        text = read_private_file(path, "the broker secret").decode("ascii", "replace").strip()
+    except PrivateFileError as exc:
+        raise BrokerError(str(exc)) from None
+    if len(text) < SECRET_MIN:
+        raise BrokerError(f"{path} holds no whole secret ({len(text)} characters, at least {SECRET_MIN}): remove "
+                          "it and start again to make a new one")
+    return text
 
 
 class RabbitMQBroker(BrokerDriver):
@@ -77,7 +84,8 @@ class RabbitMQBroker(BrokerDriver):
         self.auth_host, self.auth_port = auth_host, auth_port
         self.tls = ClusterTls(cafile, certfile, keyfile, self.dir / "crl")
         self.auth_secret = read_secret(self.dir / "auth.secret")
-        self.mgmt = Mgmt(mgmt_urls, read_secret(self.dir / "mgmt.secret"))
+        self.mgmt_secret = read_secret(self.dir / "mgmt.secret")
+        self.mgmt = Mgmt(mgmt_urls, self.mgmt_secret)
         self.crls = CrlDir(ca, self.tls.crl_dir, device_ca, service_ca)
         self.backend = AuthBackend(registry.path, self.mgmt_secret, clock, connect_rate, connect_burst)
         self._server = None
@@ -88,10 +96,6 @@ class RabbitMQBroker(BrokerDriver):
         self._kick_log: list[tuple[int, int]] = []  # (seq, kicked) of recent passes
         self._grace_seen = ""
         self._role_pass: tuple[float, float, set[str]] | None = None  # (due, change time in epoch ms, kicked)
-
-    @property
-    def mgmt_secret(self) -> str:
-        return (self.dir / "mgmt.secret").read_text().strip()
 
     @property
     def auth_base(self) -> str:
@@ -178,7 +182,7 @@ class RabbitMQBroker(BrokerDriver):
                 if ev["principal"] is None:
                     everyone = True
                     continue
-                admitted, _ = by_name(self._db(), ev["principal"], now)
+                admitted, _ = self.backend._principal(ev["principal"])  # unreadable: None, kicked (fail closed)
                 if admitted is None or ev["reason"] in RIGHTS_CHANGED:
                     targets.add(ev["principal"])
             if everyone:
@@ -202,11 +206,9 @@ class RabbitMQBroker(BrokerDriver):
         if self._role_pass is None or time.monotonic() < self._role_pass[0]:
             return set()
         _, changed_ms, done = self._role_pass
-        self._role_pass = None
-        return self.mgmt.connected_users(before_ms=changed_ms) - done - {HUB_PRINCIPAL}
-
-    def _db(self) -> sqlite3.Connection:
-        return self.backend._db()
+        late = self.mgmt.connected_users(before_ms=changed_ms) - done - {HUB_PRINCIPAL}
+        self._role_pass = None  # only once listed: a failed listing is tried again on the next pass
+        return late
 
     def _ended_graces(self, now: datetime) -> tuple[set[str], str]:
         """Principals with a superseded certificate whose grace ended since the last look, and the new mark."""

@@ -89,18 +89,19 @@ class AuthBackend:
 
     def _deny(self, what: str, params: Mapping[str, str], reason: str) -> str:
         log.info("rabbitmq auth: refused %s user=%s client_id=%s: %s", what, _safe(params.get("username")),
-                 _safe(params.get("client_id") or params.get("variable_map.client_id")), reason)
+                 _safe(_client_id(params)), reason)
         return f"deny {reason}"
 
     def user(self, params: Mapping[str, str]) -> str:
         name = params.get("username", "")
         if "password" in params:
-            if name == MGMT_USER and hmac.compare_digest(params["password"].encode(), self._secret.encode()):
+            if name == MGMT_USER and self._secret and hmac.compare_digest(params["password"].encode(),
+                                                                          self._secret.encode()):
                 return "allow administrator"
             return self._deny("login", params, "password login refused (identity comes from the certificate)")
         if name == MGMT_USER:
             return self._deny("login", params, "management user without its secret")
-        client_id = params.get("client_id")
+        client_id = _client_id(params)
         if client_id is not None and client_id != name:
             return self._deny("login", params, "client id mismatch")
         principal, reason = self._principal(name)
@@ -112,7 +113,7 @@ class AuthBackend:
         name = params.get("username", "")
         if params.get("vhost") != VHOST or name == MGMT_USER:
             return self._deny("vhost", params, "no such vhost for this user")
-        client_id = params.get("client_id", params.get("variable_map.client_id"))
+        client_id = _client_id(params)
         if client_id is not None and client_id != name:
             return self._deny("vhost", params, "client id mismatch")
         principal, reason = self._principal(name)
@@ -135,7 +136,7 @@ class AuthBackend:
 
     def topic(self, params: Mapping[str, str]) -> str:
         name, perm = params.get("username", ""), params.get("permission")
-        client_id = params.get("variable_map.client_id")
+        client_id = _client_id(params)
         if params.get("vhost") != VHOST or params.get("name") != EXCHANGE or name == MGMT_USER:
             return self._deny("topic", params, "not the MQTT exchange")
         if client_id is not None and client_id != name:
@@ -157,3 +158,9 @@ class AuthBackend:
     def answer(self, path: str, params: Mapping[str, str]) -> str:
         handler = {"user": self.user, "vhost": self.vhost, "resource": self.resource, "topic": self.topic}.get(path)
         return handler(params) if handler else "deny"
+
+
+def _client_id(params: Mapping[str, str]) -> str | None:
+    """The MQTT client id RabbitMQ passes: `client_id` (user_path, vhost_path) or `variable_map.client_id`
+    (topic_path); every handler reads both, so none can be passed the one it does not look at."""
+    return params.get("client_id", params.get("variable_map.client_id"))

@@ -55,7 +55,11 @@ class Mgmt:
 
     def user_connections(self, name: str) -> list[dict]:
         status, body = self.call("GET", "/api/connections/username/" + urllib.parse.quote(name, safe=""))
-        return body if status == 200 and isinstance(body, list) else []
+        if status == 404:
+            return []
+        if status != 200 or not isinstance(body, list):  # never "no sessions": a kick would be skipped unseen
+            raise MgmtError(f"listing the connections of {name!r} failed: HTTP {status}")
+        return body
 
     def close_user(self, name: str) -> int:
         """Close every connection of user `name` across the cluster; returns how many there were."""
@@ -69,7 +73,7 @@ class Mgmt:
         """Users with a connection (opened at or before `before_ms`, epoch ms, if given). From the management
         statistics: a connection shows up there within the stats interval (5 s), not at once."""
         status, body = self.call("GET", "/api/connections?columns=user,connected_at")
-        if status != 200 or not isinstance(body, list):
-            return set()
+        if status != 200 or not isinstance(body, list):  # never "nobody": a role change's kicks would be skipped
+            raise MgmtError(f"listing the connections failed: HTTP {status}")
         return {c.get("user") for c in body if isinstance(c, dict)
                 and (before_ms is None or (c.get("connected_at") or 0) <= before_ms)}
