@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from hub.ca.policy import PolicyError, check_device_id
 from hub.registry.errors import DeviceExists, RegistryError
 from hub.registry.schema import ENROLLABLE_STATUSES, EST_ACTOR
+from hub.registry.sql import executemany
 from hub.registry.store import Registry, _ts
 
 from .schema import apply_schema
@@ -81,14 +82,15 @@ def load_ca(pem: object, fleet_cas: Iterable[x509.Certificate] = ()) -> x509.Cer
                                 code="bad_ca") from None
     if not bc.ca or not ku.key_cert_sign:
         raise ManufacturerError("the certificate is not a CA certificate (cA false or no keyCertSign)", code="bad_ca")
-    own = {_spki(c) for c in fleet_cas}
-    if _spki(ca) in own:
+    own = {spki(c) for c in fleet_cas}
+    if spki(ca) in own:
         raise ManufacturerError("that is one of this fleet's own CAs, not a manufacturer's", code="fleet_ca")
     return ca
 
 
-def _spki(cert: x509.Certificate) -> bytes:
-    return cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+def spki(holder: x509.Certificate | x509.CertificateSigningRequest) -> bytes:
+    """The DER SubjectPublicKeyInfo of a certificate's or a CSR's key (to compare keys)."""
+    return holder.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -194,21 +196,15 @@ def import_batch(registry: Registry, name: str, batch: str, rows: Iterable[Mappi
                          None)
             if taken:
                 raise DeviceExists(f"device {taken['id']!r} already exists")
-        _executemany(db, "INSERT INTO devices (id, fleet, status, labels, groups, created, online) "
+        executemany(db, "INSERT INTO devices (id, fleet, status, labels, groups, created, online) "
                             "VALUES (?, ?, 'pending', '{}', '[]', ?, 0)", [(d, fleet, at) for _, d, _ in parsed])
-        _executemany(db, "INSERT INTO births (manufacturer, serial, device_id, cert_sha256, batch, imported) "
+        executemany(db, "INSERT INTO births (manufacturer, serial, device_id, cert_sha256, batch, imported) "
                             "VALUES (?, ?, ?, ?, ?, ?)", [(name, s, d, h, batch, at) for s, d, h in parsed])
         registry.append_audit(db, [(at, actor, "manufacturer.import", d, "ok",
                                     f"{name} serial {s} batch {batch}" + ("; certificate pinned" if h else ""),
                                     source) for s, d, h in parsed])
     return {"manufacturer": name, "batch": batch, "imported": len(parsed),
             "devices": [d for _, d, _ in parsed][:100]}
-
-
-def _executemany(db, sql: str, rows: list[tuple]) -> None:
-    """Many rows in one call: a PostgreSQL connection's own executemany, else sqlite3's."""
-    run = getattr(db, "executemany", None)
-    (run or db.conn.executemany)(sql, rows)
 
 
 def allow_reprovision(registry: Registry, device_id: str, now: datetime, actor: str,

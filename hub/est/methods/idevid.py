@@ -71,10 +71,9 @@ class ManufacturerTrust:
     def cas(self) -> list[tuple[str, x509.Certificate]]:
         """(name, CA) of every manufacturer, re-read when the registry's set changed."""
         with self._lock:
-            version = births.trust_version(self.registry) if self._version is not None else None
-            if version is None or version != self._version:
-                self._cas = births.trusted(self.registry)
-                self._version = births.trust_version(self.registry)
+            version = births.trust_version(self.registry)  # read first: a CA added meanwhile is read next time
+            if version != self._version:
+                self._cas, self._version = births.trusted(self.registry), version
             return list(self._cas)
 
     def refresh(self, ctx: ssl.SSLContext, force: bool = False) -> None:
@@ -134,10 +133,6 @@ def _code(exc: births.BirthRejected) -> str:
     return exc.code if is_birth_refusal(exc.code) else f"birth_{exc.code}"
 
 
-def _spki(key) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def simpleenroll(service: "EstService", req: "EstRequest", trust: ManufacturerTrust) -> "EstResponse":
     """simpleenroll with the TLS client certificate as a birth certificate (no Authorization header)."""
     device_id = None
@@ -154,7 +149,7 @@ def simpleenroll(service: "EstService", req: "EstRequest", trust: ManufacturerTr
             raise Forbidden(_code(exc), str(exc)) from None
         csr = est.parse_enroll_request(req.headers.get("content-type"), req.body, device_id,
                                        key_policy=service.key_policy)
-        if _spki(csr.public_key()) != _spki(birth.public_key()):
+        if births.spki(csr) != births.spki(birth):
             raise Forbidden("birth_key_mismatch", f"{manufacturer} serial {serial}: the CSR's key is not the birth "
                             "certificate's key")
         device_id, cert = births.enroll(
