@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from hsm.token import TokenConfig
 
 from hub.ca.policy import Policy
-from hub.registry.sql import check_url
+from hub.registry.sql import PG_NEEDS_RABBITMQ, check_url
 
 DEFAULT_DIR = "tessera-hub"
 BROKER_KINDS = ("mosquitto", "rabbitmq")
@@ -85,8 +85,8 @@ class HubConfig:
     supersede_grace_seconds: int = 300
     #: The HTTPS fleet API's port; None: 8444 if free (serve runs on without the API otherwise), 0: any free port.
     api_port: int | None = None
-    #: The registry: '' is registry.sqlite3 in the hub directory; a PostgreSQL URL is refused until every part of
-    #: the hub runs on it (hub/registry/sql.py: check_url).
+    #: The registry: '' is registry.sqlite3 in the hub directory; a PostgreSQL URL (several hubs on one fleet,
+    #: hub/registry/sql.py: check_url) pairs with the rabbitmq broker only (the Mosquitto plugin reads the file).
     registry_url: str = ""
     #: The broker the hub drives: "mosquitto" (a child process) or "rabbitmq" (a cluster it is pointed at,
     #: hub/broker/rabbitmq/): each node's management API URL, and the loopback port of the hub's auth back end.
@@ -101,7 +101,20 @@ class HubConfig:
 
     @property
     def registry_path(self) -> Path:
+        """The SQLite registry file (with a PostgreSQL registry: where the audit key and the write-lock file of
+        this hub's directory live; see registry_target)."""
         return self.root / "registry.sqlite3"
+
+    @property
+    def registry_target(self) -> str | Path:
+        """What Registry() opens: the PostgreSQL URL if one is set, else the SQLite file."""
+        return self.registry_url or self.registry_path
+
+    def open_registry(self, **kwargs):
+        """This hub's Registry, on whichever dialect fleet.toml names (imported here: config loads stay light)."""
+        from hub.registry.store import Registry
+
+        return Registry(self.registry_target, home=self.root, **kwargs)
 
     @property
     def ca_dir(self) -> Path:
@@ -221,8 +234,8 @@ class HubConfig:
             f"kind = {q(self.broker_kind)}",
             f"management_urls = [{', '.join(q(u) for u in self.rabbitmq_management)}]",
             f"auth_port = {self.rabbitmq_auth_port}", "",
-            "[registry]", "# empty: the SQLite file registry.sqlite3 in this directory (PostgreSQL for several hubs on",
-            "# one fleet, postgresql+psycopg://user@host:port/db?passfile=..., is not supported by serve yet)",
+            "[registry]", "# empty: the SQLite file registry.sqlite3 in this directory; several hubs on one fleet share",
+            "# postgresql+psycopg://user@host:port/db?passfile=... (with [broker] kind = \"rabbitmq\": docs/scale-out.md)",
             f"url = {q(self.registry_url)}", "",
         ])
 
@@ -304,7 +317,7 @@ def load_config(root: Path) -> HubConfig:
         if api_port is not None and (isinstance(api_port, bool) or not isinstance(api_port, int)
                                      or not 0 <= api_port < 65536):
             raise ValueError("[api] port must be a port number (0-65535)")
-        return HubConfig(
+        cfg = HubConfig(
             root=root, fleet=fleet["name"],
             validity_days=int(iss.get("validity_days", 30)), token_ttl_days=int(iss.get("token_ttl_days", 7)),
             key_type=iss.get("key_type", "ec-p256"),
@@ -333,5 +346,8 @@ def load_config(root: Path) -> HubConfig:
             **_broker(broker),
             registry_url=check_url(data.get("registry", {}).get("url", "")),
         )
+        if cfg.registry_url and cfg.broker_kind != "rabbitmq":
+            raise ValueError(PG_NEEDS_RABBITMQ)
+        return cfg
     except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"{path} is not valid: {exc}") from None

@@ -20,7 +20,6 @@ from hub.authz.identities import ensure_hub_identity
 from hub.ca.authority import CaError, FleetCA, create_hierarchy, new_file_key
 from hub.config import ConfigError, HubConfig, check_http_base
 from hub.ca.policy import Policy
-from hub.registry.store import Registry
 from hub.ca.revocation import publish_crl
 
 
@@ -136,7 +135,7 @@ def _populate(cfg: HubConfig, fleet: str, now: datetime, key_type: str, token) -
     ca = create_hierarchy(cfg.ca_dir, fleet, now, key_type=key_type, token=token)
     try:
         issue_hub_identities(cfg, ca, now)
-        registry = Registry(cfg.registry_path)
+        registry = cfg.open_registry()
         ensure_hub_identity(registry, x509.load_pem_x509_certificate((cfg.tls_dir / "admin.pem").read_bytes()), now)
         from hub.api.identityroutes import ensure_local_operator
 

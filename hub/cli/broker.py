@@ -37,13 +37,12 @@ def render(out_dir: Path = typer.Option(..., "--out", help="Directory for one su
     from hub.broker import BrokerError
     from hub.broker.rabbitmq import RabbitMQBroker
     from hub.ca.authority import CaError, load_ca
-    from hub.registry.store import Registry
 
     cfg = config(directory)
     nodes = [parse_node(n) for n in node]
     if len({n.name for n in nodes}) != len(nodes):
         fail("--node: every node needs its own name")
-    registry = Registry(cfg.registry_path)
+    registry = cfg.open_registry()
     try:
         ca = load_ca(cfg.ca_dir, cfg.ca_token)
     except CaError as exc:

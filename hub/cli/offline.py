@@ -69,11 +69,10 @@ class OfflineHub:
         from hub.api.server import start_api
         from hub.ca.authority import load_ca
         from hub.config import load_config
-        from hub.registry.store import Registry
 
         logging.getLogger("tessera.api").setLevel(logging.CRITICAL)  # errors reach the operator as answers
         self.cfg = load_config(Path(root))
-        self.registry = Registry(self.cfg.registry_path)
+        self.registry = self.cfg.open_registry()
         self.ca = None
         self.server = None
         try:

@@ -62,9 +62,7 @@ def config(directory: Optional[Path]) -> HubConfig:
 
 
 def registry(cfg: HubConfig):
-    from hub.registry.store import Registry
-
-    return Registry(cfg.registry_path)
+    return cfg.open_registry()
 
 
 def device_id_arg(device_id: str) -> str:

@@ -132,7 +132,7 @@ def main(argv: list[str]) -> int:
     from hub.est.pool import share
     from hub.est.sharedlimits import LimitClient, SharedGate
     from hub.est.service import EstService
-    from hub.registry.store import Registry, RegistryError
+    from hub.registry.store import RegistryError
     from hub.serve import stats
 
     config = settings["config"]
@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
     listener = socket.socket(fileno=listen_fd)
     try:  # what serve checked already can still fail here (a token gone, a PIN file changed): one line, exit 1
         ca = load_ca(cfg.ca_dir, cfg.ca_token)
-        registry = Registry(cfg.registry_path)
+        registry = cfg.open_registry()
         tls = estserver.server_context(cfg.tls_dir / "est.pem", cfg.tls_dir / "est.key",
                                        cfg.ca_dir / "device-ca.pem")
     except (CaError, HsmError, RegistryError, OSError, ssl.SSLError) as exc:

@@ -80,6 +80,40 @@ def dialect(db: Any) -> str:
     return POSTGRESQL if isinstance(db, PgDb) else SQLITE
 
 
+def json_values(dialect_name: str, expr: str, alias: str = "j") -> str:
+    """A FROM item of the elements of the JSON array text `expr`, as column `<alias>.value` (SQLite's json_each)."""
+    if dialect_name == POSTGRESQL:
+        return f"jsonb_array_elements_text(({expr})::jsonb) AS {alias}(value)"
+    return f"json_each({expr}) AS {alias}"
+
+
+def json_items(dialect_name: str, expr: str, alias: str = "j") -> str:
+    """A FROM item of the members of the JSON object text `expr`, as `<alias>.key` and `<alias>.value`."""
+    if dialect_name == POSTGRESQL:
+        return f"jsonb_each_text(({expr})::jsonb) AS {alias}(key, value)"
+    return f"json_each({expr}) AS {alias}"
+
+
+def julianday(dialect_name: str, expr: str) -> str:
+    """The Julian day number (a float, days) of the stored timestamp text `expr`, as SQLite's julianday()."""
+    if dialect_name == POSTGRESQL:
+        return f"(EXTRACT(EPOCH FROM ({expr})::timestamptz)::float8 / 86400.0 + 2440587.5)"
+    return f"julianday({expr})"
+
+
+def columns(db: Any, table: str) -> set[str]:
+    """The column names of `table` (empty if there is no such table), on either dialect."""
+    if isinstance(db, PgDb):
+        return {r["column_name"] for r in db.query(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name = ?", [table])}
+    return {r["name"] for r in db.query(f"PRAGMA table_info({table})")}
+
+
+def has_table(db: Any, table: str) -> bool:
+    return bool(columns(db, table))
+
+
 def executemany(db: Any, sql: str, rows: Iterable[Sequence[Any]]) -> None:
     """`sql` once per row, in the caller's transaction, on either dialect."""
     if isinstance(db, PgDb):
@@ -133,22 +167,25 @@ def safe_url(url: str) -> str:
         return "<not a URL>"
 
 
-#: What does not run on a PostgreSQL registry yet (issue 14 is ported part by part); a hub configured with one
-#: refuses to start with this, rather than half-work. The Mosquitto plugin reads the SQLite file itself, so a
-#: PostgreSQL registry will pair with the RabbitMQ broker driver, never with Mosquitto.
-PG_NOT_SUPPORTED = ("serve (EST workers, the fleet API, jobs, metrics, reports), the offline CLI and the Mosquitto "
-                    "broker plugin (it reads the SQLite file; PostgreSQL will pair with the rabbitmq broker driver)")
+#: Why a PostgreSQL registry cannot pair with the Mosquitto broker driver (config load says it in one line).
+PG_NEEDS_RABBITMQ = ("the Mosquitto broker plugin reads the SQLite file itself; a PostgreSQL registry (several hubs "
+                     "on one fleet) pairs with [broker] kind = \"rabbitmq\"")
 
 
 def check_url(url: str) -> str:
-    """fleet.toml's `[registry] url`: '' (the SQLite file in the hub directory) or a PostgreSQL URL, which is
-    refused for now (PG_NOT_SUPPORTED). ValueError with one line saying why; the password is never repeated."""
+    """fleet.toml's `[registry] url`: '' (the SQLite file in the hub directory) or a PostgreSQL URL
+    (postgresql+psycopg://...). ValueError with one line saying why; the password is never repeated."""
     if not isinstance(url, str):
         raise ValueError("[registry] url must be a string")
-    if url == "":
+    if url == "" or is_postgresql(url):
+        if url:
+            import sqlalchemy  # the URL must parse (a driver other than psycopg is refused when the engine is made)
+
+            try:
+                sqlalchemy.make_url(url)
+            except Exception:  # noqa: BLE001 - its message may echo the URL, password included
+                raise ValueError("[registry] url is not a valid PostgreSQL URL "
+                                 "(postgresql+psycopg://user@host:port/database)") from None
         return url
-    if is_postgresql(url):
-        raise ValueError(f"[registry] url {safe_url(url)}: a PostgreSQL registry is not supported yet by "
-                         f"{PG_NOT_SUPPORTED}; leave url empty for the SQLite registry")
     raise ValueError("[registry] url must be empty (the SQLite file registry.sqlite3 in the hub directory) or "
                      "postgresql+psycopg://user@host:port/database")

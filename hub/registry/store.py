@@ -39,7 +39,7 @@ from hub.ca.policy import PolicyError, check_device_id
 from . import audit as audit_chain
 from . import groupcommit
 from . import pgschema
-from .sql import CHAIN_LOCK_KEY, WRITE_LOCK_KEY, PgDb, executemany, insert, is_postgresql, pg_connect, pg_engine
+from .sql import CHAIN_LOCK_KEY, POSTGRESQL, SQLITE, WRITE_LOCK_KEY, PgDb, executemany, insert, is_postgresql, pg_connect, pg_engine
 from .errors import (CertRejected, DeviceExists, DeviceNotActive, InvalidDeviceId, InvalidName,  # noqa: F401
                      RegistryError, TokenRejected, UnknownDevice)
 from .schema import (DEVICE_STATUSES, ENROLLABLE_STATUSES, EST_ACTOR, FINAL_STATUSES,  # noqa: F401
@@ -103,6 +103,8 @@ class Registry:
         """`path`: the SQLite file, or a PostgreSQL URL (then `home`, the hub directory, holds the audit key that
         every hub on that database must share; the SQLite registry keeps it next to the file)."""
         self.url = str(path) if is_postgresql(path) else None
+        #: "sqlite" or "postgresql" (hub/registry/sql.py): modules with dialect-specific SQL branch on it
+        self.dialect = POSTGRESQL if self.url is not None else SQLITE
         self._engine = None
         if self.url is not None:
             if home is None:

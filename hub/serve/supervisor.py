@@ -22,7 +22,6 @@ from hub.config import HubConfig
 from hub.est.pool import EstPool
 from hub.serve.guard import DirectoryLock, check_ports_free, check_private_files
 from hub.serve.live import LiveHub
-from hub.registry.store import Registry
 
 log = logging.getLogger("tessera.hub")
 
@@ -85,7 +84,7 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
     cfg = dataclasses.replace(cfg, est_host=host, est_port=est_port, mqtt_port=mqtt_port)
 
     ca = load_ca(cfg.ca_dir, cfg.ca_token)
-    registry = Registry(cfg.registry_path)
+    registry = cfg.open_registry()
     tls_dir = cfg.tls_dir
 
     def event(kind: str, detail: str) -> None:
