@@ -150,3 +150,20 @@ def pg_url(pg_server: PgServer) -> Iterator[str]:
         yield pg_server.url(name)
     finally:
         pg_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_target(request, tmp_path: Path) -> str:
+    """What fleet.toml's [registry] would name, once per dialect: '' (the SQLite file in the hub directory
+    tmp_path) or the URL of a fresh PostgreSQL database. For tests of modules that must run on both."""
+    return "" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def any_registry(registry_target: str, tmp_path: Path):
+    """A fresh Registry on each dialect (home: tmp_path, which holds the audit key), closed after the test."""
+    from hub.registry.store import Registry
+
+    registry = Registry(registry_target or tmp_path / "registry.sqlite3", home=tmp_path)
+    yield registry
+    registry.close()
