@@ -294,6 +294,8 @@ def status(config: Optional[Path] = ConfigOpt, overrides: list[str] = SetOpt,
         (f"not running (last state: {st['state']})" if st.get("state") else "not running"),
         "pid": st.get("pid") if running else None,
         "since": st.get("since"), "last_error": st.get("last_error") or None,
+        # the broker and the MQTT protocol of the current (or, stopped, the last) connection: "5" or "3.1.1"
+        "broker": st.get("broker"), "mqtt_protocol": st.get("mqtt_protocol"),
         "spool_depth": depth,
     }
     if as_json:

@@ -121,6 +121,8 @@ def test_auto_falls_back_to_311_on_rabbitmq(rabbit_cluster_hub, tmp_path):  # no
         watch.publish("commands", b"", retain=True)  # the retained command cleared
         # the restart used the remembered 3.1.1 directly: no refused MQTT 5 attempt this time
         assert "refused MQTT 5" not in dev.log_text() and dev.status_file()["mqtt_protocol"] == "3.1.1"
+        shown = dev.status()  # and `tessera-agent status` says so, with the broker it is on
+        assert shown["mqtt_protocol"] == "3.1.1" and shown["broker"] == f"localhost:{hub_r.mqtt_port}", shown
 
         # killed: the last will (retained offline status) reaches the watcher and the registry
         wait_until(lambda: watch.last_status() == "online", 20, "online again")
