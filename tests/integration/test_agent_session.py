@@ -21,7 +21,7 @@ from tests.integration.agentfixtures import (  # noqa: F401  (hub, make_device, 
 pytestmark = pytest.mark.integration
 
 STATUS_FIELDS = {"device_id", "enrolled", "cert_serial", "cert_not_after", "cert_expired", "key_uri", "connection",
-                 "since", "last_error", "spool_depth", "pid"}
+                 "since", "last_error", "spool_depth", "pid", "broker", "mqtt_protocol"}
 
 
 def send(hub, device_id: str, command: str, *args: str):
@@ -103,6 +103,7 @@ def test_status_json_fields(hub, make_device):
     assert set(st) == STATUS_FIELDS
     assert st["connection"] == "stopped" and st["last_error"] is None
     assert st["spool_depth"] == 0
+    assert st["mqtt_protocol"] == "5" and st["broker"] == f"localhost:{hub.mqtt_port}"  # Mosquitto speaks 5
     since = datetime.fromisoformat(st["since"])
     assert abs((datetime.now(timezone.utc) - since).total_seconds()) < 60
     # the plain (rich) form shows the same keys
