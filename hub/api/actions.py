@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, Mapping
 
 from hub.authz.policy import AuthzError, check_groups, check_labels
+from hub.registry import sql as dbsql
 from hub.registry.store import (DeviceExists, DeviceNotActive, InvalidDeviceId, InvalidName, Registry, UnknownDevice,
                           _ts)
 
@@ -72,7 +73,9 @@ def bulk_status(registry: Registry, action: str, sel: Selector, confirm_count: i
     (ids), skipped and revoked certificate count."""
     status = ACTIONS[action]
     at = _ts(now)
-    frm, where, params, _ = sel.sql()  # (not `source`: that is the caller's address)
+    frm, where, params, _ = sel.sql(dialect=registry.dialect)  # (not `source`: that is the caller's address)
+    pg = registry.dialect == dbsql.POSTGRESQL
+    batch = "pg_temp.api_batch" if pg else "temp.api_batch"  # this connection's own temporary table
     with registry.write() as db:
         matched = count(_Reader(db), sel)
         if matched != confirm_count:
@@ -83,25 +86,25 @@ def bulk_status(registry: Registry, action: str, sel: Selector, confirm_count: i
                           f"AND d.status IN ({','.join('?' * len(changes))}) ORDER BY d.id",
                           [*params, *changes]).fetchall()
         ids = [r[0] for r in rows]
-        db.execute("CREATE TEMP TABLE IF NOT EXISTS api_batch (id TEXT PRIMARY KEY) WITHOUT ROWID")
-        db.execute("DELETE FROM temp.api_batch")
-        db.conn.executemany("INSERT INTO temp.api_batch (id) VALUES (?)", [(i,) for i in ids])
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS api_batch (id TEXT PRIMARY KEY)" + ("" if pg else " WITHOUT ROWID"))
+        db.execute(f"DELETE FROM {batch}")
+        dbsql.executemany(db, f"INSERT INTO {batch} (id) VALUES (?)", [(i,) for i in ids])
         # cut off: offline now, and last seen now if it was online (presence readers follow the last_seen index)
         presence = ", last_seen = CASE WHEN online = 1 THEN ? ELSE last_seen END, online = 0" if status != "active" else ""
         if status == "active":  # never enrolled (no certificate): back to pending
             new_status = dict(db.execute(
                 "UPDATE devices SET status = CASE WHEN EXISTS (SELECT 1 FROM certificates c "
                 "WHERE c.device_id = devices.id) THEN 'active' ELSE 'pending' END "
-                "WHERE id IN (SELECT id FROM temp.api_batch) RETURNING id, status").fetchall())
+                f"WHERE id IN (SELECT id FROM {batch}) RETURNING id, status").fetchall())
         else:
-            db.execute(f"UPDATE devices SET status = ?{presence} WHERE id IN (SELECT id FROM temp.api_batch)",
+            db.execute(f"UPDATE devices SET status = ?{presence} WHERE id IN (SELECT id FROM {batch})",
                        [status, at])
             new_status = dict.fromkeys(ids, status)
         revoked: dict[str, list[str]] = {}
         if status == "revoked":
             for serial, device_id in db.execute(
                     "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
-                    "WHERE device_id IN (SELECT id FROM temp.api_batch) AND status IN ('active', 'superseded') "
+                    f"WHERE device_id IN (SELECT id FROM {batch}) AND status IN ('active', 'superseded') "
                     "AND not_after > ? RETURNING serial, device_id", [at, reason or "device revoked", at]).fetchall():
                 revoked.setdefault(device_id, []).append(serial)
         audits, events = [], []
@@ -112,8 +115,8 @@ def bulk_status(registry: Registry, action: str, sel: Selector, confirm_count: i
             audits.append((at, actor, f"device.{status}", device_id, "ok", detail, source))
             events.append((at, device_id, f"device {new_status[device_id]}"))
         registry.append_audit(db, audits)
-        db.conn.executemany("INSERT INTO authz_events (at, principal, reason) VALUES (?, ?, ?)", events)
-        db.execute("DELETE FROM temp.api_batch")
+        dbsql.executemany(db, "INSERT INTO authz_events (at, principal, reason) VALUES (?, ?, ?)", events)
+        db.execute(f"DELETE FROM {batch}")
     return {"matched": matched, "changed": ids, "skipped": matched - len(ids),
             "revoked_certificates": sum(len(v) for v in revoked.values())}
 
@@ -198,6 +201,7 @@ class _Reader:
 
     def __init__(self, db):
         self.db = db
+        self.dialect = dbsql.dialect(db)
 
     def query(self, sql: str, params=()) -> list[dict]:
         return list(self.db.query(sql, list(params)))

@@ -98,7 +98,7 @@ def query_audit(registry: Registry, params: dict[str, str]) -> dict:
     if "cursor" in params:
         conds.append("id < ?")
         args.append(decode_cursor(params["cursor"]))
-    where = " AND ".join(conds) or "1"
+    where = " AND ".join(conds) or "1 = 1"
     rows = registry.query(f"SELECT id, at, actor, action, device_id, outcome, detail, source FROM audit "
                           f"WHERE {where} ORDER BY id DESC LIMIT ?", [*args, limit + 1])
     page = rows[:limit]

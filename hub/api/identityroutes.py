@@ -17,6 +17,7 @@ from aiohttp import web
 from hub.authz.identities import IdentityError, add_identity, check_identity_name, get_identity, list_identities
 from hub.authz.identities import revoke_identity
 from hub.authz.policy import service_principal
+from hub.registry import sql as dbsql
 from hub.registry.store import Registry, _ts, serial_hex
 
 from .openapi import NAME_PATTERN, REASON
@@ -153,7 +154,7 @@ def _renew(registry: Registry, cert, now: datetime) -> None:
     with registry.write() as db:
         db.execute("UPDATE identity_certificates SET status = 'superseded', grace_until = ? "
                    "WHERE identity = ? AND status = 'active'", [_ts(now), LOCAL_OPERATOR])
-        db.table("identity_certificates").insert(_cert_row(LOCAL_OPERATOR, cert, now))
+        dbsql.insert(db, "identity_certificates", _cert_row(LOCAL_OPERATOR, cert, now))
         registry._audit_row(db, "identity.renew", "ok", now, "hub", None,  # noqa: SLF001
                             f"identity={service_principal(LOCAL_OPERATOR)} serial={serial}")
         registry.authz_event(db, service_principal(LOCAL_OPERATOR), "identity certificate renewed", now)
@@ -167,9 +168,10 @@ def _principal(row: dict) -> dict:
 
 def _identity_audit(registry: Registry, principal: str, limit: int = 20) -> list[dict]:
     marks = ",".join("?" * len(_IDENTITY_ACTIONS))  # identity rows name the principal at the start of the detail
-    return registry.query(f"SELECT * FROM audit WHERE action IN ({marks}) AND (detail LIKE ? OR detail LIKE ?) "
+    head = f"identity={principal}"  # then ' ' or ';' (an exact prefix: LIKE's case rule differs between dialects)
+    return registry.query(f"SELECT * FROM audit WHERE action IN ({marks}) AND substr(detail, 1, ?) IN (?, ?) "
                           "ORDER BY id DESC LIMIT ?",
-                          [*_IDENTITY_ACTIONS, f"identity={principal} %", f"identity={principal};%", limit])
+                          [*_IDENTITY_ACTIONS, len(head) + 1, f"{head} ", f"{head};", limit])
 
 
 def _show(registry: Registry, name: str) -> dict:

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping
 
 from hub.authz.policy import _LABEL_VALUE_RE as LABEL_VALUE_RE  # the one label value rule (check_labels)
 from hub.authz.policy import AuthzError, check_name
+from hub.registry import sql as dbsql
 from hub.registry.store import DEVICE_STATUSES, Registry, _ts
 
 API_SCHEMA = (
@@ -54,6 +55,48 @@ API_SCHEMA = (
 _BACKFILL = (
     "INSERT OR IGNORE INTO device_groups SELECT j.value, d.id FROM devices d, json_each(d.groups) j",
     "INSERT OR IGNORE INTO device_labels SELECT j.key, j.value, d.id FROM devices d, json_each(d.labels) j",
+)
+#: The same on PostgreSQL: the same indexes (expressions in parentheses), the side tables kept by one plpgsql
+#: trigger function behind three triggers of the SQLite names (no `?` or `%` in these texts: hub.registry.sql.pg_sql
+#: would read them as placeholders).
+PG_SCHEMA = (
+    *API_SCHEMA[:3],
+    """CREATE INDEX IF NOT EXISTS devices_last_seen_sort ON devices((COALESCE(last_seen, '')), id)""",
+    API_SCHEMA[4],
+    """CREATE INDEX IF NOT EXISTS devices_status_last_seen ON devices(status, (COALESCE(last_seen, '')), id)""",
+    *API_SCHEMA[6:8],
+    """CREATE TABLE IF NOT EXISTS device_groups (grp TEXT NOT NULL, device_id TEXT NOT NULL,
+        PRIMARY KEY (grp, device_id))""",
+    """CREATE TABLE IF NOT EXISTS device_labels (key TEXT NOT NULL, value TEXT NOT NULL, device_id TEXT NOT NULL,
+        PRIMARY KEY (key, value, device_id))""",
+    f"""CREATE OR REPLACE FUNCTION api_devices_meta() RETURNS trigger LANGUAGE plpgsql AS $fn$
+    BEGIN
+        IF TG_OP IN ('UPDATE', 'DELETE') THEN
+            DELETE FROM device_groups WHERE device_id = OLD.id
+                AND grp IN (SELECT j.value FROM {dbsql.json_values(dbsql.POSTGRESQL, 'OLD.groups')});
+            DELETE FROM device_labels WHERE device_id = OLD.id
+                AND key IN (SELECT j.key FROM {dbsql.json_items(dbsql.POSTGRESQL, 'OLD.labels')});
+        END IF;
+        IF TG_OP IN ('INSERT', 'UPDATE') THEN
+            INSERT INTO device_groups SELECT j.value, NEW.id FROM {dbsql.json_values(dbsql.POSTGRESQL, 'NEW.groups')}
+                ON CONFLICT DO NOTHING;
+            INSERT INTO device_labels SELECT j.key, j.value, NEW.id
+                FROM {dbsql.json_items(dbsql.POSTGRESQL, 'NEW.labels')} ON CONFLICT DO NOTHING;
+        END IF;
+        RETURN NULL;
+    END $fn$""",
+    """CREATE OR REPLACE TRIGGER devices_meta_insert AFTER INSERT ON devices
+        FOR EACH ROW EXECUTE FUNCTION api_devices_meta()""",
+    """CREATE OR REPLACE TRIGGER devices_meta_update AFTER UPDATE OF groups, labels ON devices
+        FOR EACH ROW EXECUTE FUNCTION api_devices_meta()""",
+    """CREATE OR REPLACE TRIGGER devices_meta_delete AFTER DELETE ON devices
+        FOR EACH ROW EXECUTE FUNCTION api_devices_meta()""",
+)
+_PG_BACKFILL = (
+    f"INSERT INTO device_groups SELECT j.value, d.id FROM devices d, {dbsql.json_values(dbsql.POSTGRESQL, 'd.groups')} "
+    "ON CONFLICT DO NOTHING",
+    f"INSERT INTO device_labels SELECT j.key, j.value, d.id FROM devices d, "
+    f"{dbsql.json_items(dbsql.POSTGRESQL, 'd.labels')} ON CONFLICT DO NOTHING",
 )
 MAX_LIMIT = 1000
 MAX_IDS = 100_000
@@ -93,13 +136,15 @@ class NotFound(Exception):
 
 
 def apply_schema(registry: Registry) -> None:
-    """The API's indexes, side tables and triggers (idempotent; the side tables are filled once)."""
+    """The API's indexes, side tables and triggers (idempotent; the side tables are filled once), in one write
+    transaction (on PostgreSQL under the write lock: hubs starting at once apply it one after the other)."""
+    pg = registry.dialect == dbsql.POSTGRESQL
     with registry.write() as db:
-        fresh = not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'device_groups'").fetchall()
-        for statement in API_SCHEMA:
+        fresh = not dbsql.has_table(db, "device_groups")
+        for statement in PG_SCHEMA if pg else API_SCHEMA:
             db.execute(statement)
         if fresh:
-            for statement in _BACKFILL:
+            for statement in _PG_BACKFILL if pg else _BACKFILL:
                 db.execute(statement)
 
 
@@ -178,7 +223,7 @@ class Selector:
     def empty(self) -> bool:
         return self.ids is None and all(getattr(self, f) is None for f in FILTERS)
 
-    def sql(self, sort: str = "id") -> tuple[str, str, list[Any], str]:
+    def sql(self, sort: str = "id", dialect: str = dbsql.SQLITE) -> tuple[str, str, list[Any], str]:
         """(FROM clause, WHERE conditions, parameters, keyset column), each condition served by an index. Sorted by
         id, a group or label filter drives the query from its side table's primary key, so paging is a key range
         there; another sort order walks its own index and checks group and label through their side tables."""
@@ -206,7 +251,7 @@ class Selector:
                 conds.append("d.id IN (SELECT device_id FROM device_labels WHERE key = ? AND value = ?)")
             params += list(self.label)
         if self.ids is not None:
-            conds.append("d.id IN (SELECT value FROM json_each(?))")
+            conds.append(f"d.id IN (SELECT j.value FROM {dbsql.json_values(dialect, '?')})")
             params.append(json.dumps(self.ids))
         if self.status is not None:
             conds.append("d.status = ?")
@@ -224,7 +269,7 @@ class Selector:
             conds.append("d.last_seen < ?" if self.dense_last_seen else
                          "d.id IN (SELECT id FROM devices WHERE last_seen < ?)")
             params.append(self.last_seen_before)
-        return source, (" AND ".join(conds) or "1"), params, key
+        return source, (" AND ".join(conds) or "1 = 1"), params, key
 
 
 def _name(value: str, what: str, param: str) -> str:
@@ -288,11 +333,16 @@ def device_row(row: Mapping[str, Any]) -> dict[str, Any]:
             "created": row["created"], "cert_not_after": row["cert_not_after"]}
 
 
+def dialect_of(reader: Any) -> str:
+    """The dialect of a Registry, or of a reader over an open transaction's connection (`.db`)."""
+    return getattr(reader, "dialect", None) or dbsql.dialect(getattr(reader, "db", None))
+
+
 def plan(registry: Registry, sel: Selector) -> None:
     """Pick how to serve last_seen_before: a bounded probe of its index says whether matches are dense (then a
     page is found fast walking ids) or sparse (then at most DENSE_PROBE matches are collected and sorted)."""
     if sel.last_seen_before is not None:
-        n = registry.query("SELECT COUNT(*) AS n FROM (SELECT 1 FROM devices WHERE last_seen < ? LIMIT ?)",
+        n = registry.query("SELECT COUNT(*) AS n FROM (SELECT 1 FROM devices WHERE last_seen < ? LIMIT ?) AS p",
                            [sel.last_seen_before, DENSE_PROBE])[0]["n"]
         sel.dense_last_seen = n >= DENSE_PROBE
 
@@ -301,7 +351,7 @@ def list_devices(registry: Registry, sel: Selector, limit: int, after: Position 
                  sort: str = "id") -> tuple[list[dict], str | None]:
     """One page of devices in `sort` order after `after`; the cursor for the next page (None on the last one)."""
     plan(registry, sel)
-    source, where, params, key = sel.sql(sort)
+    source, where, params, key = sel.sql(sort, dialect_of(registry))
     name, desc = sort.lstrip("-"), sort.startswith("-")
     expr = SORT_KEYS[name]
     op, order = ("<", "DESC") if desc else (">", "ASC")
@@ -335,7 +385,7 @@ def iter_devices(registry: Registry, sel: Selector, after: Position | None = Non
 
 
 def count(registry: Registry, sel: Selector) -> int:
-    source, where, params, _ = sel.sql()
+    source, where, params, _ = sel.sql(dialect=dialect_of(registry))
     return int(registry.query(f"SELECT COUNT(*) AS n FROM {source} WHERE {where}", params)[0]["n"])
 
 

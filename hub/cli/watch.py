@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from hub.cli.util import DirOpt, config, err, registry
 from hub.cli.util import fail as _fail
+from hub.registry.sql import json_values
 
 KINDS = ("telemetry", "events", "status")
 SUBSCRIBE_BATCH = 100  # topic filters per SUBSCRIBE packet
@@ -54,8 +55,9 @@ def _group_members(cfg, group: str) -> list[str]:
     # filtered on our side): the broker then sends only that group's traffic, which for a small group of a large
     # fleet is the difference between a few messages a second and the whole fleet's stream. Members added while
     # the watch runs are not followed (start it again).
-    rows = registry(cfg).query("SELECT d.id FROM devices d, json_each(d.groups) g WHERE g.value = ? "
-                               "AND d.status NOT IN ('revoked', 'decommissioned') ORDER BY d.id", [group])
+    reg = registry(cfg)
+    rows = reg.query(f"SELECT d.id FROM devices d, {json_values(reg.dialect, 'd.groups', 'g')} WHERE g.value = ? "
+                     "AND d.status NOT IN ('revoked', 'decommissioned') ORDER BY d.id", [group])
     return [r["id"] for r in rows]
 
 

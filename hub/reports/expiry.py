@@ -40,6 +40,7 @@ from typing import Any
 
 from agent.renewal import decide
 
+from hub.registry import sql as dbsql
 from hub.registry.store import Registry, _ts
 
 #: the verdicts, the default listing's first
@@ -68,14 +69,48 @@ _PAST = f"{_RENEW_JD.format(c='c.')} <= julianday(?)"
 #: CROSS JOIN: certificates is the outer loop, always (with `LIMIT ?` SQLite may otherwise walk every active device)
 _COLUMNS = ("SELECT c.device_id, c.serial, c.not_before, c.not_after, d.online, d.last_seen, d.groups "
             "FROM certificates c INDEXED BY {index} CROSS JOIN devices d ON d.id = c.device_id")
+#: PostgreSQL: an index expression must be IMMUTABLE, and text -> timestamptz is only STABLE in general (it may
+#: read the session's TimeZone); the stored text always carries its offset (+00:00), so this julianday
+#: (hub.registry.sql.julianday: the same value as SQLite's, to the microsecond) is immutable on what it is given.
+PG_JULIANDAY = ("CREATE OR REPLACE FUNCTION tessera_julianday(ts text) RETURNS float8 LANGUAGE sql IMMUTABLE STRICT "
+                f"PARALLEL SAFE AS $fn$ SELECT {dbsql.julianday(dbsql.POSTGRESQL, 'ts')} $fn$")
+_PG_RENEW_JD = ("LEAST(tessera_julianday({c}not_before) + (tessera_julianday({c}not_after) - "
+                f"tessera_julianday({{c}}not_before)) * {RENEW_FRACTION!r}::float8, "
+                "GREATEST(tessera_julianday({c}not_after) - 60.0::float8 / 86400, "
+                "(tessera_julianday({c}not_before) + tessera_julianday({c}not_after)) / 2))")
+PG_SCHEMA = (
+    REPORT_SCHEMA[0],
+    PG_JULIANDAY,
+    f"""CREATE INDEX IF NOT EXISTS {RENEW_INDEX} ON certificates(({_PG_RENEW_JD.format(c='')}), not_after, device_id)
+        WHERE status = 'active'""",
+)
+#: PostgreSQL plans the join order itself (no index hints)
+_PG_COLUMNS = ("SELECT c.device_id, c.serial, c.not_before, c.not_after, d.online, d.last_seen, d.groups "
+               "FROM certificates c JOIN devices d ON d.id = c.device_id")
+
+
+def renew_jd(dialect: str, c: str = "c.") -> str:
+    """The agent's renewal point of the certificate row `c` in julian days, as the dialect's index has it."""
+    return (_PG_RENEW_JD if dialect == dbsql.POSTGRESQL else _RENEW_JD).format(c=c)
+
+
+def _past(dialect: str) -> str:
+    """The certificate's renewal point is at or before the time parameter."""
+    return f"{renew_jd(dialect)} <= {dbsql.julianday(dialect, '?')}" if dialect == dbsql.POSTGRESQL else _PAST
+
+
+def _columns(dialect: str, index: str) -> str:
+    return _PG_COLUMNS if dialect == dbsql.POSTGRESQL else _COLUMNS.format(index=index)
+
+
 #: rows read per query while filling a page (a page whose rows are filtered out in Python asks again)
 BATCH = 500
 
 
 def apply_schema(registry: Registry) -> None:
-    """The report's index (idempotent)."""
+    """The report's indexes (idempotent; one write transaction)."""
     with registry.write() as db:
-        for statement in REPORT_SCHEMA:
+        for statement in PG_SCHEMA if registry.dialect == dbsql.POSTGRESQL else REPORT_SCHEMA:
             db.execute(statement)
 
 
@@ -145,8 +180,10 @@ def _row(r: dict[str, Any], now: datetime, include_due: bool) -> dict[str, Any] 
 
 def past_renewal_sparse(registry: Registry, now: datetime, probe: int = SPARSE_PROBE) -> bool:
     """Fewer than `probe` active certificates are past their renewal point (a bounded index range count)."""
-    n = registry.query(f"SELECT COUNT(*) AS n FROM (SELECT 1 FROM certificates c INDEXED BY {RENEW_INDEX} "
-                       f"WHERE c.status = 'active' AND {_PAST} LIMIT ?)", [_ts(now), probe])[0]["n"]
+    hint = "" if registry.dialect == dbsql.POSTGRESQL else f" INDEXED BY {RENEW_INDEX}"
+    n = registry.query(f"SELECT COUNT(*) AS n FROM (SELECT 1 FROM certificates c{hint} "
+                       f"WHERE c.status = 'active' AND {_past(registry.dialect)} LIMIT ?) AS p",
+                       [_ts(now), probe])[0]["n"]
     return n < probe
 
 
@@ -160,7 +197,7 @@ def expiring(registry: Registry, now: datetime, days: int, limit: int, after: tu
     params: list[Any] = [until]
     index = INDEX
     if not include_due:  # past the (earliest possible) renewal point; `classify` decides exactly
-        conds.append(_PAST)
+        conds.append(_past(registry.dialect))
         params.append(_ts(now))
         if past_renewal_sparse(registry, now, probe):
             index = RENEW_INDEX
@@ -168,7 +205,7 @@ def expiring(registry: Registry, now: datetime, days: int, limit: int, after: tu
     position = after
     while True:
         where = " AND ".join(conds + (["(c.not_after, c.device_id) > (?, ?)"] if position else []))
-        rows = registry.query(f"{_COLUMNS.format(index=index)} WHERE {where} ORDER BY c.not_after, c.device_id "
+        rows = registry.query(f"{_columns(registry.dialect, index)} WHERE {where} ORDER BY c.not_after, c.device_id "
                               "LIMIT ?",
                               [*params, *(position or ()), batch])
         for r in rows:

@@ -13,17 +13,28 @@ from hub.api.queries import BadRequest, Conflict, NotFound, Selector
 from hub.api.routes import all_routes
 from hub.authz.policy import API_PERMISSIONS, DEFAULT_ROLES, GRANTABLE_ROLES
 from hub.registry.store import Registry, _ts
+from tests.integration.pgfixtures import any_registry, pg_server, pg_url, registry_target  # noqa: F401
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
 
 
-@pytest.fixture
-def reg(tmp_path):
-    r = Registry(tmp_path / "registry.sqlite3")
+def _fleet(r: Registry) -> Registry:
     rows = [(f"dev-{n:04d}", {"site": "a" if n % 2 else "b"}, ["even"] if n % 2 == 0 else ["odd", "all"])
             for n in range(250)]
     r.create_devices_with_tokens(rows, "acme", NOW, timedelta(days=1))
     queries.apply_schema(r)
+    return r
+
+
+@pytest.fixture
+def reg(any_registry):  # noqa: F811 - on each dialect
+    return _fleet(any_registry)
+
+
+@pytest.fixture
+def sqlite_reg(tmp_path):
+    """SQLite only: its query plans."""
+    r = _fleet(Registry(tmp_path / "registry.sqlite3"))
     yield r
     r.close()
 
@@ -87,9 +98,9 @@ def test_triggers_follow_group_edits(reg):
 @pytest.mark.parametrize("raw", [{"status": "active"}, {"group": "odd"}, {"label": "site=a"}, {"online": "true"},
                                  {"id_prefix": "dev-1"}, {"cert_expires_before": "2027-01-01T00:00:00Z"},
                                  {"last_seen_before": "2027-01-01T00:00:00Z"}])
-def test_every_filter_uses_an_index(reg, raw):
+def test_every_filter_uses_an_index(sqlite_reg, raw):
     source, where, params, key = Selector.parse(raw).sql()
-    plan = [r["detail"] for r in reg.query(
+    plan = [r["detail"] for r in sqlite_reg.query(
         f"EXPLAIN QUERY PLAN SELECT d.id FROM {source} WHERE {where} AND {key} > ? ORDER BY {key} LIMIT 101",
         [*params, ""])]
     assert all(step.startswith(("SEARCH", "LIST SUBQUERY")) for step in plan), plan  # no SCAN, no sort

@@ -8,7 +8,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from hub.reports import expiry
+from hub.api.queries import apply_schema
+from hub.registry.store import Registry, _ts
 from hub.reports.expiry import OVERDUE_GRACE, classify
+from tests.integration.pgfixtures import any_registry, pg_server, pg_url, registry_target  # noqa: F401
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
 DAY = timedelta(days=1)
@@ -74,12 +77,7 @@ def test_cursor_round_trip():
 NOW = T0 + 25 * DAY  # 5 days before a T0 certificate expires
 
 
-@pytest.fixture
-def reg(tmp_path):
-    from hub.api.queries import apply_schema
-    from hub.registry.store import Registry, _ts
-
-    r = Registry(tmp_path / "registry.sqlite3")
+def _fleet(r: Registry) -> Registry:
     apply_schema(r)
     expiry.apply_schema(r)
     # (device, issued, lifetime, online, status)
@@ -100,6 +98,18 @@ def reg(tmp_path):
                        [f"{n + 1:x}", device, f"CN={device}", _ts(issued), _ts(issued + life), _ts(issued)])
             db.execute("UPDATE devices SET status = ?, online = ?, last_seen = ? WHERE id = ?",
                        [status, int(online), _ts(T0 + DAY), device])
+    return r
+
+
+@pytest.fixture
+def reg(any_registry):  # noqa: F811 - on each dialect
+    return _fleet(any_registry)
+
+
+@pytest.fixture
+def sqlite_reg(tmp_path):
+    """SQLite only: its query plans."""
+    r = _fleet(Registry(tmp_path / "registry.sqlite3"))
     yield r
     r.close()
 
@@ -151,13 +161,13 @@ def _plan(reg, index: str, past: bool) -> str:
     return plan
 
 
-def test_the_window_walk_needs_no_sort(reg):
-    plan = _plan(reg, expiry.INDEX, past=False)
+def test_the_window_walk_needs_no_sort(sqlite_reg):
+    plan = _plan(sqlite_reg, expiry.INDEX, past=False)
     assert f"SEARCH c USING INDEX {expiry.INDEX} ((not_after,device_id)>(?,?)" in plan and "TEMP B-TREE" not in plan
 
 
-def test_the_default_listing_searches_the_renewal_point_index(reg):
-    assert f"SEARCH c USING INDEX {expiry.RENEW_INDEX} (<expr><?)" in _plan(reg, expiry.RENEW_INDEX, past=True)
+def test_the_default_listing_searches_the_renewal_point_index(sqlite_reg):
+    assert f"SEARCH c USING INDEX {expiry.RENEW_INDEX} (<expr><?)" in _plan(sqlite_reg, expiry.RENEW_INDEX, past=True)
 
 
 @pytest.mark.parametrize("days", [0, 14, 30])
