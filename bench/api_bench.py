@@ -21,6 +21,10 @@ suspended (so ``status=active`` is a real filter; a suspended device's certifica
    the confirmed POST (sent to answer read) and time from sending it until every connected member's session is
    cut (the broker's DISCONNECT or the socket closing), goal <= 10 s each ("seconds, not hours"); the control's
    session must survive. The hub's own timings (registry transaction, total) are reported.
+
+``--registry-url URL|auto [--devices N] [--requests R]``: only the device list's registry work (1. without HTTP and
+TLS, in-process: ``queries.list_devices`` + the JSON body, sorted by id and by -last_seen) on a PostgreSQL registry
+(``auto``: a throwaway durable server, tests/integration/pgfixtures.py) and on SQLite, both filled alike.
 """
 
 from __future__ import annotations
@@ -295,6 +299,69 @@ def measure(quick: bool = False, s: Settings | None = None) -> Report:
     return rep
 
 
+def _fill_registry(reg, devices: int) -> None:
+    """`devices` active devices (1 in 100 suspended, a third seen) with one active certificate each, in one write
+    transaction of plain SQL (both dialects); then the API's schema (its side tables backfilled)."""
+    from hub.api import queries
+    from hub.registry import sql
+    from hub.registry.store import _ts
+
+    now = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    ids = [f"big-{i:07d}" for i in range(devices)]
+    with reg.write() as db:
+        sql.executemany(db, "INSERT INTO devices (id, fleet, status, labels, groups, created, last_seen, online) "
+                        "VALUES (?, ?, ?, '{}', '[\"fleet\"]', ?, ?, 0)",
+                        ((d, FLEET, "suspended" if d.endswith("42") else "active", _ts(now),
+                          _ts(now - timedelta(seconds=n)) if n % 3 else None) for n, d in enumerate(ids)))
+        sql.executemany(db, "INSERT INTO certificates (serial, device_id, subject, not_before, not_after, "
+                        "fingerprint_sha256, status, issued_at, pem) VALUES (?, ?, ?, ?, ?, ?, 'active', ?, '')",
+                        ((f"{n + 1:040x}", d, f"CN={d}", _ts(now), _ts(now + timedelta(days=90)),
+                          os.urandom(32).hex(), _ts(now)) for n, d in enumerate(ids)))
+    queries.apply_schema(reg)
+    if reg.dialect == sql.POSTGRESQL:
+        with reg.write() as db:
+            db.execute("ANALYZE devices")  # fresh tables: what autovacuum would do within a minute
+            db.execute("ANALYZE certificates")
+
+
+def measure_registry(url: str, devices: int, requests: int) -> list[dict]:
+    """GET /devices?status=active&limit=100's registry work in-process (queries.list_devices, as the handler
+    calls it, + the JSON body; no HTTP, no TLS) on a registry of `devices` devices: on `url` ('auto': a throwaway
+    durable PostgreSQL server) and on SQLite, for the ratio. Rows: p50/p99 per dialect and sort."""
+    from hub.api import queries
+    from hub.registry.store import Registry
+
+    rows = []
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tessera-api-bench-")))
+        if url == "auto":
+            from tests.integration.pgfixtures import pg_running
+
+            server = stack.enter_context(pg_running(durable=True))
+            url = server.url(server.create_database("apibench"))
+        for name, target in (("postgresql", url), ("sqlite", work / "sqlite" / "registry.sqlite3")):
+            home = work / name
+            home.mkdir()
+            reg = Registry(target, home=home)
+            stack.callback(reg.close)
+            t0 = time.monotonic()
+            _fill_registry(reg, devices)
+            print(f"[bench api] {name}: {devices} devices filled in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+            sel = queries.Selector(status="active")
+            for sort in ("id", "-last_seen"):
+                times = []
+                for _ in range(requests):
+                    t = time.perf_counter()
+                    items, cursor = queries.list_devices(reg, sel, 100, None, sort)
+                    json.dumps({"items": items, "next_cursor": cursor})
+                    times.append((time.perf_counter() - t) * 1000)
+                assert len(items) == 100 and cursor
+                for q in (0.5, 0.99):
+                    rows.append(_row(f"{name} list status=active sort={sort} limit=100 (registry, "
+                                     f"{devices} devices) p{int(q * 100)} ms", _pct(times, q), "info", None))
+    return rows
+
+
 def run(quick: bool = False) -> list[dict]:
     """Run the benchmark; rows {"metric", "value", "goal", "pass"} (pass is None for "info" rows)."""
     rep = measure(quick)
@@ -308,7 +375,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.api_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 100k-device registry, fewer requests")
+    parser.add_argument("--registry-url", help="only the device list's registry work, in-process, on this "
+                        "PostgreSQL registry ('auto': a throwaway server) and on SQLite (no hub, HTTP or TLS)")
+    parser.add_argument("--devices", type=int, default=100_000, help="with --registry-url: devices registered")
+    parser.add_argument("--requests", type=int, default=300, help="with --registry-url: requests per sort")
     args = parser.parse_args(argv)
+    if args.registry_url:
+        t0 = time.monotonic()
+        rep = Report(rows=measure_registry(args.registry_url, args.devices, args.requests))
+        rep.wall_s = time.monotonic() - t0
+        print_report(rep)
+        return 0
     rep = measure(args.quick)
     print_report(rep)
     return 0 if all(r["pass"] is not False for r in rep.rows) else 1
