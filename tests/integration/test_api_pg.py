@@ -246,3 +246,38 @@ def test_pg_report_queries_can_walk_their_indexes(pg_registry):
     probe = _pg_plan(pg_registry, f"SELECT 1 FROM certificates c WHERE c.status = 'active' AND {past} LIMIT ?",
                      [_ts(NOW), 5], off=("enable_seqscan",))
     assert f"Scan using {expiry.RENEW_INDEX}" in probe and "Index Cond: (LEAST(" in probe, probe
+
+
+def test_hubs_starting_at_once_apply_the_schemas_once(pg_url, tmp_path):  # noqa: F811
+    """Two hubs (registries) on one database apply the API's and the report's schemas at the same moment: both
+    succeed (the write lock queues them: concurrent CREATE ... IF NOT EXISTS could otherwise collide), one backfill."""
+    import threading
+
+    seed = Registry(pg_url, home=tmp_path)
+    _devices(seed, 3)
+    seed.close()
+    barrier, errors = threading.Barrier(2), []
+
+    def start() -> None:  # a hub: its own registry (connections belong to the thread that opened them)
+        reg = Registry(pg_url, home=tmp_path)
+        try:
+            barrier.wait()
+            queries.apply_schema(reg)
+            expiry.apply_schema(reg)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            reg.close()
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    reg = Registry(pg_url, home=tmp_path)
+    try:
+        _side_tables_match(reg)
+        assert queries.count(reg, Selector.parse({"group": "even"})) == 2
+    finally:
+        reg.close()
