@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import re
+import weakref
 
 from aiohttp import web
 
@@ -33,17 +34,17 @@ _TEXT_RE = re.compile(r"[\x21-\x7e]{1,128}")
 _DEVICE_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _LIMIT_RE = re.compile(r"[0-9]{1,7}")
 _CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_applied: set[int] = set()
+_applied: weakref.WeakSet = weakref.WeakSet()  # registries (not ids: a freed registry's id is reused)
 
 
 def apply_schema(registry: Registry) -> None:
     """The audit route's indexes (idempotent; once per registry object)."""
-    if id(registry) in _applied:
+    if registry in _applied:
         return
     with registry.write() as db:
         for statement in AUDIT_SCHEMA:
             db.execute(statement)
-    _applied.add(id(registry))
+    _applied.add(registry)
 
 
 def encode_cursor(before_id: int) -> str:

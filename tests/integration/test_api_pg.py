@@ -281,3 +281,34 @@ def test_hubs_starting_at_once_apply_the_schemas_once(pg_url, tmp_path):  # noqa
         assert queries.count(reg, Selector.parse({"group": "even"})) == 2
     finally:
         reg.close()
+
+
+def test_the_schemas_are_the_same_on_both_dialects(pg_url, tmp_path):  # noqa: F811
+    """The API's and the report's tables, columns, indexes and trigger names, SQLite's and PostgreSQL's."""
+    from hub.api.auditroutes import apply_schema as audit_schema
+    from hub.registry.sql import columns
+
+    shapes = {}
+    for where in ("sqlite", "postgresql"):
+        reg = Registry(pg_url if where == "postgresql" else tmp_path / "registry.sqlite3", home=tmp_path)
+        try:
+            for apply in (queries.apply_schema, expiry.apply_schema, audit_schema):
+                apply(reg)
+            db = reg._db()  # noqa: SLF001
+            if where == "sqlite":
+                indexes = {r["name"] for r in reg.query("SELECT name FROM sqlite_master WHERE type = 'index' "
+                                                        "AND sql IS NOT NULL")}
+                triggers = {r["name"] for r in reg.query("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+            else:
+                indexes = {r["indexname"] for r in reg.query("SELECT indexname FROM pg_indexes WHERE schemaname = "
+                                                             "current_schema() AND indexname NOT LIKE '%_pkey'")}
+                triggers = {r["tgname"] for r in reg.query("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")}
+            shapes[where] = ({t: columns(db, t) for t in ("device_groups", "device_labels")}, indexes, triggers)
+        finally:
+            reg.close()
+    lite, pg = shapes["sqlite"], shapes["postgresql"]
+    assert lite[0] == pg[0] and lite[0]["device_labels"] == {"key", "value", "device_id"}
+    mine = {s.split(" IF NOT EXISTS ")[1].split()[0] for s in (*queries.API_SCHEMA, *expiry.REPORT_SCHEMA)
+            if s.startswith("CREATE INDEX")} | {"audit_actor", "audit_action", "audit_at"}
+    assert mine <= lite[1] and mine <= pg[1], (mine - lite[1], mine - pg[1])
+    assert {"devices_meta_insert", "devices_meta_update", "devices_meta_delete"} <= lite[2] & pg[2]
