@@ -4,7 +4,8 @@ Every filter maps onto an index (added by `API_SCHEMA`, applied when the API sta
 status -> devices(status, id), online -> devices(online, id), last_seen_before -> devices(last_seen),
 id_prefix -> the primary key range, cert_expires_before -> certificates(not_after) over active certificates,
 group / label -> the side tables `device_groups` / `device_labels`, kept equal to the devices' JSON columns by
-triggers (so whoever writes `devices`, the CLI or another hub process, keeps them right). Paging is keyset, never
+triggers (so whoever writes `devices`, the CLI or another hub process, keeps them right; on PostgreSQL `PG_SCHEMA`:
+the same tables and indexes, the triggers one plpgsql function). Paging is keyset, never
 OFFSET: on the device id (`id > last ORDER BY id LIMIT n`), or for another sort order (`SORTS`) on (sort key, id)
 over its own index, e.g. `(COALESCE(last_seen, ''), id) < (?, ?) ORDER BY 1 DESC, 2 DESC` for `-last_seen`.
 """

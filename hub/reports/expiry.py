@@ -27,6 +27,8 @@ Indexed (`REPORT_SCHEMA`), keyset paging on (not_after, device id), never OFFSET
                 sort. A bounded probe (`SPARSE_PROBE`) first: when that many or more are past their renewal point
                 (a fleet-wide failure), the window walk is cheaper and is used, with the renewal point tested on
                 the index entries (a skipped row's certificate is never loaded).
+On PostgreSQL (`PG_SCHEMA`) the renewal point is the same expression over an IMMUTABLE `tessera_julianday` (an index
+expression must be immutable), and the planner picks the access path (no INDEXED BY, no CROSS JOIN order).
 """
 
 from __future__ import annotations
