@@ -1,4 +1,4 @@
-"""The fleet API's manufacturer routes: trust a manufacturer CA (admin), list them, import a factory batch of
+"""The fleet API's manufacturer routes: trust a manufacturer CA (admin), list them, remove one (admin), import a factory batch of
 expected birth certificates (the allowlist: pending devices that enroll with their birth certificate, no token),
 and let one device's birth certificate enroll once more (re-provisioning). All audited (hub/manufacturer/store.py).
 """
@@ -49,6 +49,11 @@ async def list_all(api, request: web.Request, principal) -> web.Response:
     return json_response({"items": await api.run(store.list_manufacturers, api.registry)})
 
 
+async def remove(api, request: web.Request, principal) -> web.Response:
+    return json_response(await api.run(_call, store.remove_manufacturer, api.registry, request.match_info["name"],
+                                       api.clock(), principal.name, request.remote))
+
+
 def _import(api, name: str, body: dict, actor: str, source: str | None) -> dict:
     if not any(m["name"] == name for m in store.list_manufacturers(api.registry)):
         raise NotFound(f"no manufacturer {name!r}")
@@ -90,6 +95,11 @@ SCHEMAS: dict[str, dict] = {
                            "properties": {"name": {"type": "string", "pattern": NAME_PATTERN},
                                           "ca": {"type": "string", "maxLength": store.MAX_CA_PEM,
                                                  "description": "PEM, the CA that signs the birth certificates"}}},
+    "ManufacturerRemoved": {"type": "object", "required": ["name", "births", "used", "pending"], "properties": {
+        "name": _STR, "subject": _STR, "ca_sha256": _STR,
+        "births": {"type": "integer", "description": "allowlist entries dropped"},
+        "used": {"type": "integer", "description": "of which enrolled (those devices keep their certificates)"},
+        "pending": {"type": "integer", "description": "devices of its batches that never enrolled (still pending)"}}},
     "BirthBatch": {"type": "object", "required": ["batch", "rows"], "additionalProperties": False, "properties": {
         "batch": {"type": "string", "pattern": NAME_PATTERN},
         "rows": {"type": "array", "minItems": 1, "maxItems": store.MAX_BATCH, "items": {
@@ -118,6 +128,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", f"{PREFIX}/manufacturers", "manufacturers.add", "admin",
           "Trust a manufacturer CA for birth certificates (IEEE 802.1AR IDevIDs; never a fleet CA)", add,
           body="ManufacturerCreate", response="Manufacturer", errors=(400, 403, 409), success=201),
+    Route("DELETE", f"{PREFIX}/manufacturers/{{name}}", "manufacturers.remove", "admin",
+          "Stop trusting a manufacturer CA: its allowlist goes, births under it are refused at once; devices "
+          "enrolled through it keep their certificates", remove, params=(_NAME,), response="ManufacturerRemoved",
+          errors=(400, 403, 404)),
     Route("POST", f"{PREFIX}/manufacturers/{{name}}/batches", "manufacturers.import", "act",
           "Allowlist a factory batch: a pending device per birth certificate serial (one transaction)",
           import_batch, params=(_NAME,), body="BirthBatch", response="BirthBatchImported",

@@ -1,5 +1,5 @@
 """`tessera-hub manufacturer ...`: manufacturer CAs and factory birth certificates (IEEE 802.1AR IDevIDs) —
-add a CA, list them, import a factory batch, allow a device to re-provision — as thin clients of the fleet API
+add a CA, list them, remove one, import a factory batch, allow a device to re-provision — as thin clients of the fleet API
 (/api/v1/manufacturers, hub/api/manufacturerroutes.py). A device on an imported batch enrolls with the birth
 certificate in its token (`tessera-agent enroll --birth-cert`), no enrollment token; see provisioning/README.md.
 """
@@ -73,6 +73,23 @@ def list_(
         print_json(items)
         return
     print_table([{**m, "added": m["added"][:16].replace("T", " ")} for m in items], COLUMNS)
+
+
+@manufacturer_app.command("remove")
+def remove(
+    name: str = typer.Argument(..., help="The manufacturer to stop trusting."),
+    directory: Optional[Path] = DirOpt, hub: Optional[str] = HubOpt, profile: Optional[str] = ProfileOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Stop trusting a manufacturer CA (admin): its allowlist goes and its birth certificates are refused at once;
+    devices that enrolled through it keep their certificates, those that never did stay pending."""
+    with api(directory, hub, profile) as client:
+        done = client.delete(f"{BASE}/{quote(name, safe='')}")
+    if as_json:
+        print_json(done)
+    else:
+        say(f"manufacturer {done['name']} removed: {done['births']} birth certificates dropped ({done['used']} "
+            f"enrolled and keep their certificates, {done['pending']} devices left pending)")
 
 
 def read_batch(path: Path) -> list[dict]:

@@ -1,5 +1,6 @@
 """The manufacturer side tables in the registry; `apply_schema` is idempotent (run at first use by the EST service
-and the API). Plain SQL both SQLite and PostgreSQL run (hub/registry/sql.py).
+and the API), on SQLite and on PostgreSQL (PG_SCHEMA, the same tables and columns: two hubs starting at once
+apply it once, in one write transaction under the registry's advisory write lock).
 
   manufacturers  one row per trusted manufacturer CA: name, the CA certificate (PEM), its SHA-256, who added it
   births         the allowlist: one row per expected birth certificate, keyed by (manufacturer, serialNumber);
@@ -10,6 +11,7 @@ and the API). Plain SQL both SQLite and PostgreSQL run (hub/registry/sql.py).
 
 from __future__ import annotations
 
+from hub.registry.sql import POSTGRESQL
 from hub.registry.store import Registry
 
 MANUFACTURER_SCHEMA = (
@@ -25,11 +27,17 @@ MANUFACTURER_SCHEMA = (
 )
 
 
+#: The PostgreSQL twin: the same plain DDL (TEXT, INTEGER 0/1 with its CHECK, the composite primary key and the
+#: UNIQUE device_id both dialects index), every statement idempotent.
+PG_SCHEMA = MANUFACTURER_SCHEMA
+
+
 def apply_schema(registry: Registry) -> None:
     """Create the manufacturer tables if they are missing (idempotent; once per Registry object)."""
     if getattr(registry, "_manufacturer_schema", False):
         return
+    statements = PG_SCHEMA if registry.dialect == POSTGRESQL else MANUFACTURER_SCHEMA
     with registry.write() as db:
-        for statement in MANUFACTURER_SCHEMA:
+        for statement in statements:
             db.execute(statement)
     registry._manufacturer_schema = True

@@ -1,9 +1,11 @@
-"""Manufacturer CAs and the birth-certificate allowlist in the registry: add, list, import a batch, allow a
-re-provisioning, and the one transaction that spends a birth certificate and records the operational certificate.
+"""Manufacturer CAs and the birth-certificate allowlist in the registry: add, list, remove, import a batch, allow
+a re-provisioning, and the enrollment that spends a birth certificate and records the operational certificate
+(on the registry's issuing path, Registry._issuing, like token enrollment).
 
-Every change is one BEGIN IMMEDIATE transaction with its audit row (hub/registry/audit.py's chain). A batch is
-all or nothing: an unknown manufacturer, a malformed row, a serial or device id already known, or one twice in the
-batch writes nothing at all. Time is passed in, never read here.
+Every change is one write transaction of the registry (BEGIN IMMEDIATE on SQLite, the advisory write lock on
+PostgreSQL; the same statements on both) with its audit row (hub/registry/audit.py's chain). A batch is all or
+nothing: an unknown manufacturer, a malformed row, a serial or device id already known, or one twice in the batch
+writes nothing at all. Time is passed in, never read here.
 """
 
 from __future__ import annotations
@@ -139,10 +141,37 @@ def trusted(registry: Registry) -> list[tuple[str, x509.Certificate]]:
             for r in registry.query("SELECT name, ca_pem FROM manufacturers ORDER BY name")]
 
 
-def trust_version(registry: Registry) -> tuple[int, str]:
-    """Changes whenever a manufacturer is added (cheap: polled by every EST worker)."""
-    row = registry.query("SELECT COUNT(*) AS n, COALESCE(MAX(added), '') AS last FROM manufacturers")[0]
-    return int(row["n"]), row["last"]
+def trust_version(registry: Registry) -> tuple[tuple[str, str], ...]:
+    """Changes whenever a manufacturer is added or removed (cheap: polled by every EST worker, a handful of rows)."""
+    apply_schema(registry)
+    return tuple((r["name"], r["ca_sha256"])
+                 for r in registry.query("SELECT name, ca_sha256 FROM manufacturers ORDER BY name"))
+
+
+def remove_manufacturer(registry: Registry, name: str, now: datetime, actor: str,
+                        source: str | None = None) -> dict[str, Any]:
+    """Stop trusting `name`'s CA: the manufacturer and its allowlist go in one transaction with one audit row, so
+    a birth enrollment under it that has not committed yet is refused (its allowlist row is gone); devices that
+    enrolled through it keep their devices rows and certificates; devices of its batches that never enrolled stay
+    pending (counted in the answer: give them a token or decommission them). ManufacturerError 'unknown'."""
+    apply_schema(registry)
+    check_name(name)
+    with registry.write() as db:
+        row = next(db.query("SELECT * FROM manufacturers WHERE name = ?", [name]), None)
+        if row is None:
+            raise ManufacturerError(f"no manufacturer {name!r}", code="unknown")
+        counts = next(db.query(
+            "SELECT COUNT(*) AS births, COUNT(b.used_at) AS used, "
+            "COALESCE(SUM(CASE WHEN d.status = 'pending' THEN 1 ELSE 0 END), 0) AS pending "
+            "FROM births b JOIN devices d ON d.id = b.device_id WHERE b.manufacturer = ?", [name]))
+        counts = {k: int(v) for k, v in counts.items()}  # (PostgreSQL's SUM is a Decimal)
+        db.execute("DELETE FROM births WHERE manufacturer = ?", [name])
+        db.execute("DELETE FROM manufacturers WHERE name = ?", [name])
+        registry.append_audit(db, [(_ts(now), actor, "manufacturer.remove", None, "ok",
+                                    f"{name}: CA {row['subject']} sha256 {row['ca_sha256']}; {counts['births']} "
+                                    f"birth certificates dropped ({counts['used']} enrolled, {counts['pending']} "
+                                    "devices left pending)", source)])
+    return {"name": name, "subject": row["subject"], "ca_sha256": row["ca_sha256"], **counts}
 
 
 def _batch_row(raw: Mapping[str, Any], n: int) -> tuple[str, str, str | None]:
@@ -271,20 +300,40 @@ def lookup(registry: Registry, manufacturer: str, serial: str, cert_sha256: str)
 
 
 def enroll(registry: Registry, manufacturer: str, serial: str, cert_sha256: str, now: datetime,
-           issue: Callable[[str], x509.Certificate], source: str | None = None) -> tuple[str, x509.Certificate]:
-    """Spend the birth certificate and record the certificate `issue(device_id)` builds: checked read-only first
-    (a refusal never costs a signature), signed outside the write lock, then checked again and recorded in one
-    transaction (a second request with the same birth certificate that lost the race is refused there, its
-    certificate dropped). A pending device becomes active; an active one (re-provisioned) has its certificate
-    superseded at once. Returns (device_id, certificate). Raises BirthRejected; nothing is written then."""
-    device_id = lookup(registry, manufacturer, serial, cert_sha256)["device_id"]
-    cert = issue(device_id)
+           issue: Callable[[str], x509.Certificate], source: str | None = None,
+           checked: Mapping[str, Any] | None = None, audit_denied: bool = True) -> tuple[str, x509.Certificate]:
+    """Spend the birth certificate and record the certificate `issue(device_id)` builds, on the registry's issuing
+    path (Registry._issuing, as token enrollment): checked read-only first (a refusal never costs a signature;
+    `checked`, the row `lookup` returned, when the caller read it already: the allowlist is read once), signed
+    outside the write lock, then checked again, spent and recorded in one transaction shared with concurrent
+    issuings (group commit on SQLite, the shared write lock on PostgreSQL: a second request with the same birth
+    certificate that lost the race is refused there by the guarded UPDATE, its certificate dropped). A pending
+    device becomes active; an active one (re-provisioned) has its certificate superseded at once.
+    Returns (device_id, certificate). BirthRejected is audited 'denied' unless `audit_denied` is False (the EST
+    service aggregates its denials); issue() failing is audited 'error' and propagates. Nothing else is written
+    then."""
+    if checked is None:
+        try:
+            checked = lookup(registry, manufacturer, serial, cert_sha256)
+        except BirthRejected as exc:
+            if audit_denied:
+                registry.audit("enroll", "denied", now, EST_ACTOR, exc.device_id, f"{exc.code}: {exc}", source)
+            raise
+    device_id = checked["device_id"]
     at = _ts(now)
-    with registry.write() as db:
+
+    def body(db: Any, cert: x509.Certificate) -> x509.Certificate:
         row = _check_birth(lambda sql, params: list(db.query(sql, params)), manufacturer, serial, cert_sha256)
+        if row["device_id"] != device_id:  # removed and imported again meanwhile, for another device
+            raise BirthRejected(f"{manufacturer} serial {serial} is not on the allowlist",
+                                code="birth_not_allowlisted", device_id=row["device_id"])
         again = row["used_at"] is not None
-        db.execute("UPDATE births SET used_at = ?, used_from = ?, reprovision = 0 "
-                   "WHERE manufacturer = ? AND serial = ?", [at, source, manufacturer, serial])
+        # exactly once: spent only if still unused (or allowed once more), whoever else (thread, hub) races for it
+        if db.execute("UPDATE births SET used_at = ?, used_from = ?, reprovision = 0 WHERE manufacturer = ? "
+                      "AND serial = ? AND (used_at IS NULL OR reprovision = 1)",
+                      [at, source, manufacturer, serial]).rowcount != 1:
+            raise BirthRejected(f"{manufacturer} serial {serial} enrolled already", code="birth_used",
+                                device_id=device_id)
         db.execute("UPDATE devices SET status = 'active' WHERE id = ? AND status = 'pending'", [device_id])
         if db.execute("UPDATE certificates SET status = 'superseded', grace_until = ? "
                       "WHERE device_id = ? AND status = 'active'", [at, device_id]).rowcount:
@@ -293,4 +342,8 @@ def enroll(registry: Registry, manufacturer: str, serial: str, cert_sha256: str,
         registry.append_audit(db, [(at, EST_ACTOR, "enroll", device_id, "ok",
                                     f"serial {cert_serial}; birth certificate {manufacturer} serial {serial}"
                                     + ("; re-provisioned" if again else ""), source)])
+        return cert
+
+    cert = registry._issuing("enroll", device_id, now, source, lambda db: checked, lambda: issue(device_id), body,
+                             audit_denied)
     return device_id, cert

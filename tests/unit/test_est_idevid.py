@@ -1,11 +1,10 @@
 """Birth certificates without a hub: hub.est.methods.idevid.identify (which CA, validity, serialNumber) and the
 allowlist in hub.manufacturer.store (manufacturer CAs, all-or-nothing batches, first use, re-provisioning),
-on a temporary registry file with file keys and a fixed clock."""
+on a fresh registry of each dialect (SQLite file, PostgreSQL database) with file keys and a fixed clock."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -18,6 +17,7 @@ from hub.est.methods.idevid import identify, is_birth_refusal
 from hub.manufacturer import factory, store
 from hub.registry.errors import DeviceExists
 from hub.registry.store import Registry
+from tests.integration.pgfixtures import any_registry, pg_server, pg_url, registry_target  # noqa: F401
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -56,10 +56,8 @@ def maker():
 
 
 @pytest.fixture
-def reg(tmp_path: Path):
-    r = Registry(tmp_path / "registry.sqlite3")
-    yield r
-    r.close()
+def reg(any_registry: Registry) -> Registry:  # noqa: F811
+    return any_registry
 
 
 def test_identify_names_the_manufacturer_and_the_serial(maker):
@@ -120,8 +118,10 @@ def _issuer(ca, key, cert_key):
 
 
 def _tables(reg: Registry) -> dict:
-    return {t: reg.query(f"SELECT * FROM {t} ORDER BY rowid") for t in ("devices", "certificates")} | {
-        "births": reg.query("SELECT * FROM births ORDER BY serial")}
+    return {"devices": reg.query("SELECT * FROM devices ORDER BY id"),
+            "certificates": reg.query("SELECT * FROM certificates ORDER BY serial"),
+            "births": reg.query("SELECT * FROM births ORDER BY serial"),
+            "manufacturers": reg.query("SELECT * FROM manufacturers ORDER BY name")}
 
 
 def test_batches_are_all_or_nothing(reg, maker):
@@ -177,9 +177,14 @@ def test_a_birth_certificate_enrolls_once_unless_reprovisioning_is_allowed(reg, 
     with pytest.raises(store.BirthRejected) as info:
         store.lookup(reg, "maker", "SN-7", digest)
     assert info.value.code == "device_suspended"
-    actions = [r["action"] for r in reg.audit_log(limit=50)]
+    rows = reg.audit_log(limit=50)
+    actions = [r["action"] for r in rows]
     assert "manufacturer.add" in actions and "manufacturer.import" in actions
-    assert actions.count("manufacturer.allow_reprovision") == 2 and actions.count("enroll") == 2
+    assert actions.count("manufacturer.allow_reprovision") == 2
+    enrolls = [r for r in reversed(rows) if r["action"] == "enroll"]  # refusals audited as token enrollment's
+    assert [(r["outcome"], r["detail"].partition(":")[0] if r["outcome"] == "denied" else "") for r in enrolls] == [
+        ("ok", ""), ("denied", "birth_used"), ("ok", ""), ("denied", "birth_used")]
+    assert all(r["device_id"] == "sn-7" for r in enrolls)
 
 
 def test_two_enrollments_racing_with_one_birth_certificate_record_one(reg, maker):
@@ -213,3 +218,117 @@ def test_a_batch_may_be_allowed_to_reprovision_at_once(reg, maker):
     assert store.allow_reprovision_batch(reg, "maker", "b1", T0, "operator")["allowed"] == 1  # SN-B never enrolled
     store.enroll(reg, "maker", "SN-A", store.fingerprint(certs["SN-A"]), T0, _issuer(ca, key, _key()))
     assert len(reg.certificates_of("sn-a")) == 2
+
+
+def test_an_issue_failure_during_birth_enrollment_is_audited_error_and_changes_nothing(reg, maker):
+    ca, key = maker
+    store.add_manufacturer(reg, "maker", ca, T0, "test")
+    digest = store.fingerprint(birth(ca, key, "SN-E"))
+    store.import_batch(reg, "maker", "b1", [{"serial": "SN-E", "cert_sha256": digest}], "acme", T0, "test")
+    before, last = _tables(reg), reg.audit_log(limit=1)[0]["id"]
+
+    def broken(device_id: str) -> x509.Certificate:
+        raise RuntimeError("CKR_DEVICE_ERROR: signer offline")
+
+    with pytest.raises(RuntimeError, match="signer offline"):
+        store.enroll(reg, "maker", "SN-E", digest, T0, broken, source="10.0.0.9")
+    assert _tables(reg) == before  # the birth certificate unspent, the device pending, no certificate
+    rows = [r for r in reg.audit_log(limit=10) if r["id"] > last]
+    assert [(r["action"], r["outcome"], r["device_id"], r["actor"], r["source"]) for r in rows] == [
+        ("enroll", "error", "sn-e", "est", "10.0.0.9")]
+    assert rows[0]["detail"] == "RuntimeError: CKR_DEVICE_ERROR: signer offline"
+    store.enroll(reg, "maker", "SN-E", digest, T0, _issuer(ca, key, _key()))  # still usable once
+    assert reg.get_device("sn-e")["status"] == "active" and len(reg.certificates_of("sn-e")) == 1
+    assert reg.verify_audit().ok
+
+
+def test_removing_a_manufacturer_refuses_its_births_at_once_and_keeps_enrolled_devices(reg, maker):
+    from hub.est.methods.idevid import ManufacturerTrust
+
+    ca, key = maker
+    other, _ = make_ca("other")
+    store.add_manufacturer(reg, "maker", ca, T0, "test")
+    store.add_manufacturer(reg, "other", other, T0, "test")
+    store.import_batch(reg, "maker", "b1", [{"serial": s} for s in ("SN-R1", "SN-R2", "SN-R3")], "acme", T0, "test")
+    digests = {s: store.fingerprint(birth(ca, key, s)) for s in ("SN-R1", "SN-R2", "SN-R3")}
+    issue = _issuer(ca, key, _key())
+    store.enroll(reg, "maker", "SN-R1", digests["SN-R1"], T0, issue)
+    enrolled = reg.certificates_of("sn-r1")
+    trust = ManufacturerTrust(reg, lambda: 0.0)
+    assert [n for n, _ in trust.cas()] == ["maker", "other"]
+
+    removed: list = []
+
+    def issue_while_removed(device_id: str) -> x509.Certificate:  # the removal commits while this one signs
+        removed.append(store.remove_manufacturer(reg, "maker", T0, "admin", source="10.0.0.1"))
+        return issue(device_id)
+
+    checked = store.lookup(reg, "maker", "SN-R2", digests["SN-R2"])
+    with pytest.raises(store.BirthRejected) as info:
+        store.enroll(reg, "maker", "SN-R2", digests["SN-R2"], T0, issue_while_removed, checked=checked)
+    assert info.value.code == "birth_not_allowlisted"
+    assert removed == [{"name": "maker", "subject": ca.subject.rfc4514_string(), "ca_sha256": store.fingerprint(ca),
+                        "births": 3, "used": 1, "pending": 2}]
+    assert [n for n, _ in trust.cas()] == ["other"]  # the EST workers' cache sees it on the next request
+    assert [n for n, _ in store.trusted(reg)] == ["other"]
+    for serial in ("SN-R1", "SN-R3"):
+        with pytest.raises(store.BirthRejected) as info:
+            store.lookup(reg, "maker", serial, digests[serial])
+        assert info.value.code == "birth_not_allowlisted"
+    assert reg.certificates_of("sn-r1") == enrolled and reg.get_device("sn-r1")["status"] == "active"
+    assert reg.certificates_of("sn-r2") == [] and reg.get_device("sn-r2")["status"] == "pending"
+    assert reg.query("SELECT COUNT(*) AS n FROM births")[0]["n"] == 0
+    row = next(r for r in reg.audit_log(limit=10) if r["action"] == "manufacturer.remove")
+    assert (row["actor"], row["outcome"], row["source"]) == ("admin", "ok", "10.0.0.1")
+    assert row["detail"].startswith("maker: CA ") and "3 birth certificates dropped (1 enrolled, 2 devices" in row["detail"]
+
+    before = _tables(reg)
+    for name, code in (("maker", "unknown"), ("Bad Name", "bad_name")):
+        with pytest.raises(store.ManufacturerError) as info:
+            store.remove_manufacturer(reg, name, T0, "admin")
+        assert info.value.code == code
+    assert _tables(reg) == before
+    store.add_manufacturer(reg, "maker", ca, T0 + timedelta(days=1), "test")  # the same CA may be trusted again
+    assert [n for n, _ in trust.cas()] == ["maker", "other"]
+    assert reg.verify_audit().ok
+
+
+def test_birth_and_token_enrollments_queued_meanwhile_share_one_group_commit(tmp_path, maker, monkeypatch):
+    """SQLite: birth enrollment is on the registry's issuing path, so it joins the group commit of concurrent
+    issuings (hub/registry/groupcommit.py) like token enrollment: one transaction, one fsync for all of them."""
+    import threading
+    import time
+
+    from hub.registry import groupcommit
+
+    ca, key = maker
+    reg = Registry(tmp_path / "registry.sqlite3")
+    try:
+        store.add_manufacturer(reg, "maker", ca, T0, "test")
+        serials = ("SN-G1", "SN-G2", "SN-G3")
+        store.import_batch(reg, "maker", "b1", [{"serial": s} for s in serials], "acme", T0, "test")
+        reg.add_device("tok-1", "acme", T0)
+        token = reg.create_token("tok-1", T0, timedelta(hours=1))
+        batches: list[int] = []
+        commit = groupcommit._commit
+        monkeypatch.setattr(groupcommit, "_commit", lambda r, batch: (batches.append(len(batch)), commit(r, batch)))
+        issue = _issuer(ca, key, _key())
+        jobs = [lambda s=s: store.enroll(reg, "maker", s, store.fingerprint(birth(ca, key, s)), T0, issue)
+                for s in serials] + [lambda: reg.enroll("tok-1", token, T0, lambda: issue("tok-1"))]
+        with reg._write_lock:  # another writer holds the lock: the four queue up meanwhile
+            threads = [threading.Thread(target=job) for job in jobs]
+            for t in threads:
+                t.start()
+            queue = groupcommit._queue(reg)
+            deadline = time.monotonic() + 10
+            while len(queue.items) < len(jobs) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert len(queue.items) == len(jobs)
+        for t in threads:
+            t.join(timeout=10)
+        assert batches == [4]
+        assert {d: reg.get_device(d)["status"] for d in ("sn-g1", "sn-g2", "sn-g3", "tok-1")} == dict.fromkeys(
+            ("sn-g1", "sn-g2", "sn-g3", "tok-1"), "active")
+        assert reg.verify_audit().ok
+    finally:
+        reg.close()

@@ -27,7 +27,9 @@ exporter; since the CSR key must equal the key that authenticated the handshake,
 
 Trust at the TLS layer: `ManufacturerTrust.refresh` adds each manufacturer CA to the listener's SSLContext
 (OpenSSL's store is shared by new handshakes), polled by every EST worker about once a second. The store can only
-grow; the decision above re-reads the registry's manufacturers, so the TLS store is never the last word.
+grow (a removed manufacturer's CA still completes handshakes until the hub restarts); the decision above re-reads
+the registry's manufacturers on every request (`trust_version`), and the enrollment's transaction re-checks the
+allowlist, so the TLS store is never the last word: a removed manufacturer's births are refused at once.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class ManufacturerTrust:
     def cas(self) -> list[tuple[str, x509.Certificate]]:
         """(name, CA) of every manufacturer, re-read when the registry's set changed."""
         with self._lock:
-            version = births.trust_version(self.registry)  # read first: a CA added meanwhile is read next time
+            version = births.trust_version(self.registry)  # read first: a CA changed meanwhile is read next time
             if version != self._version:
                 self._cas, self._version = births.trusted(self.registry), version
             return list(self._cas)
@@ -143,7 +145,8 @@ def simpleenroll(service: "EstService", req: "EstRequest", trust: ManufacturerTr
         manufacturer, serial, birth = identify(req.peer_cert_der, trust.cas(), now)
         digest = births.fingerprint(birth)
         try:
-            device_id = births.lookup(service.registry, manufacturer, serial, digest)["device_id"]
+            allowed = births.lookup(service.registry, manufacturer, serial, digest)  # the one read-only check
+            device_id = allowed["device_id"]
         except births.BirthRejected as exc:
             device_id = exc.device_id
             raise Forbidden(_code(exc), str(exc)) from None
@@ -155,10 +158,10 @@ def simpleenroll(service: "EstService", req: "EstRequest", trust: ManufacturerTr
         device_id, cert = births.enroll(
             service.registry, manufacturer, serial, digest, now,
             lambda dev: service.ca.issue_device_cert(csr.public_key(), dev, service.policy, now, service.crl_urls),
-            source=req.source)
+            source=req.source, checked=allowed, audit_denied=False)
     except EstError as exc:
         return service._deny("enroll", req, exc, device_id)
-    except births.BirthRejected as exc:  # lost a race to the same birth certificate
+    except births.BirthRejected as exc:  # lost a race to the same birth certificate, or its maker was removed
         return service._deny("enroll", req, Forbidden(_code(exc), str(exc)), exc.device_id or device_id)
     log.info("enrolled %s from %s with the %s birth certificate %s (serial %x)", device_id, req.source, manufacturer,
              serial, cert.serial_number)
