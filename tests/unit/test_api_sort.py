@@ -9,7 +9,7 @@ import pytest
 from hub.api import queries
 from hub.api.queries import BadRequest, Selector
 from hub.registry.store import Registry, _ts
-from tests.integration.pgfixtures import any_registry, pg_server, pg_url, registry_target  # noqa: F401
+from tests.integration.pgfixtures import pg_server  # noqa: F401
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -30,9 +30,19 @@ def _fleet(r: Registry) -> Registry:
     return r
 
 
-@pytest.fixture
-def reg(any_registry):  # noqa: F811 - on each dialect
-    return _fleet(any_registry)
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def reg(request, tmp_path_factory):
+    """One registry per dialect for the module (every test here only reads)."""
+    home = tmp_path_factory.mktemp("sort")
+    if request.param == "sqlite":
+        r = Registry(home / "registry.sqlite3")
+    else:
+        server = request.getfixturevalue("pg_server")
+        name = server.create_database()
+        request.addfinalizer(lambda: server.drop_database(name))
+        r = Registry(server.url(name), home=home)
+    yield _fleet(r)
+    r.close()
 
 
 def _plan(reg: Registry, sql: str, params: list) -> str:

@@ -11,7 +11,7 @@ from hub.reports import expiry
 from hub.api.queries import apply_schema
 from hub.registry.store import Registry, _ts
 from hub.reports.expiry import OVERDUE_GRACE, classify
-from tests.integration.pgfixtures import any_registry, pg_server, pg_url, registry_target  # noqa: F401
+from tests.integration.pgfixtures import pg_server  # noqa: F401
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
 DAY = timedelta(days=1)
@@ -101,9 +101,19 @@ def _fleet(r: Registry) -> Registry:
     return r
 
 
-@pytest.fixture
-def reg(any_registry):  # noqa: F811 - on each dialect
-    return _fleet(any_registry)
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def reg(request, tmp_path_factory):
+    """One registry per dialect for the module (every test here only reads)."""
+    home = tmp_path_factory.mktemp("expiry")
+    if request.param == "sqlite":
+        r = Registry(home / "registry.sqlite3")
+    else:
+        server = request.getfixturevalue("pg_server")
+        name = server.create_database()
+        request.addfinalizer(lambda: server.drop_database(name))
+        r = Registry(server.url(name), home=home)
+    yield _fleet(r)
+    r.close()
 
 
 @pytest.fixture
