@@ -18,11 +18,26 @@ Setup: one fleet (``tessera-hub init``, lenient limits), N + R devices enrolled 
    goes to the hub's admin socket (the hub talks to node 1: registry commit, listener CRL, management API kick
    by user name); time from the call to the session's EOF. Goal p99 <= 1 s (no auth cache: nothing to wait out).
    Nearest-rank percentiles.
+
+``python -m bench.rabbitmq_bench --one-node [--connections 5000] [--publishers 4] [--revocations 20]``: one
+Mosquitto's limits on this machine (the hub's broker with its plugin, no cluster). N devices enrolled over EST by
+four client processes; the N raw 3.1.1 sessions opened by 3 client processes x 4 threads at once, all held. Rows: sessions
+held, broker memory per connection (RSS delta / held) and what it makes per GB, sessions established per second
+(N / the wall time of the opening, client TLS included: the client shares the 2 cores), broker CPU seconds per
+1000 connects (utime + stime of the mosquitto process over the opening), then with the N sessions still held:
+QoS 0 and QoS 1 messages/s through it (bench/broker_bench.py's K commander -> device pairs, 64-byte payloads) and
+revoke -> cut (R devices, as in 3). The fd limits: this process raises its soft RLIMIT_NOFILE to the hard one and
+`serve` and its mosquitto inherit it (the hub does not change it; the systemd unit sets LimitNOFILE=65536);
+Mosquitto's max_connections is left at its default (-1: no limit); each session is one fd in the broker and one
+in this process, so N may approach the hard limit less a few hundred.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import multiprocessing
+import os
 import re
 import resource
 import socket
@@ -32,6 +47,7 @@ import struct
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.fleet import HOST, Dev, HubProcess, enroll, free_port, make_fleet  # noqa: E402
+from bench.fleet import HOST, Dev, HubProcess, cpu_s, enroll, free_port, make_fleet  # noqa: E402
 
 FLEET = "acme"
 PREFIX = "rb"
@@ -242,7 +258,166 @@ def run(quick: bool = False) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":
+# --- one Mosquitto's limits (--one-node) -----------------------------------------------------------------------------
+
+def _enroll_chunk(est_port: int, hub_dir: str, rows: list[tuple[str, str]], work: str) -> list[Dev]:
+    return enroll(type("H", (), {"est_port": est_port, "dir": Path(hub_dir)})(), rows, Path(work))
+
+
+def enroll_parallel(hub: HubProcess, rows: list[tuple[str, str]], work: Path, procs: int = 4) -> list[Dev]:
+    """bench.fleet.enroll in `procs` spawned processes (the EST server has a worker per CPU); devices in order."""
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        parts = pool.starmap(_enroll_chunk, [(hub.est_port, str(hub.dir), rows[i::procs], str(work))
+                                             for i in range(procs)])
+    out: list[Dev | None] = [None] * len(rows)
+    for i, part in enumerate(parts):
+        out[i::procs] = part
+    return out  # type: ignore[return-value]
+
+
+HOLDER_PROCS, HOLDER_THREADS = 3, 4
+
+
+def _holder(hub_dir: str, port: int, devs: list[Dev], barrier, cmds, results) -> None:
+    """A client process: opens its sessions (HOLDER_THREADS at once) after the barrier, holds them; on each command
+    "alive" reports how many are still open, on "close" closes them."""
+    with ThreadPoolExecutor(HOLDER_THREADS) as pool:
+        barrier.wait()
+        start = time.time()
+        socks = [s for s in pool.map(lambda d: open_session(Path(hub_dir), d, port), devs) if s is not None]
+    results.put((start, time.time(), len(socks)))
+    while cmds.get() == "alive":
+        results.put(sum(1 for s in socks if alive(s)))
+    for s in socks:
+        s.close()
+
+
+class Holders:
+    """HOLDER_PROCS client processes holding the sessions of `devs` (split round-robin) on `port`."""
+
+    def __init__(self, hub_dir: Path, port: int, devs: list[Dev]):
+        ctx = multiprocessing.get_context("spawn")
+        barrier, self.results = ctx.Barrier(HOLDER_PROCS + 1), ctx.Queue()
+        self.cmds = [ctx.Queue() for _ in range(HOLDER_PROCS)]
+        self.procs = [ctx.Process(target=_holder, args=(str(hub_dir), port, devs[i::HOLDER_PROCS], barrier,
+                                                        self.cmds[i], self.results), daemon=True)
+                      for i in range(HOLDER_PROCS)]
+        for proc in self.procs:
+            proc.start()
+        barrier.wait(timeout=120)
+
+    def opened(self) -> tuple[float, int]:
+        """(seconds from the first process's start to the last one's end, sessions opened)."""
+        got = [self.results.get(timeout=1800) for _ in self.procs]
+        return max(g[1] for g in got) - min(g[0] for g in got), sum(g[2] for g in got)
+
+    def alive(self) -> int:
+        for q in self.cmds:
+            q.put("alive")
+        return sum(self.results.get(timeout=300) for _ in self.procs)
+
+    def close(self) -> None:
+        for q in self.cmds:
+            q.put("close")
+        for proc in self.procs:
+            proc.join(60)
+            if proc.is_alive():
+                proc.kill()
+
+
+def one_node(connections: int, publishers: int, revocations: int) -> list[dict]:
+    """One Mosquitto (the hub's, with its plugin): sessions held, memory, connect rate and CPU, messages/s, cut."""
+    from bench.broker_bench import _commanders, _publish_run
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if connections + 500 > hard:
+        raise SystemExit(f"--connections {connections} needs RLIMIT_NOFILE above {connections + 500} (hard {hard})")
+    n, k = connections, publishers
+    with tempfile.TemporaryDirectory(prefix="tessera-mosq-limits-") as tmp:
+        tmp = Path(tmp)
+        hub_dir, tokens = make_fleet(tmp, n + revocations + k, FLEET, PREFIX,
+                                     (("connect_rate", "1000000"), ("connect_burst", "1000000")))
+        hub = HubProcess(hub_dir)
+        hub.start()
+        try:
+            (work := tmp / "devices").mkdir()
+            t0 = time.monotonic()
+            devs = enroll_parallel(hub, tokens, work)
+            enrolled_s = time.monotonic() - t0
+            commanders = _commanders(hub_dir, k)
+            held_devs, rev_devs, sub_devs = devs[:n], devs[n:n + revocations], devs[n + revocations:]
+            pid = hub.broker_pid
+            rss0, cpu0 = rss_kb([pid]), cpu_s(pid)
+            holders = Holders(hub_dir, hub.mqtt_port, held_devs)
+            try:
+                open_s, held = holders.opened()
+                open_cpu = cpu_s(pid) - cpu0
+                time.sleep(2)
+                held, rss1 = holders.alive(), rss_kb([pid])
+                cafile = str(hub_dir / "ca" / "root.pem")
+                pairs = list(zip(commanders, sub_devs))
+                q0 = _publish_run(hub.mqtt_port, cafile, pairs, 0, 40000, pid)
+                q1 = _publish_run(hub.mqtt_port, cafile, pairs, 1, 16000, pid)
+                cuts = revoke_cut(hub_dir, rev_devs, hub.mqtt_port)
+                still = holders.alive()
+            finally:
+                holders.close()
+        finally:
+            hub.shutdown()
+    kb = (rss1 - rss0) / max(1, held)
+    load = os.getloadavg()[0]
+    info = {"goal": "", "pass": None}
+    return [
+        {"metric": f"Mosquitto: live sessions held (of {n})", "value": held, "goal": f"{n}",
+         "pass": held == n},
+        {"metric": "  still held after the message and revoke runs", "value": still, "goal": f"{held}",
+         "pass": still == held},
+        {"metric": "Mosquitto: memory per connection", "value": kb, "unit": "kB", **info},
+        {"metric": "  connections per GB of broker RSS", "value": 1024 * 1024 / kb if kb > 0 else float("nan"),
+         **info},
+        {"metric": f"  broker RSS with {held} sessions", "value": rss1 / 1024, "unit": "MB", **info},
+        {"metric": f"Mosquitto: sessions established/s ({HOLDER_PROCS}x{HOLDER_THREADS} client threads, same 2 cores)",
+         "value": n / open_s, "unit": "/s", **info},
+        {"metric": "  broker CPU seconds per 1000 connects", "value": open_cpu / n * 1000, "unit": "s", **info},
+        {"metric": "  broker CPU share of the opening (% of one core)", "value": open_cpu / open_s * 100,
+         "unit": "%", **info},
+        {"metric": "  one core's ceiling at that CPU per connect (projection)", "value": n / open_cpu if open_cpu
+         else float("nan"), "unit": "/s", "goal": "info (projection)", "pass": None},
+        {"metric": f"Mosquitto: QoS 0 msgs/s with {held} held ({k} pairs)", "value": q0["rate"], "unit": "/s",
+         **info},
+        {"metric": "  broker CPU per message QoS 0", "value": q0["broker_cpu_us"], "unit": "us", **info},
+        {"metric": f"Mosquitto: QoS 1 msgs/s with {held} held ({k} pairs)", "value": q1["rate"], "unit": "/s",
+         **info},
+        {"metric": "  broker CPU per message QoS 1", "value": q1["broker_cpu_us"], "unit": "us", **info},
+        {"metric": f"Mosquitto: revoke -> cut p50 (n={len(cuts)}, {held} held)",
+         "value": statistics.median(cuts) * 1000, "unit": "ms", **info},
+        {"metric": f"Mosquitto: revoke -> cut p99 (n={len(cuts)}, {held} held)", "value": pct(cuts, 99) * 1000,
+         "unit": "ms", "goal": "<= 1000 ms", "pass": pct(cuts, 99) <= 1.0},
+        {"metric": f"(setup: {n + revocations + k} devices enrolled over EST in {enrolled_s:.0f} s; fd limit "
+                   f"{hard}; load average at the end {load:.2f})", "value": "", **info},
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
     from bench.__main__ import render
 
-    print(render(run(quick="--quick" in sys.argv)))
+    ap = argparse.ArgumentParser(prog="python -m bench.rabbitmq_bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the comparison with 300 sessions and 10 revocations")
+    ap.add_argument("--one-node", action="store_true", help="one Mosquitto's limits on this machine (no cluster)")
+    ap.add_argument("--connections", type=int, default=5000, help="--one-node: sessions to open and hold")
+    ap.add_argument("--publishers", type=int, default=4, help="--one-node: commander -> device pairs publishing")
+    ap.add_argument("--revocations", type=int, default=20, help="--one-node: revoke -> cut samples")
+    args = ap.parse_args(argv)
+    if args.connections < 1 or args.publishers < 1 or args.revocations < 1:
+        ap.error("--connections, --publishers and --revocations must be at least 1")
+    started = time.monotonic()
+    rows = one_node(args.connections, args.publishers, args.revocations) if args.one_node else run(args.quick)
+    print(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, {os.cpu_count()} CPUs, "
+          f"{time.monotonic() - started:.0f} s")
+    print(render(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
