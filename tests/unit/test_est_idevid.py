@@ -332,3 +332,50 @@ def test_birth_and_token_enrollments_queued_meanwhile_share_one_group_commit(tmp
         assert reg.verify_audit().ok
     finally:
         reg.close()
+
+
+def test_postgresql_two_hubs_spending_one_birth_certificate_at_once_record_one(pg_url, tmp_path, maker):  # noqa: F811
+    """PostgreSQL runs enrollment transactions at once (the write lock shared): two bodies that both passed the
+    allowlist check queue on the births row, and the guarded UPDATE lets one spend it; the other is refused."""
+    import threading
+    import time
+
+    ca, key = maker
+    reg = Registry(pg_url, home=tmp_path)
+    try:
+        store.add_manufacturer(reg, "maker", ca, T0, "test")
+        store.import_batch(reg, "maker", "b1", [{"serial": "SN-P"}], "acme", T0, "test")
+        digest = store.fingerprint(birth(ca, key, "SN-P"))
+        issue = _issuer(ca, key, _key())
+        outcome: dict[int, object] = {}
+
+        def enroll(n: int) -> None:
+            try:
+                outcome[n] = store.enroll(reg, "maker", "SN-P", digest, T0, issue)[1]
+            except store.BirthRejected as exc:
+                outcome[n] = exc.code
+
+        db = reg._db()  # holds the births row while both enrollments check it and then queue on it
+        db.execute("BEGIN")
+        list(db.query("SELECT 1 FROM births WHERE serial = 'SN-P' FOR UPDATE"))
+        threads = [threading.Thread(target=enroll, args=(n,)) for n in (1, 2)]
+        for t in threads:
+            t.start()
+        with reg._engine.connect() as watch:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and watch.exec_driver_sql(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND left(query, 13) = 'UPDATE births'").scalar() < 2:
+                time.sleep(0.01)
+        db.execute("COMMIT")
+        for t in threads:
+            t.join(timeout=20)
+        assert len(outcome) == 2 and [v for v in outcome.values() if isinstance(v, str)] == ["birth_used"], outcome
+        won = next(c for c in outcome.values() if isinstance(c, x509.Certificate))
+        assert [c["serial"] for c in reg.certificates_of("sn-p")] == [format(won.serial_number, "x")]
+        enrolls = [(r["outcome"], r["detail"].partition(":")[0]) for r in reg.audit_log(limit=10)
+                   if r["action"] == "enroll"]
+        assert sorted(o for o, _ in enrolls) == ["denied", "ok"] and ("denied", "birth_used") in enrolls
+        assert reg.verify_audit().ok
+    finally:
+        reg.close()
