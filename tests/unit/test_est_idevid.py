@@ -256,6 +256,8 @@ def test_removing_a_manufacturer_refuses_its_births_at_once_and_keeps_enrolled_d
     enrolled = reg.certificates_of("sn-r1")
     trust = ManufacturerTrust(reg, lambda: 0.0)
     assert [n for n, _ in trust.cas()] == ["maker", "other"]
+    assert [(m["name"], m["births"], m["used"]) for m in store.list_manufacturers(reg)] == [("maker", 3, 1),
+                                                                                            ("other", 0, 0)]
 
     removed: list = []
 
