@@ -325,6 +325,12 @@ class Holders:
                 proc.kill()
 
 
+def _nofile(pid: int) -> str:
+    """The soft RLIMIT_NOFILE of process `pid` (/proc/<pid>/limits), as text."""
+    m = re.search(r"^Max open files\s+(\S+)", Path(f"/proc/{pid}/limits").read_text(), re.M)
+    return m.group(1) if m else "?"
+
+
 def one_node(connections: int, publishers: int, revocations: int) -> list[dict]:
     """One Mosquitto (the hub's, with its plugin): sessions held, memory, connect rate and CPU, messages/s, cut."""
     from bench.broker_bench import _commanders, _publish_run
@@ -348,6 +354,7 @@ def one_node(connections: int, publishers: int, revocations: int) -> list[dict]:
             commanders = _commanders(hub_dir, k)
             held_devs, rev_devs, sub_devs = devs[:n], devs[n:n + revocations], devs[n + revocations:]
             pid = hub.broker_pid
+            broker_fds = _nofile(pid)
             rss0, cpu0 = rss_kb([pid]), cpu_s(pid)
             holders = Holders(hub_dir, hub.mqtt_port, held_devs)
             try:
@@ -395,7 +402,7 @@ def one_node(connections: int, publishers: int, revocations: int) -> list[dict]:
         {"metric": f"Mosquitto: revoke -> cut p99 (n={len(cuts)}, {held} held)", "value": pct(cuts, 99) * 1000,
          "unit": "ms", "goal": "<= 1000 ms", "pass": pct(cuts, 99) <= 1.0},
         {"metric": f"(setup: {n + revocations + k} devices enrolled over EST in {enrolled_s:.0f} s; fd limit "
-                   f"{hard}; load average at the end {load:.2f})", "value": "", **info},
+                   f"{hard}, the broker's {broker_fds}; load average at the end {load:.2f})", "value": "", **info},
     ]
 
 
