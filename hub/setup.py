@@ -7,6 +7,7 @@ import ipaddress
 import os
 import shutil
 import socket
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -150,3 +151,66 @@ def _populate(cfg: HubConfig, fleet: str, now: datetime, key_type: str, token) -
         ca.close()
     cfg.save()
 
+
+
+#: What a second hub copies from the first (relative paths; every *.key, *.secret and audit.key stays 0600): the
+#: fleet's CAs, the hub TLS identities (the same server name, admin and local-operator certificates), the audit
+#: chain key and the RabbitMQ secrets (the nodes' auth back-end URL and the management user are the fleet's).
+JOIN_DIRS = ("ca", "tls")
+JOIN_FILES = ("audit.key", "broker/auth.secret", "broker/mgmt.secret")
+
+
+def join_fleet(root: Path, source: Path) -> HubConfig:
+    """`tessera-hub init --join SOURCE`: a second hub of the fleet served from `source` (a hub directory on a
+    PostgreSQL registry): its fleet.toml (same [registry] url, [broker], fleet and issuance settings), its CA
+    material, TLS identities, audit key and broker secrets, copied 0600. Nothing is written to the registry; serve
+    checks that the registry is this fleet's (hub/serve/guard.py: check_registry)."""
+    from hub.config import load_config
+
+    src = load_config(Path(source))
+    if not src.registry_url:
+        raise ConfigError(f"{source} keeps its registry in a SQLite file; a second hub needs a shared PostgreSQL "
+                          f"registry ([registry] url in {src.toml_path}, docs/scale-out.md)")
+    if src.ca_store != "file":
+        raise ConfigError(f"{source} keeps its CA keys in a PKCS#11 token: give the second hub its own access to that "
+                          "token (init it with the same --ca-key) instead of --join")
+    if (root / "fleet.toml").exists():
+        raise ConfigError(f"{root} already holds a fleet; refusing to overwrite it")
+    missing = [name for name in (*JOIN_DIRS, "audit.key") if not (src.root / name).exists()]
+    if missing:
+        raise ConfigError(f"{source} is not a complete hub directory (missing {', '.join(missing)})")
+    existed = root.exists()
+    before = set(os.listdir(root)) if existed and root.is_dir() else set()
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the hub directory {root}: {exc.strerror or exc}") from None
+    try:
+        cfg = replace(src, root=root)
+        for d in (cfg.crl_dir, cfg.log_dir, cfg.broker_dir):
+            d.mkdir(exist_ok=True, mode=0o700)
+        for name in JOIN_DIRS:
+            (root / name).mkdir(mode=0o700, exist_ok=True)
+            for path in sorted((src.root / name).iterdir()):
+                if path.is_file():
+                    _copy_private(path, root / name / path.name)
+        for name in JOIN_FILES:
+            if (src.root / name).exists():
+                _copy_private(src.root / name, root / name)
+        for path in sorted(src.crl_dir.glob("*.crl*")):  # served until this hub publishes its own
+            shutil.copyfile(path, cfg.crl_dir / path.name)
+        cfg.save()
+    except BaseException:
+        _undo(root, existed, before)
+        raise
+    return cfg
+
+
+def _copy_private(src: Path, dst: Path) -> None:
+    """`src` copied to `dst`: secrets (*.key, *.secret, audit.key) 0600 from their creation, certificates as
+    readable as the source's, never more than 0644."""
+    secret = src.suffix in (".key", ".secret")
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else src.stat().st_mode & 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(src.read_bytes())

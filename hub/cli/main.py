@@ -61,7 +61,8 @@ def _main(show_version: bool = typer.Option(False, "--version", callback=_print_
 
 @app.command()
 def init(
-    fleet: str = typer.Option(..., "--fleet", help="Fleet name (goes into every certificate as O=)."),
+    fleet: str = typer.Option("", "--fleet", help="Fleet name (goes into every certificate as O=); required "
+                                                   "unless --join."),
     directory: Optional[Path] = DirOpt,
     validity_days: int = typer.Option(30, help="Device certificate lifetime in days."),
     key_type: str = typer.Option("ec-p256", help="CA key type: ec-p256, ec-p384 or rsa-3072."),
@@ -82,14 +83,21 @@ def init(
                                                                     "\\[default: http://<first --hostname or "
                                                                     "localhost>:<fleet.toml \\[crl] http_port, "
                                                                     "8080>]."),
+    join: Optional[Path] = typer.Option(None, "--join", help="Make a second hub of the fleet served from this hub "
+                                                             "directory (PostgreSQL registry): its fleet.toml, CAs, "
+                                                             "TLS files, audit key and broker secrets are copied."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Create a fleet: root, device and service CAs, the hub's TLS certificate, an empty registry."""
-    from hub.setup import create_fleet
+    from hub.setup import create_fleet, join_fleet
 
     root = hub_dir(directory)
+    if not fleet and join is None:
+        fail("init needs --fleet NAME (a new fleet) or --join DIR (a second hub of an existing one)")
+    if fleet and join is not None:
+        fail("--join takes the fleet's name from the joined hub: drop --fleet")
     try:
-        cfg = create_fleet(root, fleet, now(), validity_days=validity_days, key_type=key_type, ca_key=ca_key,
+        cfg = join_fleet(root, join) if join is not None else create_fleet(root, fleet, now(), validity_days=validity_days, key_type=key_type, ca_key=ca_key,
                            ca_pin_source=ca_pin_source, ca_module=ca_module, hostnames=hostname,
                            est_port=est_port, mqtt_port=mqtt_port, public_url=public_url,
                            public_crl_url=public_crl_url)

@@ -82,3 +82,38 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
                 why = "in use by another program" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
                 raise ConfigError(f"the {name} port {host}:{port} is {why}; stop that program or choose another "
                                   f"port (fleet.toml or --{name.lower()}-port)") from None
+
+
+def check_registry(cfg: HubConfig, registry) -> None:
+    """On a shared (PostgreSQL) registry: this hub must be of the registry's fleet — the same fleet name, root CA
+    and audit key as the hub that first served it (recorded then in `meta`). Another fleet's hub would issue
+    certificates the others cannot verify; another audit key would break the chain for every hub. SQLite: a file
+    of this directory, nothing to check."""
+    if registry.dialect != "postgresql":
+        return
+    import hashlib
+    import hmac
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from hub.registry import audit as audit_chain
+    from hub.registry.sql import safe_url
+
+    root = x509.load_pem_x509_certificate((cfg.ca_dir / "root.pem").read_bytes())
+    mine = {"fleet": cfg.fleet, "fleet_root_sha256": root.fingerprint(hashes.SHA256()).hex(),
+            "audit_key_id": hmac.new(audit_chain.load_key(registry.path), b"tessera audit key id",
+                                     hashlib.sha256).hexdigest()[:32]}
+    with registry.write() as db:
+        for key, value in mine.items():
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING", [key, value])
+        recorded = {r["key"]: r["value"] for r in db.query(
+            "SELECT key, value FROM meta WHERE key IN (?, ?, ?)", list(mine))}
+        what = {"fleet": f"fleet {recorded.get('fleet')!r}, not {cfg.fleet!r}",
+                "fleet_root_sha256": "a fleet with another root CA than this hub's ca/root.pem",
+                "audit_key_id": "a fleet with another audit key than this hub's audit.key"}
+        for key, value in mine.items():
+            if recorded.get(key) != value:  # raised inside the transaction: rolled back, nothing recorded
+                raise ConfigError(f"the registry {safe_url(registry.url)} belongs to {what[key]}: a second hub "
+                                  "copies the first one's files (tessera-hub init --join, docs/scale-out.md); "
+                                  "nothing was changed")

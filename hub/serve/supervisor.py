@@ -20,7 +20,7 @@ from hub.broker.mqttadmin import AdminClient
 from hub.ca.authority import load_ca
 from hub.config import HubConfig
 from hub.est.pool import EstPool
-from hub.serve.guard import DirectoryLock, check_ports_free, check_private_files
+from hub.serve.guard import DirectoryLock, check_ports_free, check_private_files, check_registry
 from hub.serve.live import LiveHub
 
 log = logging.getLogger("tessera.hub")
@@ -84,7 +84,13 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
     cfg = dataclasses.replace(cfg, est_host=host, est_port=est_port, mqtt_port=mqtt_port)
 
     ca = load_ca(cfg.ca_dir, cfg.ca_token)
-    registry = cfg.open_registry()
+    registry = cfg.open_registry()  # PostgreSQL: an empty database gets the core schema here (pgschema)
+    try:
+        check_registry(cfg, registry)  # a shared registry: this fleet's, with this hub's root CA and audit key
+    except BaseException:
+        registry.close()
+        ca.close()
+        raise
     tls_dir = cfg.tls_dir
 
     def event(kind: str, detail: str) -> None:
