@@ -11,11 +11,12 @@ from __future__ import annotations
 import secrets
 
 PREFIX = b"tessera:"
+RANDOM_BYTES = 4
 
 
 def new_key_id(device_id: str) -> bytes:
     """A fresh CKA_ID that names `device_id`."""
-    return PREFIX + device_id.encode("ascii") + b":" + secrets.token_bytes(4)
+    return PREFIX + device_id.encode("ascii") + b":" + secrets.token_bytes(RANDOM_BYTES)
 
 
 def owner_of(key_id: bytes) -> str | None:
@@ -23,8 +24,10 @@ def owner_of(key_id: bytes) -> str | None:
     key_id = bytes(key_id)
     if not key_id.startswith(PREFIX):
         return None
-    owner, sep, _ = key_id[len(PREFIX):].rpartition(b":")
-    if not sep or not owner:
+    # the random tail is a fixed RANDOM_BYTES long and may itself hold b":", so cut it off by length, not by search
+    body = key_id[len(PREFIX):]
+    owner, sep = body[:-RANDOM_BYTES - 1], body[-RANDOM_BYTES - 1:-RANDOM_BYTES]
+    if sep != b":" or not owner:
         return None
     try:
         return owner.decode("ascii")

@@ -13,6 +13,12 @@ def test_a_new_key_id_names_its_device_and_is_unique():
     assert owner_of(a) == owner_of(b) == "sensor-0001"
 
 
+@pytest.mark.parametrize("tail", [b"\xea\xb4:\t", b"::::", b":abc", b"abc:"])
+def test_a_random_tail_holding_colons_still_names_the_device(tail):
+    # CI once drew b"\xea\xb4:\t": a search for the last b":" took the tail's colon for the separator
+    assert owner_of(PREFIX + b"sensor-0001:" + tail) == "sensor-0001"
+
+
 @pytest.mark.parametrize("key_id", [b"\x01" * 8, b"tessera:", b"tessera:x", b"tessera::\x00\x01", b"tessera:\xff:1"])
 def test_unmarked_ids_have_no_owner(key_id):
     assert owner_of(key_id) is None
