@@ -1,4 +1,5 @@
-"""The jobs side tables in the registry file (`jobs`, `job_devices`) and their indexes; `apply_schema` is idempotent.
+"""The jobs side tables in the registry (`jobs`, `job_devices`, `jobs_leader`) and their indexes, on SQLite and
+PostgreSQL; `apply_schema` is idempotent.
 
 Per-state counts live on the job row (`n_<state>` columns), changed in the same transaction as every device
 transition, so reading a job's progress or deciding a tick never counts rows. Every query the runner and the API
@@ -9,51 +10,91 @@ make is an index range:
   an ack                    job_devices_command (command_id) UNIQUE WHERE command_id IS NOT NULL
   device list (by state)    job_devices_state, keyset on device_id
   active jobs / job list    jobs_state (state, id); the jobs primary key, newest first
+`jobs_leader` is the one-row lease of the hub whose runner drives the jobs (hub/jobs/leader.py).
+
+On PostgreSQL (`PG_SCHEMA`, the same tables side by side): an identity column for AUTOINCREMENT, BIGINT job ids,
+DOUBLE PRECISION for REAL (PostgreSQL's REAL is 4 bytes: 0.1/min would read back as 0.100000001), `::json` casts
+for json_valid(), no WITHOUT ROWID.
 """
 
 from __future__ import annotations
 
+from hub.registry import sql as dbsql
 from hub.registry.store import Registry
 
-JOBS_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS jobs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, command TEXT NOT NULL,
-        args TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(args)),
-        selector TEXT NOT NULL CHECK (json_valid(selector)),
-        rate_per_minute REAL NOT NULL, timeout_s REAL NOT NULL, abort_percent REAL NOT NULL,
-        min_finished INTEGER, offline TEXT NOT NULL CHECK (offline IN ('fail', 'wait')), deadline TEXT,
-        ramp_start REAL, ramp_factor REAL, ramp_every INTEGER, max_in_flight INTEGER,
-        retries INTEGER NOT NULL DEFAULT 0,
-        state TEXT NOT NULL CHECK (state IN ('running', 'paused', 'completed', 'aborted', 'cancelled')),
-        total INTEGER NOT NULL DEFAULT 0,
-        n_queued INTEGER NOT NULL DEFAULT 0, n_sent INTEGER NOT NULL DEFAULT 0, n_acked INTEGER NOT NULL DEFAULT 0,
-        n_failed INTEGER NOT NULL DEFAULT 0, n_timed_out INTEGER NOT NULL DEFAULT 0,
-        n_offline INTEGER NOT NULL DEFAULT 0,
-        created_by TEXT NOT NULL, created TEXT NOT NULL, started TEXT, finished TEXT, reason TEXT)""",
-    """CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id)""",
-    """CREATE TABLE IF NOT EXISTS job_devices (
-        job_id INTEGER NOT NULL REFERENCES jobs(id), device_id TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('queued', 'sent', 'acked', 'failed', 'timed_out', 'offline')),
-        command_id TEXT, attempts INTEGER NOT NULL DEFAULT 0, sent_at TEXT, finished_at TEXT, detail TEXT,
-        PRIMARY KEY (job_id, device_id)) WITHOUT ROWID""",
+_INDEXES = (
     """CREATE INDEX IF NOT EXISTS job_devices_state ON job_devices(job_id, state, device_id)""",
     """CREATE INDEX IF NOT EXISTS job_devices_sent ON job_devices(job_id, sent_at) WHERE state = 'sent'""",
     """CREATE UNIQUE INDEX IF NOT EXISTS job_devices_command ON job_devices(command_id)
         WHERE command_id IS NOT NULL""",
 )
+_JOBS_INDEX = """CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id)"""
+_JOB_STATE = "state TEXT NOT NULL CHECK (state IN ('running', 'paused', 'completed', 'aborted', 'cancelled'))"
+_COUNTERS = """total INTEGER NOT NULL DEFAULT 0,
+        n_queued INTEGER NOT NULL DEFAULT 0, n_sent INTEGER NOT NULL DEFAULT 0, n_acked INTEGER NOT NULL DEFAULT 0,
+        n_failed INTEGER NOT NULL DEFAULT 0, n_timed_out INTEGER NOT NULL DEFAULT 0,
+        n_offline INTEGER NOT NULL DEFAULT 0,
+        created_by TEXT NOT NULL, created TEXT NOT NULL, started TEXT, finished TEXT, reason TEXT"""
+_DEVICE_COLUMNS = """device_id TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('queued', 'sent', 'acked', 'failed', 'timed_out', 'offline')),
+        command_id TEXT, attempts INTEGER NOT NULL DEFAULT 0, sent_at TEXT, finished_at TEXT, detail TEXT,
+        PRIMARY KEY (job_id, device_id)"""
+#: the runner's lease (hub/jobs/leader.py): one row, the holder's id and the stored timestamp it holds it until
+_LEADER = """CREATE TABLE IF NOT EXISTS jobs_leader (
+        id INTEGER PRIMARY KEY CHECK (id = 1), holder TEXT NOT NULL, until TEXT NOT NULL)"""
 
+JOBS_SCHEMA = (
+    f"""CREATE TABLE IF NOT EXISTS jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, command TEXT NOT NULL,
+        args TEXT NOT NULL DEFAULT '{{}}' CHECK (json_valid(args)),
+        selector TEXT NOT NULL CHECK (json_valid(selector)),
+        rate_per_minute REAL NOT NULL, timeout_s REAL NOT NULL, abort_percent REAL NOT NULL,
+        min_finished INTEGER, offline TEXT NOT NULL CHECK (offline IN ('fail', 'wait')), deadline TEXT,
+        ramp_start REAL, ramp_factor REAL, ramp_every INTEGER, max_in_flight INTEGER,
+        retries INTEGER NOT NULL DEFAULT 0,
+        {_JOB_STATE},
+        {_COUNTERS})""",
+    _JOBS_INDEX,
+    f"""CREATE TABLE IF NOT EXISTS job_devices (
+        job_id INTEGER NOT NULL REFERENCES jobs(id), {_DEVICE_COLUMNS}) WITHOUT ROWID""",
+    *_INDEXES,
+    _LEADER,
+)
 
-#: columns added after the first version of `jobs` (a jobs table made before gets them here)
+PG_SCHEMA = (
+    f"""CREATE TABLE IF NOT EXISTS jobs (
+        id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, name TEXT NOT NULL, command TEXT NOT NULL,
+        args TEXT NOT NULL DEFAULT '{{}}' CHECK (args::json IS NOT NULL),
+        selector TEXT NOT NULL CHECK (selector::json IS NOT NULL),
+        rate_per_minute DOUBLE PRECISION NOT NULL, timeout_s DOUBLE PRECISION NOT NULL,
+        abort_percent DOUBLE PRECISION NOT NULL,
+        min_finished INTEGER, offline TEXT NOT NULL CHECK (offline IN ('fail', 'wait')), deadline TEXT,
+        ramp_start DOUBLE PRECISION, ramp_factor DOUBLE PRECISION, ramp_every INTEGER, max_in_flight INTEGER,
+        retries INTEGER NOT NULL DEFAULT 0,
+        {_JOB_STATE},
+        {_COUNTERS})""",
+    _JOBS_INDEX,
+    f"""CREATE TABLE IF NOT EXISTS job_devices (
+        job_id BIGINT NOT NULL REFERENCES jobs(id), {_DEVICE_COLUMNS})""",
+    *_INDEXES,
+    _LEADER,
+)
+
+#: columns added after the first version of `jobs` (a SQLite jobs table made before gets them here; PostgreSQL
+#: support came later, so its table always has them)
 ADDED_COLUMNS = {"ramp_start": "REAL", "ramp_factor": "REAL", "ramp_every": "INTEGER", "max_in_flight": "INTEGER",
                  "retries": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def apply_schema(registry: Registry) -> None:
-    """Create the jobs tables and indexes if they are missing, add missing columns (idempotent)."""
+    """Create the jobs tables and indexes if they are missing, add missing columns (idempotent), in one write
+    transaction (on PostgreSQL under the write lock: hubs starting at once apply it one after the other)."""
+    pg = registry.dialect == dbsql.POSTGRESQL
     with registry.write() as db:
-        for statement in JOBS_SCHEMA:
+        for statement in PG_SCHEMA if pg else JOBS_SCHEMA:
             db.execute(statement)
-        have = {row["name"] for row in db.query("PRAGMA table_info(jobs)")}
-        for name, ddl in ADDED_COLUMNS.items():
-            if name not in have:
-                db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {ddl}")
+        if not pg:
+            have = dbsql.columns(db, "jobs")
+            for name, ddl in ADDED_COLUMNS.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {ddl}")

@@ -1,7 +1,9 @@
-"""Jobs persistence in the registry file: create a job from a selector, device transitions, progress, listing.
+"""Jobs persistence in the registry: create a job from a selector, device transitions, progress, listing.
 
-A job is created in ONE `BEGIN IMMEDIATE` transaction: the selector's match count is re-checked (it must still be
-the confirmed count), the job row is written, and one `job_devices` row per matching device (`queued`) is inserted
+One SQL text for SQLite and PostgreSQL (hub/registry/sql.py: `?` placeholders, `RETURNING`, no sqlite-only
+functions; the selector's SQL is built for the registry's dialect). A job is created in ONE write transaction
+(`BEGIN IMMEDIATE`; on PostgreSQL under the registry's advisory write lock): the selector's match count is
+re-checked (it must still be the confirmed count), the job row is written, and one `job_devices` row per matching device (`queued`) is inserted
 by a single INSERT ... SELECT over the selector's indexed query (no rows through Python). Every later transition
 updates the device rows and the job's per-state counters in the same transaction, and every job state change
 writes an audit row naming who made it (the operator, or 'hub' for completion and aborts).
@@ -84,23 +86,23 @@ def create_job(registry: Registry, spec: dict[str, Any], sel: Selector, confirm_
     every_acked}), max_in_flight, retries; `selector` is stored as given (`spec['selector']`)."""
     ramp = spec.get("ramp") or {}
     at = ts(now)
-    frm, where, params, _ = sel.sql()
+    frm, where, params, _ = sel.sql(dialect=registry.dialect)
     with registry.write() as db:
         matched = count(_Reader(db), sel)
         if matched != confirm_count:
             raise Conflict(f"the selector matches {matched} devices now, not {confirm_count}: no job was created; "
                            "check the selector (dry run) and confirm the new count")
-        cur = db.execute(
+        job_id = list(db.query(
             "INSERT INTO jobs (name, command, args, selector, rate_per_minute, timeout_s, abort_percent, "
             "min_finished, offline, deadline, ramp_start, ramp_factor, ramp_every, max_in_flight, retries, state, "
-            "created_by, created, started) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+            "created_by, created, started) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?) "
+            "RETURNING id",
             [spec["name"], spec["command"], json.dumps(spec["args"], sort_keys=True),
              json.dumps(spec["selector"], sort_keys=True), spec["rate_per_minute"], spec["timeout_s"],
              spec["abort_percent"], spec.get("min_finished"), spec["offline"],
              ts(spec["deadline"]) if spec.get("deadline") else None, ramp.get("start_per_minute"),
              ramp.get("factor"), ramp.get("every_acked"), spec.get("max_in_flight"), spec.get("retries") or 0,
-             actor, at, at])
-        job_id = cur.lastrowid
+             actor, at, at]))[0]["id"]
         total = db.execute(f"INSERT INTO job_devices (job_id, device_id, state) SELECT ?, d.id, 'queued' "
                            f"FROM {frm} WHERE {where}", [job_id, *params]).rowcount
         db.execute("UPDATE jobs SET total = ?, n_queued = ? WHERE id = ?", [total, total, job_id])

@@ -1,5 +1,6 @@
-"""hub/jobs/store.py on a real registry file: a job from a selector in one transaction, transitions and their
-counters, keyset listing, operator actions, and index-only query plans for the runner's queries."""
+"""hub/jobs/store.py on a real registry, a SQLite file and a PostgreSQL database (`any_registry`): a job from a
+selector in one transaction, transitions and their counters, keyset listing, operator actions, and index-only
+query plans for the runner's queries (SQLite's planner)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,30 @@ from hub.api import queries
 from hub.api.queries import Conflict, NotFound, Selector
 from hub.jobs import schema, store
 from hub.registry.store import Registry
+from tests.integration.pgfixtures import any_registry, pg_server, pg_url, registry_target  # noqa: F401
 
 T0 = datetime(2027, 1, 1, tzinfo=timezone.utc)
 SPEC = {"name": "ping all", "command": "ping", "args": {}, "rate_per_minute": 60, "timeout_s": 30,
         "abort_percent": 20, "offline": "fail", "min_finished": None, "deadline": None}
 
 
-@pytest.fixture
-def reg(tmp_path):
-    r = Registry(tmp_path / "registry.sqlite3")
+def _fill(r):
     queries.apply_schema(r)
     schema.apply_schema(r)
     rows = [(f"dev-{n:04d}", {}, ["even" if n % 2 == 0 else "odd"]) for n in range(200)]
     r.create_devices_with_tokens(rows, "acme", T0, timedelta(days=1))
+    return r
+
+
+@pytest.fixture
+def reg(any_registry):  # noqa: F811
+    """200 devices in groups even / odd, once per dialect."""
+    return _fill(any_registry)
+
+
+@pytest.fixture
+def sqlite_reg(tmp_path):
+    r = _fill(Registry(tmp_path / "registry.sqlite3"))
     yield r
     r.close()
 
@@ -130,7 +142,8 @@ def test_list_jobs_newest_first_with_keyset_paging(reg):
     assert [j["id"] for j in page] == [ids[0]] and before is None
 
 
-def test_the_runner_queries_use_indexes(reg):
+def test_the_runner_queries_use_indexes(sqlite_reg):
+    reg = sqlite_reg
     job_id = new_job(reg)["id"]
 
     def plan(sql, params):
