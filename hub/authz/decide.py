@@ -4,12 +4,15 @@ The Mosquitto plugin (hub/broker/mosquitto/tessera_authz.c) makes these decision
 rows (hub/authz/schema.py: CREDENTIAL_QUERY, RULES_QUERY); the RabbitMQ auth back end (hub/broker/rabbitmq/auth.py)
 makes them here. `credential_refusal` is the plugin's function of the same name, word for word; a change to
 either must be made to both (tests/integration/test_rabbitmq_authz.py runs one table of cases against both).
-Reads only; `now` is passed in.
+Reads only; `now` is passed in. `db` is a stdlib sqlite3 connection (the back end's read-only one on a SQLite
+registry) or anything with the registry's `query(sql, params)` (a PgDb on PostgreSQL); the query texts are the
+plugin's, `?1`-numbered, and each number is used once in order, so plain `?` means the same on the other side.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +26,16 @@ from .schema import CREDENTIAL_QUERY, RULES_QUERY
 #: Every credential row of one principal (the RabbitMQ back end is told a name, never a certificate serial).
 PRINCIPAL_CREDENTIALS = ("SELECT principal, kind, role, cert_status, principal_status, not_before, not_after, "
                          "grace_until, groups, serial FROM authz_credentials WHERE principal = ?1")
+
+
+_NUMBERED = re.compile(r"\?\d+")
+
+
+def _rows(db, sql: str, params: list) -> list[Mapping]:
+    if isinstance(db, sqlite3.Connection):
+        db.row_factory = sqlite3.Row
+        return db.execute(sql, params).fetchall()
+    return list(db.query(_NUMBERED.sub("?", sql), params))
 
 
 @dataclass(frozen=True)
@@ -56,14 +69,14 @@ def credential_refusal(row: Mapping[str, str | None], now: str, active_serial: s
     return None
 
 
-def connect(db: sqlite3.Connection, issuer: str, serial: str, cn: str, client_id: str | None,
+def connect(db, issuer: str, serial: str, cn: str, client_id: str | None,
             now: datetime) -> tuple[Principal | None, str | None]:
     """The plugin's connect decision for a verified certificate (issuer 'device' or 'service', serial in hex):
     (principal, None) if admitted, (None, reason) if not. The rate limit is the broker's, not here."""
-    db.row_factory = sqlite3.Row
-    row = db.execute(CREDENTIAL_QUERY, [issuer, serial]).fetchone()
-    if row is None:
+    found = _rows(db, CREDENTIAL_QUERY, [issuer, serial])
+    if not found:
         return None, "unknown certificate"
+    row = found[0]
     reason = credential_refusal(row, _ts(now))
     if reason is None and cn != row["principal"]:
         reason = "certificate CN mismatch"
@@ -74,12 +87,11 @@ def connect(db: sqlite3.Connection, issuer: str, serial: str, cn: str, client_id
     return _principal(db, row), None
 
 
-def by_name(db: sqlite3.Connection, name: str, now: datetime) -> tuple[Principal | None, str | None]:
+def by_name(db, name: str, now: datetime) -> tuple[Principal | None, str | None]:
     """Admission by principal name alone (what a broker that only passes the certificate's CN can ask): the
     principal must be active and hold at least one usable certificate; which one was presented is the TLS
     listener's business (its CRL holds the revoked and spent superseded ones, hub/broker/rabbitmq/crl.py)."""
-    db.row_factory = sqlite3.Row
-    rows = db.execute(PRINCIPAL_CREDENTIALS, [name]).fetchall()
+    rows = _rows(db, PRINCIPAL_CREDENTIALS, [name])
     if not rows:
         return None, "unknown principal"
     at = _ts(now)
@@ -91,7 +103,7 @@ def by_name(db: sqlite3.Connection, name: str, now: datetime) -> tuple[Principal
     return _principal(db, usable[0]), None
 
 
-def _principal(db: sqlite3.Connection, row: Mapping) -> Principal:
+def _principal(db, row: Mapping) -> Principal:
     groups = tuple(g for g in json.loads(row["groups"] or "[]") if isinstance(g, str))
-    rules = [(r[0], r[1]) for r in db.execute(RULES_QUERY, [row["role"]])]
+    rules = [(r["action"], r["pattern"]) for r in _rows(db, RULES_QUERY, [row["role"]])]
     return Principal(row["principal"], row["kind"], row["role"], groups, expand(rules, row["principal"], groups))

@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
+from hub.registry import sql as dbsql
 from hub.registry.store import Registry, RegistryError, _ts, serial_hex
 
 from .policy import DEFAULT_ROLES, GRANTABLE_ROLES, HUB_PRINCIPAL, AuthzError, check_name, service_principal
@@ -85,9 +86,9 @@ def add_identity(registry: Registry, name: str, role: str, cert: x509.Certificat
                       [serial_hex(cert.serial_number)]).fetchone():
             raise IdentityError(f"certificate serial {serial_hex(cert.serial_number)} is already registered",
                                 "cert_exists")
-        db.table("identities").insert({"name": name, "kind": "service", "role": role, "status": "active",
-                                       "created": _ts(now), "revoked_at": None, "description": description})
-        db.table("identity_certificates").insert(_cert_row(name, cert, now))
+        dbsql.insert(db, "identities", {"name": name, "kind": "service", "role": role, "status": "active",
+                                        "created": _ts(now), "revoked_at": None, "description": description})
+        dbsql.insert(db, "identity_certificates", _cert_row(name, cert, now))
         registry._audit_row(db, "identity.add", "ok", now, actor, None,
                             f"identity={service_principal(name)} role={role} serial={serial_hex(cert.serial_number)}")
     return get_identity(registry, name)
@@ -102,12 +103,13 @@ def ensure_hub_identity(registry: Registry, cert: x509.Certificate, now: datetim
         if db.execute("SELECT 1 FROM identity_certificates WHERE serial = ? AND identity = ? AND status = 'active'",
                       [serial, HUB_PRINCIPAL]).fetchone():
             return False
-        db.execute("INSERT OR IGNORE INTO identities (name, kind, role, status, created, description) "
-                   "VALUES (?, 'hub', 'hub', 'active', ?, 'the hub itself')", [HUB_PRINCIPAL, _ts(now)])
+        db.execute("INSERT INTO identities (name, kind, role, status, created, description) "
+                   "VALUES (?, 'hub', 'hub', 'active', ?, 'the hub itself') ON CONFLICT DO NOTHING",
+                   [HUB_PRINCIPAL, _ts(now)])
         db.execute("UPDATE identity_certificates SET status = 'superseded', grace_until = ? "
                    "WHERE identity = ? AND status = 'active'", [_ts(now), HUB_PRINCIPAL])
         db.execute("DELETE FROM identity_certificates WHERE serial = ?", [serial])
-        db.table("identity_certificates").insert(_cert_row(HUB_PRINCIPAL, cert, now))
+        dbsql.insert(db, "identity_certificates", _cert_row(HUB_PRINCIPAL, cert, now))
         registry._audit_row(db, "identity.hub", "ok", now, "hub", None, f"hub admin certificate serial={serial}")
         registry.authz_event(db, HUB_PRINCIPAL, "hub certificate", now)
     return True

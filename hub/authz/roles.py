@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Iterable
 
+from hub.registry import sql as dbsql
 from hub.registry.store import Registry, RegistryError
 
 from .policy import AuthzError, check_name, check_rules
@@ -63,8 +64,8 @@ def set_role(registry: Registry, name: str, rules: Iterable[tuple[str, str]], no
         elif description is not None:
             db.execute("UPDATE roles SET description = ? WHERE name = ?", [description, name])
         db.execute("DELETE FROM role_rules WHERE role = ?", [name])
-        db.conn.executemany("INSERT INTO role_rules (role, action, pattern) VALUES (?, ?, ?)",
-                            [(name, a, p) for a, p in checked])
+        dbsql.executemany(db, "INSERT INTO role_rules (role, action, pattern) VALUES (?, ?, ?)",
+                          [(name, a, p) for a, p in checked])
         registry._audit_row(db, "role.set", "ok", now, actor, None,
                             f"role={name} rules: " + "; ".join(f"{a}:{p}" for a, p in checked))
         registry.authz_event(db, None, f"role {name} changed", now)

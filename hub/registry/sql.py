@@ -157,6 +157,16 @@ def pg_connect(engine: Any, url: str) -> Any:
         raise RegistryError(f"registry {safe_url(url)}: cannot connect: {why}", code="unavailable") from None
 
 
+def driver_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a registry statement can raise on either dialect (for `except`): sqlite3's, and SQLAlchemy's
+    once it is loaded (only a PostgreSQL registry loads it, so the SQLite path never pays its import)."""
+    import sqlite3
+    import sys
+
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    return (sqlite3.Error, sa_exc.SQLAlchemyError) if sa_exc is not None else (sqlite3.Error,)
+
+
 def safe_url(url: str) -> str:
     """`url` for messages: the password masked."""
     try:

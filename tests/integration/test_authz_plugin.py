@@ -60,13 +60,14 @@ class Cred:
 class Pki:
     """A fleet CA hierarchy, a registry, and credential files in one directory."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, registry_url: str | None = None) -> None:
+        """`registry_url`: a PostgreSQL registry instead of the SQLite file (for the Python enforcement points)."""
         self.dir = base
         self.ca = create_hierarchy(base / "ca", FLEET, utcnow())
         self.bundle = base / "ca-bundle.pem"
         self.bundle.write_bytes(self.ca.trust_bundle_pem())
-        self.registry = base / "registry.sqlite3"
-        self.reg = Registry(self.registry)
+        self.registry = registry_url or base / "registry.sqlite3"
+        self.reg = Registry(self.registry, home=base)
         key = ec.generate_private_key(ec.SECP256R1())
         self.server = self._write("server", self.ca.issue_server_cert(key.public_key(), [], [HOST], utcnow()), key)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -20,6 +21,7 @@ from hub.broker.rabbitmq import authserver, read_secret
 from hub.broker.rabbitmq.auth import MGMT_USER, AuthBackend, amqp_to_mqtt
 from hub.broker.rabbitmq.config import ClusterTls, Node, write_node_files
 from hub.config import ConfigError, load_config
+from tests.integration.pgfixtures import pg_server  # noqa: F401
 from tests.integration.test_authz_plugin import Pki, utcnow
 
 pytestmark = pytest.mark.integration
@@ -27,9 +29,17 @@ pytestmark = pytest.mark.integration
 SECRET = "0123456789abcdef"
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory) -> Pki:
-    pki = Pki(tmp_path_factory.mktemp("rmq-cfg"))
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def fleet(request, tmp_path_factory) -> Pki:
+    """One fleet per registry dialect: the back end decides the same over either."""
+    url = None
+    if request.param == "postgresql":
+        server = request.getfixturevalue("pg_server")
+        name = server.create_database()
+        request.addfinalizer(lambda: server.drop_database(name))
+        url = server.url(name)
+    pki = Pki(tmp_path_factory.mktemp("rmq-cfg"), url)
+    request.addfinalizer(pki.reg.close)
     pki.device("rc-dev", groups=("g1",))
     pki.device("rc-other")
     pki.device("rc-revoked")
@@ -40,8 +50,10 @@ def fleet(tmp_path_factory) -> Pki:
 
 
 @pytest.fixture(scope="module")
-def backend(fleet) -> AuthBackend:
-    return AuthBackend(fleet.registry, SECRET)
+def backend(fleet) -> Iterator[AuthBackend]:
+    backend = AuthBackend(fleet.registry, SECRET)
+    yield backend
+    backend.close()
 
 
 def _toml(tmp_path, broker: str):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from datetime import datetime, timezone
@@ -32,9 +31,12 @@ from hsm.secretfile import PrivateFileError, read_private_file
 from hsm.softhsm import write_secret
 from hub.authz.policy import HUB_PRINCIPAL
 from hub.ca.authority import FleetCA
+from hub.registry import sql as dbsql
+from hub.registry.errors import RegistryError
 from hub.registry.store import Registry, _ts
 
 from .. import BrokerDriver, BrokerError, SyncResult
+from ..eventcursor import EventCursor
 from . import authserver
 from .auth import AuthBackend
 from .config import ClusterTls, Node, write_node_files
@@ -87,15 +89,20 @@ class RabbitMQBroker(BrokerDriver):
         self.mgmt_secret = read_secret(self.dir / "mgmt.secret")
         self.mgmt = Mgmt(mgmt_urls, self.mgmt_secret)
         self.crls = CrlDir(ca, self.tls.crl_dir, device_ca, service_ca)
-        self.backend = AuthBackend(registry.path, self.mgmt_secret, clock, connect_rate, connect_burst)
+        self.backend = AuthBackend(registry.url or registry.path, self.mgmt_secret, clock, connect_rate, connect_burst)
         self._server = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.seq = 0
+        self.cursor = EventCursor()  # the authz_events applied; from the newest at start()
         self._kick_log: list[tuple[int, int]] = []  # (seq, kicked) of recent passes
         self._grace_seen = ""
         self._role_pass: tuple[float, float, set[str]] | None = None  # (due, change time in epoch ms, kicked)
+
+    @property
+    def seq(self) -> int:
+        """The newest authz event applied."""
+        return self.cursor.seq
 
     @property
     def auth_base(self) -> str:
@@ -118,7 +125,7 @@ class RabbitMQBroker(BrokerDriver):
         except OSError as exc:
             raise BrokerError(f"cannot listen for RabbitMQ's auth requests on {self.auth_host}:{self.auth_port}: "
                               f"{exc.strerror or exc}") from None
-        self.seq = self._max_seq()
+        self.cursor = EventCursor(self._max_seq())
         self._grace_seen = _ts(self.clock())
         deadline = time.monotonic() + timeout
         while not self.healthy():
@@ -140,6 +147,7 @@ class RabbitMQBroker(BrokerDriver):
         if self._server is not None:
             self._server()
             self._server = None
+        self.backend.close()
 
     def attach_admin(self, admin) -> None:
         """The hub's MQTT session is not this driver's doorbell: kicks go through the management API."""
@@ -159,21 +167,22 @@ class RabbitMQBroker(BrokerDriver):
         while not self._stop.wait(FOLLOW_EVERY):
             try:
                 self._apply()
-            except (MgmtError, sqlite3.Error, OSError) as exc:
+            except (MgmtError, RegistryError, OSError, *dbsql.driver_errors()) as exc:
                 log.warning("rabbitmq: applying authz events failed (retrying): %s", exc)
 
     def _apply(self) -> int:
         """Apply events newer than self.seq and graces that ended; returns the sessions kicked."""
         with self._lock:
             now = self.clock()
-            events = self.registry.query("SELECT seq, principal, reason FROM authz_events WHERE seq > ? "
-                                         "ORDER BY seq", [self.seq])
+            events = sorted((e for sql, params in self.cursor.queries("seq, principal, reason")
+                             for e in self.registry.query(sql, params)), key=lambda e: e["seq"])
             ended, graces_to = self._ended_graces(now)
             late = self._late_role_pass()
             if not events and not ended and not late:
                 if self.crls.due(now):  # nothing changed for REFRESH: renew the CRLs before their nextUpdate
                     self.crls.write(self.registry, now)
                 self._grace_seen = graces_to
+                self.cursor.advance((), time.monotonic())  # gaps that waited long enough are forgotten
                 return 0
             self.crls.write(self.registry, now)
             targets: set[str] = set(ended) | late
@@ -196,8 +205,8 @@ class RabbitMQBroker(BrokerDriver):
                     log.info("rabbitmq: kicked %d connection(s) of principal=%s", n, name)
                 kicked += n
             self._grace_seen = graces_to  # only once every kick went through: a failed pass is retried whole
+            self.cursor.advance(events, time.monotonic())
             if events:
-                self.seq = events[-1]["seq"]
                 self._kick_log = (self._kick_log + [(self.seq, kicked)])[-64:]
             return kicked
 
@@ -222,7 +231,7 @@ class RabbitMQBroker(BrokerDriver):
         started = time.monotonic()
         try:
             kicked = self._apply()
-        except (MgmtError, sqlite3.Error, OSError) as exc:
+        except (MgmtError, RegistryError, OSError, *dbsql.driver_errors()) as exc:
             raise BrokerError(f"RabbitMQ did not confirm: {exc}") from None
         if after is not None:
             kicked = sum(k for s, k in self._kick_log if s > after)

@@ -15,6 +15,11 @@ RabbitMQ asks four questions (rabbitmq_auth_backend_http, POST form fields), eac
   rights are not separate here), read = subscribe, which also needs the filter covered by the receive rules
   (RabbitMQ cannot refuse single deliveries). `$share/...` is refused: 3.10 has no shared subscriptions.
 Every refusal is logged once with the reason (names escaped); registry errors refuse.
+
+The registry is read over a connection of the back end's own, per thread: on SQLite a read-only one on the file
+(WAL readers never wait for the hub's writers); on PostgreSQL one from a small engine of its own (the hub's pool
+serves its writers; a back end stuck behind them would stall every connect of the fleet). A connection that
+failed is dropped, and the next question opens a fresh one.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from hub.authz.decide import Principal, by_name
 from hub.authz.policy import allows, filter_covered, valid_filter
+from hub.registry import sql as dbsql
+from hub.registry.errors import RegistryError
 
 from .config import EXCHANGE, VHOST
 
@@ -49,9 +56,13 @@ def _safe(text: str | None) -> str:
 class AuthBackend:
     """The decisions, over a read-only registry connection per thread."""
 
-    def __init__(self, registry_path: Path, mgmt_secret: str, clock: Callable[[], datetime] | None = None,
+    def __init__(self, registry: Path | str, mgmt_secret: str, clock: Callable[[], datetime] | None = None,
                  connect_rate: int = 30, connect_burst: int = 10):
-        self.registry_path, self._secret = registry_path, mgmt_secret
+        """`registry`: the SQLite file, or the PostgreSQL URL, of the fleet's registry."""
+        self._secret = mgmt_secret
+        self._pg_url = str(registry) if dbsql.is_postgresql(registry) else None
+        self.registry_path = None if self._pg_url else Path(registry)
+        self._engine = dbsql.pg_engine(self._pg_url, pool_size=2) if self._pg_url else None
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self._local = threading.local()
         # connects per principal per minute, token bucket (fleet.toml [mqtt] connect_rate/connect_burst, as the
@@ -64,16 +75,23 @@ class AuthBackend:
         now = self.clock()
         with self._bucket_lock:
             tokens, at = self._buckets.get(name, (self.burst, now))
-            tokens = min(self.burst, tokens + max(0.0, (now - at).total_seconds()) * self.rate)
+            tokens = self._refilled(tokens, at, now)
             ok = tokens >= 1.0
             self._buckets[name] = (tokens - 1.0 if ok else tokens, now)
-            if len(self._buckets) > 100_000:  # full buckets carry no state: forget them
-                self._buckets = {k: v for k, v in self._buckets.items() if v[0] < self.burst - 1}
+            if len(self._buckets) > 100_000:  # buckets full by now carry no state: forget them
+                self._buckets = {k: v for k, v in self._buckets.items() if self._refilled(*v, now) < self.burst}
             return ok
 
-    def _db(self) -> sqlite3.Connection:
+    def _refilled(self, tokens: float, at: datetime, now: datetime) -> float:
+        return min(self.burst, tokens + max(0.0, (now - at).total_seconds()) * self.rate)
+
+    def _db(self) -> Any:
         db = getattr(self._local, "db", None)
-        if db is None:
+        if db is None and self._engine is not None:
+            db = dbsql.PgDb(dbsql.pg_connect(self._engine, self._pg_url))
+            db.execute("SET default_transaction_read_only = on")
+            self._local.db = db
+        elif db is None:
             db = sqlite3.connect(f"file:{self.registry_path}?mode=ro", uri=True, check_same_thread=False)
             db.execute("PRAGMA busy_timeout = 2000")
             self._local.db = db
@@ -82,10 +100,24 @@ class AuthBackend:
     def _principal(self, name: str) -> tuple[Principal | None, str | None]:
         try:
             return by_name(self._db(), name, self.clock())
-        except sqlite3.Error as exc:
-            log.error("rabbitmq auth: registry error: %s", exc)
-            self._local.db = None
+        except (sqlite3.Error, RegistryError, *dbsql.driver_errors()) as exc:
+            log.error("rabbitmq auth: registry error: %s", " ".join(str(exc).split())[:300])
+            self._drop()
             return None, "registry unreadable"
+
+    def _drop(self) -> None:
+        db, self._local.db = getattr(self._local, "db", None), None
+        try:
+            if db is not None:
+                db.close()
+        except Exception:  # noqa: BLE001 - a broken connection may fail to close as well; it is gone either way
+            pass
+
+    def close(self) -> None:
+        """This thread's connection and the PostgreSQL engine (the other threads' connections go with it)."""
+        self._drop()
+        if self._engine is not None:
+            self._engine.dispose()
 
     def _deny(self, what: str, params: Mapping[str, str], reason: str) -> str:
         log.info("rabbitmq auth: refused %s user=%s client_id=%s: %s", what, _safe(params.get("username")),
