@@ -11,6 +11,13 @@ marked `offline` at once under the `fail` policy, or skipped (it stays queued; t
 `wait`. Everything the runner knows lives in the registry except the token bucket and the cursor, which start
 afresh (full bucket, first queued device) after a restart: a hub restart resumes every running job.
 
+Several hubs on one PostgreSQL registry: only the holder of the jobs lease (hub/jobs/leader.py) times out, sends
+and finishes; a follower's tick only applies the acks its hub received (acks reach whichever hub's MQTT session the
+broker delivered them to). Applying an ack twice counts it once (store.apply_acks). A follower may see an ack
+before the leader has recorded that send (the leader records a tick's sends after publishing them): an ack whose
+command id no job device has yet is kept and tried again for ACK_KEEP seconds. A runner that takes the lease over
+starts with fresh buckets and cursors, as after a restart.
+
 Presence settles after a start: the broker restarted with the hub, so a device's `online` flag is only news once
 the device has reconnected since (its `last_seen` is after the start). For SETTLE seconds after the start, a device
 without fresh presence is neither sent nor marked offline: it is looked at again later (as under `wait`), so a
@@ -23,12 +30,13 @@ import json
 import logging
 import queue
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 from hub.broker import BrokerError
 
 from . import engine, store
+from .leader import Lease
 
 log = logging.getLogger("tessera.jobs")
 
@@ -36,18 +44,21 @@ TICK = 0.2  # seconds between ticks
 SCAN = 500  # queued devices a job's tick looks at, at most
 MAX_ACKS = 5000  # acks applied in one transaction
 SETTLE = 30.0  # seconds after the start during which only fresh presence counts (agents reconnect with backoff)
+ACK_KEEP = 10.0  # seconds a follower keeps an ack of a command no job device has yet (see the module docstring)
 
 
 class JobRunner:
     """Runs the jobs of one hub: `start(stop)` its thread, `on_ack` is LiveHub's ack listener, `tick` one step."""
 
     def __init__(self, live, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-                 tick: float = TICK, settle: float = SETTLE):
+                 tick: float = TICK, settle: float = SETTLE, lease: Lease | None = None):
         self.live, self.registry, self.clock, self.interval = live, live.registry, clock, tick
+        self.lease = lease or Lease(self.registry)
         self.started = clock()
         self._started_ts = store.ts(self.started)
         self.settle = settle
         self._acks: queue.SimpleQueue = queue.SimpleQueue()
+        self._unknown: list[tuple[datetime, tuple[str, str, bool, str]]] = []  # (received, ack), followers only
         self._buckets: dict[int, engine.Bucket] = {}
         self._cursors: dict[int, str] = {}
         self._thread: threading.Thread | None = None
@@ -58,7 +69,7 @@ class JobRunner:
         """Called by LiveHub for every well-formed ack (any thread): queued for the next tick."""
         self._acks.put((device_id, ack))
 
-    def _drain_acks(self, now: datetime) -> None:
+    def _drain_acks(self, now: datetime, leader: bool = True) -> None:
         batch: list[tuple[str, str, bool, str]] = []
         while len(batch) < MAX_ACKS:
             try:
@@ -71,8 +82,20 @@ class JobRunner:
             else:
                 detail = str(ack.get("error") or "failed without an error message")
             batch.append((device_id, ack["id"], ok, detail[:500]))
-        if batch:
-            store.apply_acks(self.registry, batch, now)
+        if batch or self._unknown:
+            self._apply(batch, now, leader)
+
+    def _apply(self, batch: list[tuple[str, str, bool, str]], now: datetime, leader: bool) -> None:
+        keep = now - timedelta(seconds=ACK_KEEP)
+        waiting = [(at, ack) for at, ack in self._unknown if at >= keep]
+        known = store.known_commands(self.registry, [ack[1] for _, ack in waiting])  # a read: no write lock
+        self._unknown = [(at, ack) for at, ack in waiting if ack[1] not in known]
+        batch = batch + [ack for _, ack in waiting if ack[1] in known]
+        if not batch:
+            return
+        unknown: list | None = None if leader else []
+        store.apply_acks(self.registry, batch, now, unknown)
+        self._unknown += [(now, ack) for ack in unknown or ()]
 
     # --- the loop ---------------------------------------------------------------------------------------------------
     def start(self, stop: threading.Event | None = None) -> threading.Thread:
@@ -91,11 +114,12 @@ class JobRunner:
         return self._thread
 
     def stop(self) -> None:
-        """End the thread, then apply the acks still queued."""
+        """End the thread, apply the acks still queued, then give up the jobs lease (another hub takes over)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.flush()
+        self.lease.release()
 
     def flush(self) -> None:
         """Apply every ack queued so far. serve calls it once its MQTT session has ended (after the runner thread
@@ -105,7 +129,12 @@ class JobRunner:
 
     def tick(self) -> None:
         now = self.clock()
-        self._drain_acks(now)
+        leader = self.lease.held(now)
+        self._drain_acks(now, leader)
+        if not leader:  # another hub drives the jobs; if it takes over later, it starts afresh
+            self._buckets.clear()
+            self._cursors.clear()
+            return
         active = store.active_jobs(self.registry)
         for row in active:
             spec = store.spec_of(row)
@@ -163,8 +192,8 @@ class JobRunner:
                     continue
                 action = engine.offline_action(spec, bool(item["online"]))
                 if action == "send":
-                    if budget <= 0:
-                        break
+                    if budget <= 0 or not self.lease.valid(self.clock()):
+                        break  # (the lease ran out unrenewed: another hub may lead now)
                     try:
                         cid = self.live.send_command(item["device_id"], row["command"], args, actor=actor)
                     except BrokerError as exc:

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
 from hub.api.queries import Conflict, NotFound, Selector, count
+from hub.registry import sql as dbsql
 from hub.registry.store import Registry
 
 from .engine import DEVICE_STATES, FINISHED_JOB_STATES, Counts, Spec
@@ -254,9 +255,14 @@ def time_out(registry: Registry, job_id: int, before: datetime, now: datetime, l
     return len(states)
 
 
-def apply_acks(registry: Registry, acks: Sequence[tuple[str, str, bool, str]], now: datetime) -> int:
+def apply_acks(registry: Registry, acks: Sequence[tuple[str, str, bool, str]], now: datetime,
+               unknown: list | None = None) -> int:
     """(device_id, command_id, ok, detail) acks: a `sent` row with that command id and device -> acked / failed.
-    Acks of other commands (or late ones, after a timeout) change nothing. Returns how many rows changed."""
+    Acks of other commands (or late ones, after a timeout) change nothing, and an ack applied twice (two hubs
+    received it) counts once: only a `sent` row moves, and the counters move by the rows RETURNING said changed.
+    Returns how many rows changed. `unknown`, if given, gets the acks whose command id no job device has (yet),
+    checked in the same transaction (a follower hub keeps those for a while: the leader may not have recorded
+    the send yet)."""
     at = ts(now)
     moved: dict[tuple[int, str], int] = {}
     with registry.write() as db:
@@ -268,7 +274,21 @@ def apply_acks(registry: Registry, acks: Sequence[tuple[str, str, bool, str]], n
                 moved[(row["job_id"], new)] = moved.get((row["job_id"], new), 0) + 1
         for (job_id, new), n in moved.items():
             _move(db, job_id, "sent", new, n)
+        if unknown is not None and acks:
+            known = _known(db, registry.dialect, [a[1] for a in acks])
+            unknown.extend(a for a in acks if a[1] not in known)
     return sum(moved.values())
+
+
+def _known(db, dialect: str, command_ids: Sequence[str]) -> set[str]:
+    return {r["command_id"] for r in db.query(
+        f"SELECT command_id FROM job_devices WHERE command_id IS NOT NULL AND command_id IN "
+        f"(SELECT j.value FROM {dbsql.json_values(dialect, '?')})", [json.dumps(list(command_ids))])}
+
+
+def known_commands(registry: Registry, command_ids: Sequence[str]) -> set[str]:
+    """The command ids some job device row has (a read: no write lock)."""
+    return _known(registry, registry.dialect, command_ids) if command_ids else set()
 
 
 def finish(registry: Registry, job_id: int, state: str, reason: str | None, now: datetime,

@@ -1,4 +1,5 @@
-"""hub/jobs/runner.py ticked by hand on a fake clock over a real registry file. The MQTT side is a recorder standing in
+"""hub/jobs/runner.py ticked by hand on a fake clock over a real registry (a SQLite file and a PostgreSQL database,
+`any_registry`; one runner: it holds the jobs lease). The MQTT side is a recorder standing in
 for LiveHub.send_command (tests/integration/test_jobs.py runs the real one with real agents): rate, offline
 policies, presence settling after a start, acks (also of commands sent before a restart), timeouts, abort."""
 
@@ -13,7 +14,7 @@ from hub.api.queries import Selector
 from hub.broker import BrokerError
 from hub.jobs import schema, store
 from hub.jobs.runner import JobRunner
-from hub.registry.store import Registry
+from tests.integration.pgfixtures import any_registry, pg_server, pg_url, registry_target  # noqa: F401
 
 T0 = datetime(2027, 1, 1, tzinfo=timezone.utc)
 
@@ -45,15 +46,14 @@ class Publisher:
 
 
 @pytest.fixture
-def env(tmp_path):
-    reg = Registry(tmp_path / "registry.sqlite3")
+def env(any_registry):  # noqa: F811
+    reg = any_registry
     queries.apply_schema(reg)
     schema.apply_schema(reg)
     reg.create_devices_with_tokens([(f"d-{n}", {}, ["g"]) for n in range(6)], "acme", T0, timedelta(days=1))
     clock = Clock()
     pub = Publisher(reg)
-    yield reg, clock, pub
-    reg.close()
+    return reg, clock, pub
 
 
 def online(reg, clock, *ids, value=True):
@@ -153,6 +153,7 @@ def test_acks_of_commands_sent_before_a_restart_still_count(env):
     job_id = job(reg, clock, rate_per_minute=600, timeout_s=60)
     first.tick()
     assert len(pub.sent) == 6
+    first.stop()  # (on PostgreSQL: gives the jobs lease up)
     second = runner(reg, clock, pub)  # a new hub process: nothing in memory
     ack_all(second, pub)
     second.tick()
