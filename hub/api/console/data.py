@@ -18,12 +18,19 @@ from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
+from hub.registry import sql as dbsql
 from hub.registry.store import DEVICE_STATUSES, Registry, _ts
 
 CONSOLE_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS console_presence (device_id TEXT NOT NULL, at TEXT NOT NULL,
         online INTEGER NOT NULL, PRIMARY KEY (device_id, at)) WITHOUT ROWID""",
     """CREATE INDEX IF NOT EXISTS console_presence_at ON console_presence(at)""",
+)
+#: The same on PostgreSQL (no WITHOUT ROWID: the primary key is a btree beside the heap there).
+PG_CONSOLE_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS console_presence (device_id TEXT NOT NULL, at TEXT NOT NULL,
+        online INTEGER NOT NULL, PRIMARY KEY (device_id, at))""",
+    CONSOLE_SCHEMA[1],
 )
 PRESENCE_KEPT = timedelta(days=30)
 TAP_DEVICES = 10_000
@@ -33,8 +40,9 @@ CHART_HOURS = 24
 
 
 def apply_schema(registry: Registry) -> None:
+    pg = registry.dialect == dbsql.POSTGRESQL
     with registry.write() as db:
-        for statement in CONSOLE_SCHEMA:
+        for statement in PG_CONSOLE_SCHEMA if pg else CONSOLE_SCHEMA:
             db.execute(statement)
     from hub.api import auditroutes
 
@@ -42,6 +50,9 @@ def apply_schema(registry: Registry) -> None:
 
 
 def _has_table(registry: Registry, name: str) -> bool:
+    if registry.dialect == dbsql.POSTGRESQL:
+        return bool(registry.query("SELECT 1 AS one FROM pg_catalog.pg_tables WHERE schemaname = current_schema() "
+                                   "AND tablename = ?", [name]))
     return bool(registry.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]))
 
 
@@ -134,8 +145,8 @@ def record_presence(registry: Registry, rows: list[dict[str, Any]], now: datetim
     if not rows:
         return
     with registry.write() as db:
-        db.conn.executemany("INSERT OR IGNORE INTO console_presence (device_id, at, online) VALUES (?, ?, ?)",
-                            [(r["id"], r["last_seen"], int(r["online"])) for r in rows])
+        dbsql.executemany(db, "INSERT INTO console_presence (device_id, at, online) VALUES (?, ?, ?) "
+                          "ON CONFLICT DO NOTHING", [(r["id"], r["last_seen"], int(r["online"])) for r in rows])
         db.execute("DELETE FROM console_presence WHERE at < ?", [_ts(now - PRESENCE_KEPT)])
 
 
