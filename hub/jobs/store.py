@@ -3,10 +3,11 @@
 One SQL text for SQLite and PostgreSQL (hub/registry/sql.py: `?` placeholders, `RETURNING`, no sqlite-only
 functions; the selector's SQL is built for the registry's dialect). A job is created in ONE write transaction
 (`BEGIN IMMEDIATE`; on PostgreSQL under the registry's advisory write lock): the selector's match count is
-re-checked (it must still be the confirmed count), the job row is written, and one `job_devices` row per matching device (`queued`) is inserted
-by a single INSERT ... SELECT over the selector's indexed query (no rows through Python). Every later transition
-updates the device rows and the job's per-state counters in the same transaction, and every job state change
-writes an audit row naming who made it (the operator, or 'hub' for completion and aborts).
+re-checked (it must still be the confirmed count), the job row is written, and one `job_devices` row per matching
+device (`queued`) is inserted by a single INSERT ... SELECT over the selector's indexed query (no rows through
+Python). Every later transition updates the device rows and the job's per-state counters in the same transaction,
+and every job state change writes an audit row naming who made it (the operator, or 'hub' for completion and
+aborts).
 """
 
 from __future__ import annotations

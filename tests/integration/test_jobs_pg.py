@@ -190,7 +190,8 @@ def test_a_clean_stop_hands_over_at_once_and_a_killed_leader_after_the_lease(two
     ra2.tick()
     assert len(hub_a.sent) == 2 and a.query("SELECT holder FROM jobs_leader") == [{"holder": "hub-a2"}]
     takeover = a.query("SELECT detail FROM audit WHERE action = 'jobs.lead' ORDER BY id")[-1]["detail"]
-    assert takeover == f"hub-a2 drives the jobs now; hub-b's lease ran until {store.ts(last + timedelta(seconds=LEASE))}"
+    until = store.ts(last + timedelta(seconds=LEASE))
+    assert takeover == f"hub-a2 drives the jobs now; hub-b's lease ran until {until}"
     clock.advance(1.0)  # b wakes up (it was only frozen): it has lost the lease and sends nothing
     rb.tick()
     ra2.tick()
