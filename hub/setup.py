@@ -157,7 +157,7 @@ def _populate(cfg: HubConfig, fleet: str, now: datetime, key_type: str, token) -
 #: fleet's CAs, the hub TLS identities (the same server name, admin and local-operator certificates), the audit
 #: chain key and the RabbitMQ secrets (the nodes' auth back-end URL and the management user are the fleet's).
 JOIN_DIRS = ("ca", "tls")
-JOIN_FILES = ("audit.key", "broker/auth.secret", "broker/mgmt.secret")
+JOIN_FILES = ("audit.key", "broker/rabbitmq/auth.secret", "broker/rabbitmq/mgmt.secret")
 
 
 def join_fleet(root: Path, source: Path) -> HubConfig:
@@ -197,6 +197,7 @@ def join_fleet(root: Path, source: Path) -> HubConfig:
                     _copy_private(path, root / name / path.name)
         for name in JOIN_FILES:
             if (src.root / name).exists():
+                (root / name).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 _copy_private(src.root / name, root / name)
         for path in sorted(src.crl_dir.glob("*.crl*")):  # served until this hub publishes its own
             shutil.copyfile(path, cfg.crl_dir / path.name)
