@@ -289,8 +289,11 @@ def _replica(hub_dir: Path, index: int) -> Path:
 class HubServer:
     """`tessera-hub serve` as a subprocess on a free loopback port; stop() always (idempotent)."""
 
-    def __init__(self, hub_dir: Path, logs: Path, index: int = 0, workers: int | None = None):
+    def __init__(self, hub_dir: Path, logs: Path, index: int = 0, workers: int | None = None,
+                 mqtt_port: int | None = None, args: tuple[str, ...] = ()):
+        """`mqtt_port`: the broker's (a RabbitMQ node's) instead of a free one; `args`: more serve options."""
         self.hub_dir, self.port, self.workers = hub_dir, _free_port(), workers
+        self.mqtt_port, self.args = mqtt_port or _free_port(), args
         self.out_path, self.err_path = logs / f"serve-{index}.out", logs / f"serve-{index}.err"
         self.proc: subprocess.Popen | None = None
 
@@ -299,8 +302,9 @@ class HubServer:
 
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen([*_hub_cmd(), "serve", "--dir", str(self.hub_dir), "--host", HOST,
-                                          "--est-port", str(self.port), "--mqtt-port", str(_free_port()),
-                                          *(["--est-workers", str(self.workers)] if self.workers else [])],
+                                          "--est-port", str(self.port), "--mqtt-port", str(self.mqtt_port),
+                                          *(["--est-workers", str(self.workers)] if self.workers else []),
+                                          *self.args],
                                          stdout=out, stderr=err, env=_env(),
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         ctx = client_context(cafile)
