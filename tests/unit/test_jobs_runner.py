@@ -14,6 +14,7 @@ from hub.api.queries import Selector
 from hub.broker import BrokerError
 from hub.jobs import schema, store
 from hub.jobs.runner import JobRunner
+from hub.registry.store import Registry
 from tests.integration.pgfixtures import any_registry, pg_server, pg_url, registry_target  # noqa: F401
 
 T0 = datetime(2027, 1, 1, tzinfo=timezone.utc)
@@ -251,3 +252,20 @@ def test_stop_applies_the_acks_still_queued(env):
     r.on_ack("d-0", {"id": "late", "ok": True, "result": {}})
     r.flush()
     assert r._acks.empty()
+
+
+def test_a_hub_restarted_on_sqlite_resumes_at_once_without_a_lease(tmp_path):
+    reg = Registry(tmp_path / "registry.sqlite3")  # one hub per SQLite file: leadership is trivially held
+    try:
+        queries.apply_schema(reg)
+        schema.apply_schema(reg)
+        reg.create_devices_with_tokens([(f"d-{n}", {}, ["g"]) for n in range(6)], "acme", T0, timedelta(days=1))
+        clock, pub = Clock(), Publisher(reg)
+        online(reg, clock, *[f"d-{n}" for n in range(6)])
+        job(reg, clock, rate_per_minute=60)
+        runner(reg, clock, pub).tick()  # then killed: it never stops cleanly
+        clock.advance(1.0)
+        runner(reg, clock, pub).tick()  # the restarted hub sends at once, no lease to wait out
+        assert len(pub.sent) == 2 and reg.query("SELECT * FROM jobs_leader") == []
+    finally:
+        reg.close()
