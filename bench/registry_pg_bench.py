@@ -4,8 +4,8 @@
 its own `Registry` doing what an EST enrollment does to the registry (`Registry.enroll`: the token checked, then
 in one write transaction checked again and spent, the device made active, the certificate recorded, the audit row
 chained), for tokens of its own, as fast as it can. The certificates are made before the clock starts, so the
-figure is the registry's, not the signature's (the whole EST path on PostgreSQL needs `serve` ported: see
-hub/registry/sql.py PG_NOT_SUPPORTED). Both registries are durable: SQLite in WAL mode as the hub opens it,
+figure is the registry's, not the signature's (the whole EST path, real `serve` processes: bench/hubs_pg_bench.py).
+Both registries are durable: SQLite in WAL mode as the hub opens it,
 PostgreSQL with fsync and synchronous_commit on (a server of its own, tests/integration/pgfixtures.py).
 
 Rows: SQLite 1 hub, PostgreSQL 1 hub, PostgreSQL 2 hubs (enrollments/s over the wall time from the first start to
