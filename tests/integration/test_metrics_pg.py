@@ -45,9 +45,10 @@ def _fresh(reg: Registry) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def _kept(reg: Registry) -> tuple[dict[str, int], dict[str, int]]:
-    """The same from the tables the triggers keep (rows counted down to 0 left out, as a fresh count has none)."""
-    counts = {r["key"]: int(r["n"]) for r in reg.query("SELECT key, n FROM metrics_counts") if r["n"] or
-              r["key"] == "online"}
+    """The same from the tables the triggers keep (rows counted down to 0 left out, as a fresh count has none),
+    after the fold of the pending deltas (PostgreSQL) that every reader of the tables does first."""
+    metrics.fold(reg)
+    counts = {"online": 0} | {r["key"]: int(r["n"]) for r in reg.query("SELECT key, n FROM metrics_counts") if r["n"]}
     hours = {r["hour"]: int(r["n"]) for r in reg.query("SELECT hour, n FROM metrics_expiry WHERE n != 0")}
     return counts, hours
 
@@ -117,6 +118,7 @@ def test_counts_are_rebuilt_at_start(any_registry, mini_ca: MiniCA, clock: Clock
     rows = reg.create_devices_with_tokens([(f"r-{i}", None, None) for i in range(4)], "acme", now, TTL)
     for device_id, token in rows[:2]:
         _enroll(reg, mini_ca, now, device_id, token, 10)
+    metrics.fold(reg)
     with reg.write() as db:
         db.execute("UPDATE metrics_counts SET n = n + 7")
         db.execute("UPDATE metrics_expiry SET n = 0")
@@ -127,9 +129,10 @@ def test_counts_are_rebuilt_at_start(any_registry, mini_ca: MiniCA, clock: Clock
 
 def test_two_hubs_writing_at_once_keep_exact_counts(pg_url: str, tmp_path: Path, mini_ca: MiniCA,  # noqa: F811
                                                    clock: Clock):  # noqa: F811
-    """Two Registry objects on one PostgreSQL database (two hubs), three threads each: enrollments (the write
-    lock taken shared: they run at once), presence changes (autocommit, no lock at all) and suspend/resume (the
-    write lock exclusive). Every change is counted once: the count tables equal a fresh count."""
+    """Two Registry objects on one PostgreSQL database (two hubs), four threads each: enrollments (the write
+    lock taken shared: they run at once), presence changes (autocommit, no lock at all), suspend/resume (the
+    write lock exclusive) and scrapes (each folds the pending deltas, so folds race each other and the writers).
+    Every change is counted once: the count tables equal a fresh count."""
     now = clock.now
     hubs = [Registry(pg_url, home=tmp_path), Registry(pg_url, home=tmp_path)]
     try:
@@ -140,7 +143,7 @@ def test_two_hubs_writing_at_once_keep_exact_counts(pg_url: str, tmp_path: Path,
             t.join(60)
         assert _triggers(hubs[0]) == sorted(TRIGGERS)
         rows = hubs[0].create_devices_with_tokens([(f"c-{i:03d}", None, None) for i in range(60)], "acme", now, TTL)
-        barrier, errors = threading.Barrier(6), []
+        barrier, errors, done = threading.Barrier(8), [], threading.Event()
 
         def guarded(fn, *args) -> None:
             barrier.wait()
@@ -165,15 +168,23 @@ def test_two_hubs_writing_at_once_keep_exact_counts(pg_url: str, tmp_path: Path,
                 reg.set_status(device_id, "suspended", now, "ops")
                 reg.set_status(device_id, "active", now, "ops")
 
+        def scrape(reg: Registry) -> None:
+            while not done.is_set():
+                _collect(reg, now, tmp_path)
+
         ids = [device_id for device_id, _ in rows]
         work = [(enroll, hubs[0], rows[:25]), (enroll, hubs[1], rows[25:50]),
                 (presence, hubs[0], ids[:30]), (presence, hubs[1], ids[30:]),
                 (suspend_resume, hubs[0], ids[50:55]), (suspend_resume, hubs[1], ids[55:])]
         threads = [threading.Thread(target=guarded, args=w) for w in work]
-        for t in threads:
+        scrapers = [threading.Thread(target=guarded, args=(scrape, h)) for h in hubs]
+        for t in threads + scrapers:
             t.start()
         for t in threads:
             t.join(120)
+        done.set()
+        for t in scrapers:
+            t.join(60)
         assert errors == []
         fresh = _fresh(hubs[1])
         assert fresh[0]["status:active"] == 50 and fresh[0]["online"] == 30  # the work really ran

@@ -59,6 +59,9 @@ def _has_table(registry: Registry, name: str) -> bool:
 def device_counts(registry: Registry) -> dict[str, int]:
     """{'pending': n, ..., 'online': n}: from metrics_counts (kept by triggers), else one indexed count each."""
     if _has_table(registry, "metrics_counts"):
+        from hub.api.metrics import fold
+
+        fold(registry)  # PostgreSQL: the triggers' pending deltas into the count tables
         counts = {r["key"]: r["n"] for r in registry.query("SELECT key, n FROM metrics_counts")}
         out = {s: int(counts.get(f"status:{s}", 0)) for s in DEVICE_STATUSES}
         out["online"] = int(counts.get("online", 0))
@@ -72,8 +75,10 @@ def device_counts(registry: Registry) -> dict[str, int]:
 def expiring(registry: Registry, now: datetime, days: int) -> int:
     try:
         from hub.api.metrics import expiring as bucketed
+        from hub.api.metrics import fold
 
         if _has_table(registry, "metrics_expiry"):
+            fold(registry)
             return bucketed(registry, now, now + timedelta(days=days))
     except ImportError:
         pass
