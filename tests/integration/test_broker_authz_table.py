@@ -16,17 +16,25 @@ Every principal holds one session that attempts every subscription, then every p
 the broker's answers and from what arrived. The same table is derived from hub.authz.policy.allows (the Python
 policy and the broker plugin must agree), and every message that arrived must have been allowed and carry the
 plugin's tessera-sender / tessera-role stamp.
+
+That whole table is Mosquitto's. On both brokers (`target`, brokerkinds.py: this module's Mosquitto hub and the
+session's RabbitMQ cluster hub) run the publish and subscribe cells, each broker's expected from the same table
+(`broker_cells`: RabbitMQ 3.10 derives p and s only, s also needs the receive rules to cover the filter, no
+$share, each rule from hub.authz.policy, never wider than Mosquitto), forged messages and commands that reach
+only their device (not delivered elsewhere), and a role change taking the rights it removes away.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from hub.authz.policy import DEFAULT_ROLES, allows, expand, strip_share, topic_matches
+from hub.authz.policy import DEFAULT_ROLES, allows, expand, filter_covered, strip_share, topic_matches, valid_filter
 from tests.integration.brokerfixtures import (NOT_AUTHORIZED, add_identity, admin_call, broker_hub, enroll_device,
-                                              session, sessions)
+                                              exchange, session, sessions)
+from tests.integration.brokerkinds import CUT_TIMEOUT, broker_kind, rabbit_cluster_hub, target  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -160,6 +168,7 @@ def ack_symbol(code, letter: str) -> str:
 
 
 def test_broker_enforces_the_whole_table(hub, tmp_path):
+    # Mosquitto only: retain and delivery columns, MQTT 5 subscription identifiers and the sender stamps
     started = time.monotonic()
     creds = {"d1": enroll_device(hub, D1, tmp_path, groups=("g1",)), "d2": enroll_device(hub, D2, tmp_path)}
     hub.cli_ok("role", "set", "tab-odd", *[a for action, p in CUSTOM_RULES for a in ("--rule", f"{action}:{p}")])
@@ -246,21 +255,24 @@ def count_of(counters: dict, device_id: str) -> int:
     return counters.get(device_id, {}).get("messages", 0)
 
 
-def test_forged_device_messages_never_reach_the_hub(hub, tmp_path):
+def test_forged_device_messages_never_reach_the_hub(target, tmp_path):
     """Device A writing into device B's topics is refused, and the hub's own session (which attributes messages
     to devices by topic: traffic counters, presence) sees only B's genuine messages."""
+    hub = target.hub
     a, b = enroll_device(hub, "tab-a", tmp_path), enroll_device(hub, "tab-b", tmp_path)
-    with sessions(session(hub, a), session(hub, b)) as (sa, sb):
+    with sessions(target.session(b, 1)) as (sb,):
         assert sb.publish("devices/tab-b/status", b"online", retain=True) == 0
         deadline = time.monotonic() + 5
         while not hub.device_list()["tab-b"]["online"]:
             assert time.monotonic() < deadline, "the hub never saw tab-b online"
             time.sleep(0.05)
         before = traffic(hub)
+        with sessions(target.session(a)) as (sa,):
+            for kind in ("telemetry", "events", "commands/ack", "status"):
+                sa.publish(f"devices/tab-b/{kind}", b'{"forged":true}', qos=0)
         for kind in ("telemetry", "events", "commands/ack", "status"):
-            assert sa.publish(f"devices/tab-b/{kind}", b'{"forged":true}') == NOT_AUTHORIZED, kind
-            sa.publish(f"devices/tab-b/{kind}", b'{"forged":true}', qos=0)
-        assert sa.publish("devices/tab-b/status", b"offline", retain=True) == NOT_AUTHORIZED
+            target.assert_publish_refused(a, f"devices/tab-b/{kind}", b'{"forged":true}', i=2)
+        target.assert_publish_refused(a, "devices/tab-b/status", b"offline", retain=True)
         assert sb.publish("devices/tab-b/telemetry", b'{"genuine":true}') == 0
         deadline = time.monotonic() + 5
         while count_of(traffic(hub), "tab-b") <= count_of(before, "tab-b"):
@@ -271,4 +283,123 @@ def test_forged_device_messages_never_reach_the_hub(hub, tmp_path):
         assert count_of(after, "tab-b") == count_of(before, "tab-b") + 1, (before, after)
         assert count_of(after, "tab-a") == count_of(before, "tab-a")
         assert hub.device_list()["tab-b"]["online"], "a forged offline status reached the hub"
-        assert sa.connected and sb.connected
+        assert sb.connected
+
+
+def test_a_device_command_reaches_only_its_device(target, tmp_path):
+    """A commander commands D1: D1 (on another node) gets it, D2 (subscribed to its own commands on a third) does
+    not; D1 cannot subscribe to D2's commands, nor publish into them."""
+    hub = target.hub
+    d1, d2 = enroll_device(hub, "tab-x1", tmp_path), enroll_device(hub, "tab-x2", tmp_path)
+    cmd = add_identity(hub, "tab-xcmd", "commander", tmp_path)
+    with sessions(target.session(d1, 2), target.session(d2, 1), target.session(cmd)) as (s1, s2, c):
+        assert s1.subscribe(f"devices/{d1.id}/commands") == 1
+        assert s2.subscribe(f"devices/{d2.id}/commands") == 1
+        time.sleep(0.3)  # RabbitMQ: bindings are cluster-wide metadata, let them settle before publishing
+        msg = exchange(c, s1, f"devices/{d1.id}/commands", b"ping")
+        target.assert_stamped(msg, cmd.id, "commander")
+        time.sleep(0.3)
+        assert not any(m.payload == b"ping" for m in s2.received)
+    target.assert_subscribe_refused(d1, f"devices/{d2.id}/commands", i=1)
+    target.assert_publish_refused(d1, f"devices/{d2.id}/commands", i=1)
+
+
+# --- the publish and subscribe cells on both brokers -----------------------------------------------------------------
+
+def broker_cells(kind: str) -> dict[tuple[str, str], str]:
+    """The table's publish and subscribe cells (two characters) as `kind` enforces them: Mosquitto's are EXPECTED's;
+    RabbitMQ 3.10's come from hub.authz.policy with its documented differences (hub/broker/rabbitmq/auth.py) and
+    nothing else: s also needs the receive rules to cover the filter, no $share subscriptions."""
+    out = {}
+    for (row, col), cell in EXPECTED_CELLS.items():
+        if kind == "mosquitto":
+            out[row, col] = cell[0] + cell[2]
+            continue
+        g, t = grants_of(col), concrete(row)
+        sub = (not t.startswith("$share/") and valid_filter(t) and allows(g, "subscribe", t)
+               and any(filter_covered(x, t) for x in g.receive))
+        assert sub <= (cell[2] == "s"), (row, col)  # never wider than on Mosquitto
+        out[row, col] = cell[0] + ("s" if sub else ".")
+    return out
+
+
+def test_broker_cells_for_rabbitmq_differ_only_where_documented():
+    """Every RabbitMQ cell that is not Mosquitto's is a subscription the receive rules do not cover or a $share."""
+    mosq, rabbit = broker_cells("mosquitto"), broker_cells("rabbitmq")
+    changed = sorted(k for k in mosq if mosq[k] != rabbit[k])
+    assert changed, "RabbitMQ's cells would be Mosquitto's: the derivation proves nothing"
+    for row, col in changed:
+        assert (mosq[row, col], rabbit[row, col]) == (mosq[row, col][0] + "s", mosq[row, col][0] + "."), (row, col)
+        g = grants_of(col)
+        assert row.startswith("$share/") or not any(filter_covered(x, concrete(row)) for x in g.receive), (row, col)
+
+
+def test_broker_confines_publish_and_subscribe(target, tmp_path):
+    """Every principal (cf-* names, each on its own node) tries every cell: a QoS 1 PUBLISH to each topic and a
+    SUBSCRIBE to each topic and filter, answered in the broker's own terms (brokerkinds: RabbitMQ closes the
+    connection for a refusal, so a principal reconnects after one)."""
+    hub = target.hub
+    hub.cli_ok("role", "set", "tab-odd", *[a for action, p in CUSTOM_RULES for a in ("--rule", f"{action}:{p}")])
+    creds = {}
+    for col, (principal, role, groups) in PRINCIPALS.items():
+        name = principal.replace("tab-", "cf-")
+        creds[col] = enroll_device(hub, name, tmp_path, groups=groups) if role == "device" else \
+            add_identity(hub, name.removeprefix("svc."), role, tmp_path)
+    expected = broker_cells(target.kind)
+
+    def topic(row: str) -> str:
+        return row.replace("D1", creds["d1"].id).replace("D2", creds["d2"].id)
+
+    def column(n: int, col: str) -> list[tuple]:
+        dev, current, wrong = creds[col], [], []
+
+        def refused(attempt) -> bool:
+            if not current or current[-1].disconnected.is_set():
+                current.append(target.session(dev, n))
+            return attempt(current[-1])
+
+        try:
+            for row in ROWS:
+                cell, t = expected[row, col], topic(row)
+                if cell[0] != "-" and refused(lambda x: target.publish_refused(x, t)) != (cell[0] == "."):
+                    wrong.append((t, col, "publish", cell[0]))
+                if refused(lambda x: target.subscribe_refused(x, t)) != (cell[1] == "."):
+                    wrong.append((t, col, "subscribe", cell[1]))
+        finally:
+            for x in current:
+                x.close()
+        return wrong
+
+    with ThreadPoolExecutor(len(creds)) as pool:  # the principals at once
+        wrong = [w for ws in pool.map(column, range(len(creds)), creds) for w in ws]
+    assert not wrong, f"cells where {target.kind} disagrees with the policy:\n" + "\n".join(map(str, wrong))
+
+
+# --- a role change ---------------------------------------------------------------------------------------------------
+
+def test_role_change_takes_the_removed_rights_away(target, tmp_path):
+    """`role set` narrows a role: what it removed is gone for the live session (Mosquitto: the plugin checks each
+    delivery against the role as it is now, the session stays; RabbitMQ keeps a session's rights, so the driver
+    closes every session of the role, a second pass ROLE_RECHECK s later for the ones its API had not listed yet),
+    and after reconnecting the removed right is refused, the kept one still granted."""
+    from hub.broker.rabbitmq import ROLE_RECHECK
+
+    hub = target.hub
+    wide = ["subscribe:devices/+/status", "receive:devices/+/status", "subscribe:devices/+/events",
+            "receive:devices/+/events"]
+    hub.cli_ok("role", "set", "tab-role", *[a for r in wide for a in ("--rule", r)])
+    svc = add_identity(hub, "tab-roled", "tab-role", tmp_path)
+    dev = enroll_device(hub, "tab-rsrc", tmp_path)
+    with sessions(target.session(svc, 1), target.session(dev, 2)) as (s, sd):
+        assert s.subscribe("devices/+/events") == 1
+        exchange(sd, s, "devices/tab-rsrc/events", b"before")
+        hub.cli_ok("role", "set", "tab-role", *[a for r in wide[:2] for a in ("--rule", r)])
+        if target.rabbitmq:
+            target.assert_cut(s, "role narrowed", ROLE_RECHECK + CUT_TIMEOUT)
+        else:
+            assert sd.publish("devices/tab-rsrc/events", b"after") == 0
+            time.sleep(0.5)
+            assert s.connected and not any(m.payload == b"after" for m in s.received), "a removed right delivered"
+    with sessions(target.session(svc, 1)) as (s,):
+        assert s.subscribe("devices/+/status") == 1
+        assert target.subscribe_refused(s, "devices/+/events")
