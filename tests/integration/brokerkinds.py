@@ -99,16 +99,19 @@ class Target:
         return base / self.kind
 
     # --- sessions ---------------------------------------------------------------------------------------------
-    def mqtt(self, dev: Device, i: int = 0, client_id: str | None = None, port: int | None = None) -> MqttSession:
-        """A session (not yet connected) for `dev` on node i (client id = its principal unless told otherwise)."""
+    def mqtt(self, dev: Device, i: int = 0, client_id: str | None = None, port: int | None = None,
+             credentials: tuple[str, str] | None = None) -> MqttSession:
+        """A session (not yet connected) for `dev` on node i (client id = its principal unless told otherwise;
+        `credentials`: a CONNECT with that username and password besides the certificate)."""
         return MqttSession(self.hub, dev.chain, dev.key, dev.id if client_id is None else client_id,
-                           port=port or self.port(i), protocol=self.protocol)
+                           port=port or self.port(i), protocol=self.protocol, credentials=credentials)
 
     def session(self, dev: Device, i: int = 0, client_id: str | None = None) -> MqttSession:
         return self.mqtt(dev, i, client_id).connect()
 
-    def connects(self, dev: Device, i: int = 0, client_id: str | None = None, port: int | None = None) -> bool:
-        s = self.mqtt(dev, i, client_id, port)
+    def connects(self, dev: Device, i: int = 0, client_id: str | None = None, port: int | None = None,
+                 credentials: tuple[str, str] | None = None) -> bool:
+        s = self.mqtt(dev, i, client_id, port, credentials)
         try:
             s.connect(timeout=5)
             return True

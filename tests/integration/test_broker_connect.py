@@ -357,6 +357,25 @@ def test_client_id_must_be_the_principal(target, good, work):
     target.assert_admitted(ident)
 
 
+def test_impostor_with_a_username_and_password_is_refused(target, work):
+    """A device's certificate with another principal's name as username (and password) and client id: refused on
+    every node (Mosquitto's plugin goes by the certificate and refuses the client id; RabbitMQ would take the
+    username over the certificate, so the hub refuses every password login, whoever it names, its own name too)."""
+    from hub.broker.rabbitmq.auth import MGMT_USER
+
+    hub, w = target.hub, target.workdir(work)
+    dev = enroll_device(hub, "con-imp-dev", w)
+    victim = enroll_device(hub, "con-victim", w)
+    for port in target.every_port():
+        for name in (victim.id, "svc.con-anything", "tessera-hub", MGMT_USER):
+            assert not target.connects(dev, port=port, client_id=name, credentials=(name, "guess")), name
+        assert not target.connects(dev, port=port, client_id=victim.id, credentials=(victim.id, ""))
+    target.assert_admitted(victim)
+    if target.rabbitmq:  # a password is refused even with the device's own name and client id
+        assert not any(target.connects(dev, port=p, credentials=(dev.id, "guess")) for p in target.every_port())
+        assert "password login refused" in hub.stderr_path.read_text()
+
+
 def test_an_empty_client_id_is_refused(mosquitto, hub, work):
     # Mosquitto only: it assigns auto-<uuid> to an empty MQTT v5 client id, which the plugin refuses
     good = mosquitto.once("con-good", lambda: enroll_device(hub, "con-good", mosquitto.workdir(work)))
