@@ -2,7 +2,10 @@
 
 The hub logs in as auth.MGMT_USER with its secret (Basic auth in the request header, never in argv or a URL).
 DELETE /api/connections/username/{name} closes that user's connections on every node of the cluster (connection
-tracking is cluster-wide); `close_user` tries the nodes in turn until one answers.
+tracking is cluster-wide); every call tries the nodes in turn until one answers. A node that refuses the login
+(401: its auth back end is another hub's loopback listener, and that hub is down) or is unavailable (5xx) counts
+as not answering: with each hub serving the nodes on its machine, a hub whose neighbour hub is down still kicks
+through the other nodes.
 """
 
 from __future__ import annotations
@@ -37,13 +40,21 @@ class Mgmt:
             return exc.code, None
 
     def call(self, method: str, path: str, timeout: float | None = None) -> tuple[int, Any]:
-        """The first node that answers (any HTTP status); MgmtError if none does."""
-        last = None
+        """The first node's answer that is not a refused login (401) or an unavailable node (5xx); if every node
+        refused, the last refusal (the caller names its status); MgmtError if none answered at all."""
+        last: Exception | None = None
+        refused: tuple[int, Any] | None = None
         for url in self.urls:
             try:
-                return self._call(url, method, path, timeout)
+                answer = self._call(url, method, path, timeout)
             except (OSError, ValueError) as exc:
                 last = exc
+                continue
+            if answer[0] != 401 and answer[0] < 500:
+                return answer
+            refused = answer
+        if refused is not None:
+            return refused
         raise MgmtError(f"no RabbitMQ management API answered ({', '.join(self.urls)}): {last}")
 
     def healthy(self, url: str) -> bool:
