@@ -2,7 +2,9 @@
 `openssl verify -crl_check` rejects it (and accepts another device's), and the device can never enroll again.
 
 The broker decides from the registry; the CRL is for third parties and is published in the background soon after
-the change (hub.serve.live.CrlPublisher), so the tests poll the served CRL for the entry."""
+the change (hub.serve.live.CrlPublisher), so the tests poll the served CRL for the entry. Each case runs against
+a hub of either broker (`target`, brokerkinds.py: this module's Mosquitto hub and the session's RabbitMQ cluster
+hub, whose listeners also read their CRLs from the hub)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import pytest
 from cryptography import x509
 
 from agent.estclient import EstClient, EstClientError
-from tests.integration.hubfixtures import (  # noqa: F401  (hub is a fixture)
+from tests.integration.brokerkinds import broker_kind, rabbit_cluster_hub, target  # noqa: F401  (fixtures)
+from tests.integration.hubfixtures import (  # noqa: F401  (hub is a fixture: the Mosquitto one)
     hub, make_csr, new_key, one_line, openssl, request, write_pem,
 )
 
@@ -58,7 +61,8 @@ def crl_verify(hub, tmp_path, crl_pem, cert) -> tuple[int, str]:
     return proc.returncode, (proc.stdout + proc.stderr).decode()
 
 
-def test_revoked_certificate_is_on_the_served_crl(hub, tmp_path):
+def test_revoked_certificate_is_on_the_served_crl(target, tmp_path):
+    hub = target.hub
     revoked_leaf, revoked_pem = enroll_new(hub, "rev-1", tmp_path)
     other_leaf, other_pem = enroll_new(hub, "rev-ok-1", tmp_path)
     crl_before, crl_before_pem = fetch_crl(hub, tmp_path, "before")
@@ -92,7 +96,8 @@ def test_revoked_certificate_is_on_the_served_crl(hub, tmp_path):
     assert hub.device_list()["rev-1"]["status"] == "revoked"
 
 
-def test_revoked_device_can_never_enroll_again(hub, tmp_path):
+def test_revoked_device_can_never_enroll_again(target, tmp_path):
+    hub = target.hub
     enroll_new(hub, "rev-2", tmp_path)
     spare = hub.new_token("rev-2")  # an unused token issued before the revocation
     hub.cli_ok("device", "revoke", "rev-2", "--reason", "cessationOfOperation")
@@ -114,7 +119,8 @@ def test_revoked_device_can_never_enroll_again(hub, tmp_path):
     assert hub.show("rev-2")["device"]["status"] == "revoked"
 
 
-def test_resuming_a_revoked_device_is_a_clean_error(hub, tmp_path):
+def test_resuming_a_revoked_device_is_a_clean_error(target, tmp_path):
+    hub = target.hub
     hub.add_device("rev-4")
     hub.cli_ok("device", "revoke", "rev-4", "--reason", "keyCompromise")
     proc = hub.cli("device", "resume", "rev-4")
@@ -124,7 +130,8 @@ def test_resuming_a_revoked_device_is_a_clean_error(hub, tmp_path):
     assert message.startswith("error: ") and "revocation is final" in message, proc.stderr
 
 
-def test_revoking_a_device_without_certificate(hub, tmp_path):
+def test_revoking_a_device_without_certificate(target, tmp_path):
+    hub = target.hub
     hub.add_device("rev-3")
     proc = hub.cli("device", "revoke", "rev-3", "--reason", "affiliationChanged")
     assert proc.returncode == 0, proc.stderr
@@ -133,7 +140,8 @@ def test_revoking_a_device_without_certificate(hub, tmp_path):
     assert hub.cli("device", "token", "rev-3").returncode != 0
 
 
-def test_a_burst_of_revocations_all_reach_the_crl(hub, tmp_path):
+def test_a_burst_of_revocations_all_reach_the_crl(target, tmp_path):
+    hub = target.hub
     leaves = [enroll_new(hub, f"rev-burst-{i}", tmp_path)[0] for i in range(3)]
     keep, _ = enroll_new(hub, "rev-burst-keep", tmp_path)
     for i in range(3):
