@@ -1,5 +1,6 @@
 """The broker's log is rotated by size without a signal (copy + truncate): a real Mosquitto, writing with
-O_APPEND, carries on at the start of the emptied file; older generations shift and only `keep` remain."""
+O_APPEND, carries on at the start of the emptied file; older generations shift and only `keep` remain.
+Mosquitto only: the hub writes and rotates Mosquitto's log file; RabbitMQ's nodes keep their own logs."""
 
 from __future__ import annotations
 
