@@ -1,6 +1,7 @@
 """The fleet API in the CLI's own process, for when no hub runs: the same handlers over the registry and CA.
 
-`OfflineHub(root)` opens the hub directory's registry and CA, makes sure its local operator identity exists, and
+`OfflineHub(root)` opens the hub directory's registry and CA, checks (as serve does) that a shared PostgreSQL
+registry is this fleet's and records the hub's identity there, makes sure its local operator identity exists, and
 starts hub/api/server.py's `start_api` on 127.0.0.1 port 0 with a stand-in for the live hub: its broker's `sync`
 raises BrokerError("the hub is not running") (so the API's answers carry that broker note: the change is recorded,
 and the broker enforces it from the registry when it starts), and its CRL publisher only notes a change, which
@@ -65,10 +66,14 @@ class OfflineHub:
     def __init__(self, root: Path):
         import logging
 
+        from cryptography import x509
+
         from hub.api.identityroutes import ensure_local_operator
+        from hub.authz.identities import ensure_hub_identity
         from hub.api.server import start_api
         from hub.ca.authority import load_ca
         from hub.config import load_config
+        from hub.serve.guard import check_registry
 
         logging.getLogger("tessera.api").setLevel(logging.CRITICAL)  # errors reach the operator as answers
         self.cfg = load_config(Path(root))
@@ -76,6 +81,11 @@ class OfflineHub:
         self.ca = None
         self.server = None
         try:
+            # as serve does: a shared (PostgreSQL) registry must be this fleet's (another audit key would break
+            # the chain for every hub), and the hub's identity is recorded there (init wrote only its own SQLite)
+            check_registry(self.cfg, self.registry)
+            ensure_hub_identity(self.registry, x509.load_pem_x509_certificate(
+                (self.cfg.tls_dir / "admin.pem").read_bytes()), _now())
             self.ca = load_ca(self.cfg.ca_dir, self.cfg.ca_token)
             ensure_local_operator(self.cfg, self.ca, self.registry, _now())
             self.live = _Live(self.cfg, self.ca, self.registry)

@@ -62,7 +62,21 @@ def config(directory: Optional[Path]) -> HubConfig:
 
 
 def registry(cfg: HubConfig):
-    return cfg.open_registry()
+    """The hub's registry for a command that works on it directly (not through the API). A shared (PostgreSQL)
+    registry must be this fleet's, as serve and the in-process API check (hub.serve.guard.check_registry: another
+    audit key would break the chain for every hub); an unreachable one is one error line, not a traceback."""
+    from hub.serve.guard import check_registry
+
+    try:
+        reg = cfg.open_registry()
+    except errors() as exc:
+        fail(str(exc))
+    try:
+        check_registry(cfg, reg)
+    except errors() as exc:
+        reg.close()
+        fail(str(exc))
+    return reg
 
 
 def device_id_arg(device_id: str) -> str:
