@@ -22,9 +22,9 @@ tessera_job_devices{job_id,state}       devices of each running job by state (no
 Why triggers: with 1M devices the same counts as GROUP BY / COUNT queries over the indexes take 0.7-1.5 s a
 scrape, the count tables 3 ms (p50; bench/metrics_bench.py). Triggers keep the counts exact whoever writes the
 registry (serve, the CLI, another process); each status, presence or certificate change writes one more small
-row. `apply_schema` checks them at every API start. On a PostgreSQL registry shared by several hubs the same
-tables are kept by plpgsql triggers (`PG_METRICS_SCHEMA`), in each writer's transaction, so every hub's scrape
-shows the fleet's counts; every other query here is one text for both dialects.
+row. `apply_schema` checks them at every API start. On a PostgreSQL registry shared by several hubs, plpgsql
+triggers (`PG_METRICS_SCHEMA`) append deltas in each writer's transaction, which every reader first folds into the
+same tables (`fold`), so every hub's scrape shows the fleet's counts; every other query is one text for both.
 """
 
 from __future__ import annotations
