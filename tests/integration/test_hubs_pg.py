@@ -1,25 +1,33 @@
-"""Two `tessera-hub serve` processes on one PostgreSQL registry and one RabbitMQ node: one fleet, either hub.
+"""Two `tessera-hub serve` processes on one PostgreSQL registry and a 3-node RabbitMQ cluster: one fleet, either hub.
 
-Hub A is a fresh fleet whose fleet.toml names the session's PostgreSQL server (a database of its own) and a 1-node
+Hub A is a fresh fleet whose fleet.toml names the session's PostgreSQL server (a database of its own) and a 3-node
 RabbitMQ cluster (rabbitfixtures; the session's 3-node cluster and its SQLite hub are not touched); hub B is made
 with `tessera-hub init --join <A's directory>` (the same CAs, TLS files, audit key, broker secrets and [registry]).
-Then: single-use tokens tried at both hubs at once are spent once (one certificate each, the other answer a
-refusal) and the shared audit chain verifies; a device enrolled at A is cut by a revoke issued to B; B's fleet API
-lists A's devices; a hub of another fleet, or with another audit key, is refused by serve on that registry.
+Each hub serves the nodes beside it, as on separate machines: A renders r1 (its auth back end A's loopback listener,
+its CRL directory A's), B renders r2 and r3. Then: each node's files name its own hub and all make one cluster;
+single-use tokens tried at both hubs at once are spent once (one certificate each, the other answer a refusal) and
+the shared audit chain verifies; a device enrolled at A is cut by a revoke issued to B; B's fleet API lists A's
+devices; a hub of another fleet, or with another audit key, is refused by serve on that registry; and no hub is a
+single point: with A killed, r2 and r3 admit, r1 refuses, sessions up stay up (a publish through r1 closes its
+session: r1 cannot ask its back end), a revoke at B cuts a session on r1, and A restarted makes r1 admit again.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
+import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from tests.helpers import free_port
-from tests.integration.brokerfixtures import BROKER_LIMITS, MqttSession, enroll_device, sessions, wait_ready
+from tests.integration.brokerfixtures import (BROKER_LIMITS, ConnectRefused, MqttSession, enroll_device, sessions,
+                                              wait_ready)
 from tests.integration.hubfixtures import Hub, enroll, init_hub, make_csr, new_key, one_line, run_cli
 from tests.integration.pgfixtures import pg_server  # noqa: F401
 from tests.integration.rabbitfixtures import RabbitCluster, require_rabbitmq
@@ -27,6 +35,7 @@ from tests.integration.rabbitfixtures import RabbitCluster, require_rabbitmq
 pytestmark = pytest.mark.integration
 
 DEVICES = 8  # tokens raced at both hubs
+NODES = 3  # r1: hub A's node, r2 and r3: hub B's
 CUT_TIMEOUT = 10.0  # a generous bound for the kick (revoke -> cut is measured in bench/)
 
 
@@ -77,35 +86,71 @@ def pg_url(pg_server):  # noqa: F811
     pg_server.drop_database(name)
 
 
+def prime_registry(hub: Hub) -> None:
+    """What the hub's first serve writes to a fresh PostgreSQL registry (hub/serve/supervisor.py): its admin and
+    local-operator certificates as the current ones. A hub joined before that copies a local-operator certificate
+    the registry never saw, and then each hub's serve re-issues svc.local-admin over the other's (the other hub's
+    CLI: "certificate ... is superseded"); here B joins before A serves, because B must render its nodes first."""
+    from cryptography import x509
+
+    from hub.api.identityroutes import ensure_local_operator
+    from hub.authz.identities import ensure_hub_identity
+    from hub.ca.authority import load_ca
+    from hub.config import load_config
+
+    cfg = load_config(hub.dir)
+    registry, ca = cfg.open_registry(), load_ca(cfg.ca_dir)
+    try:
+        now = datetime.now(timezone.utc)
+        ensure_hub_identity(registry, x509.load_pem_x509_certificate((cfg.tls_dir / "admin.pem").read_bytes()), now)
+        ensure_local_operator(cfg, ca, registry, now)
+    finally:
+        registry.close()
+        ca.close()
+
+
+def render_per_node(renders: dict[str, object]):
+    """One render callable for the cluster that hands each node to its own hub's driver (renders[node name])."""
+    def render(out: Path, nodes):
+        dirs = []
+        for fn in dict.fromkeys(renders[n.name] for n in nodes):  # each hub once, with its nodes in order
+            dirs += fn(out, [n for n in nodes if renders[n.name] is fn])
+        return dirs
+    return render
+
+
 @pytest.fixture(scope="module")
 def hubs(tmp_path_factory, pg_url):
-    """(hub A, hub B, cluster): both serving, both on the one registry and the one node."""
+    """(hub A, hub B, cluster): both serving on the one registry; a 3-node cluster whose node r1 is hub A's (its auth
+    back end A's loopback listener, its CRL directory A's) and r2, r3 are hub B's: the machine layout where each
+    hub serves the nodes beside it. Each hub's own MQTT session goes through one of its own nodes."""
     require_rabbitmq()
     base = tmp_path_factory.mktemp("hubs-pg")
-    cluster = RabbitCluster(base / "rabbit", 1)
+    cluster = RabbitCluster(base / "rabbit", NODES)
     a = init_hub(base / "a", **BROKER_LIMITS)
     a.configure(kind="rabbitmq", auth_port=free_port(),
                 management_urls=[f"http://{n.host}:{n.mgmt_port}" for n in cluster.nodes], url=pg_url)
     a.broker_port = cluster.nodes[0].mqtt_port
+    render_on(a)(base / "a-first", cluster.nodes[:1])  # A's driver makes the broker secrets the join copies
+    prime_registry(a)
     (base / "b").mkdir()
-    b = Hub(dir=base / "b" / "hub", broker_port=a.broker_port)
+    b = Hub(dir=base / "b" / "hub", broker_port=cluster.nodes[1].mqtt_port)
+    proc = run_cli("init", "--join", str(a.dir), "--dir", str(b.dir))
+    assert proc.returncode == 0, proc.stderr
+    b.configure(auth_port=free_port())  # same machine here: its own auth listener (the nodes of B call B's)
     started: list[Hub] = []
     try:
-        cluster.start(render_on(a))
-        a.start()
-        started.append(a)
-        wait_ready(a)
-        proc = run_cli("init", "--join", str(a.dir), "--dir", str(b.dir))
-        assert proc.returncode == 0, proc.stderr
-        b.configure(auth_port=free_port())  # same machine: its own auth listener (the node calls A's)
-        b.start()
-        started.append(b)
-        wait_ready(b)
+        cluster.start(render_per_node({"r1": render_on(a), "r2": render_on(b), "r3": render_on(b)}))
+        for hub in (a, b):
+            hub.start()
+            started.append(hub)
+            wait_ready(hub)
         yield a, b, cluster
     finally:
         try:
             for hub in reversed(started):
-                stop_hub(hub)
+                if hub.proc is not None and hub.proc.poll() is None:
+                    stop_hub(hub)
         finally:
             for hub in (a, b):
                 hub.kill()
@@ -117,12 +162,32 @@ def test_join_copies_the_fleet_and_keeps_secrets_private(hubs):
     for name in ("ca/root.pem", "ca/device-ca.key", "tls/est.pem", "tls/admin.key", "audit.key",
                  "broker/rabbitmq/auth.secret", "broker/rabbitmq/mgmt.secret"):
         assert (b.dir / name).read_bytes() == (a.dir / name).read_bytes(), name
-    for path in [*b.dir.glob("*/*.key"), *b.dir.glob("broker/rabbitmq/*.secret"), b.dir / "audit.key", b.dir / "fleet.toml"]:
+    for path in [*b.dir.glob("*/*.key"), *b.dir.glob("broker/rabbitmq/*.secret"), b.dir / "audit.key",
+                 b.dir / "fleet.toml"]:
         assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
     fleet_a, fleet_b = (tomllib.loads((h.dir / "fleet.toml").read_text()) for h in (a, b))
     for fleet in (fleet_a, fleet_b):
         fleet["broker"].pop("auth_port")  # each hub its own listener (the fixture set B's after the join)
     assert fleet_b == fleet_a
+
+
+def test_each_node_is_rendered_by_the_hub_beside_it(hubs):
+    """r1's files name hub A's auth listener and CRL directory, r2's and r3's hub B's; the same auth secret and TLS
+    file contents in every node's files, so the three make one cluster."""
+    a, b, cluster = hubs
+    port = {h.dir: tomllib.loads((h.dir / "fleet.toml").read_text())["broker"]["auth_port"] for h in (a, b)}
+    secret = (a.dir / "broker" / "rabbitmq" / "auth.secret").read_text().strip()
+    tls = {}
+    for node, hub in zip(cluster.nodes, (a, b, b)):
+        conf = (cluster.dir / node.name / "rabbitmq.conf").read_text()
+        advanced = (cluster.dir / node.name / "advanced.config").read_text()
+        assert f"auth_http.user_path = http://127.0.0.1:{port[hub.dir]}/{secret}/user" in conf
+        assert f'{{dir, "{hub.dir / "broker" / "rabbitmq" / "crl"}"}}' in advanced, advanced
+        files = dict(re.findall(r'\{(cacertfile|certfile|keyfile), "([^"]+)"\}', advanced))
+        assert all(Path(f).is_relative_to(hub.dir) for f in files.values()), files
+        tls[node.name] = {k: Path(f).read_bytes() for k, f in files.items()}
+    assert tls["r1"] == tls["r2"] == tls["r3"] and len(tls["r1"]) == 3
+    assert port[a.dir] != port[b.dir]
 
 
 def test_each_token_is_spent_once_across_both_hubs(hubs):
@@ -193,3 +258,70 @@ def test_join_refuses_a_sqlite_hub(tmp_path):
     proc = run_cli("init", "--join", str(src.dir), "--dir", str(tmp_path / "second"))
     assert proc.returncode != 0 and "needs a shared PostgreSQL registry" in one_line(proc.stderr), proc.stderr
     assert not (tmp_path / "second").exists()
+
+
+def connects(hub: Hub, dev, port: int) -> bool:
+    s = MqttSession(hub, dev.chain, dev.key, dev.id, port=port, protocol=mqtt.MQTTv311)
+    try:
+        s.connect(timeout=5)
+        return True
+    except ConnectRefused:
+        return False
+    finally:
+        s.close()
+
+
+def crl_serials(hub: Hub) -> set[int]:
+    from cryptography import x509
+
+    return {r.serial_number for p in (hub.dir / "broker" / "rabbitmq" / "crl").glob("*.r0")
+            for r in x509.load_pem_x509_crl(p.read_bytes())}
+
+
+def wait_for(what: str, check, timeout: float = CUT_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.1)
+
+
+def test_each_hub_serves_its_own_nodes_and_none_is_a_single_point(hubs, tmp_path):
+    a, b, cluster = hubs
+    r1, r2, r3 = (n.mqtt_port for n in cluster.nodes)
+    ids = ("co-up1", "co-up2", "co-cut1", "co-cut2", "co-new")
+    devs = {d: enroll_device(a if i % 2 else b, d, tmp_path) for i, d in enumerate(ids)}
+    up1, cut1 = (MqttSession(a, devs[d].chain, devs[d].key, d, port=r1, protocol=mqtt.MQTTv311)
+                 for d in ("co-up1", "co-cut1"))
+    up2, cut2 = (MqttSession(b, devs[d].chain, devs[d].key, d, port=r2, protocol=mqtt.MQTTv311)
+                 for d in ("co-up2", "co-cut2"))
+    restarted = False
+    with sessions(up1.connect(), up2.connect(), cut1.connect(), cut2.connect()):
+        assert up1.publish("devices/co-up1/telemetry", b"1", qos=1) == 0
+        # a revoke issued to hub A cuts a session held through B's node r2, and both hubs' CRLs list it
+        a.cli_ok("device", "revoke", "co-cut2", "--reason", "keyCompromise")
+        assert cut2.disconnected.wait(CUT_TIMEOUT), "the revoke at hub A did not cut the session on B's node r2"
+        serial = devs["co-cut2"].cert.serial_number
+        for hub in (a, b):
+            wait_for(f"{hub.dir.parent.name}'s CRL directory lists the revoked certificate",
+                     lambda: serial in crl_serials(hub))
+        a.kill()  # SIGKILL, a hub lost: r1's auth back end is gone, r2 and r3 still have B's
+        try:
+            assert connects(b, devs["co-new"], r2) and connects(b, devs["co-new"], r3), \
+                "hub B's nodes stopped admitting when hub A stopped"
+            assert not connects(b, devs["co-new"], r1), "r1 admitted a connect with its hub down (fail closed)"
+            # a revoke issued to hub B cuts a session held through A's node r1 while A is down
+            b.cli_ok("device", "revoke", "co-cut1", "--reason", "keyCompromise")
+            assert cut1.disconnected.wait(CUT_TIMEOUT), "the revoke at hub B did not cut the session on r1"
+            assert up1.connected and up2.connected, "a session already up dropped when hub A stopped"
+            assert up2.publish("devices/co-up2/telemetry", b"2", qos=1) == 0, "B's node refused a publish"
+            # r1 asks its (absent) back end about a publish too: that fails closed, and RabbitMQ closes the session
+            with pytest.raises(TimeoutError, match="connection closed"):
+                up1.publish("devices/co-up1/telemetry", b"2", qos=1)
+        finally:
+            a.proc = None
+            a.start()
+            wait_ready(a)
+            restarted = True
+    assert restarted
+    assert connects(a, devs["co-new"], r1), "r1 does not admit again once its hub is back"
+    assert not connects(a, devs["co-cut1"], r1), "r1 admits a device revoked while its hub was down"
