@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import threading
 from datetime import datetime, timedelta
 
@@ -237,16 +236,6 @@ def tables(registry: Registry, names: tuple[str, ...]) -> set[str]:
     return {r["name"] for r in registry.query(sql, list(names))}
 
 
-def db_errors(registry: Registry) -> tuple[type[BaseException], ...]:
-    """What a statement the registry refuses raises on its dialect: sqlite3.Error, or on PostgreSQL SQLAlchemy's
-    DBAPIError (psycopg's errors wrapped; imported only there, the SQLite hub never loads SQLAlchemy)."""
-    if registry.dialect == dbsql.POSTGRESQL:
-        import sqlalchemy.exc
-
-        return (sqlalchemy.exc.DBAPIError,)
-    return (sqlite3.Error,)
-
-
 def _hour_start(at: datetime) -> datetime:
     return at.replace(minute=0, second=0, microsecond=0)
 
@@ -355,7 +344,7 @@ class FleetCollector:
     def _jobs(self, reg: Registry) -> GaugeMetricFamily:
         fam = GaugeMetricFamily("tessera_job_devices", "Devices of each running job by state",
                                 labels=["job_id", "state"])
-        errors = db_errors(reg)
+        errors = dbsql.driver_errors()  # sqlite3's, and SQLAlchemy's (psycopg's wrapped) on a PostgreSQL registry
         try:
             if len(tables(reg, ("jobs", "job_devices"))) < 2:
                 return fam
