@@ -12,6 +12,7 @@ Use:
     cluster.start()            # returns once every node runs and the cluster has all members
     cluster.nodes[i]           # hub.broker.rabbitmq.config.Node: .nodename, .mqtt_port, .mgmt_port, ...
     cluster.ctl(0, "list_connections", "user")   # rabbitmqctl against node 0 (CompletedProcess)
+    cluster.stop_node(i); cluster.start_node(i)   # one node down and back (it rejoins by itself)
     cluster.stop()
 `rabbit_cluster(base, ...)` is the same as a context manager. `require_rabbitmq()` skips (with the reason) where
 rabbitmq-server is not installed. Cost: ~15-25 s for three nodes on 2 cores, so share one per module or session.
@@ -217,6 +218,19 @@ class RabbitCluster:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+    def start_node(self, i: int, timeout: float = START_TIMEOUT) -> None:
+        """Start node i again after stop_node(i): its mnesia remembers the cluster, so it rejoins by itself; returns
+        once it listens and node 1 sees every member running."""
+        node = self.nodes[i]
+        if node.name in self.procs:
+            return
+        self._start_node(node)
+        wanted, deadline = sorted(n.nodename for n in self.nodes), time.monotonic() + timeout
+        while sorted(self.running_nodes()) != wanted:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{node.nodename} did not rejoin within {timeout} s:\n{self.log_tail(node)}")
+            time.sleep(0.5)
 
     def stop(self) -> None:
         """Every node killed (SIGKILL to its process group: the cluster's data is thrown away, and a graceful

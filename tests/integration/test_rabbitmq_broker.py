@@ -1,5 +1,5 @@
-"""What only a RabbitMQ cluster has: a hub on node 1 cutting a session on node 2, the management user, the driver's
-sync. The broker-neutral cases (who connects, impostors, TLS refusals, revoked / suspended / superseded,
+"""What only a RabbitMQ cluster has: a hub on node 1 cutting a session on node 2, a node down and back, the
+management user, the driver's sync. The broker-neutral cases (who connects, impostors, TLS refusals, revoked / suspended / superseded,
 confinement, role change) run on both brokers in test_broker_connect.py, test_broker_revoke.py and
 test_broker_authz_table.py (brokerkinds.py: the `broker_kind` params, each refusal in the broker's own terms).
 
@@ -77,3 +77,24 @@ def test_sync_reports_the_kicks(rh):
     answer = admin_call(hub, {"op": "authz_sync"})
     assert answer.get("ok", True), answer
     assert answer["seq"] > 0, answer
+
+
+def test_with_a_node_down_the_others_admit_and_cut_and_it_comes_back_enforcing(cluster_target, work):
+    """Node 3 stops: its sessions end; nodes 1 and 2 still admit, and a revoke through the hub (on node 1) still
+    cuts a session on node 2. Once node 3 is back (it rejoins by itself), the device revoked while it was down is
+    refused there too and a good one admitted. Last in the module: the other modules need all three nodes."""
+    t = cluster_target
+    good, victim = enroll_device(t.hub, "rmq-nd-good", work), enroll_device(t.hub, "rmq-nd-victim", work)
+    try:
+        with sessions(t.session(good, 2)) as (on3,):
+            t.cluster.stop_node(2)
+            assert on3.disconnected.wait(30), "node 3 stopped and its session lives on"
+        assert t.connects(good, 0) and t.connects(good, 1), "nodes 1 and 2 refused a good device"
+        with sessions(t.session(victim, 1)) as (s,):
+            t.hub.cli_ok("device", "revoke", victim.id, "--reason", "keyCompromise")
+            t.assert_cut(s, "revoke with node 3 down")
+        assert not t.connects(victim, 0) and not t.connects(victim, 1)
+    finally:
+        t.cluster.start_node(2)
+    assert t.connects(good, 2), "node 3 came back and refuses a good device"
+    assert not t.connects(victim, 2), "node 3 came back and admits the device revoked while it was down"
