@@ -14,6 +14,7 @@ session: r1 cannot ask its back end), a revoke at B cuts a session on r1, and A 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import time
@@ -21,6 +22,7 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -119,14 +121,14 @@ def render_per_node(renders: dict[str, object]):
     return render
 
 
-@pytest.fixture(scope="module")
-def hubs(tmp_path_factory, pg_url):
-    """(hub A, hub B, cluster): both serving on the one registry; a 3-node cluster whose node r1 is hub A's (its auth
-    back end A's loopback listener, its CRL directory A's) and r2, r3 are hub B's: the machine layout where each
-    hub serves the nodes beside it. Each hub's own MQTT session goes through one of its own nodes."""
+@contextlib.contextmanager
+def colocated_hubs(base: Path, pg_url: str, nodes: int = NODES) -> Iterator[tuple[Hub, Hub, RabbitCluster]]:
+    """(hub A, hub B, cluster): both serving on the one registry; a `nodes`-node cluster whose node r1 is hub A's
+    (its auth back end A's loopback listener, its CRL directory A's) and the others are hub B's: the machine layout
+    where each hub serves the nodes beside it. Each hub's own MQTT session goes through one of its own nodes.
+    On exit the hubs still running are stopped (exit 0 checked) and the cluster is removed."""
     require_rabbitmq()
-    base = tmp_path_factory.mktemp("hubs-pg")
-    cluster = RabbitCluster(base / "rabbit", NODES)
+    cluster = RabbitCluster(base / "rabbit", nodes)
     a = init_hub(base / "a", **BROKER_LIMITS)
     a.configure(kind="rabbitmq", auth_port=free_port(),
                 management_urls=[f"http://{n.host}:{n.mgmt_port}" for n in cluster.nodes], url=pg_url)
@@ -140,7 +142,7 @@ def hubs(tmp_path_factory, pg_url):
     b.configure(auth_port=free_port())  # same machine here: its own auth listener (the nodes of B call B's)
     started: list[Hub] = []
     try:
-        cluster.start(render_per_node({"r1": render_on(a), "r2": render_on(b), "r3": render_on(b)}))
+        cluster.start(render_per_node({n.name: render_on(a if i == 0 else b) for i, n in enumerate(cluster.nodes)}))
         for hub in (a, b):
             hub.start()
             started.append(hub)
@@ -157,6 +159,13 @@ def hubs(tmp_path_factory, pg_url):
             cluster.stop()
 
 
+@pytest.fixture(scope="module")
+def hubs(tmp_path_factory, pg_url):
+    """colocated_hubs: r1 hub A's, r2 and r3 hub B's."""
+    with colocated_hubs(tmp_path_factory.mktemp("hubs-pg"), pg_url) as trio:
+        yield trio
+
+
 def test_join_copies_the_fleet_and_keeps_secrets_private(hubs):
     a, b, _ = hubs
     for name in ("ca/root.pem", "ca/device-ca.key", "tls/est.pem", "tls/admin.key", "audit.key",
@@ -169,6 +178,22 @@ def test_join_copies_the_fleet_and_keeps_secrets_private(hubs):
     for fleet in (fleet_a, fleet_b):
         fleet["broker"].pop("auth_port")  # each hub its own listener (the fixture set B's after the join)
     assert fleet_b == fleet_a
+
+
+def test_each_hub_keeps_its_own_mqtt_session(hubs):
+    """Both hubs hold the hub's admin certificate; B's session has a client id of its own (hub-id, written by
+    --join), so neither takes the other's over (the same client id made them flap several times a second)."""
+    a, b, _ = hubs
+    assert not (a.dir / "hub-id").exists()
+    hub_id = (b.dir / "hub-id").read_text().strip()
+    assert re.fullmatch(r"[0-9a-f]{8}", hub_id), hub_id
+    marks = [h.stderr_path.stat().st_size for h in (a, b)]
+    time.sleep(3)
+    for hub, mark in zip((a, b), marks):
+        with open(hub.stderr_path, errors="replace") as fh:
+            fh.seek(mark)
+            lost = [line for line in fh if "admin connection lost" in line]
+        assert not lost, f"{hub.dir}: the hub's MQTT session keeps being taken over: {lost[:3]}"
 
 
 def test_each_node_is_rendered_by_the_hub_beside_it(hubs):
