@@ -247,15 +247,24 @@ def test_payload_limit(hub, devs):
     assert_enforcing(hub, devs, trials=1)
 
 
-def test_oversized_publish_is_refused_without_breaking_a_paho_session(hub, devs):
-    # Mosquitto only: its max_packet_size answer (MQTT 5 DISCONNECT 0x95) to a paho v5 session
-    with sessions(session(hub, devs["good"])) as (sg,):
-        try:
-            code = sg.publish("devices/flt-good/telemetry", b"z" * (MAX_PAYLOAD + 1), timeout=3)
-        except TimeoutError:
-            code = None
-        assert code == NOT_AUTHORIZED and sg.connected, (code, sg.disconnect_rc)
-        assert sg.publish("devices/flt-good/telemetry", b"small") == 0
+@pytest.mark.parametrize("broker_kind", ["mosquitto", pytest.param("rabbitmq", marks=pytest.mark.xfail(
+    strict=True, reason="RabbitMQ lets it through: the node files set no MQTT payload limit ([mqtt] max_payload "
+    "is Mosquitto's), so a device's PUBLISH over max_payload is taken and delivered (3.10 takes up to 128 MiB)"))],
+    indirect=True)
+def test_oversized_publish_is_refused_and_not_delivered(target, tdevs):
+    """max_payload bytes pass (the control); one byte more is refused (Mosquitto: PUBACK 0x87, the paho session
+    lives on; RabbitMQ: the connection closed) and reaches no subscriber; the device publishes again after it."""
+    good, topic = tdevs["good"], "devices/flt-good/telemetry"
+    with sessions(target.session(tdevs["reader"], 1)) as (sr,):
+        assert sr.subscribe("devices/+/telemetry") == 1
+        with sessions(target.session(good)) as (sg,):
+            assert not target.publish_refused(sg, topic, b"y" * MAX_PAYLOAD), "max_payload bytes refused"
+            sr.wait_message(topic, b"y" * MAX_PAYLOAD)
+            assert target.publish_refused(sg, topic, b"z" * (MAX_PAYLOAD + 1)), "max_payload + 1 bytes taken"
+        time.sleep(QUIET)
+        assert [len(m.payload) for m in sr.received] == [MAX_PAYLOAD]
+    with sessions(target.session(good)) as (sg,):
+        assert sg.publish(topic, b"small") == 0
 
 
 def test_huge_publish_is_cut_off_and_broker_memory_stays_bounded(hub, devs):
