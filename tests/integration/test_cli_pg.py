@@ -18,7 +18,6 @@ import datetime as dt
 import json
 import re
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,8 +39,8 @@ _HEX = re.compile(r"\b[0-9a-fA-F]{16,}\b")
 _TOKEN = re.compile(r"\b[A-Za-z0-9_-]{32}\b")
 _MS = re.compile(r"\b\d+ ms\b")
 #: keys whose values differ by nature between two hubs (random or time-made), compared only as set / not set
-_OPAQUE = {"token", "serial", "mac", "head_mac", "prev_mac", "next_cursor", "cursor", "days_left", "duration_ms",
-           "total_ms", "sync_ms", "timings"}
+_OPAQUE = {"token", "serial", "mac", "head_mac", "prev_mac", "next_cursor", "cursor", "duration_ms", "total_ms",
+           "sync_ms", "timings"}
 _SHIFTED_AUDIT = {"id"}
 _SHIFTED_VERIFY = {"checked", "head_id", "broken_at"}
 
@@ -54,7 +53,8 @@ def normal(value: Any, base: str, shift: int = 0) -> Any:
     if isinstance(value, dict):
         shifted = _SHIFTED_AUDIT if {"action", "actor"} <= value.keys() else _SHIFTED_VERIFY
         return {k: (("<set>" if v is not None else None) if k in _OPAQUE else
-                    v - shift if k in shifted and isinstance(v, int) else normal(v, base, shift))
+                    v - shift if k in shifted and isinstance(v, int) else
+                    round(v) if k == "days_left" else normal(v, base, shift))
                 for k, v in value.items()}
     if isinstance(value, list):  # (audit rows from before the first compared command are left out)
         return [normal(v, base, shift) for v in value
@@ -81,9 +81,6 @@ class Step:
     expect: str = "json"
     #: instead of a command: a function of (the hub's Run) returning a comparable result
     call: Callable[["Run"], Any] | None = None
-
-    def __str__(self) -> str:
-        return self.name
 
 
 def cmd(name: str, *args: str, expect: str = "json") -> Step:
@@ -136,12 +133,12 @@ STEPS: list[Step] = [
     Step("enroll refused", call=_enroll_refused),
     # listings (the group and label filters are the dialects' JSON functions)
     cmd("list", "device", "list"),
-    cmd("list --group g1", "device", "list", "--group", "g1"),
+    cmd("list --group --offline", "device", "list", "--group", "g1", "--offline"),
     cmd("list --label", "device", "list", "--label", "site=north"),
     cmd("list --status --id-prefix --expires-before", "device", "list", "--status", "active", "--id-prefix", "fac",
         "--expires-before", "2100-01-01"),
-    cmd("list --sort -created --limit 2", "device", "list", "--sort=-created", "--limit", "2"),
-    cmd("list --sort cert_expires", "device", "list", "--sort", "cert_expires", "--status", "active"),
+    cmd("list --all in pages of 2 --sort -created", "device", "list", "--all", "--limit", "2", "--sort=-created"),
+    cmd("list --sort cert_expires (nulls too)", "device", "list", "--sort", "cert_expires"),
     cmd("list --csv", "device", "list", "--csv", "--sort", "id", expect="text"),
     cmd("list a bad status", "device", "list", "--status", "bogus", expect="error"),
     cmd("show dev-a", "device", "show", "dev-a"),
@@ -153,12 +150,19 @@ STEPS: list[Step] = [
     cmd("revoke dev-c again", "device", "revoke", "dev-c", "--reason", "keyCompromise"),
     cmd("suspend a revoked device", "device", "suspend", "dev-c", expect="error"),
     cmd("decommission dev-e", "device", "decommission", "dev-e"),
+    # an edit moves a device out of the group and label lookups (PG: tables kept by triggers)
+    cmd("edit dev-b again", "device", "edit", "dev-b", "--group", "g3", "--no-labels"),
+    cmd("list --group after the edit", "device", "list", "--group", "g1"),
+    cmd("list --label after the edit", "device", "list", "--label", "tier=gold"),
     cmd("token of a revoked device", "device", "token", "dev-c", expect="error"),
+    cmd("send with no hub running", "device", "send", "dev-a", "ping", expect="error"),
     # reports, audit, CRL
-    cmd("report expiring", "report", "expiring", "--days", "3650", "--include-due"),
+    cmd("report expiring --all in pages of 2", "report", "expiring", "--days", "3650", "--include-due", "--all",
+        "--limit", "2"),
     cmd("report expiring (table)", "report", "expiring", expect="ok"),
     cmd("audit", "audit", "--limit", "200"),
     cmd("audit --device dev-c --calls", "audit", "--device", "dev-c", "--calls"),
+    cmd("audit --actor --action --since", "audit", "--actor", "est", "--action", "enroll", "--since", "2020-01-01"),
     cmd("crl", "crl"),
     # identities and roles
     cmd("identity add", "identity", "add", "alice", "--role", "viewer", "--out", "{base}/alice"),
@@ -180,13 +184,14 @@ STEPS: list[Step] = [
     cmd("manufacturer import-batch unknown", "manufacturer", "import-batch", "nobody", "{maker}/batch-1.csv",
         expect="error"),
     cmd("allow-reprovision a pending device", "manufacturer", "allow-reprovision", "idev-1"),
+    cmd("allow-reprovision a batch", "manufacturer", "allow-reprovision", "--batch", "batch-1", "--manufacturer",
+        "maker"),
     cmd("manufacturer list", "manufacturer", "list"),
     cmd("manufacturer remove", "manufacturer", "remove", "maker"),
     # jobs
     cmd("job create", "job", "create", "ping-g1", "--command", "ping", "--group", "g1", "--yes"),
     cmd("job devices", "job", "devices", "1"),
     cmd("job cancel", "job", "cancel", "1"),
-    cmd("job list", "job", "list"),
     cmd("job show an unknown job", "job", "show", "99", expect="error"),
     # last: the chain still verifies
     cmd("audit verify", "audit", "verify"),
@@ -206,7 +211,6 @@ class Run:
     base: Path
     maker: Path
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
-    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     shift: int = 0
     _registry: Any = None
     _ca: Any = None
@@ -254,10 +258,8 @@ class Run:
                         self.results[step.name] = {"raised": f"{type(exc).__name__}: {exc}"}
                     continue
                 args = [a.replace("{base}", str(self.base)).replace("{maker}", str(self.maker)) for a in step.args]
-                started = time.monotonic()
                 proc = self.hub.cli(*args)
                 self.results[step.name] = {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
-                self.seconds[step.name] = time.monotonic() - started
         finally:
             self.close()
 
@@ -269,13 +271,13 @@ def maker_files(directory: Path) -> Path:
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Maker Devices"),
                       x509.NameAttribute(NameOID.COMMON_NAME, "Maker Birth CA")])
     now = dt.datetime.now(dt.timezone.utc)
+    usage = dict.fromkeys(("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+                           "key_agreement", "encipher_only", "decipher_only"), False)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=365))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.KeyUsage(key_cert_sign=True, crl_sign=True, **usage), critical=True)
             .sign(key, hashes.SHA256()))
     write_pem(directory / "ca.pem", cert)
     (directory / "batch-1.csv").write_text("serial,device_id,cert_sha256\nSN-0001,idev-1,\nSN-0002,,\n")
