@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.integration.brokerfixtures import (NOT_AUTHORIZED, add_identity, assert_no_broker_left, audit,
-                                              broker_hub, broker_log, broker_pid, broker_pids, client_context,
+from tests.integration.brokerfixtures import (NOT_AUTHORIZED, ConnectRefused, add_identity, assert_no_broker_left,
+                                              audit, broker_hub, broker_log, broker_pid, broker_pids, client_context,
                                               enroll_device, exchange, init_hub, kicks, log_mark, probe_dev,
                                               raw_connection, read_packet, session, sessions, tcp_open,
                                               varint, wait_ready, wait_refusal)
@@ -208,6 +208,41 @@ def test_client_supplied_identity_properties_are_replaced(hub, devs):
         assert sr.subscribe("devices/flt-good/status") == 1
         retained = sr.wait_message("devices/flt-good/status", b"online")
         assert retained.retain and retained.user_props == stamp
+
+
+def will_session(target, dev, topic: str, payload: bytes, i: int = 0) -> bool:
+    """A session of dev's with a retained QoS 1 will on `topic`, whose connection then dies without DISCONNECT
+    (the broker publishes the will); False if the broker refused the CONNECT itself."""
+    s = target.mqtt(dev, i)
+    s.client.will_set(topic, payload, qos=1, retain=True)
+    try:
+        s.connect(timeout=5)
+    except ConnectRefused:
+        return False
+    else:
+        s.client.socket().shutdown(socket.SHUT_RDWR)
+        assert s.disconnected.wait(5), "the connection did not die"
+        return True
+    finally:
+        s.close()
+
+
+def test_a_will_into_another_devices_topic_is_never_delivered(target, tdevs):
+    """flt-good's connection with a retained will on flt-control's status dies: the will is refused with the
+    CONNECT or dropped (Mosquitto's plugin drops every will and announces offline itself; RabbitMQ checks the will
+    topic): no subscriber gets it, nor a later one (nothing retained). flt-control's own status is the control."""
+    good, control, topic = tdevs["good"], tdevs["control"], "devices/flt-control/status"
+    with sessions(target.session(tdevs["reader"], 1)) as (sr,):
+        assert sr.subscribe("devices/+/status") == 1
+        will_session(target, good, topic, b"offline-forged", 2)
+        time.sleep(QUIET)
+        with sessions(target.session(control)) as (sc,):
+            exchange(sc, sr, topic, b"online-genuine")
+        assert not [m for m in sr.received if m.payload == b"offline-forged"], "a forged will was delivered"
+    with sessions(target.session(tdevs["reader"], 2)) as (late,):
+        assert late.subscribe(topic) == 1
+        time.sleep(QUIET)
+        assert not [m for m in late.received if m.payload == b"offline-forged"], "a forged will was retained"
 
 
 def test_a_will_cannot_carry_a_forged_identity(hub, devs):
