@@ -88,3 +88,21 @@ def test_a_404_is_an_answer_not_a_refusal():
     finally:
         stop1()
         stop2()
+
+
+def test_the_node_that_answered_is_asked_first_next_time():
+    """Once a node answered, the refusing one before it is not asked again (a lost machine costs one timeout), until
+    the answering node fails too."""
+    down, down_seen, stop1 = node(401)
+    up, up_seen, stop2 = node(200, [{"user": "d1"}])
+    try:
+        mgmt = Mgmt([down, up], "s" * 48)
+        for _ in range(3):
+            assert mgmt.close_user("d1") == 1
+        assert len(down_seen) == 1 and len(up_seen) == 6, (down_seen, up_seen)
+        stop2()
+        with pytest.raises(MgmtError, match="HTTP 401"):  # the answering node gone: the others are tried again
+            mgmt.user_connections("d1")
+        assert len(down_seen) == 2
+    finally:
+        stop1()

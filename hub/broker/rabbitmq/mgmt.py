@@ -5,7 +5,8 @@ DELETE /api/connections/username/{name} closes that user's connections on every 
 tracking is cluster-wide); every call tries the nodes in turn until one answers. A node that refuses the login
 (401: its auth back end is another hub's loopback listener, and that hub is down) or is unavailable (5xx) counts
 as not answering: with each hub serving the nodes on its machine, a hub whose neighbour hub is down still kicks
-through the other nodes.
+through the other nodes. The node that answered last is asked first next time, so a lost machine (whose node may
+not even refuse, only time out) costs one timeout, not one per call.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class MgmtError(Exception):
 class Mgmt:
     def __init__(self, urls: Sequence[str], secret: str, timeout: float = 2.0):
         self.urls, self.timeout = [u.rstrip("/") for u in urls], timeout
+        self._first: str | None = None  # the node that answered last (tried first)
         token = base64.b64encode(f"{MGMT_USER}:{secret}".encode()).decode()
         self._headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
 
@@ -44,13 +46,15 @@ class Mgmt:
         refused, the last refusal (the caller names its status); MgmtError if none answered at all."""
         last: Exception | None = None
         refused: tuple[int, Any] | None = None
-        for url in self.urls:
+        first = self._first
+        for url in ([first] if first else []) + [u for u in self.urls if u != first]:
             try:
                 answer = self._call(url, method, path, timeout)
             except (OSError, ValueError) as exc:
                 last = exc
                 continue
             if answer[0] != 401 and answer[0] < 500:
+                self._first = url
                 return answer
             refused = answer
         if refused is not None:
