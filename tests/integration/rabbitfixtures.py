@@ -85,7 +85,8 @@ def _port_block(n: int) -> int:
 
 
 class RabbitCluster:
-    def __init__(self, base: Path, size: int = 3):
+    def __init__(self, base: Path, size: int = 3, host: str = "127.0.0.1"):
+        """`host`: the address of every node's AMQP, MQTT and management listeners (Node.host)."""
         self.dir = Path(base) / "rabbit"
         self.size = size
         self.ctl_ports = _port_block(10)  # first, so that no node port falls into the CLI's range
@@ -97,7 +98,7 @@ class RabbitCluster:
                 p = free_port()
             taken.add(p)
             return p
-        self.nodes = [Node(f"r{i + 1}", port(), port(), port(), port()) for i in range(size)]
+        self.nodes = [Node(f"r{i + 1}", port(), port(), port(), port(), host=host) for i in range(size)]
         self.epmd_port = port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.epmd: subprocess.Popen | None = None

@@ -53,3 +53,39 @@ def test_the_config_refuses_a_bad_host_too():
     tls = ClusterTls(*(["/x"] * 4))
     with pytest.raises(ValueError, match="listen address"):
         rabbitmq_conf(Node("r1", 1, 2, 3, 4, host="127.0.0.1\nloopback_users = guest"), tls, "http://127.0.0.1:1/s")
+
+
+def test_a_node_rendered_with_an_ipv6_host_listens_there_only(tmp_path):
+    """A real node started from `broker render --node ...:::1` files: its MQTT (TLS), AMQP and management listeners
+    answer on [::1] and nothing of it listens on 127.0.0.1 (cuttlefish takes `::1:PORT`)."""
+    import socket
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from tests.integration.rabbitfixtures import RabbitCluster, require_rabbitmq
+
+    require_rabbitmq()
+    hub = init_hub(tmp_path / "h")
+    hub.configure(auth_port=9125)
+    cluster = RabbitCluster(tmp_path, 1, host="::1")
+    n = cluster.nodes[0]
+
+    def render(out, nodes):
+        hub.cli_ok("broker", "render", "--out", str(out), "--node",
+                   f"{n.name}:{n.amqp_port}:{n.dist_port}:{n.mqtt_port}:{n.mgmt_port}:[::1]")
+    try:
+        cluster.start(render)  # returns once MQTT, management and AMQP accept on [::1]
+        ctx = ssl.create_default_context(cafile=str(hub.dir / "ca" / "root.pem"))
+        ctx.check_hostname = False
+        with socket.create_connection(("::1", n.mqtt_port), timeout=5) as raw:
+            with ctx.wrap_socket(raw) as tls:  # the listener's TLS with the hub's server certificate
+                assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(f"http://[::1]:{n.mgmt_port}/api/overview", timeout=5)
+        assert exc.value.code == 401  # the management API, asking for a login
+        for port in (n.mqtt_port, n.amqp_port, n.mgmt_port):
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        cluster.stop()
