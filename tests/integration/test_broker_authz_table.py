@@ -21,7 +21,7 @@ That whole table is Mosquitto's. On both brokers (`target`, brokerkinds.py: this
 session's RabbitMQ cluster hub) run the publish and subscribe cells, each broker's expected from the same table
 (`broker_cells`: RabbitMQ 3.10 derives p and s only, s also needs the receive rules to cover the filter, no
 $share, each rule from hub.authz.policy, never wider than Mosquitto), forged messages and commands that reach
-only their device (not delivered elsewhere), and a role change taking the rights it removes away.
+only their device (not delivered elsewhere), and a role or group change taking the rights it removes away.
 """
 
 from __future__ import annotations
@@ -377,6 +377,34 @@ def test_broker_confines_publish_and_subscribe(target, tmp_path):
 
 # --- a role change ---------------------------------------------------------------------------------------------------
 
+def assert_right_gone(target, s, sender, topic: str, wait: float) -> None:
+    """The live session s has lost the right to receive `topic`, in the broker's terms: Mosquitto checks each
+    delivery against the rights as they are now (the session stays, `sender`'s message there is not delivered);
+    RabbitMQ keeps a session's rights, so the driver closes the session (within `wait` s)."""
+    if target.rabbitmq:
+        target.assert_cut(s, f"rights to {topic} removed", wait)
+        return
+    assert sender.publish(topic, b"after") == 0
+    time.sleep(0.5)
+    assert s.connected and not any(m.payload == b"after" for m in s.received), f"a removed right: {topic} delivered"
+
+
+def test_group_change_takes_the_group_rights_away(target, tmp_path):
+    """`device edit --no-groups`: a device leaving g1 loses fleet/groups/g1/# in its live session (RabbitMQ: the
+    driver kicks it, its groups changed) and cannot subscribe there again."""
+    hub = target.hub
+    dev = enroll_device(hub, "tab-grp", tmp_path, groups=("g1",))
+    cmd = add_identity(hub, "tab-grpcmd", "commander", tmp_path)
+    with sessions(target.session(dev, 1), target.session(cmd, 2)) as (sd, sc):
+        assert sd.subscribe("fleet/groups/g1/#") == 1
+        time.sleep(0.3)  # RabbitMQ: bindings are cluster-wide metadata, let them settle before publishing
+        exchange(sc, sd, "fleet/groups/g1/x", b"before")
+        hub.cli_ok("device", "edit", dev.id, "--no-groups")
+        assert_right_gone(target, sd, sc, "fleet/groups/g1/x", CUT_TIMEOUT)
+    with sessions(target.session(dev, 1)) as (sd,):
+        assert target.subscribe_refused(sd, "fleet/groups/g1/#")
+
+
 def test_role_change_takes_the_removed_rights_away(target, tmp_path):
     """`role set` narrows a role: what it removed is gone for the live session (Mosquitto: the plugin checks each
     delivery against the role as it is now, the session stays; RabbitMQ keeps a session's rights, so the driver
@@ -394,12 +422,7 @@ def test_role_change_takes_the_removed_rights_away(target, tmp_path):
         assert s.subscribe("devices/+/events") == 1
         exchange(sd, s, "devices/tab-rsrc/events", b"before")
         hub.cli_ok("role", "set", "tab-role", *[a for r in wide[:2] for a in ("--rule", r)])
-        if target.rabbitmq:
-            target.assert_cut(s, "role narrowed", ROLE_RECHECK + CUT_TIMEOUT)
-        else:
-            assert sd.publish("devices/tab-rsrc/events", b"after") == 0
-            time.sleep(0.5)
-            assert s.connected and not any(m.payload == b"after" for m in s.received), "a removed right delivered"
+        assert_right_gone(target, s, sd, "devices/tab-rsrc/events", ROLE_RECHECK + CUT_TIMEOUT)
     with sessions(target.session(svc, 1)) as (s,):
         assert s.subscribe("devices/+/status") == 1
         assert target.subscribe_refused(s, "devices/+/events")
