@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -131,6 +132,20 @@ class HubConfig:
     @property
     def broker_dir(self) -> Path:
         return self.root / "broker"
+
+    @property
+    def admin_client_id(self) -> str:
+        """The MQTT client id of this hub's own session: tessera-hub, or tessera-hub.<hub-id> for a hub joined to
+        a fleet (its `hub-id` file, written by `init --join`), so hubs sharing a broker never take each other's
+        session over (hub.authz.policy.HUB_CLIENT_ID_RE)."""
+        path = self.root / "hub-id"
+        try:
+            hub_id = path.read_text(errors="replace").strip()
+        except FileNotFoundError:
+            return "tessera-hub"
+        if not re.fullmatch(r"[0-9a-f]{8}", hub_id):
+            raise ConfigError(f"{path} must hold this hub's id, 8 hex digits (written by tessera-hub init --join)")
+        return f"tessera-hub.{hub_id}"
 
     @property
     def admin_socket(self) -> Path:

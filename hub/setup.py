@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import secrets
 import shutil
 import socket
 from dataclasses import replace
@@ -158,6 +159,9 @@ def _populate(cfg: HubConfig, fleet: str, now: datetime, key_type: str, token) -
 #: chain key and the RabbitMQ secrets (the nodes' auth back-end URL and the management user are the fleet's).
 JOIN_DIRS = ("ca", "tls")
 JOIN_FILES = ("audit.key", "broker/rabbitmq/auth.secret", "broker/rabbitmq/mgmt.secret")
+#: ... but not the local operator's credential: each hub has its own (svc.local-admin-<hub-id>, made at its first
+#: serve or command, hub/api/identityroutes.py local_operator), so one hub renewing it never strands the other.
+JOIN_OWN = ("tls/local-admin.pem", "tls/local-admin.key")
 
 
 def join_fleet(root: Path, source: Path) -> HubConfig:
@@ -193,7 +197,7 @@ def join_fleet(root: Path, source: Path) -> HubConfig:
         for name in JOIN_DIRS:
             (root / name).mkdir(mode=0o700, exist_ok=True)
             for path in sorted((src.root / name).iterdir()):
-                if path.is_file():
+                if path.is_file() and f"{name}/{path.name}" not in JOIN_OWN:
                     _copy_private(path, root / name / path.name)
         for name in JOIN_FILES:
             if (src.root / name).exists():
@@ -201,6 +205,8 @@ def join_fleet(root: Path, source: Path) -> HubConfig:
                 _copy_private(src.root / name, root / name)
         for path in sorted(src.crl_dir.glob("*.crl*")):  # served until this hub publishes its own
             shutil.copyfile(path, cfg.crl_dir / path.name)
+        # this hub's own MQTT client id (HubConfig.admin_client_id): the first hub's session stays its own
+        (root / "hub-id").write_text(secrets.token_hex(4) + "\n")
         cfg.save()
     except BaseException:
         _undo(root, existed, before)

@@ -102,9 +102,17 @@ def create_identity(cfg, ca, registry: Registry, body: dict, now: datetime, acto
             "chain": (cfg.ca_dir / "service-ca.pem").read_text(), "root": (cfg.ca_dir / "root.pem").read_text()}
 
 
+def local_operator(cfg) -> str:
+    """The name of this hub directory's operator identity: local-admin, or local-admin-<hub-id> on a hub joined
+    to a fleet (each hub renews its own: a shared one renewed by one hub would leave the other's copy superseded)."""
+    client_id = cfg.admin_client_id
+    return LOCAL_OPERATOR if client_id == "tessera-hub" else f"{LOCAL_OPERATOR}-{client_id.split('.', 1)[1]}"
+
+
 def ensure_local_operator(cfg, ca, registry: Registry, now: datetime) -> bool:
-    """The hub directory's operator identity svc.local-admin (role admin): its key and certificate in
-    tls/local-admin.{key,pem} (0600), its certificate current in the registry. Made when missing, re-issued when
+    """The hub directory's operator identity svc.local-admin (role admin; svc.local-admin-<hub-id> on a joined hub:
+    local_operator): its key and certificate in tls/local-admin.{key,pem} (0600), its certificate current in the
+    registry. Made when missing, re-issued when
     it expires within 30 days or no longer matches the registry; an operator's revocation of it is final (left
     alone). Returns True if anything changed."""
     from cryptography import x509
@@ -116,14 +124,15 @@ def ensure_local_operator(cfg, ca, registry: Registry, now: datetime) -> bool:
 
     apply_schema(registry)
     cert_path, key_path = cfg.tls_dir / f"{LOCAL_OPERATOR}.pem", cfg.tls_dir / f"{LOCAL_OPERATOR}.key"
-    rows = registry.query("SELECT status FROM identities WHERE name = ?", [LOCAL_OPERATOR])
+    name = local_operator(cfg)
+    rows = registry.query("SELECT status FROM identities WHERE name = ?", [name])
     if rows and rows[0]["status"] != "active":
         return False
     if rows and cert_path.exists() and key_path.exists():
         try:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             current = registry.query("SELECT 1 FROM identity_certificates WHERE identity = ? AND serial = ? AND "
-                                     "status = 'active'", [LOCAL_OPERATOR, serial_hex(cert.serial_number)])
+                                     "status = 'active'", [name, serial_hex(cert.serial_number)])
             if current and cert.not_valid_after_utc - now > LOCAL_RENEW_BEFORE:
                 return False
         except ValueError:
@@ -132,32 +141,32 @@ def ensure_local_operator(cfg, ca, registry: Registry, now: datetime) -> bool:
     tmp_key = key_path.with_name(key_path.name + ".new")
     tmp_key.unlink(missing_ok=True)
     key = new_file_key(tmp_key, "ec-p256")
-    cert = _issue(ca, service_principal(LOCAL_OPERATOR), key.public_key(), now, LOCAL_VALIDITY)
+    cert = _issue(ca, service_principal(name), key.public_key(), now, LOCAL_VALIDITY)
     tmp_cert = cert_path.with_name(cert_path.name + ".new")
     tmp_cert.unlink(missing_ok=True)
     _write_new(tmp_cert, cert.public_bytes(serialization.Encoding.PEM)
                + (cfg.ca_dir / "service-ca.pem").read_bytes(), 0o600)
     if not rows:
-        add_identity(registry, LOCAL_OPERATOR, LOCAL_ROLE, cert, now, actor="hub",
+        add_identity(registry, name, LOCAL_ROLE, cert, now, actor="hub",
                      description="the hub directory's local operator (the CLI on this machine)")
     else:
-        _renew(registry, cert, now)
+        _renew(registry, name, cert, now)
     os.replace(tmp_key, key_path)
     os.replace(tmp_cert, cert_path)
     return True
 
 
-def _renew(registry: Registry, cert, now: datetime) -> None:
+def _renew(registry: Registry, name: str, cert, now: datetime) -> None:
     from hub.authz.identities import _cert_row
 
     serial = serial_hex(cert.serial_number)
     with registry.write() as db:
         db.execute("UPDATE identity_certificates SET status = 'superseded', grace_until = ? "
-                   "WHERE identity = ? AND status = 'active'", [_ts(now), LOCAL_OPERATOR])
-        dbsql.insert(db, "identity_certificates", _cert_row(LOCAL_OPERATOR, cert, now))
+                   "WHERE identity = ? AND status = 'active'", [_ts(now), name])
+        dbsql.insert(db, "identity_certificates", _cert_row(name, cert, now))
         registry._audit_row(db, "identity.renew", "ok", now, "hub", None,  # noqa: SLF001
-                            f"identity={service_principal(LOCAL_OPERATOR)} serial={serial}")
-        registry.authz_event(db, service_principal(LOCAL_OPERATOR), "identity certificate renewed", now)
+                            f"identity={service_principal(name)} serial={serial}")
+        registry.authz_event(db, service_principal(name), "identity certificate renewed", now)
 
 
 # --- handlers -------------------------------------------------------------------------------------------------------

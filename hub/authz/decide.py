@@ -20,7 +20,7 @@ from typing import Mapping
 
 from hub.registry.store import _ts
 
-from .policy import Grants, expand
+from .policy import Grants, client_id_allowed, expand
 from .schema import CREDENTIAL_QUERY, RULES_QUERY
 
 #: Every credential row of one principal (the RabbitMQ back end is told a name, never a certificate serial).
@@ -87,6 +87,24 @@ def connect(db, issuer: str, serial: str, cn: str, client_id: str | None,
     return _principal(db, row), None
 
 
+def by_credential(db, issuer: str, serial: str, client_id: str | None, now: datetime,
+                  active_serial: str | None = None) -> tuple[Principal | None, str | None, Mapping | None]:
+    """The connect decision for a credential named by its URI (hub/ca/credential.py: a broker that passes one name
+    for the verified certificate): `connect` without the CN comparison, since the issuing CA bound the URI to the
+    certificate. (principal, None, row) if admitted, (None, reason, row or None) if not; `active_serial` as in
+    credential_refusal."""
+    found = _rows(db, CREDENTIAL_QUERY, [issuer, serial])
+    if not found:
+        return None, "unknown certificate", None
+    row = found[0]
+    reason = credential_refusal(row, _ts(now), active_serial, serial)
+    if reason is None and client_id is not None and not client_id_allowed(row["principal"], client_id):
+        reason = "client id mismatch"
+    if reason:
+        return None, reason, row
+    return _principal(db, row), None, row
+
+
 def by_name(db, name: str, now: datetime) -> tuple[Principal | None, str | None]:
     """Admission by principal name alone (what a broker that only passes the certificate's CN can ask): the
     principal must be active and hold at least one usable certificate; which one was presented is the TLS
@@ -101,6 +119,18 @@ def by_name(db, name: str, now: datetime) -> tuple[Principal | None, str | None]
         order = ("revoked", "suspended", "superseded", "expired", "not yet valid")
         return None, min(reasons, key=lambda r: order.index(r) if r in order else len(order))
     return _principal(db, usable[0]), None
+
+
+def superseded_in_grace(db, name: str, now: datetime) -> list[Mapping]:
+    """The principal's superseded certificates whose grace is not over at `now` (serial and grace_until)."""
+    at = _ts(now)
+    return [r for r in _rows(db, PRINCIPAL_CREDENTIALS, [name])
+            if r["cert_status"] == "superseded" and (r["grace_until"] or "") > at]
+
+
+def credentials_of(db, name: str) -> list[Mapping]:
+    """Every certificate row of the principal (issuer, serial, cert_status): what a kick by credential closes."""
+    return _rows(db, "SELECT issuer, serial, cert_status FROM authz_credentials WHERE principal = ?1", [name])
 
 
 def _principal(db, row: Mapping) -> Principal:

@@ -28,6 +28,10 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 #: the two namespaces never meet (client ids, usernames and kicks are by principal name).
 SERVICE_PREFIX = "svc."
 HUB_PRINCIPAL = "tessera-hub"
+#: The MQTT client ids the hub principal may use: its own name (the first hub of a fleet), or its name and a
+#: hub-id (each further hub of one fleet on a shared registry: `init --join` writes hub-id), so two hubs'
+#: sessions never take each other over. Every other principal's client id is its name.
+HUB_CLIENT_ID_RE = re.compile(r"tessera-hub(\.[0-9a-f]{8})?")
 #: The control topic the plugin answers on (the hub's identity only; see the plugin's README section).
 CONTROL_TOPIC = "$CONTROL/tessera/v1"
 CONTROL_RESPONSE = CONTROL_TOPIC + "/response"
@@ -104,6 +108,13 @@ def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
             raise AuthzError(f"invalid value for label {key!r}: 1-128 printable ASCII characters")
         out[key] = value
     return out
+
+
+def client_id_allowed(principal: str, client_id: str) -> bool:
+    """May `principal` connect with MQTT client id `client_id`?"""
+    if principal == HUB_PRINCIPAL:
+        return HUB_CLIENT_ID_RE.fullmatch(client_id) is not None
+    return client_id == principal
 
 
 def service_principal(name: str) -> str:

@@ -41,7 +41,8 @@ class AdminClient:
     def __init__(self, host: str, port: int, cafile: Path, certfile: Path, keyfile: Path,
                  on_status: Callable[[str, bytes], None],
                  on_device_message: Callable[[str, str, bytes], None] = lambda device, kind, payload: None,
-                 protocol: str = "5"):
+                 protocol: str = "5", client_id: str = CLIENT_ID):
+        """`client_id`: tessera-hub, or tessera-hub.<hub-id> for a hub joined to a fleet (HubConfig.admin_client_id)."""
         if protocol not in PROTOCOLS:
             raise BrokerError(f"the hub's MQTT client speaks MQTT {' or '.join(PROTOCOLS)}, not {protocol[:16]!r}")
         self.protocol = protocol
@@ -56,9 +57,9 @@ class AdminClient:
         self._responses: dict[str, re.Match] = {}
         self._cond = threading.Condition()
         if protocol == "5":
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=CLIENT_ID, protocol=mqtt.MQTTv5)
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         else:
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=CLIENT_ID, protocol=mqtt.MQTTv311,
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
                             clean_session=False)
         self.client = c
         c.tls_set_context(ctx)

@@ -35,6 +35,7 @@ from hsm.errors import HsmError, KeyNotFound
 from hsm.secretfile import PrivateFileError, read_private_file
 from hsm.token import TokenConfig
 
+from hub.ca.credential import credential_uri
 from hub.ca.crl import crl_builder
 from hub.ca.policy import Policy, check_device_id
 
@@ -221,7 +222,8 @@ class FleetCA:
             return builder.sign(key, _hash_for(key))
 
     def _leaf(self, role: str, subject: x509.Name, public_key: PublicKey, now: datetime,
-              validity: timedelta) -> x509.CertificateBuilder:
+              validity: timedelta, credential: bool = False) -> x509.CertificateBuilder:
+        """`credential`: a client certificate, which carries its credential URI (hub/ca/credential.py)."""
         issuer = self._certs[role]
         now = _aware(now)
         if now >= issuer.not_valid_after_utc:
@@ -231,14 +233,19 @@ class FleetCA:
         if validity <= timedelta(0):
             raise CaError("certificate validity must be positive")
         ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        return (x509.CertificateBuilder()
-                .subject_name(subject).issuer_name(issuer.subject).public_key(public_key)
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(max(now - CLOCK_SKEW, issuer.not_valid_before_utc))
-                .not_valid_after(min(now + validity, issuer.not_valid_after_utc))
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False))
+        serial = x509.random_serial_number()
+        builder = (x509.CertificateBuilder()
+                   .subject_name(subject).issuer_name(issuer.subject).public_key(public_key)
+                   .serial_number(serial)
+                   .not_valid_before(max(now - CLOCK_SKEW, issuer.not_valid_before_utc))
+                   .not_valid_after(min(now + validity, issuer.not_valid_after_utc))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False))
+        if credential:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(credential_uri(role, serial))]), critical=False)
+        return builder
 
     def issue_device_cert(self, public_key: PublicKey, device_id: str, policy: Policy, now: datetime,
                           crl_urls: str | Sequence[str]) -> x509.Certificate:
@@ -257,7 +264,7 @@ class FleetCA:
             if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
                 raise CaError(f"CRL distribution point must be an http(s) URL, not {url!r}")
         builder = (self._leaf("device", _name(self.fleet, device_id, policy.extra_ou), public_key, now,
-                              policy.validity)
+                              policy.validity, credential=True)
                    .add_extension(_key_usage(digital_signature=True), critical=True)
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
                    .add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
@@ -288,7 +295,7 @@ class FleetCA:
                          validity: timedelta = timedelta(days=365)) -> x509.Certificate:
         """The hub's admin client certificate (CN=name, O=<fleet>, clientAuth) from the service CA."""
         check_public_key(public_key)
-        builder = (self._leaf("service", _name(self.fleet, name), public_key, now, validity)
+        builder = (self._leaf("service", _name(self.fleet, name), public_key, now, validity, credential=True)
                    .add_extension(_key_usage(digital_signature=True), critical=True)
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
         return self._sign("service", builder)
@@ -302,7 +309,7 @@ class FleetCA:
         """
         check_public_key(public_key)
         builder = (self._leaf("service", _name(self.fleet, principal, ("tessera-service",)), public_key, now,
-                              validity)
+                              validity, credential=True)
                    .add_extension(_key_usage(digital_signature=True), critical=True)
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
         return self._sign("service", builder)

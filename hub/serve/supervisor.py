@@ -131,7 +131,8 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
         stack.append(jobs.flush)  # after the hub's MQTT session ended: every ack it received is applied
         admin_mqtt = AdminClient(host, mqtt_port, cfg.ca_dir / "root.pem", tls_dir / "admin.pem",
                                  tls_dir / "admin.key", on_status=live.on_status,
-                                 on_device_message=live.on_device_message, protocol=broker.mqtt_protocol)
+                                 on_device_message=live.on_device_message, protocol=broker.mqtt_protocol,
+                                 client_id=cfg.admin_client_id)
         admin_mqtt.start()
         stack.append(admin_mqtt.stop)
         broker.attach_admin(admin_mqtt)

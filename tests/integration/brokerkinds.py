@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from tests.integration.brokerfixtures import (NOT_AUTHORIZED, ADMINISTRATIVE_ACTION, ConnectRefused, Device,
@@ -48,7 +49,7 @@ CUT_TIMEOUT = 5.0  # a generous bound for a kick to arrive (revoke -> cut is mea
 LOG_TIMEOUT = 3.0  # the broker's log (Mosquitto) and the hub's (RabbitMQ auth back end) are written lazily
 #: OpenSSL's (Mosquitto) TLS alert -> the one Erlang's ssl (RabbitMQ) sends for the same client certificate
 ERLANG_ALERTS = {"UNSUPPORTED_CERTIFICATE": "HANDSHAKE_FAILURE"}  # a client certificate without clientAuth EKU
-_RABBIT_REFUSED_RE = re.compile(r"rabbitmq auth: refused (\w+) user=(\S+) client_id=(.*?): (.+)$")
+_RABBIT_REFUSED_RE = re.compile(r"rabbitmq auth: refused (\w+) user=(\S+) principal=(\S+) client_id=(.*?): (.+)$")
 _RABBIT_KICKED_RE = re.compile(r"rabbitmq: kicked \d+ connection\(s\) of principal=(\S+)")
 
 
@@ -58,6 +59,16 @@ def hub_log(hub: Hub) -> str:
 
 def cn(dev: Device) -> str:
     return dev.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+
+def names(dev: Device) -> set[str]:
+    """What a refusal of this certificate may be logged under: its CN, and on RabbitMQ its credential URI (the
+    user name: hub/ca/credential.py), which is all the back end knows of a certificate the registry does not."""
+    out = {cn(dev)}
+    with contextlib.suppress(x509.ExtensionNotFound):
+        out.update(dev.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                   .get_values_for_type(x509.UniformResourceIdentifier))
+    return out
 
 
 _made: dict[tuple[str, str], Any] = {}
@@ -132,20 +143,24 @@ class Target:
     def mark(self) -> int:
         return len(hub_log(self.hub) if self.rabbitmq else broker_log(self.hub))
 
-    def refusals(self, since: int) -> list[tuple[str, str, str]]:
-        """(user or principal, client id, reason) refused since `since` (Mosquitto: the plugin, principal '-'
-        for an unknown certificate; RabbitMQ: the auth back end, user = the certificate's CN)."""
+    def refusals(self, since: int) -> list[tuple[str, str, str, str]]:
+        """(principal, client id, reason, user) refused since `since` (Mosquitto: the plugin, principal '-'
+        for an unknown certificate, user = principal; RabbitMQ: the auth back end, user = the credential URI,
+        principal '-' for a credential the registry does not hold)."""
         if not self.rabbitmq:
-            return refusals(self.hub, since)
-        found = [m.group(2, 3, 4) for m in map(_RABBIT_REFUSED_RE.search, hub_log(self.hub)[since:].splitlines())
-                 if m]
-        return [(u.encode().decode("unicode_escape"), c.encode().decode("unicode_escape"), r) for u, c, r in found]
+            return [(p, c, r, p) for p, c, r in refusals(self.hub, since)]
+        found = [m.group(3, 4, 5, 2) for m in map(_RABBIT_REFUSED_RE.search,
+                                                 hub_log(self.hub)[since:].splitlines()) if m]
+        return [(p.encode().decode("unicode_escape"), c.encode().decode("unicode_escape"), r,
+                 u.encode().decode("unicode_escape")) for p, c, r, u in found]
 
-    def wait_refusal(self, since: int, who: str, timeout: float = LOG_TIMEOUT) -> tuple[str, str]:
-        """(principal or user, reason) of the first refusal since `since` naming client id or user `who`."""
+    def wait_refusal(self, since: int, who: str | set[str], timeout: float = LOG_TIMEOUT) -> tuple[str, str]:
+        """(principal, reason) of the first refusal since `since` naming `who` (one name or a set of names) as
+        its client id, principal or user."""
+        wanted = {who} if isinstance(who, str) else set(who)
         deadline = time.monotonic() + timeout
         while True:
-            found = [(p, r) for p, c, r in self.refusals(since) if who in (c, p)]
+            found = [(p, r) for p, c, r, u in self.refusals(since) if wanted & {c, p, u}]
             if found:
                 return found[0]
             if time.monotonic() > deadline:
@@ -188,7 +203,7 @@ class Target:
         client_id = dev.id if client_id is None else client_id
         if self.rabbitmq:
             if rabbitmq_reason is None:
-                self.assert_refused_in_tls(dev.chain, dev.key, client_id, who=cn(dev))
+                self.assert_refused_in_tls(dev.chain, dev.key, client_id, who=names(dev))
                 return
             expected = reason if rabbitmq_reason is SAME else rabbitmq_reason
             mark = self.mark()
@@ -196,10 +211,10 @@ class Target:
             assert not admitted, f"rabbitmq: admitted on the node(s) with MQTT port(s) {admitted} ({expected})"
             if in_crl:
                 time.sleep(0.1)
-                said = {r for u, c, r in self.refusals(mark) if cn(dev) in (u, c)}
+                said = {r for p, c, r, u in self.refusals(mark) if names(dev) & {p, c, u}}
                 assert said <= {expected}, f"rabbitmq: refused for {said}, expected {expected!r} (or in TLS)"
             else:
-                logged = self.wait_refusal(mark, cn(dev))
+                logged = self.wait_refusal(mark, names(dev))
                 assert logged[1] == expected, f"rabbitmq: refused for {logged[1]!r}, expected {expected!r}"
             return
         for tls in TLS_VERSIONS:
@@ -214,7 +229,7 @@ class Target:
             self.mqtt(dev, client_id=client_id).connect(timeout=5)
 
     def assert_refused_in_tls(self, chain: Path | None, key: Path | None, client_id: str,
-                              tls_detail: str | None = None, who: str | None = None) -> None:
+                              tls_detail: str | None = None, who: str | set[str] | None = None) -> None:
         """No CONNACK under TLS 1.2 or 1.3 on any node; under TLS 1.2 the handshake itself fails (with
         `tls_detail` if given). RabbitMQ: the auth back end was never asked about `who` (the certificate's CN)."""
         mark = self.mark()
@@ -236,7 +251,8 @@ class Target:
                         assert want in p.detail.upper(), f"{self.kind} TLS 1.2: expected {want}: {p}"
         if self.rabbitmq and who is not None:
             time.sleep(0.1)
-            asked = [r for r in self.refusals(mark) if who in r[:2]]
+            wanted = {who} if isinstance(who, str) else set(who)
+            asked = [r for r in self.refusals(mark) if wanted & {r[0], r[1], r[3]}]
             assert not asked, f"rabbitmq: the auth back end was asked although TLS refused: {asked}"
 
     def assert_never_admitted(self, dev: Device, client_id: str | None = None) -> None:

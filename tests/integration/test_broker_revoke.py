@@ -200,10 +200,6 @@ def test_revoked_service_identity_is_cut_off(target, tmp_path):
     target.assert_refused(reader, "revoked", principal=reader.id, in_crl=True)
 
 
-@pytest.mark.parametrize("broker_kind", ["mosquitto", pytest.param("rabbitmq", marks=pytest.mark.xfail(
-    strict=True, reason="RabbitMQ lets it through: a live session outlives its certificate (TLS checks validity "
-    "at the handshake only; the driver kicks on authz events and ended graces, an expiry is neither)"))],
-    indirect=True)
 def test_session_ends_when_its_certificate_expires(target, tmp_path):
     """A certificate valid for 3 s: the session on it is cut after expiry (Mosquitto: the plugin's sweep, every
     5 s)."""

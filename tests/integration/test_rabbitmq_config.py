@@ -20,6 +20,7 @@ from hub.broker import BrokerError
 from hub.broker.rabbitmq import authserver, read_secret
 from hub.broker.rabbitmq.auth import MGMT_USER, AuthBackend, amqp_to_mqtt
 from hub.broker.rabbitmq.config import ClusterTls, Node, write_node_files
+from hub.ca.credential import credential_uri
 from hub.config import ConfigError, load_config
 from tests.integration.pgfixtures import pg_server  # noqa: F401
 from tests.integration.test_authz_plugin import Pki, utcnow
@@ -40,12 +41,15 @@ def fleet(request, tmp_path_factory) -> Pki:
         url = server.url(name)
     pki = Pki(tmp_path_factory.mktemp("rmq-cfg"), url)
     request.addfinalizer(pki.reg.close)
-    pki.device("rc-dev", groups=("g1",))
-    pki.device("rc-other")
-    pki.device("rc-revoked")
+    creds = {"rc-dev": pki.device("rc-dev", groups=("g1",)), "rc-other": pki.device("rc-other"),
+             "rc-revoked": pki.device("rc-revoked")}
     pki.reg.set_status("rc-revoked", "revoked", utcnow(), actor="test")
-    old = pki.device("rc-renewed")
-    pki.renew(old, grace=timedelta(0))
+    creds["rc-renewed-old"] = pki.device("rc-renewed")
+    creds["rc-renewed"] = pki.renew(creds["rc-renewed-old"], grace=timedelta(0))
+    creds["svc.rc"] = pki.identity("rc", "service", "admin")
+    # the user names RabbitMQ passes: each certificate's credential URI (ssl_cert_login from the URI SAN)
+    U.clear()
+    U.update({name: cred_uri(c) for name, c in creds.items()})
     return pki
 
 
@@ -54,6 +58,15 @@ def backend(fleet) -> Iterator[AuthBackend]:
     backend = AuthBackend(fleet.registry, SECRET)
     yield backend
     backend.close()
+
+
+#: principal -> its certificate's credential URI, for the current `fleet` (module scope: one dialect at a time)
+U: dict[str, str] = {}
+
+
+def cred_uri(cred) -> str:
+    issuer = "service" if cred.principal.startswith("svc.") or cred.principal == "tessera-hub" else "device"
+    return credential_uri(issuer, int(cred.serial, 16))
 
 
 def _toml(tmp_path, broker: str):
@@ -81,7 +94,8 @@ def test_node_files(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o600, path
     conf = files["rabbitmq.conf"].read_text()
     for line in ("auth_backends.1 = http", "mqtt.listeners.tcp = none", "mqtt.listeners.ssl.default = 127.0.0.1:3",
-                 "mqtt.ssl_cert_login = true", "ssl_cert_login_from = common_name", "mqtt.allow_anonymous = false",
+                 "mqtt.ssl_cert_login = true", "ssl_cert_login_from = subject_alternative_name",
+                 "ssl_cert_login_san_type = uri", "ssl_cert_login_san_index = 0", "mqtt.allow_anonymous = false",
                  f"auth_http.user_path = http://127.0.0.1:5/{SECRET}/user", "management.tcp.ip = 127.0.0.1"):
         assert line in conf.splitlines(), line
     assert "default_user" not in conf and "auth_cache" not in conf  # no password user, no cache
@@ -91,15 +105,37 @@ def test_node_files(tmp_path):
 
 
 def test_user_answers(backend):
-    assert backend.user({"username": "rc-dev", "client_id": "rc-dev", "vhost": "/"}) == "allow"
-    refused = [{"username": "rc-dev", "password": "x"}, {"username": "rc-other", "password": ""},
-               {"username": "rc-dev", "client_id": "rc-other"}, {"username": "rc-revoked"},
-               {"username": "nobody"}, {"username": MGMT_USER}, {"username": MGMT_USER, "password": "wrong"},
-               {"username": "svc.rc", "password": SECRET}]
+    assert backend.user({"username": U["rc-dev"], "client_id": "rc-dev", "vhost": "/"}) == "allow"
+    refused = [{"username": U["rc-dev"], "password": "x"}, {"username": U["rc-other"], "password": ""},
+               {"username": U["rc-dev"], "client_id": "rc-other"}, {"username": U["rc-revoked"]},
+               {"username": "nobody"}, {"username": "urn:tessera:cred:device:1234"},  # unknown credential
+               {"username": "rc-dev"},  # a bare CN (a certificate without its credential URI)
+               {"username": MGMT_USER}, {"username": MGMT_USER, "password": "wrong"},
+               {"username": U["svc.rc"], "password": SECRET}]
     for params in refused:
         assert backend.user(params).startswith("deny"), params
     assert backend.user({"username": MGMT_USER, "password": SECRET}) == "allow administrator"
-    assert backend.user({"username": "rc-renewed"}) == "allow"  # its new certificate; the old one: listener CRL
+    assert backend.user({"username": U["rc-renewed"]}) == "allow"  # its new certificate
+    assert backend.user({"username": U["rc-renewed-old"]}) == "deny superseded"  # the old one, grace over
+
+
+def test_a_login_on_the_current_certificate_ends_the_grace_of_superseded_ones(fleet):
+    """The Mosquitto plugin refuses a superseded certificate once the new one connected; the back end tells the
+    driver (`on_active`), which ends the grace in the registry for every node. Only then, and only for a principal
+    with a superseded certificate still in its grace."""
+    calls: list[str] = []
+    backend = AuthBackend(fleet.registry, SECRET, on_active=calls.append)
+    try:
+        old = fleet.device("rc-graced")
+        new = fleet.renew(old, grace=timedelta(days=1))  # (test_listener_crls: no entry changes in 6 h)
+        assert backend.user({"username": cred_uri(old), "client_id": "rc-graced"}) == "allow"  # in its grace
+        assert calls == []  # a superseded certificate ends nothing
+        assert backend.user({"username": U["rc-dev"], "client_id": "rc-dev"}) == "allow"
+        assert calls == []  # nothing superseded to end
+        assert backend.user({"username": cred_uri(new), "client_id": "rc-graced"}) == "allow"
+        assert calls == ["rc-graced"]
+    finally:
+        backend.close()
 
 
 def test_an_empty_or_damaged_secret_never_lets_the_management_user_in(fleet, tmp_path):
@@ -120,12 +156,12 @@ def test_an_empty_or_damaged_secret_never_lets_the_management_user_in(fleet, tmp
 
 
 def test_vhost_and_resource_answers(backend):
-    assert backend.vhost({"username": "rc-dev", "vhost": "/", "client_id": "rc-dev"}) == "allow"
-    for params in ({"username": "rc-dev", "vhost": "other"}, {"username": MGMT_USER, "vhost": "/"},
-                   {"username": "rc-dev", "vhost": "/", "client_id": "rc-other"},
-                   {"username": "rc-revoked", "vhost": "/"}):
+    assert backend.vhost({"username": U["rc-dev"], "vhost": "/", "client_id": "rc-dev"}) == "allow"
+    for params in ({"username": U["rc-dev"], "vhost": "other"}, {"username": MGMT_USER, "vhost": "/"},
+                   {"username": U["rc-dev"], "vhost": "/", "client_id": "rc-other"},
+                   {"username": U["rc-revoked"], "vhost": "/"}):
         assert backend.vhost(params).startswith("deny"), params
-    base = {"username": "rc-dev", "vhost": "/"}
+    base = {"username": U["rc-dev"], "vhost": "/"}
     allowed = [{"resource": "exchange", "name": "amq.topic", "permission": "write"},
                {"resource": "exchange", "name": "amq.topic", "permission": "read"},
                {"resource": "queue", "name": "mqtt-subscription-rc-devqos1", "permission": "configure"}]
@@ -141,7 +177,7 @@ def test_vhost_and_resource_answers(backend):
 
 def test_topic_answers(backend):
     def topic(perm, key, user="rc-dev", cid=None):
-        return backend.topic({"username": user, "vhost": "/", "resource": "topic", "name": "amq.topic",
+        return backend.topic({"username": U[user], "vhost": "/", "resource": "topic", "name": "amq.topic",
                               "permission": perm, "routing_key": key, "variable_map.client_id": cid or user})
     assert amqp_to_mqtt("devices.rc-dev.*") == "devices/rc-dev/+"
     assert topic("write", "devices.rc-dev.telemetry") == "allow"
@@ -165,11 +201,11 @@ def test_http_endpoint_needs_the_secret(backend):
             data = urllib.parse.urlencode(form).encode()
             with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", data=data, timeout=5) as resp:
                 return resp.read().decode()
-        assert post(f"/{SECRET}/user", username="rc-dev") == "allow"
-        assert post(f"/{SECRET}/user", username="rc-dev", password="x").startswith("deny")
+        assert post(f"/{SECRET}/user", username=U["rc-dev"]) == "allow"
+        assert post(f"/{SECRET}/user", username=U["rc-dev"], password="x").startswith("deny")
         for path in (f"/{SECRET[:-1]}x/user", f"/{SECRET}/nothing", "/user"):
             with pytest.raises(urllib.error.HTTPError) as exc:
-                post(path, username="rc-dev")
+                post(path, username=U["rc-dev"])
             assert exc.value.code in (404, 405), path
     finally:
         server()
@@ -227,8 +263,8 @@ def test_connect_rate_per_principal(fleet):
 
     now = [utcnow()]
     limited = AuthBackend(fleet.registry, SECRET, clock=lambda: now[0], connect_rate=60, connect_burst=2)
-    answers = [limited.user({"username": "rc-dev"}) for _ in range(3)]
+    answers = [limited.user({"username": U["rc-dev"]}) for _ in range(3)]
     assert answers[:2] == ["allow", "allow"] and answers[2] == "deny rate limited"
-    assert limited.user({"username": "rc-other"}) == "allow"  # its own bucket
+    assert limited.user({"username": U["rc-other"]}) == "allow"  # its own bucket
     now[0] += dt.timedelta(seconds=1)  # 60 a minute: one more token
-    assert [limited.user({"username": "rc-dev"}) for _ in range(2)] == ["allow", "deny rate limited"]
+    assert [limited.user({"username": U["rc-dev"]}) for _ in range(2)] == ["allow", "deny rate limited"]

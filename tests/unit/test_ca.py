@@ -160,8 +160,9 @@ def test_device_cert_fields(ca, policy):
     cert = device(ca, policy, "sensor-01")
     assert cert.subject.rfc4514_string() == "CN=sensor-01,O=acme"
     assert cert.issuer == ca.device_ca.subject
-    with pytest.raises(x509.ExtensionNotFound):
-        ext(cert, x509.SubjectAlternativeName)
+    # one SAN: its own credential URI (issuer and serial, for brokers that pass the back end one name)
+    assert ext(cert, x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier) == \
+        [f"urn:tessera:cred:device:{cert.serial_number:x}"]
     assert list(ext(cert, x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     ku = ext(cert, x509.KeyUsage)
     assert ku.critical

@@ -9,8 +9,9 @@ What the hub does for the cluster:
 - follows authz_events (every FOLLOW_EVERY s, and at once on `sync()`): a principal that is refused now, or whose
   rights changed (groups, role, re-enrolment), has its connections closed by user name through the management
   API, which closes them on every node (RabbitMQ caches a session's topic rights, so a kick is how a change
-  bites); a superseded certificate whose grace ended gets into the CRL and its principal is kicked (a session on
-  the new certificate reconnects at once).
+  bites); user names are credential URIs (hub/ca/credential.py), one per certificate, so a kick names each of the
+  principal's certificates, and a superseded certificate whose grace ended (at grace_until, or once the current
+  one logged in: `end_grace`) gets into the CRL and only its own sessions are closed.
 Secrets (0600 files in the broker directory): the auth path segment RabbitMQ presents and the management
 user's password. Differences from Mosquitto (MQTT 3.1.1 only, no sender stamping, retained messages per node,
 receive rules enforced at subscribe time): docs in README "RabbitMQ".
@@ -29,7 +30,9 @@ from typing import Callable, Sequence
 
 from hsm.secretfile import PrivateFileError, read_private_file
 from hsm.softhsm import write_secret
-from hub.authz.policy import HUB_PRINCIPAL
+from hub.authz.decide import credentials_of
+from hub.authz.policy import HUB_PRINCIPAL, SERVICE_PREFIX
+from hub.ca.credential import credential_uri
 from hub.ca.authority import FleetCA
 from hub.registry import sql as dbsql
 from hub.registry.errors import RegistryError
@@ -51,6 +54,8 @@ RIGHTS_CHANGED = ("groups changed", "re-enrolled", "re-provisioned")
 #: After a role change every connection is closed; the management API lists a connection only after its stats
 #: interval (5 s), so this much later the ones opened before the change that the first pass missed are closed too.
 ROLE_RECHECK = 6.0
+#: The authz event of end_grace: the principal's superseded certificates are closed, its current one stays
+GRACE_ENDED = "superseded grace ended"
 SECRET_MIN = 32  # characters of a broker secret (read_secret writes 48 hex digits)
 
 
@@ -89,7 +94,8 @@ class RabbitMQBroker(BrokerDriver):
         self.mgmt_secret = read_secret(self.dir / "mgmt.secret")
         self.mgmt = Mgmt(mgmt_urls, self.mgmt_secret)
         self.crls = CrlDir(ca, self.tls.crl_dir, device_ca, service_ca)
-        self.backend = AuthBackend(registry.url or registry.path, self.mgmt_secret, clock, connect_rate, connect_burst)
+        self.backend = AuthBackend(registry.url or registry.path, self.mgmt_secret, clock, connect_rate, connect_burst,
+                                   on_active=self._on_active)
         self._server = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -185,7 +191,8 @@ class RabbitMQBroker(BrokerDriver):
                 self.cursor.advance((), time.monotonic())  # gaps that waited long enough are forgotten
                 return 0
             self.crls.write(self.registry, now)
-            targets: set[str] = set(ended) | late
+            # RabbitMQ's user names are credential URIs (hub/ca/credential.py): kicks name certificates
+            targets: dict[str, str] = {**ended, **late}  # credential URI -> principal ("-": not looked up)
             everyone = False
             for ev in events:
                 if ev["principal"] is None:
@@ -193,16 +200,18 @@ class RabbitMQBroker(BrokerDriver):
                     continue
                 admitted, _ = self.backend._principal(ev["principal"])  # unreadable: None, kicked (fail closed)
                 if admitted is None or ev["reason"] in RIGHTS_CHANGED:
-                    targets.add(ev["principal"])
+                    targets.update(self._credentials(ev["principal"]))
+                elif ev["reason"] == GRACE_ENDED:
+                    targets.update(self._credentials(ev["principal"], superseded_only=True))
             if everyone:
-                everyone_now = self.mgmt.connected_users() - {HUB_PRINCIPAL}
-                targets |= everyone_now
+                everyone_now = self.mgmt.connected_users() - set(self._credentials(HUB_PRINCIPAL))
+                targets.update(dict.fromkeys(everyone_now, "-"))
                 self._role_pass = (time.monotonic() + ROLE_RECHECK, time.time() * 1000, everyone_now)
             kicked = 0
             for name in sorted(targets):
                 n = self.mgmt.close_user(name)
                 if n:
-                    log.info("rabbitmq: kicked %d connection(s) of principal=%s", n, name)
+                    log.info("rabbitmq: kicked %d connection(s) of principal=%s credential=%s", n, targets[name], name)
                 kicked += n
             self._grace_seen = graces_to  # only once every kick went through: a failed pass is retried whole
             self.cursor.advance(events, time.monotonic())
@@ -210,22 +219,60 @@ class RabbitMQBroker(BrokerDriver):
                 self._kick_log = (self._kick_log + [(self.seq, kicked)])[-64:]
             return kicked
 
-    def _late_role_pass(self) -> set[str]:
+    def _late_role_pass(self) -> dict[str, str]:
         """Once ROLE_RECHECK is over: users connected before the last role change that its pass did not close."""
         if self._role_pass is None or time.monotonic() < self._role_pass[0]:
-            return set()
+            return {}
         _, changed_ms, done = self._role_pass
-        late = self.mgmt.connected_users(before_ms=changed_ms) - done - {HUB_PRINCIPAL}
+        late = self.mgmt.connected_users(before_ms=changed_ms) - done - set(self._credentials(HUB_PRINCIPAL))
         self._role_pass = None  # only once listed: a failed listing is tried again on the next pass
-        return late
+        return dict.fromkeys(late, "-")
 
-    def _ended_graces(self, now: datetime) -> tuple[set[str], str]:
-        """Principals with a superseded certificate whose grace ended since the last look, and the new mark."""
+    def _ended_graces(self, now: datetime) -> tuple[dict[str, str], str]:
+        """The credentials (URIs) of superseded certificates whose grace ended, and of certificates that expired,
+        since the last look, and the new mark: only their sessions are closed (a principal's session on its
+        current certificate stays)."""
         at = _ts(now)
         rows = self.registry.query(
-            "SELECT principal FROM authz_credentials WHERE cert_status = 'superseded' AND grace_until > ? "
-            "AND grace_until <= ?", [self._grace_seen, at])
-        return {r["principal"] for r in rows}, at
+            "SELECT issuer, serial, principal FROM authz_credentials WHERE cert_status = 'superseded' "
+            "AND grace_until > ? AND grace_until <= ?", [self._grace_seen, at])
+        # and certificates that expired: TLS checks validity at the handshake only, a session would outlive it
+        rows += self.registry.query(
+            "SELECT issuer, serial, principal FROM authz_credentials WHERE cert_status != 'revoked' "
+            "AND not_after > ? AND not_after <= ?", [self._grace_seen, at])
+        return {credential_uri(r["issuer"], int(r["serial"], 16)): r["principal"] for r in rows}, at
+
+    def _credentials(self, principal: str, superseded_only: bool = False) -> dict[str, str]:
+        """The credential URIs of a principal's certificates (what RabbitMQ names its connections by) -> it."""
+        return {credential_uri(r["issuer"], int(r["serial"], 16)): principal
+                for r in credentials_of(self.registry, principal)
+                if not superseded_only or r["cert_status"] == "superseded"}
+
+    def _on_active(self, principal: str) -> None:
+        try:
+            self.end_grace(principal)  # the follower (every FOLLOW_EVERY s) closes the old sessions
+        except (RegistryError, *dbsql.driver_errors()) as exc:  # the grace then ends at grace_until, as before
+            log.warning("rabbitmq: ending the superseded grace of %s failed: %s", principal, exc)
+
+    def end_grace(self, principal: str) -> int:
+        """The principal logged in with its current certificate: the graces of its superseded ones end now (the
+        Mosquitto plugin refuses them from then on; here the registry says so, for every node and hub). Audited,
+        with an authz event, so every hub's driver rewrites the listener CRLs and closes those sessions."""
+        now = self.clock()
+        if principal == HUB_PRINCIPAL or principal.startswith(SERVICE_PREFIX):
+            identity = principal if principal == HUB_PRINCIPAL else principal[len(SERVICE_PREFIX):]
+            table, column, device_id = "identity_certificates", "identity", None
+        else:
+            identity, table, column, device_id = principal, "certificates", "device_id", principal
+        with self.registry.write() as db:
+            ended = db.execute(f"UPDATE {table} SET grace_until = ? WHERE {column} = ? AND status = 'superseded' "
+                               "AND grace_until > ?", [_ts(now), identity, _ts(now)]).rowcount
+            if ended:
+                self.registry._audit_row(db, "certificate.grace_ended", "ok", now, "broker", device_id,
+                                         f"principal={principal}: its current certificate connected; "
+                                         f"{ended} superseded certificate(s) refused from now on")
+                self.registry.authz_event(db, principal, GRACE_ENDED, now)
+        return ended
 
     def sync(self, timeout: float = 2.0, after: int | None = None) -> SyncResult:
         started = time.monotonic()

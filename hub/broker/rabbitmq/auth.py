@@ -1,11 +1,14 @@
 """RabbitMQ's HTTP auth back end, decided from the registry and hub/authz/policy.py (no HTTP here: authserver.py).
 
 RabbitMQ asks four questions (rabbitmq_auth_backend_http, POST form fields), each answered "allow"/"deny":
-- user: `username` is the certificate's CN (ssl_cert_login). Any request carrying a `password` is a CONNECT
-  with a username and password, which RabbitMQ puts before the certificate: refused, whoever it names, except the
-  hub's own management user with its secret (tag administrator; it gets no vhost, so no MQTT/AMQP). Otherwise the
-  principal must be active with a usable certificate (hub.authz.decide.by_name).
-- vhost: the principal again (its status may have changed since connect); the MQTT client id, when RabbitMQ
+- user: `username` is the certificate's credential URI (ssl_cert_login from the first URI subjectAltName:
+  hub/ca/credential.py, the issuing CA and the serial). Any request carrying a `password` is a CONNECT with a
+  username and password, which RabbitMQ puts before the certificate: refused, whoever it names, except the hub's
+  own management user with its secret (tag administrator; it gets no vhost, so no MQTT/AMQP). Otherwise the
+  decision is the Mosquitto plugin's for that certificate (hub.authz.decide.by_credential: unknown, superseded,
+  revoked, held, expired refused; the client id must be the principal). A login on the principal's current
+  certificate ends the grace of its superseded ones (`on_active`: the plugin's "once the new one connected").
+- vhost: the credential again (its status may have changed since connect); the MQTT client id, when RabbitMQ
   passes it, must be the principal.
 - resource: only the MQTT plugin's own needs: the exchange amq.topic (write: publish, read: bind) and the
   principal's own subscription queues mqtt-subscription-<principal>qos0/qos1 (so a session can never be on
@@ -26,14 +29,16 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from hub.authz.decide import Principal, by_name
-from hub.authz.policy import allows, filter_covered, valid_filter
+from hub.authz.decide import Principal, by_credential, by_name, superseded_in_grace
+from hub.ca.credential import parse_credential
+from hub.authz.policy import allows, client_id_allowed, filter_covered, valid_filter
 from hub.registry import sql as dbsql
 from hub.registry.errors import RegistryError
 
@@ -41,6 +46,7 @@ from .config import EXCHANGE, VHOST
 
 log = logging.getLogger("tessera.hub.broker.rabbitmq")
 
+_QUEUE_RE = re.compile(r"mqtt-subscription-(.+)qos[01]")
 MGMT_USER = "tessera.mgmt"  # a '.' and no 'svc.' prefix: never a device id or a service principal
 
 
@@ -57,8 +63,10 @@ class AuthBackend:
     """The decisions, over a read-only registry connection per thread."""
 
     def __init__(self, registry: Path | str, mgmt_secret: str, clock: Callable[[], datetime] | None = None,
-                 connect_rate: int = 30, connect_burst: int = 10):
-        """`registry`: the SQLite file, or the PostgreSQL URL, of the fleet's registry."""
+                 connect_rate: int = 30, connect_burst: int = 10, on_active: Callable[[str], None] | None = None):
+        """`registry`: the SQLite file, or the PostgreSQL URL, of the fleet's registry. `on_active(principal)`:
+        called when a principal with a superseded certificate still in its grace logs in with its current one."""
+        self.on_active = on_active
         self._secret = mgmt_secret
         self._pg_url = str(registry) if dbsql.is_postgresql(registry) else None
         self.registry_path = None if self._pg_url else Path(registry)
@@ -119,10 +127,28 @@ class AuthBackend:
         if self._engine is not None:
             self._engine.dispose()
 
-    def _deny(self, what: str, params: Mapping[str, str], reason: str) -> str:
-        log.info("rabbitmq auth: refused %s user=%s client_id=%s: %s", what, _safe(params.get("username")),
-                 _safe(_client_id(params)), reason)
+    def _deny(self, what: str, params: Mapping[str, str], reason: str, principal: str | None = None) -> str:
+        """Log the refusal once (the user name is the credential URI; `principal`: whose it is, if known)."""
+        log.info("rabbitmq auth: refused %s user=%s principal=%s client_id=%s: %s", what,
+                 _safe(params.get("username")), _safe(principal), _safe(_client_id(params)), reason)
         return f"deny {reason}"
+
+    def _credential(self, what: str, params: Mapping[str, str]) -> tuple[Principal | None, str | None, Mapping | None]:
+        """(principal, None, row) for the credential the username names, or (None, the deny answer, row)."""
+        name = params.get("username", "")
+        cred = parse_credential(name)
+        if cred is None:
+            return None, self._deny(what, params, "the certificate carries no Tessera credential URI (issued before "
+                                    "this release: renew it)"), None
+        try:
+            principal, reason, row = by_credential(self._db(), *cred, _client_id(params), self.clock())
+        except (sqlite3.Error, RegistryError, *dbsql.driver_errors()) as exc:
+            log.error("rabbitmq auth: registry error: %s", " ".join(str(exc).split())[:300])
+            self._drop()
+            return None, self._deny(what, params, "registry unreadable"), None
+        if principal is None:
+            return None, self._deny(what, params, reason or "refused", row["principal"] if row else None), row
+        return principal, None, row
 
     def user(self, params: Mapping[str, str]) -> str:
         name = params.get("username", "")
@@ -133,49 +159,62 @@ class AuthBackend:
             return self._deny("login", params, "password login refused (identity comes from the certificate)")
         if name == MGMT_USER:
             return self._deny("login", params, "management user without its secret")
-        client_id = _client_id(params)
-        if client_id is not None and client_id != name:
-            return self._deny("login", params, "client id mismatch")
-        principal, reason = self._principal(name)
+        principal, denied, row = self._credential("login", params)
         if principal is None:
-            return self._deny("login", params, reason or "refused")
-        return "allow" if self._take_token(name) else self._deny("login", params, "rate limited")
+            return denied or "deny"
+        if not self._take_token(principal.name):
+            return self._deny("login", params, "rate limited", principal.name)
+        if row is not None and row["cert_status"] == "active":
+            self._first_active(principal.name)
+        return "allow"
+
+    def _first_active(self, principal: str) -> None:
+        """A session on the principal's current certificate: a superseded one still in its grace is done with
+        (the Mosquitto plugin's rule, here for the whole cluster: `on_active` ends that grace in the registry)."""
+        if self.on_active is None:
+            return
+        try:
+            rows = superseded_in_grace(self._db(), principal, self.clock())
+        except (sqlite3.Error, RegistryError, *dbsql.driver_errors()) as exc:
+            log.error("rabbitmq auth: registry error: %s", " ".join(str(exc).split())[:300])
+            self._drop()
+            return
+        if rows:
+            self.on_active(principal)
 
     def vhost(self, params: Mapping[str, str]) -> str:
         name = params.get("username", "")
         if params.get("vhost") != VHOST or name == MGMT_USER:
             return self._deny("vhost", params, "no such vhost for this user")
-        client_id = _client_id(params)
-        if client_id is not None and client_id != name:
-            return self._deny("vhost", params, "client id mismatch")
-        principal, reason = self._principal(name)
-        return "allow" if principal else self._deny("vhost", params, reason or "refused")
+        principal, denied, _ = self._credential("vhost", params)
+        return "allow" if principal else (denied or "deny")
 
     def resource(self, params: Mapping[str, str]) -> str:
         name, kind, res = params.get("username", ""), params.get("resource"), params.get("name", "")
         if params.get("vhost") != VHOST or name == MGMT_USER:
             return self._deny("resource", params, "no such vhost for this user")
+        principal, denied, _ = self._credential("resource", params)
+        if principal is None:
+            return denied or "deny"
         if kind == "exchange" and res == EXCHANGE and params.get("permission") in ("read", "write"):
             ok = True
-        elif kind == "queue":
-            ok = res in (f"mqtt-subscription-{name}qos0", f"mqtt-subscription-{name}qos1")
+        elif kind == "queue":  # the MQTT plugin's queues of the session's client id
+            m = _QUEUE_RE.fullmatch(res)
+            ok = m is not None and client_id_allowed(principal.name, m.group(1))
         else:
             ok = False
         if not ok:
-            return self._deny("resource", params, f"{kind} {_safe(res)} {params.get('permission')} not allowed")
-        principal, reason = self._principal(name)
-        return "allow" if principal else self._deny("resource", params, reason or "refused")
+            return self._deny("resource", params, f"{kind} {_safe(res)} {params.get('permission')} not allowed",
+                              principal.name)
+        return "allow"
 
     def topic(self, params: Mapping[str, str]) -> str:
         name, perm = params.get("username", ""), params.get("permission")
-        client_id = _client_id(params)
         if params.get("vhost") != VHOST or params.get("name") != EXCHANGE or name == MGMT_USER:
             return self._deny("topic", params, "not the MQTT exchange")
-        if client_id is not None and client_id != name:
-            return self._deny("topic", params, "client id mismatch")
-        principal, reason = self._principal(name)
+        principal, denied, _ = self._credential("topic", params)
         if principal is None:
-            return self._deny("topic", params, reason or "refused")
+            return denied or "deny"
         topic = amqp_to_mqtt(params.get("routing_key", ""))
         if perm == "write":
             ok = allows(principal.grants, "publish", topic)
@@ -185,7 +224,7 @@ class AuthBackend:
                   and any(filter_covered(p, topic) for p in principal.grants.receive))
         else:
             ok = False
-        return "allow" if ok else self._deny("topic", params, f"{perm} {_safe(topic)} not allowed")
+        return "allow" if ok else self._deny("topic", params, f"{perm} {_safe(topic)} not allowed", principal.name)
 
     def answer(self, path: str, params: Mapping[str, str]) -> str:
         handler = {"user": self.user, "vhost": self.vhost, "resource": self.resource, "topic": self.topic}.get(path)
