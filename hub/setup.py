@@ -183,6 +183,11 @@ def join_fleet(root: Path, source: Path) -> HubConfig:
     missing = [name for name in (*JOIN_DIRS, "audit.key") if not (src.root / name).exists()]
     if missing:
         raise ConfigError(f"{source} is not a complete hub directory (missing {', '.join(missing)})")
+    if src.broker_kind == "rabbitmq" and not all((src.root / name).exists() for name in JOIN_FILES[1:]):
+        # else this hub would make a management password and auth secret of its own, which the nodes rendered
+        # by the first hub do not know
+        raise ConfigError(f"{source} has no RabbitMQ secrets yet (broker/rabbitmq/*.secret): serve it once "
+                          "first, then join")
     existed = root.exists()
     before = set(os.listdir(root)) if existed and root.is_dir() else set()
     try:

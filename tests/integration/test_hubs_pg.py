@@ -21,7 +21,6 @@ import shutil
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -89,29 +88,6 @@ def pg_url(pg_server):  # noqa: F811
     pg_server.drop_database(name)
 
 
-def prime_registry(hub: Hub) -> None:
-    """What the hub's first serve writes to a fresh PostgreSQL registry (hub/serve/supervisor.py): its admin and
-    local-operator certificates as the current ones. A hub joined before that copies a local-operator certificate
-    the registry never saw, and then each hub's serve re-issues svc.local-admin over the other's (the other hub's
-    CLI: "certificate ... is superseded"); here B joins before A serves, because B must render its nodes first."""
-    from cryptography import x509
-
-    from hub.api.identityroutes import ensure_local_operator
-    from hub.authz.identities import ensure_hub_identity
-    from hub.ca.authority import load_ca
-    from hub.config import load_config
-
-    cfg = load_config(hub.dir)
-    registry, ca = cfg.open_registry(), load_ca(cfg.ca_dir)
-    try:
-        now = datetime.now(timezone.utc)
-        ensure_hub_identity(registry, x509.load_pem_x509_certificate((cfg.tls_dir / "admin.pem").read_bytes()), now)
-        ensure_local_operator(cfg, ca, registry, now)
-    finally:
-        registry.close()
-        ca.close()
-
-
 def render_per_node(renders: dict[str, object]):
     """One render callable for the cluster that hands each node to its own hub's driver (renders[node name])."""
     def render(out: Path, nodes):
@@ -135,7 +111,6 @@ def colocated_hubs(base: Path, pg_url: str, nodes: int = NODES) -> Iterator[tupl
                 management_urls=[f"http://{n.host}:{n.mgmt_port}" for n in cluster.nodes], url=pg_url)
     a.broker_port = cluster.nodes[0].mqtt_port
     render_on(a)(base / "a-first", cluster.nodes[:1])  # A's driver makes the broker secrets the join copies
-    prime_registry(a)
     (base / "b").mkdir()
     b = Hub(dir=base / "b" / "hub", broker_port=cluster.nodes[1].mqtt_port)
     proc = run_cli("init", "--join", str(a.dir), "--dir", str(b.dir))
@@ -277,6 +252,17 @@ def test_serve_refuses_a_hub_of_another_fleet_or_audit_key(hubs, tmp_path, pg_ur
     (other.dir / "fleet.toml").write_text(text.replace('name = "acme"', 'name = "other"', 1))
     assert "belongs to fleet 'acme', not 'other'" in _serve_refused(other.dir)
     assert a.device_list(), "hub A still serves"
+
+
+def test_join_refuses_a_hub_without_its_broker_secrets(tmp_path, pg_url):
+    """The RabbitMQ secrets are made at the first hub's first serve (or render); a hub joined before that would
+    make its own management password, which the first hub's nodes do not know."""
+    src = init_hub(tmp_path / "fresh")
+    src.configure(kind="rabbitmq", auth_port=free_port(), management_urls=[f"http://127.0.0.1:{free_port()}"],
+                  url=pg_url)
+    proc = run_cli("init", "--join", str(src.dir), "--dir", str(tmp_path / "second"))
+    assert proc.returncode != 0 and "serve it once first" in one_line(proc.stderr), proc.stderr
+    assert not (tmp_path / "second").exists()
 
 
 def test_join_refuses_a_sqlite_hub(tmp_path):
