@@ -22,7 +22,8 @@ MODULES = {"hsm": "bench.hsm_bench", "est": "bench.est_bench", "est-workers": "b
            "agent": "bench.agent_bench", "api": "bench.api_bench", "crl": "bench.crl_bench",
            "metrics": "bench.metrics_bench", "jobs": "bench.jobs_bench", "console": "bench.console_bench",
            "registry-pg": "bench.registry_pg_bench", "tokens": "bench.token_bench",
-           "rabbitmq": "bench.rabbitmq_bench", "hubs-pg": "bench.hubs_pg_bench"}
+           "rabbitmq": "bench.rabbitmq_bench", "hubs-pg": "bench.hubs_pg_bench",
+           "metrics-pg": "bench.metrics_pg_bench"}
 
 
 def fmt(value) -> str:
