@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from hub.cli.util import DirOpt, config, fail, say
+from hub.cli.util import DirOpt, config, fail, registry as open_registry, say
 
 broker_app = typer.Typer(help="The broker: the configuration of a RabbitMQ cluster the hub drives.",
                          no_args_is_help=True)
@@ -55,7 +55,7 @@ def render(out_dir: Path = typer.Option(..., "--out", help="Directory for one su
     nodes = [parse_node(n) for n in node]
     if len({n.name for n in nodes}) != len(nodes):
         fail("--node: every node needs its own name")
-    registry = cfg.open_registry()
+    registry = open_registry(cfg)  # one line if unreachable; a shared one must be this fleet's
     try:
         ca = load_ca(cfg.ca_dir, cfg.ca_token)
     except CaError as exc:

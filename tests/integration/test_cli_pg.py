@@ -164,6 +164,8 @@ STEPS: list[Step] = [
     cmd("audit --device dev-c --calls", "audit", "--device", "dev-c", "--calls"),
     cmd("audit --actor --action --since", "audit", "--actor", "est", "--action", "enroll", "--since", "2020-01-01"),
     cmd("crl", "crl"),
+    cmd("broker render", "broker", "render", "--out", "{base}/nodes", "--node", "n1:5672:25672:1883:15672",
+        expect="text"),
     # identities and roles
     cmd("identity add", "identity", "add", "alice", "--role", "viewer", "--out", "{base}/alice"),
     cmd("identity add an existing name", "identity", "add", "alice", "--role", "viewer", "--out",
@@ -191,6 +193,8 @@ STEPS: list[Step] = [
     # jobs
     cmd("job create", "job", "create", "ping-g1", "--command", "ping", "--group", "g1", "--yes"),
     cmd("job devices", "job", "devices", "1"),
+    cmd("job pause", "job", "pause", "1"),
+    cmd("job resume", "job", "resume", "1"),
     cmd("job cancel", "job", "cancel", "1"),
     cmd("job show an unknown job", "job", "show", "99", expect="error"),
     # last: the chain still verifies
@@ -391,7 +395,8 @@ def test_commands_from_another_fleets_directory_are_refused_and_change_nothing(r
 
 def test_an_unreachable_postgresql_registry_is_one_error_line(tmp_path):
     hub = pg_hub(tmp_path, f"postgresql+psycopg://tessera@127.0.0.1:{free_port()}/tessera")
-    for args in (("role", "list"), ("device", "list")):
+    for args in (("role", "list"), ("device", "list"),
+                 ("broker", "render", "--out", str(tmp_path / "nodes"), "--node", "n1:5672:25672:1883:15672")):
         proc = hub.cli(*args)
         assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
         assert "cannot connect" in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
