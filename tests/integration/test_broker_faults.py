@@ -5,8 +5,9 @@ files (which the broker no longer reads) deleted under a SIGHUP, a CRL directory
 unreadable registry (the plugin fails closed), a broker stopped during a status change, a killed broker, a killed
 hub. Throughout, a revoked device (flt-revoked) must never be admitted; a good device (flt-good) is the control.
 One hub for the module except the kill -9 hub tests, which each need their own. These faults are Mosquitto's
-(its plugin, its config and CRL files, the process the hub supervises); each test says so in one line. A device
-commanding itself runs on both brokers (`target`, brokerkinds.py: the session's RabbitMQ cluster hub too).
+(its plugin, its config and CRL files, the process the hub supervises); each test says so in one line. The topic
+misuse that runs on both brokers (commanding itself, a retained ack, an oversized PUBLISH, a forged will's topic)
+is test_broker_misuse.py.
 
 The tests run as root here, so "unreadable" and "unwritable" are made by moving files and putting a regular file
 where a directory should be, not by chmod (root ignores permission bits).
@@ -27,12 +28,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.integration.brokerfixtures import (NOT_AUTHORIZED, ConnectRefused, add_identity, assert_no_broker_left,
+from tests.integration.brokerfixtures import (NOT_AUTHORIZED, add_identity, assert_no_broker_left,
                                               audit, broker_hub, broker_log, broker_pid, broker_pids, client_context,
                                               enroll_device, exchange, init_hub, kicks, log_mark, probe_dev,
                                               raw_connection, read_packet, session, sessions, tcp_open,
                                               varint, wait_ready, wait_refusal)
-from tests.integration.brokerkinds import Target, broker_kind, rabbit_cluster_hub, target  # noqa: F401
 from tests.integration.hubfixtures import LENIENT_LIMITS, request
 
 pytestmark = pytest.mark.integration
@@ -51,7 +51,9 @@ def hub(tmp_path_factory):
         yield h
 
 
-def make_devs(hub, work: Path) -> dict:
+@pytest.fixture(scope="module")
+def devs(hub, tmp_path_factory):
+    work = tmp_path_factory.mktemp("fault-devices")
     good = enroll_device(hub, "flt-good", work)
     control = enroll_device(hub, "flt-control", work)
     revoked = enroll_device(hub, "flt-revoked", work)
@@ -62,24 +64,6 @@ def make_devs(hub, work: Path) -> dict:
             "reader": add_identity(hub, "flt-reader", "telemetry-reader", work),
             "cmd": add_identity(hub, "flt-cmd", "commander", work),
             "watch": add_identity(hub, "flt-watch", "flt-cmd-watch", work)}
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("fault-devices")
-
-
-@pytest.fixture
-def devs(hub, work):
-    """The module's credentials on its Mosquitto hub, made once."""
-    t = Target("mosquitto", hub, (hub.mqtt_port,))
-    return t.once("flt-devs", lambda: make_devs(hub, t.workdir(work)))
-
-
-@pytest.fixture
-def tdevs(target, work):
-    """The same credentials on the target's hub (the Mosquitto one's are `devs`'), made once per hub."""
-    return target.once("flt-devs", lambda: make_devs(target.hub, target.workdir(work)))
 
 
 def rss_kib(pid: int) -> int:
@@ -141,50 +125,6 @@ def test_names_that_would_reach_topic_rules_are_refused_and_nothing_is_written(h
 
 # --- topics --------------------------------------------------------------------------------------------------------
 
-def test_device_cannot_send_commands_to_itself(target, tdevs):
-    """flt-good publishing (also retained) to its own commands topic is refused; neither it nor another
-    subscriber of that topic gets anything, nor does a later subscriber (nothing was retained). A commander's
-    command is the control. (Each attempt on a session of its own: RabbitMQ closes the connection of a refused
-    PUBLISH, and a second session under flt-good's client id would take over the first.)"""
-    good, topic = tdevs["good"], "devices/flt-good/commands"
-    with sessions(target.session(tdevs["watch"], 1), target.session(tdevs["cmd"], 2)) as (sw, sc):
-        assert sw.subscribe("devices/+/commands") == 1
-        target.assert_publish_refused(good, topic, b'{"id":"f1","command":"renew"}')
-        target.assert_publish_refused(good, topic, b'{"id":"f2","command":"renew"}', retain=True)
-        with sessions(target.session(good)) as (sg,):
-            sg.publish(topic, b'{"id":"f3","command":"renew"}', qos=0)
-        with sessions(target.session(good)) as (sg,):
-            assert sg.subscribe(topic) == 1
-            exchange(sc, sg, topic, b'{"id":"c1","command":"ping"}')
-            sw.wait_message(topic, b'{"id":"c1","command":"ping"}')
-            time.sleep(QUIET)
-            for s in (sg, sw):
-                assert [m.payload for m in s.received] == [b'{"id":"c1","command":"ping"}'], s.received
-                target.assert_stamped(s.received[0], "svc.flt-cmd", "commander")
-            assert sg.connected
-        sw.client.unsubscribe("devices/+/commands")
-        time.sleep(0.1)
-        sw.received.clear()
-        assert sw.subscribe(topic) == 1
-        time.sleep(QUIET)
-        assert sw.received == [], "a retained command was stored"
-        assert sw.connected
-
-
-@pytest.mark.parametrize("broker_kind", ["mosquitto", pytest.param("rabbitmq", marks=pytest.mark.xfail(
-    strict=True, reason="RabbitMQ lets it through (documented, hub/broker/rabbitmq/auth.py): it does not tell a "
-    "retained PUBLISH apart, so a device that may publish its acks may retain one there (on that node)"))],
-    indirect=True)
-def test_device_cannot_retain_on_its_command_acks(target, tdevs):
-    """The device role may publish devices/{id}/commands/ack but not retain there (a retained ack would answer
-    every later subscriber's command); a plain ack is the control."""
-    good = tdevs["good"]
-    with sessions(target.session(good)) as (sg,):
-        assert not target.publish_refused(sg, "devices/flt-good/commands/ack", b'{"id":"a0","ok":true}')
-    target.assert_publish_refused(good, "devices/flt-good/commands/ack", b'{"id":"f4","command":"renew"}',
-                                  retain=True)
-
-
 def test_client_supplied_identity_properties_are_replaced(hub, devs):
     # Mosquitto only: MQTT 5 user properties and the plugin's stamp (RabbitMQ's 3.1.1 carries none)
     """User properties a client sends are replaced by the plugin's stamp: a device claiming tessera-role
@@ -208,41 +148,6 @@ def test_client_supplied_identity_properties_are_replaced(hub, devs):
         assert sr.subscribe("devices/flt-good/status") == 1
         retained = sr.wait_message("devices/flt-good/status", b"online")
         assert retained.retain and retained.user_props == stamp
-
-
-def will_session(target, dev, topic: str, payload: bytes, i: int = 0) -> bool:
-    """A session of dev's with a retained QoS 1 will on `topic`, whose connection then dies without DISCONNECT
-    (the broker publishes the will); False if the broker refused the CONNECT itself."""
-    s = target.mqtt(dev, i)
-    s.client.will_set(topic, payload, qos=1, retain=True)
-    try:
-        s.connect(timeout=5)
-    except ConnectRefused:
-        return False
-    else:
-        s.client.socket().shutdown(socket.SHUT_RDWR)
-        assert s.disconnected.wait(5), "the connection did not die"
-        return True
-    finally:
-        s.close()
-
-
-def test_a_will_into_another_devices_topic_is_never_delivered(target, tdevs):
-    """flt-good's connection with a retained will on flt-control's status dies: the will is refused with the
-    CONNECT or dropped (Mosquitto's plugin drops every will and announces offline itself; RabbitMQ checks the will
-    topic): no subscriber gets it, nor a later one (nothing retained). flt-control's own status is the control."""
-    good, control, topic = tdevs["good"], tdevs["control"], "devices/flt-control/status"
-    with sessions(target.session(tdevs["reader"], 1)) as (sr,):
-        assert sr.subscribe("devices/+/status") == 1
-        will_session(target, good, topic, b"offline-forged", 2)
-        time.sleep(QUIET)
-        with sessions(target.session(control)) as (sc,):
-            exchange(sc, sr, topic, b"online-genuine")
-        assert not [m for m in sr.received if m.payload == b"offline-forged"], "a forged will was delivered"
-    with sessions(target.session(tdevs["reader"], 2)) as (late,):
-        assert late.subscribe(topic) == 1
-        time.sleep(QUIET)
-        assert not [m for m in late.received if m.payload == b"offline-forged"], "a forged will was retained"
 
 
 def test_a_will_cannot_carry_a_forged_identity(hub, devs):
@@ -280,26 +185,6 @@ def test_payload_limit(hub, devs):
         time.sleep(QUIET)
         assert [len(m.payload) for m in sr.received] == [200 * 1024, MAX_PAYLOAD]
     assert_enforcing(hub, devs, trials=1)
-
-
-@pytest.mark.parametrize("broker_kind", ["mosquitto", pytest.param("rabbitmq", marks=pytest.mark.xfail(
-    strict=True, reason="RabbitMQ lets it through: the node files set no MQTT payload limit ([mqtt] max_payload "
-    "is Mosquitto's), so a device's PUBLISH over max_payload is taken and delivered (3.10 takes up to 128 MiB)"))],
-    indirect=True)
-def test_oversized_publish_is_refused_and_not_delivered(target, tdevs):
-    """max_payload bytes pass (the control); one byte more is refused (Mosquitto: PUBACK 0x87, the paho session
-    lives on; RabbitMQ: the connection closed) and reaches no subscriber; the device publishes again after it."""
-    good, topic = tdevs["good"], "devices/flt-good/telemetry"
-    with sessions(target.session(tdevs["reader"], 1)) as (sr,):
-        assert sr.subscribe("devices/+/telemetry") == 1
-        with sessions(target.session(good)) as (sg,):
-            assert not target.publish_refused(sg, topic, b"y" * MAX_PAYLOAD), "max_payload bytes refused"
-            sr.wait_message(topic, b"y" * MAX_PAYLOAD)
-            assert target.publish_refused(sg, topic, b"z" * (MAX_PAYLOAD + 1)), "max_payload + 1 bytes taken"
-        time.sleep(QUIET)
-        assert [len(m.payload) for m in sr.received] == [MAX_PAYLOAD]
-    with sessions(target.session(good)) as (sg,):
-        assert sg.publish(topic, b"small") == 0
 
 
 def test_huge_publish_is_cut_off_and_broker_memory_stays_bounded(hub, devs):
