@@ -17,7 +17,7 @@ import dataclasses
 import datetime as dt
 import json
 import re
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -143,6 +143,7 @@ STEPS: list[Step] = [
     cmd("list a bad status", "device", "list", "--status", "bogus", expect="error"),
     cmd("show dev-a", "device", "show", "dev-a"),
     cmd("show an unknown device", "device", "show", "nope", expect="error"),
+    cmd("revoke a bad id (checked by the API)", "device", "revoke", "Bad_Id", "--reason", "x", expect="error"),
     # status changes
     cmd("suspend dev-b", "device", "suspend", "dev-b", "--reason", "maintenance"),
     cmd("resume dev-b", "device", "resume", "dev-b"),
@@ -297,7 +298,7 @@ def pg_url(pg_server):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, pg_url) -> dict[str, Run]:
-    """Both hubs' passes through STEPS, run at once (one thread each): {'sqlite': Run, 'postgresql': Run}."""
+    """Both hubs' passes through STEPS, run at once (a thread each): {'sqlite': Run, 'postgresql': Run}."""
     base = tmp_path_factory.mktemp("cli-pg")
     maker = maker_files(base / "maker")
     made: dict[str, Hub] = {}
@@ -305,28 +306,11 @@ def runs(tmp_path_factory, pg_url) -> dict[str, Run]:
     def make(kind: str) -> None:
         made[kind] = pg_hub(base / kind, pg_url) if kind == "postgresql" else init_hub(base / kind)
 
-    _threads(make, ["sqlite", "postgresql"])
-    runs = {kind: Run(hub, hub.dir.parent, maker) for kind, hub in made.items()}
-    _threads(lambda kind: runs[kind].run(), list(runs))
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(make, ["sqlite", "postgresql"]))
+        runs = {kind: Run(hub, hub.dir.parent, maker) for kind, hub in made.items()}
+        list(pool.map(Run.run, runs.values()))
     return runs
-
-
-def _threads(fn: Callable[[str], None], kinds: list[str]) -> None:
-    errors: list[BaseException] = []
-
-    def body(kind: str) -> None:
-        try:
-            fn(kind)
-        except BaseException as exc:  # noqa: BLE001  (re-raised below)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=body, args=(k,)) for k in kinds]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 # --- the comparisons ----------------------------------------------------------------------------------------------
@@ -412,3 +396,6 @@ def test_the_normaliser_keeps_what_matters():
     assert normal(one, base) == normal(other, "/tmp/y")
     for key, value in (("status", "revoked"), ("id", "dev-b"), ("n", 4), ("serial", None), ("detail", "other")):
         assert normal({**one, key: value}, base) != normal(one, base), key
+    row = {"id": 7, "actor": "est", "action": "enroll"}
+    assert normal([row], base, 4) == normal([{**row, "id": 5}], base, 2) != normal([{**row, "id": 6}], base, 2)
+    assert normal([row], base, 7) == []  # a row from before the first compared command
