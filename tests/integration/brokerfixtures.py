@@ -564,6 +564,17 @@ def sessions(*items: MqttSession) -> Iterator[tuple[MqttSession, ...]]:
             s.close()
 
 
+def admitted(s: MqttSession, timeout: float = 5.0) -> bool:
+    """Connect `s` once: True if the broker took it (it is closed again either way), False if it refused."""
+    try:
+        s.connect(timeout=timeout)
+        return True
+    except ConnectRefused:
+        return False
+    finally:
+        s.close()
+
+
 def session(hub: Hub, dev: Device, client_id: str | None = None, tls: str | None = None) -> MqttSession:
     """A connected session for `dev` (client id = its principal unless told otherwise)."""
     return MqttSession(hub, dev.chain, dev.key, client_id or dev.id, tls).connect()

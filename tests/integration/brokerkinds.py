@@ -38,7 +38,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from tests.integration.brokerfixtures import (NOT_AUTHORIZED, ADMINISTRATIVE_ACTION, ConnectRefused, Device,
-                                              MqttSession, Msg, Probe, broker_log, client_context, kicks,
+                                              MqttSession, admitted, Msg, Probe, broker_log, client_context, kicks,
                                               raw_connection, refusals)
 from tests.integration.hubfixtures import Hub
 from tests.integration.rabbitfixtures import rabbit_cluster_hub, require_rabbitmq  # noqa: F401  (fixture)
@@ -122,14 +122,7 @@ class Target:
 
     def connects(self, dev: Device, i: int = 0, client_id: str | None = None, port: int | None = None,
                  credentials: tuple[str, str] | None = None) -> bool:
-        s = self.mqtt(dev, i, client_id, port, credentials)
-        try:
-            s.connect(timeout=5)
-            return True
-        except ConnectRefused:
-            return False
-        finally:
-            s.close()
+        return admitted(self.mqtt(dev, i, client_id, port, credentials))
 
     def probe(self, chain: Path | None, key: Path | None, tls: str | None, client_id: str, i: int = 0) -> Probe:
         """One raw TCP + TLS + MQTT v5 CONNECT (brokerfixtures.raw_connection) on node i."""

@@ -28,8 +28,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from tests.helpers import free_port
-from tests.integration.brokerfixtures import (BROKER_LIMITS, ConnectRefused, MqttSession, enroll_device, sessions,
-                                              wait_ready)
+from tests.integration.brokerfixtures import (BROKER_LIMITS, MqttSession, admitted, enroll_device,
+                                              sessions, wait_ready)
 from tests.integration.hubfixtures import Hub, enroll, init_hub, make_csr, new_key, one_line, run_cli
 from tests.integration.pgfixtures import pg_server  # noqa: F401
 from tests.integration.rabbitfixtures import RabbitCluster, require_rabbitmq
@@ -273,14 +273,7 @@ def test_join_refuses_a_sqlite_hub(tmp_path):
 
 
 def connects(hub: Hub, dev, port: int) -> bool:
-    s = MqttSession(hub, dev.chain, dev.key, dev.id, port=port, protocol=mqtt.MQTTv311)
-    try:
-        s.connect(timeout=5)
-        return True
-    except ConnectRefused:
-        return False
-    finally:
-        s.close()
+    return admitted(MqttSession(hub, dev.chain, dev.key, dev.id, port=port, protocol=mqtt.MQTTv311))
 
 
 def crl_serials(hub: Hub) -> set[int]:

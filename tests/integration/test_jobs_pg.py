@@ -6,7 +6,7 @@ a hub that stops renewing (killed) is replaced only after the lease. Fake clocks
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import pytest
 
@@ -17,20 +17,9 @@ from hub.jobs.leader import LEASE, Lease
 from hub.jobs.runner import JobRunner
 from hub.registry.store import Registry
 from tests.integration.pgfixtures import pg_server, pg_url  # noqa: F401
+from tests.unit.test_jobs_runner import T0, Clock
 
-T0 = datetime(2027, 1, 1, tzinfo=timezone.utc)
 N = 6
-
-
-class Clock:
-    def __init__(self):
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 class Hub:
