@@ -79,7 +79,8 @@ class Step:
     name: str
     args: tuple[str, ...] = ()
     expect: str = "json"
-    #: instead of a command: a function of (the hub's Run) returning a comparable result
+    #: instead of a command: a function of (the hub's Run) returning a comparable result, None or {what: outcome},
+    #: each outcome a dict with the key `expect`
     call: Callable[["Run"], Any] | None = None
 
 
@@ -129,8 +130,8 @@ STEPS: list[Step] = [
     cmd("token dev-c", "device", "token", "dev-c"),
     cmd("token of an unknown device", "device", "token", "nope", expect="error"),
     cmd("edit dev-b", "device", "edit", "dev-b", "--label", "tier=gold"),
-    Step("enroll", call=_enroll_all),
-    Step("enroll refused", call=_enroll_refused),
+    Step("enroll", expect="enrolled", call=_enroll_all),
+    Step("enroll refused", expect="refused", call=_enroll_refused),
     # listings (the group and label filters are the dialects' JSON functions)
     cmd("list", "device", "list"),
     cmd("list --group --offline", "device", "list", "--group", "g1", "--offline"),
@@ -327,6 +328,7 @@ def test_the_step_gives_the_same_on_postgresql_as_on_sqlite(runs, step: Step):
     a, b = lite.results[step.name], pg.results[step.name]
     if step.call is not None:
         assert "raised" not in a, a
+        assert all(step.expect in r for r in (a["value"] or {}).values()), a  # on SQLite, as meant
         assert normal(b, str(pg.base), pg.shift) == normal(a, str(lite.base), lite.shift)
         return
     where = f"tessera-hub {' '.join(step.args)}"
