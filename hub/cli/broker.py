@@ -61,10 +61,7 @@ def render(out_dir: Path = typer.Option(..., "--out", help="Directory for one su
     except CaError as exc:
         fail(str(exc))
     try:
-        driver = RabbitMQBroker(cfg.broker_dir, registry, ca, cfg.rabbitmq_management or ["http://127.0.0.1:15672"],
-                                cafile=cfg.ca_dir / "device-chain.pem", certfile=cfg.tls_dir / "est.pem",
-                                keyfile=cfg.tls_dir / "est.key", device_ca=cfg.ca_dir / "device-ca.pem",
-                                service_ca=cfg.ca_dir / "service-ca.pem", auth_port=cfg.rabbitmq_auth_port)
+        driver = RabbitMQBroker.for_hub(cfg, registry, ca)
         dirs = driver.render(out_dir, nodes)
     except (BrokerError, OSError) as exc:
         fail(f"cannot render the node files: {exc}")

@@ -107,11 +107,7 @@ def _run(cfg: HubConfig, host: str, est_port: int, mqtt_port: int, verbose: bool
     if cfg.broker_kind == "rabbitmq":
         from hub.broker.rabbitmq import RabbitMQBroker
 
-        broker = RabbitMQBroker(cfg.broker_dir, registry, ca, cfg.rabbitmq_management,
-                                cafile=cfg.ca_dir / "device-chain.pem", certfile=tls_dir / "est.pem",
-                                keyfile=tls_dir / "est.key", device_ca=cfg.ca_dir / "device-ca.pem",
-                                service_ca=cfg.ca_dir / "service-ca.pem", auth_port=cfg.rabbitmq_auth_port,
-                                connect_rate=cfg.connect_rate, connect_burst=cfg.connect_burst, on_event=event)
+        broker = RabbitMQBroker.for_hub(cfg, registry, ca, on_event=event)
     else:
         broker = MosquittoBroker(cfg.broker_dir, host, mqtt_port, cafile=cfg.ca_dir / "device-chain.pem",
                                  certfile=tls_dir / "est.pem", keyfile=tls_dir / "est.key",

@@ -265,10 +265,7 @@ def render_with_driver(hub: Hub) -> Callable[[Path, list[Node]], list[Path]]:
         cfg = load_config(hub.dir)
         registry, ca = Registry(cfg.registry_path), load_ca(cfg.ca_dir)
         try:
-            driver = RabbitMQBroker(cfg.broker_dir, registry, ca, cfg.rabbitmq_management,
-                                    cafile=cfg.ca_dir / "device-chain.pem", certfile=cfg.tls_dir / "est.pem",
-                                    keyfile=cfg.tls_dir / "est.key", device_ca=cfg.ca_dir / "device-ca.pem",
-                                    service_ca=cfg.ca_dir / "service-ca.pem", auth_port=cfg.rabbitmq_auth_port)
+            driver = RabbitMQBroker.for_hub(cfg, registry, ca)
             return driver.render(out, nodes)
         finally:
             registry.close()

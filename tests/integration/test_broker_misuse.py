@@ -130,11 +130,6 @@ def test_a_will_into_another_devices_topic_is_never_delivered(target, tdevs):
 
 
 
-@pytest.mark.parametrize("broker_kind", ["mosquitto", pytest.param("rabbitmq", marks=pytest.mark.xfail(
-    strict=True, reason="RabbitMQ lets it through: the node files set no MQTT payload limit ([mqtt] max_payload "
-    "is Mosquitto's), so a device's PUBLISH over max_payload is taken and delivered (a 64 MiB one was taken here, "
-    "08:25 UTC; 3.10's own cap is 128 MiB)"))],
-    indirect=True)
 def test_oversized_publish_is_refused_and_not_delivered(target, tdevs):
     """max_payload bytes pass (the control); one byte more is refused (Mosquitto: PUBACK 0x87, the paho session
     lives on; RabbitMQ: the connection closed) and reaches no subscriber; the device publishes again after it."""

@@ -51,11 +51,7 @@ def render_on(hub: Hub):
         cfg = load_config(hub.dir)
         registry, ca = cfg.open_registry(), load_ca(cfg.ca_dir)
         try:
-            return RabbitMQBroker(cfg.broker_dir, registry, ca, cfg.rabbitmq_management,
-                                  cafile=cfg.ca_dir / "device-chain.pem", certfile=cfg.tls_dir / "est.pem",
-                                  keyfile=cfg.tls_dir / "est.key", device_ca=cfg.ca_dir / "device-ca.pem",
-                                  service_ca=cfg.ca_dir / "service-ca.pem",
-                                  auth_port=cfg.rabbitmq_auth_port).render(out, nodes)
+            return RabbitMQBroker.for_hub(cfg, registry, ca).render(out, nodes)
         finally:
             registry.close()
             ca.close()

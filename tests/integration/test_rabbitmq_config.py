@@ -96,6 +96,7 @@ def test_node_files(tmp_path):
     for line in ("auth_backends.1 = http", "mqtt.listeners.tcp = none", "mqtt.listeners.ssl.default = 127.0.0.1:3",
                  "mqtt.ssl_cert_login = true", "ssl_cert_login_from = subject_alternative_name",
                  "ssl_cert_login_san_type = uri", "ssl_cert_login_san_index = 0", "mqtt.allow_anonymous = false",
+                 "max_message_size = 262144",
                  f"auth_http.user_path = http://127.0.0.1:5/{SECRET}/user", "management.tcp.ip = 127.0.0.1"):
         assert line in conf.splitlines(), line
     assert "default_user" not in conf and "auth_cache" not in conf  # no password user, no cache

@@ -42,7 +42,7 @@ from .. import BrokerDriver, BrokerError, SyncResult
 from ..eventcursor import EventCursor
 from . import authserver
 from .auth import AuthBackend
-from .config import ClusterTls, Node, write_node_files
+from .config import DEFAULT_MAX_PAYLOAD, ClusterTls, Node, write_node_files
 from .crl import CrlDir
 from .mgmt import Mgmt, MgmtError
 
@@ -84,11 +84,12 @@ class RabbitMQBroker(BrokerDriver):
                  cafile: Path, certfile: Path, keyfile: Path, device_ca: Path, service_ca: Path,
                  auth_port: int, auth_host: str = "127.0.0.1", connect_rate: int = 30, connect_burst: int = 10,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-                 on_event: Callable[[str, str], None] = lambda kind, detail: None):
+                 on_event: Callable[[str, str], None] = lambda kind, detail: None,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD):
         self.dir = broker_dir / "rabbitmq"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.registry, self.clock, self.on_event = registry, clock, on_event
-        self.auth_host, self.auth_port = auth_host, auth_port
+        self.auth_host, self.auth_port, self.max_payload = auth_host, auth_port, max_payload
         self.tls = ClusterTls(cafile, certfile, keyfile, self.dir / "crl")
         self.auth_secret = read_secret(self.dir / "auth.secret")
         self.mgmt_secret = read_secret(self.dir / "mgmt.secret")
@@ -105,6 +106,16 @@ class RabbitMQBroker(BrokerDriver):
         self._grace_seen = ""
         self._role_pass: tuple[float, float, set[str]] | None = None  # (due, change time in epoch ms, kicked)
 
+    @classmethod
+    def for_hub(cls, cfg, registry: Registry, ca: FleetCA, **kwargs) -> "RabbitMQBroker":
+        """The driver of the hub directory `cfg` (hub.config.HubConfig): its TLS files, CAs, auth port, limits."""
+        return cls(cfg.broker_dir, registry, ca, cfg.rabbitmq_management or ["http://127.0.0.1:15672"],
+                   cafile=cfg.ca_dir / "device-chain.pem", certfile=cfg.tls_dir / "est.pem",
+                   keyfile=cfg.tls_dir / "est.key", device_ca=cfg.ca_dir / "device-ca.pem",
+                   service_ca=cfg.ca_dir / "service-ca.pem", auth_port=cfg.rabbitmq_auth_port,
+                   connect_rate=cfg.connect_rate, connect_burst=cfg.connect_burst, max_payload=cfg.max_payload,
+                   **kwargs)
+
     @property
     def seq(self) -> int:
         """The newest authz event applied."""
@@ -119,7 +130,7 @@ class RabbitMQBroker(BrokerDriver):
         self.crls.write(self.registry, self.clock(), force=True)
         dirs = []
         for node in nodes:
-            write_node_files(out / node.name, node, self.tls, self.auth_base)
+            write_node_files(out / node.name, node, self.tls, self.auth_base, self.max_payload)
             dirs.append(out / node.name)
         return dirs
 

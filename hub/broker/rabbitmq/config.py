@@ -89,7 +89,11 @@ def _versions() -> list[str]:
     return ["tlsv1.3", "tlsv1.2"] if MIN_VERSION.name == "TLSv1_2" else ["tlsv1.3"]
 
 
-def rabbitmq_conf(node: Node, tls: ClusterTls, auth_base: str) -> str:
+#: RabbitMQ's own cap on a message body (3.10: 128 MiB) unless fleet.toml's [mqtt] max_payload is given
+DEFAULT_MAX_PAYLOAD = 256 * 1024
+
+
+def rabbitmq_conf(node: Node, tls: ClusterTls, auth_base: str, max_payload: int = DEFAULT_MAX_PAYLOAD) -> str:
     """rabbitmq.conf (new-style, cuttlefish) for `node`; `auth_base` is http://127.0.0.1:<port>/<secret>."""
     problem = host_problem(node.host)
     if problem:
@@ -118,6 +122,8 @@ def rabbitmq_conf(node: Node, tls: ClusterTls, auth_base: str) -> str:
         "log.console = false",
         "log.file.level = info",
         "cluster_partition_handling = pause_minority",
+        # [mqtt] max_payload, as Mosquitto's message_size_limit: a bigger PUBLISH closes the connection
+        f"max_message_size = {int(max_payload)}",
     ]
     return "\n".join(line for line in lines if line) + "\n"
 
@@ -152,11 +158,12 @@ def enabled_plugins() -> str:
     return "[" + ",".join(PLUGINS) + "].\n"
 
 
-def write_node_files(directory: Path, node: Node, tls: ClusterTls, auth_base: str) -> dict[str, Path]:
+def write_node_files(directory: Path, node: Node, tls: ClusterTls, auth_base: str,
+                     max_payload: int = DEFAULT_MAX_PAYLOAD) -> dict[str, Path]:
     """Write the node's rabbitmq.conf, advanced.config and enabled_plugins (0600) into `directory`."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     out = {}
-    for name, text in (("rabbitmq.conf", rabbitmq_conf(node, tls, auth_base)),
+    for name, text in (("rabbitmq.conf", rabbitmq_conf(node, tls, auth_base, max_payload)),
                        ("advanced.config", advanced_config(tls)), ("enabled_plugins", enabled_plugins())):
         path = directory / name
         tmp = path.with_suffix(path.suffix + ".tmp")
