@@ -247,10 +247,16 @@ class RabbitMQBroker(BrokerDriver):
         rows = self.registry.query(
             "SELECT issuer, serial, principal FROM authz_credentials WHERE cert_status = 'superseded' "
             "AND grace_until > ? AND grace_until <= ?", [self._grace_seen, at])
-        # and certificates that expired: TLS checks validity at the handshake only, a session would outlive it
+        # and current certificates that expired: TLS checks validity at the handshake only, a session would outlive
+        # it (on the tables, not the view: certificates_active_expiry serves the device side at any fleet size)
         rows += self.registry.query(
-            "SELECT issuer, serial, principal FROM authz_credentials WHERE cert_status != 'revoked' "
+            "SELECT 'device' AS issuer, serial, device_id AS principal FROM certificates WHERE status = 'active' "
             "AND not_after > ? AND not_after <= ?", [self._grace_seen, at])
+        rows += [{**r, "principal": r["principal"] if r["principal"] == HUB_PRINCIPAL
+                  else SERVICE_PREFIX + r["principal"]}
+                 for r in self.registry.query(
+                     "SELECT 'service' AS issuer, serial, identity AS principal FROM identity_certificates "
+                     "WHERE status = 'active' AND not_after > ? AND not_after <= ?", [self._grace_seen, at])]
         return {credential_uri(r["issuer"], int(r["serial"], 16)): r["principal"] for r in rows}, at
 
     def _credentials(self, principal: str, superseded_only: bool = False) -> dict[str, str]:
