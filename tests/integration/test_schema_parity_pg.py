@@ -2,9 +2,9 @@
 
 The registry's own schema is compared in test_registry_pg.py; this covers the side schemas that `serve` and the
 commands add to the registry (fleet API side tables, audit indexes, metrics tallies, console presence, jobs and
-their lease, manufacturers, the expiry report), each kept as a SQLite and a PostgreSQL text side by side. A table,
-column, index or trigger added to one text only is caught here; applying everything a second time must change
-nothing on either dialect (hubs and commands apply them at every start).
+their lease, manufacturers, the expiry report, the RabbitMQ driver's index), each kept as a SQLite and a
+PostgreSQL text side by side. A table, column, index or trigger added to one text only is caught here; applying
+everything a second time must change nothing on either dialect (hubs and commands apply them at every start).
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ NOW = datetime(2026, 12, 3, tzinfo=timezone.utc)
 def apply_all(registry: Registry) -> None:
     from hub.api import auditroutes, metrics, queries
     from hub.api.console import data as console
+    from hub.broker import rabbitmq
     from hub.jobs import schema as jobs
     from hub.manufacturer import schema as manufacturers
     from hub.reports import expiry
 
     for apply in (queries.apply_schema, auditroutes.apply_schema, console.apply_schema, jobs.apply_schema,
-                  manufacturers.apply_schema, expiry.apply_schema):
+                  manufacturers.apply_schema, expiry.apply_schema, rabbitmq.apply_schema):
         apply(registry)
     metrics.apply_schema(registry, NOW)
 
@@ -38,7 +39,8 @@ def sqlite_catalog(registry: Registry) -> dict[str, set]:
     master = registry.query("SELECT type, name, tbl_name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
     tables = [r["name"] for r in master if r["type"] in ("table", "view")]
     return {
-        "columns": {(t, c["name"]) for t in tables for c in registry.query(f"SELECT name FROM pragma_table_info('{t}')")},
+        "columns": {(t, c["name"]) for t in tables
+                    for c in registry.query(f"SELECT name FROM pragma_table_info('{t}')")},
         "indexes": {(r["tbl_name"], r["name"]) for r in master if r["type"] == "index"},
         "triggers": {(r["tbl_name"], r["name"]) for r in master if r["type"] == "trigger"},
     }
@@ -74,4 +76,5 @@ def test_every_side_schema_is_the_same_on_both_dialects_and_applies_twice(pg_url
     assert len(lite_cat["columns"]) > 100, "the side schemas were not applied"
     for kind in ("columns", "indexes", "triggers"):
         only_lite, only_pg = lite_cat[kind] - pg_cat[kind], pg_cat[kind] - lite_cat[kind]
-        assert not only_lite and not only_pg, f"{kind}: only on SQLite {sorted(only_lite)}; only on PG {sorted(only_pg)}"
+        assert not only_lite and not only_pg, \
+            f"{kind}: only on SQLite {sorted(only_lite)}; only on PG {sorted(only_pg)}"
