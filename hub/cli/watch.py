@@ -50,12 +50,11 @@ def _filters(device_ids: list[str] | None) -> list[str]:
     return [f"devices/{d}/{k}" for d in ids for k in KINDS]
 
 
-def _group_members(cfg, group: str) -> list[str]:
+def _group_members(reg, group: str) -> list[str]:
     # A group is resolved to its members once, here, and each member gets its own subscriptions (not a wildcard
     # filtered on our side): the broker then sends only that group's traffic, which for a small group of a large
     # fleet is the difference between a few messages a second and the whole fleet's stream. Members added while
     # the watch runs are not followed (start it again).
-    reg = registry(cfg)
     rows = reg.query(f"SELECT d.id FROM devices d, {json_values(reg.dialect, 'd.groups', 'g')} WHERE g.value = ? "
                      "AND d.status NOT IN ('revoked', 'decommissioned') ORDER BY d.id", [group])
     return [r["id"] for r in rows]
@@ -194,7 +193,11 @@ def watch(
     cert, key, ca = _identity_files(cfg, identity)
     ids = [device] if device else None
     if group:
-        ids = _group_members(cfg, group)
+        reg = registry(cfg)
+        try:
+            ids = _group_members(reg, group)
+        finally:
+            reg.close()
         if not ids:
             fail(f"no device is in group {group!r}")
     principal = service_principal(identity)

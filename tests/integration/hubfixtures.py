@@ -537,9 +537,17 @@ def raw_request(hub: Hub, head: bytes, body: bytes = b"", timeout: float = 20.0)
 
 
 def parse_pkcs7(body: bytes) -> list[x509.Certificate]:
-    from cryptography.hazmat.primitives.serialization import pkcs7
+    """The certificates of an EST certs-only body, end-entity certificates first. The wire order is no order: the
+    PKCS#7 SET OF is sorted by encoding (est/pkcs7.py), so which comes first depends on the certificates' sizes."""
+    import est
 
-    return pkcs7.load_der_pkcs7_certificates(base64.b64decode(b"".join(body.split())))
+    def is_ca(cert: x509.Certificate) -> bool:
+        try:
+            return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            return False
+
+    return sorted(est.parse_certs_only(body), key=is_ca)
 
 
 def openssl(*args: str, timeout: float = 30.0, input: bytes | None = None) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
-from types import SimpleNamespace
 
 import pytest
 
@@ -128,8 +127,8 @@ def test_identity_renewal_and_its_audit_rows(any_registry):  # noqa: F811
     with reg.write() as db:
         db.execute("INSERT INTO identities (name, kind, role, status, created) VALUES (?, 'service', ?, 'active', ?)",
                    [name, identityroutes.LOCAL_ROLE, _ts(NOW)])
-    identityroutes._renew(reg, _cert("first"), NOW)  # noqa: SLF001
-    identityroutes._renew(reg, _cert("second"), NOW + DAY)  # noqa: SLF001
+    identityroutes._renew(reg, identityroutes.LOCAL_OPERATOR, _cert("first"), NOW)  # noqa: SLF001
+    identityroutes._renew(reg, identityroutes.LOCAL_OPERATOR, _cert("second"), NOW + DAY)  # noqa: SLF001
     rows = reg.query("SELECT subject, status FROM identity_certificates WHERE identity = ? ORDER BY issued_at",
                      [name])
     assert [(r["subject"], r["status"]) for r in rows] == [("CN=first", "superseded"), ("CN=second", "active")]
@@ -147,9 +146,8 @@ def test_watch_resolves_a_group_to_its_members(any_registry):  # noqa: F811
     reg = any_registry
     _devices(reg, 5)
     reg.set_status("dev-03", "revoked", NOW, actor="t")
-    cfg = SimpleNamespace(open_registry=lambda: reg)
-    assert _group_members(cfg, "odd") == ["dev-01"] and _group_members(cfg, "even") == ["dev-00", "dev-02", "dev-04"]
-    assert _group_members(cfg, "nope") == []
+    assert _group_members(reg, "odd") == ["dev-01"] and _group_members(reg, "even") == ["dev-00", "dev-02", "dev-04"]
+    assert _group_members(reg, "nope") == []
 
 
 _CERT = ("INSERT INTO certificates (serial, device_id, subject, not_before, not_after, fingerprint_sha256, status, "

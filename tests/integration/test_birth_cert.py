@@ -25,7 +25,7 @@ from hub.manufacturer import factory
 from tests.helpers import PYTHON, ROOT, child_env
 from tests.integration.agentfixtures import TOKEN_LABEL, Device, wait_until
 from tests.integration.hubfixtures import (EST_PREFIX, LENIENT_LIMITS, ForeignCA, Hub, b64_body, make_csr, new_key,
-                                           request, running_hub, write_key, write_pem)
+                                           parse_pkcs7, request, running_hub, write_key, write_pem)
 
 MAKER = "acme-devices"
 
@@ -214,9 +214,7 @@ def test_birth_key_fleet_certificate_and_paths_do_not_mix(hub, maker, tmp_path):
     # enrolled with its birth certificate: the operational (fleet) certificate is no birth certificate
     answer = post_enroll(hub, cert, key_path, make_csr(key, None))
     assert answer.status == 200, answer.text
-    from est import parse_certs_only
-
-    leaf = parse_certs_only(answer.body)[0]
+    leaf = parse_pkcs7(answer.body)[0]  # end-entity first (the wire's SET OF is sorted by encoding)
     fleet_cert, fleet_key = write_pem(tmp_path / "fleet.pem", leaf), write_key(tmp_path / "fleet.key", key)
     before, audit_from = hub.state(), hub.last_audit_id()
     _refused(hub, post_enroll(hub, fleet_cert, fleet_key, make_csr(key, None)), "birth_not_manufacturer", before,
