@@ -148,6 +148,14 @@ class HubConfig:
         return f"tessera-hub.{hub_id}"
 
     @property
+    def local_operator(self) -> str:
+        """The name of this hub directory's operator identity (principal svc.<it>): local-admin, or
+        local-admin-<hub-id> on a joined hub (each hub renews its own: a shared one renewed by one hub would leave
+        the other's copy superseded)."""
+        _, _, hub_id = self.admin_client_id.partition(".")
+        return f"local-admin-{hub_id}" if hub_id else "local-admin"
+
+    @property
     def admin_socket(self) -> Path:
         return self.root / "admin.sock"
 

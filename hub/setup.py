@@ -160,7 +160,7 @@ def _populate(cfg: HubConfig, fleet: str, now: datetime, key_type: str, token) -
 JOIN_DIRS = ("ca", "tls")
 JOIN_FILES = ("audit.key", "broker/rabbitmq/auth.secret", "broker/rabbitmq/mgmt.secret")
 #: ... but not the local operator's credential: each hub has its own (svc.local-admin-<hub-id>, made at its first
-#: serve or command, hub/api/identityroutes.py local_operator), so one hub renewing it never strands the other.
+#: serve or command, HubConfig.local_operator), so one hub renewing it never strands the other.
 JOIN_OWN = ("tls/local-admin.pem", "tls/local-admin.key")
 
 

@@ -102,16 +102,9 @@ def create_identity(cfg, ca, registry: Registry, body: dict, now: datetime, acto
             "chain": (cfg.ca_dir / "service-ca.pem").read_text(), "root": (cfg.ca_dir / "root.pem").read_text()}
 
 
-def local_operator(cfg) -> str:
-    """The name of this hub directory's operator identity: local-admin, or local-admin-<hub-id> on a hub joined
-    to a fleet (each hub renews its own: a shared one renewed by one hub would leave the other's copy superseded)."""
-    client_id = cfg.admin_client_id
-    return LOCAL_OPERATOR if client_id == "tessera-hub" else f"{LOCAL_OPERATOR}-{client_id.split('.', 1)[1]}"
-
-
 def ensure_local_operator(cfg, ca, registry: Registry, now: datetime) -> bool:
     """The hub directory's operator identity svc.local-admin (role admin; svc.local-admin-<hub-id> on a joined hub:
-    local_operator): its key and certificate in tls/local-admin.{key,pem} (0600), its certificate current in the
+    HubConfig.local_operator): its key and certificate in tls/local-admin.{key,pem} (0600), its certificate current in the
     registry. Made when missing, re-issued when
     it expires within 30 days or no longer matches the registry; an operator's revocation of it is final (left
     alone). Returns True if anything changed."""
@@ -124,7 +117,7 @@ def ensure_local_operator(cfg, ca, registry: Registry, now: datetime) -> bool:
 
     apply_schema(registry)
     cert_path, key_path = cfg.tls_dir / f"{LOCAL_OPERATOR}.pem", cfg.tls_dir / f"{LOCAL_OPERATOR}.key"
-    name = local_operator(cfg)
+    name = cfg.local_operator
     rows = registry.query("SELECT status FROM identities WHERE name = ?", [name])
     if rows and rows[0]["status"] != "active":
         return False

@@ -108,7 +108,7 @@ def init(
     if as_json:
         print_json({"fleet": cfg.fleet, "dir": str(cfg.root), "trust_anchor": str(cfg.ca_dir / "root.pem"),
                     "ca_store": cfg.ca_store,
-                    "operator": "svc.local-admin" + cfg.admin_client_id.removeprefix("tessera-hub").replace(".", "-")})
+                    "operator": f"svc.{cfg.local_operator}"})
         return
     out.print(f"fleet [bold]{cfg.fleet}[/] created in {cfg.root}")
     out.print(f"  trust anchor for devices: {cfg.ca_dir / 'root.pem'}")

@@ -255,15 +255,15 @@ class RabbitCluster:
 
 
 def render_with_driver(hub: Hub) -> Callable[[Path, list[Node]], list[Path]]:
-    """The node files as the hub's RabbitMQ driver renders them for this hub directory (its secrets, CRLs, TLS)."""
+    """The node files as the hub's RabbitMQ driver renders them for this hub directory (its secrets, CRLs, TLS),
+    over the registry its fleet.toml names (SQLite or PostgreSQL)."""
     from hub.broker.rabbitmq import RabbitMQBroker
     from hub.ca.authority import load_ca
     from hub.config import load_config
-    from hub.registry.store import Registry
 
     def render(out: Path, nodes: list[Node]) -> list[Path]:
         cfg = load_config(hub.dir)
-        registry, ca = Registry(cfg.registry_path), load_ca(cfg.ca_dir)
+        registry, ca = cfg.open_registry(), load_ca(cfg.ca_dir)
         try:
             driver = RabbitMQBroker.for_hub(cfg, registry, ca)
             return driver.render(out, nodes)

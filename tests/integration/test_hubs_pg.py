@@ -32,30 +32,13 @@ from tests.integration.brokerfixtures import (BROKER_LIMITS, MqttSession, admitt
                                               sessions, wait_ready)
 from tests.integration.hubfixtures import Hub, enroll, init_hub, make_csr, new_key, one_line, run_cli
 from tests.integration.pgfixtures import pg_server  # noqa: F401
-from tests.integration.rabbitfixtures import RabbitCluster, require_rabbitmq
+from tests.integration.rabbitfixtures import RabbitCluster, render_with_driver, require_rabbitmq
 
 pytestmark = pytest.mark.integration
 
 DEVICES = 8  # tokens raced at both hubs
 NODES = 3  # r1: hub A's node, r2 and r3: hub B's
 CUT_TIMEOUT = 10.0  # a generous bound for the kick (revoke -> cut is measured in bench/)
-
-
-def render_on(hub: Hub):
-    """The node files as the hub's RabbitMQ driver renders them, over the hub's own (PostgreSQL) registry."""
-    from hub.broker.rabbitmq import RabbitMQBroker
-    from hub.ca.authority import load_ca
-    from hub.config import load_config
-
-    def render(out: Path, nodes):
-        cfg = load_config(hub.dir)
-        registry, ca = cfg.open_registry(), load_ca(cfg.ca_dir)
-        try:
-            return RabbitMQBroker.for_hub(cfg, registry, ca).render(out, nodes)
-        finally:
-            registry.close()
-            ca.close()
-    return render
 
 
 def registry_query(hub: Hub, sql: str) -> list[dict]:
@@ -106,7 +89,7 @@ def colocated_hubs(base: Path, pg_url: str, nodes: int = NODES) -> Iterator[tupl
     a.configure(kind="rabbitmq", auth_port=free_port(),
                 management_urls=[f"http://{n.host}:{n.mgmt_port}" for n in cluster.nodes], url=pg_url)
     a.broker_port = cluster.nodes[0].mqtt_port
-    render_on(a)(base / "a-first", cluster.nodes[:1])  # A's driver makes the broker secrets the join copies
+    render_with_driver(a)(base / "a-first", cluster.nodes[:1])  # A's driver makes the broker secrets the join copies
     (base / "b").mkdir()
     b = Hub(dir=base / "b" / "hub", broker_port=cluster.nodes[1].mqtt_port)
     proc = run_cli("init", "--join", str(a.dir), "--dir", str(b.dir))
@@ -114,7 +97,7 @@ def colocated_hubs(base: Path, pg_url: str, nodes: int = NODES) -> Iterator[tupl
     b.configure(auth_port=free_port())  # same machine here: its own auth listener (the nodes of B call B's)
     started: list[Hub] = []
     try:
-        cluster.start(render_per_node({n.name: render_on(a if i == 0 else b) for i, n in enumerate(cluster.nodes)}))
+        cluster.start(render_per_node({n.name: render_with_driver(a if i == 0 else b) for i, n in enumerate(cluster.nodes)}))
         for hub in (a, b):
             hub.start()
             started.append(hub)

@@ -22,9 +22,9 @@ def test_client_ids(principal, client_id, ok):
 
 def test_a_joined_hub_has_a_client_id_of_its_own(tmp_path):
     cfg = HubConfig(root=tmp_path, fleet="acme")
-    assert cfg.admin_client_id == "tessera-hub"
+    assert (cfg.admin_client_id, cfg.local_operator) == ("tessera-hub", "local-admin")
     (tmp_path / "hub-id").write_text("0a1b2c3d\n")
-    assert cfg.admin_client_id == "tessera-hub.0a1b2c3d"
+    assert (cfg.admin_client_id, cfg.local_operator) == ("tessera-hub.0a1b2c3d", "local-admin-0a1b2c3d")
 
 
 def test_a_damaged_hub_id_is_one_line(tmp_path):
